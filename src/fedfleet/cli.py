@@ -1,0 +1,146 @@
+"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker.
+
+Run options come from ``config.OPTIONS`` (one table, one validation, one error format); values are
+taken from defaults, then ``--config FILE``, then flags. A bad value ends the command with a one-line
+error naming the option and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfleet import log
+from fedfleet.config import OPTIONS, RunConfig, load_toml
+from fedfleet.errors import ConfigError, FedfleetError
+from fedfleet.protocol.client import check_url
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run options (also settable in --config FILE)")
+    g.add_argument("--config", metavar="FILE", type=Path, help="TOML file with run options; flags win")
+    for opt in OPTIONS:
+        default = "derived" if opt.default is None else opt.default
+        g.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+                       help=f"{opt.help} [{opt.allowed()}; default {default}]")
+    g.add_argument("--task-option", dest="task_options", action="append", default=None, metavar="KEY=VALUE",
+                   help="option passed to the task, e.g. data_dir=/path (repeatable)")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    for opt in OPTIONS:
+        if getattr(args, opt.name) is not None:
+            values[opt.name] = getattr(args, opt.name)
+    if args.task_options:
+        merged = dict(values.get("task_options", {}))
+        for entry in args.task_options:
+            key, sep, value = entry.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"The 'task-option' option must look like KEY=VALUE. Got {entry!r} instead.",
+                                  option="task_options")
+            merged[key] = value
+        values["task_options"] = merged
+    return RunConfig.from_mapping(values)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an int in the range [0, 65535]. Got {text!r} instead")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int of at least 1. Got {text!r} instead")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0. Got {text!r} instead")
+    return value
+
+
+def _url(text: str) -> str:
+    try:
+        return check_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfleet", description="Federated learning: a coordinator and workers "
+                                     "that train one model without moving their data.")
+    parser.add_argument("--log-level", default=os.environ.get("FEDFLEET_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="a whole federated run on this machine: coordinator + worker processes")
+    _add_run_options(run)
+    run.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
+    run.add_argument("--processes", type=_positive_int, default=None,
+                     help="worker processes to spread --workers over (default: min(workers, 8))")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+    coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts")
+    _add_run_options(coord)
+    coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    coord.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
+    coord.add_argument("--data-dir", type=Path, default=Path("runs/coordinator"),
+                       help="state, checkpoints and outputs; restart with the same one to resume")
+    coord.add_argument("--linger", type=_seconds, default=10.0,
+                       help="seconds to keep serving after the run so workers hear it is over")
+
+    worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
+    worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
+    worker.add_argument("--clients", type=_positive_int, default=1,
+                        help="logical workers in this process, each with its own id and partition")
+    worker.add_argument("--state-dir", type=Path, default=Path(".fedfleet-worker"),
+                        help="where worker ids are kept, so a restarted worker keeps its partition")
+    worker.add_argument("--name", default="", help="name shown by the coordinator (default: host name)")
+    worker.add_argument("--give-up", type=_seconds, default=300.0,
+                        help="seconds of failed retries before a worker gives up on the coordinator")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.setup(args.log_level)
+    try:
+        if args.command == "worker":
+            from fedfleet.worker.agent import WorkerProcess
+            from fedfleet.worker.signals import stop_on_signals
+
+            proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up)
+            stop_on_signals(proc.stop)
+            return proc.run()
+        config = run_config(args)
+        if args.command == "coordinator":
+            from fedfleet.coordinator.server import serve
+
+            return serve(config, args.data_dir, args.host, args.port, args.linger)
+        from fedfleet.runner import run_local
+
+        out = args.out or Path("runs") / f"{config.task}-{config.partition.replace(':', '')}"
+        return run_local(config, out, processes=args.processes, overwrite=args.overwrite, quiet=args.quiet)
+    except ConfigError as exc:
+        parser.exit(2, f"fedfleet: error: {exc}\n")
+    except FedfleetError as exc:
+        parser.exit(1, f"fedfleet: error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

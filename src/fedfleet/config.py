@@ -1,0 +1,248 @@
+"""Run configuration: every option on one screen, validated once, frozen, saved with each run.
+
+The allowed values are data (``OPTIONS``), so one message template serves every option and a test
+can generate a bad value for each of them::
+
+    >>> RunConfig.from_mapping({"fraction": 1.5})
+    Traceback (most recent call last):
+    ...
+    fedfleet.errors.ConfigError: The 'fraction' option must be a float in the range (0, 1]. Got 1.5 instead.
+
+A run's config comes from defaults, then a TOML file (``--config run.toml``), then command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedfleet.errors import ConfigError
+from fedfleet.partition import parse_partition
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option: its type, default, allowed values and a one-line help."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True when ``low`` itself is not allowed
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None allowed (means "derive it", see help)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """The allowed values in words, for error messages and ``--help``."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = {int: "an int", float: "a float", str: "a string"}[self.kind]
+        if self.low is None:
+            return kind
+        left = "(" if self.low_open else "["
+        high = "inf)" if self.high is None else f"{_num(self.high)}]"
+        return f"{kind} in the range {left}{_num(self.low)}, {high}"
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` converted to this option's type, or raise ConfigError naming the option."""
+        if value is None and self.optional:
+            return None
+        converted = _convert(self.kind, value)
+        if converted is None or not self._in_range(converted):
+            raise ConfigError(
+                f"The '{self.name}' option must be {self.allowed()}. Got {value!r} instead.",
+                option=self.name,
+            )
+        return converted
+
+    def _in_range(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.low is None:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _convert(kind: type, value: Any) -> Any:
+    """Convert a flag string or TOML value to ``kind``; None when it does not fit."""
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                return None
+        return None
+    if kind is float:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return None
+        return None
+    return value if isinstance(value, str) else None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("task", str, "songs", "task to train: songs, or module.path:Class for your own"),
+    Option("rounds", int, 30, "training rounds", low=1, high=1_000_000),
+    Option("workers", int, 8, "data partitions, one per worker; `run` starts this many workers",
+           low=1, high=100_000),
+    Option("min_workers", int, None, "live workers needed to start a round (default: --workers)",
+           low=1, high=100_000, optional=True),
+    Option("fraction", float, 1.0, "share of live workers sampled each round", low=0, high=1, low_open=True),
+    Option("quorum", float, 0.5, "share of sampled workers that must answer by the deadline",
+           low=0, high=1, low_open=True),
+    Option("partition", str, "iid", "how data is split: iid, dirichlet:ALPHA or natural"),
+    Option("seed", int, 0, "seed for the split, the model init and the sampling", low=0, high=2**32 - 1),
+    Option("local_epochs", int, 1, "passes over its data each worker makes per round", low=1, high=10_000),
+    Option("batch_size", int, 32, "mini-batch size of local SGD", low=1, high=10_000_000),
+    Option("lr", float, 0.05, "learning rate of local SGD", low=0, high=100, low_open=True),
+    Option("strategy", str, "fedavg", "how updates are aggregated", choices=("fedavg",)),
+    Option("round_timeout", float, 60.0, "seconds a round waits for its sampled workers (its deadline)",
+           low=0, high=86_400, low_open=True),
+    Option("worker_timeout", float, 30.0, "seconds without contact after which a worker counts as dead",
+           low=1, high=86_400),
+    Option("wait_timeout", float, 300.0, "seconds to wait for --min-workers live workers before failing",
+           low=0, high=86_400 * 7, low_open=True),
+    Option("max_round_retries", int, 3, "times in a row a round may miss its quorum before the run fails",
+           low=0, high=1000),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated, immutable run configuration. Build it with ``from_mapping``."""
+
+    task: str = "songs"
+    rounds: int = 30
+    workers: int = 8
+    min_workers: int | None = None
+    fraction: float = 1.0
+    quorum: float = 0.5
+    partition: str = "iid"
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    strategy: str = "fedavg"
+    round_timeout: float = 60.0
+    worker_timeout: float = 30.0
+    wait_timeout: float = 300.0
+    max_round_retries: int = 3
+    task_options: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Validate ``values`` (defaults fill the rest); raise ConfigError naming the first bad option."""
+        unknown = sorted(set(values) - set(OPTIONS_BY_NAME) - {"task_options"})
+        if unknown:
+            raise ConfigError(
+                f"Unknown option {unknown[0]!r}; known options: {', '.join(sorted(OPTIONS_BY_NAME))}.",
+                option=unknown[0],
+            )
+        checked: dict[str, Any] = {}
+        for opt in OPTIONS:
+            checked[opt.name] = opt.check(values[opt.name]) if opt.name in values else opt.default
+        try:
+            parse_partition(checked["partition"])
+        except ValueError as exc:
+            raise ConfigError(f"The 'partition' option {exc}", option="partition") from exc
+        if checked["min_workers"] is not None and checked["min_workers"] > checked["workers"]:
+            raise ConfigError(
+                f"The 'min_workers' option must be at most 'workers' ({checked['workers']}). "
+                f"Got {checked['min_workers']} instead.",
+                option="min_workers",
+            )
+        checked["task_options"] = _task_options(values.get("task_options", {}))
+        return cls(**checked)
+
+    @property
+    def needed_workers(self) -> int:
+        """Live workers needed before a round starts."""
+        return self.workers if self.min_workers is None else self.min_workers
+
+    @property
+    def task_options_dict(self) -> dict[str, str]:
+        return dict(self.task_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["task_options"] = dict(self.task_options)
+        return data
+
+    def to_toml(self) -> str:
+        """The config as TOML that ``load_toml`` reads back to an equal config."""
+        lines = ["# fedfleet run configuration"]
+        tables = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "task_options":
+                if value:
+                    tables.append("\n[task_options]")
+                    tables.extend(f"{k} = {json.dumps(v)}" for k, v in value)
+            elif value is not None:
+                lines.append(f"{f.name} = {json.dumps(value)}")
+        return "\n".join(lines + tables) + "\n"
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """Names of the fields whose values differ between two configs."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _task_options(raw: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, list | tuple):
+        items = []
+        for entry in raw:
+            if isinstance(entry, str):
+                key, sep, value = entry.partition("=")
+                if not sep or not key:
+                    raise ConfigError(
+                        f"The 'task_option' option must look like KEY=VALUE. Got {entry!r} instead.",
+                        option="task_options",
+                    )
+                items.append((key, value))
+            else:
+                items.append(tuple(entry))
+    else:
+        raise ConfigError("The 'task_options' table must map names to values.", option="task_options")
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a run config file into a plain mapping (validated later by ``RunConfig.from_mapping``)."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Config file {path} does not exist.", option="config") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.", option="config") from exc
+    # TOML keys may use dashes like the flags do.
+    return {k.replace("-", "_"): v for k, v in data.items()}

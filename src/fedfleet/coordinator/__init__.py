@@ -1,0 +1,1 @@
+"""The coordinator: worker registry, round state machine, the training loop and its HTTP API."""

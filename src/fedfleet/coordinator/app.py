@@ -1,0 +1,226 @@
+"""The coordinator's HTTP API (/v1), served by FastAPI on uvicorn; its OpenAPI document is /openapi.json.
+
+JSON for control messages, safetensors bodies for tensors. Every error a client causes is a 4xx
+whose ``detail`` says what was wrong; the engine's state is untouched by a rejected request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
+
+from fedfleet.coordinator.body import BodyReader
+from fedfleet.coordinator.engine import HEADER_SLACK, Engine
+from fedfleet.errors import FedfleetError, ProtocolError
+from fedfleet.protocol import codec
+from fedfleet.protocol.messages import (
+    API,
+    EvalResult,
+    RegisterRequest,
+    RegisterResponse,
+    Status,
+    TaskMessage,
+    UpdateAck,
+    UpdateMeta,
+    WorkerId,
+    WorkerView,
+)
+
+JSON_BODY_LIMIT = 1024 * 1024
+MODEL_MEDIA_TYPE = "application/octet-stream"
+
+
+class Heartbeat(BaseModel):
+    worker_ids: list[WorkerId] = Field(max_length=100_000)
+
+
+class HeartbeatAck(BaseModel):
+    known: int
+
+
+class Health(BaseModel):
+    ok: bool
+    state: str
+
+
+def _status_of(exc: FedfleetError) -> int:
+    return exc.status if isinstance(exc, ProtocolError) else 500
+
+
+def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop_task = asyncio.create_task(engine.run())
+
+        async def watch() -> None:
+            await engine.done.wait()
+            if on_done is not None:
+                on_done()
+
+        watcher = asyncio.create_task(watch())
+        yield
+        for t in (loop_task, watcher):
+            t.cancel()
+
+    app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan,
+                  description="Federated learning coordinator: workers register, long-poll for tasks, "
+                              "download the model and upload updates as safetensors.")
+    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, exempt=(f"{API}/updates",))
+
+    @app.exception_handler(FedfleetError)
+    async def fedfleet_error(request: Request, exc: FedfleetError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {detail}"}, status_code=422)
+
+    @app.get(f"{API}/health", response_model=Health, tags=["run"])
+    async def health() -> Health:
+        return Health(ok=engine.state != "failed", state=engine.state)
+
+    @app.get(f"{API}/status", response_model=Status, tags=["run"])
+    async def status() -> Status:
+        return engine.status()
+
+    @app.get(f"{API}/rounds", tags=["run"])
+    async def rounds() -> list[dict[str, Any]]:
+        return engine.history
+
+    @app.post(f"{API}/evaluate", response_model=EvalResult, tags=["run"],
+              summary="Test the current global model on the coordinator's held-out set")
+    async def evaluate() -> EvalResult:
+        return await engine.evaluate()
+
+    @app.post(f"{API}/workers", response_model=RegisterResponse, tags=["workers"])
+    async def register(req: RegisterRequest) -> RegisterResponse:
+        return engine.register(req.worker_id, req.name)
+
+    @app.get(f"{API}/workers", response_model=list[WorkerView], tags=["workers"])
+    async def workers() -> list[WorkerView]:
+        return engine.workers_view()
+
+    @app.post(f"{API}/heartbeat", response_model=HeartbeatAck, tags=["workers"])
+    async def heartbeat(req: Heartbeat) -> HeartbeatAck:
+        return HeartbeatAck(known=engine.heartbeat(req.worker_ids))
+
+    @app.get(f"{API}/workers/{{worker_id}}/task", response_model=TaskMessage, tags=["workers"],
+             summary="Long-poll for the next task: held open until there is work or `wait` seconds pass")
+    async def next_task(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300)) -> TaskMessage:
+        return await engine.next_task(worker_id, wait)
+
+    @app.get(f"{API}/model", tags=["tensors"], response_class=Response,
+             responses={200: {"content": {MODEL_MEDIA_TYPE: {}},
+                              "description": "the global model as safetensors"}, 304: {}})
+    async def model(request: Request) -> Response:
+        version, body = engine.model_download()
+        etag = f'"v{version}"'
+        headers = {"ETag": etag, "X-Fedfleet-Model-Version": str(version), "Cache-Control": "no-cache"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(content=body, media_type=MODEL_MEDIA_TYPE, headers=headers)
+
+    @app.post(f"{API}/updates", response_model=UpdateAck, tags=["tensors"],
+              summary="Upload an update: a safetensors body whose __metadata__['fedfleet'] is UpdateMeta JSON",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  MODEL_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload(request: Request) -> UpdateAck:
+        return await _receive_update(engine, request)
+
+    return app
+
+
+async def _receive_update(engine: Engine, request: Request) -> UpdateAck:
+    limit = engine.max_update_bytes()
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ProtocolError(f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise ProtocolError(f"update of {declared} bytes is over the limit of {limit} bytes for this "
+                                "model", status=413)
+    reader = BodyReader(request.stream())
+    try:
+        prefix = await reader.read_exact(8)
+        n = codec.header_length(prefix)
+        if n > HEADER_SLACK:
+            raise ProtocolError(f"safetensors header of {n} bytes is over the limit of {HEADER_SLACK} bytes",
+                                status=413)
+        header = codec.parse_header(prefix + await reader.read_exact(n))
+        meta = UpdateMeta.from_metadata(header.metadata)
+        rs = engine.begin_update(meta, header)
+        committed = False
+        try:
+            async with rs.pool.buffer() as buf:
+                view = memoryview(buf)[: header.data_bytes]
+                got = await reader.readinto(view)
+                if got < header.data_bytes:
+                    raise ProtocolError(f"body is truncated: {got} of {header.data_bytes} tensor bytes arrived")
+                await reader.expect_end(limit)
+                await engine.commit_update(rs, meta, codec.views(header, view), header.total_bytes)
+                committed = True
+        finally:
+            if not committed:
+                engine.abort_update(rs, meta.worker_id)
+    except ClientDisconnect as exc:
+        raise ProtocolError("client disconnected before the whole update arrived") from exc
+    return UpdateAck(accepted=True, round=rs.round, received=len(rs.answered), expected=len(rs.sampled))
+
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+class BodyLimit:
+    """Reject request bodies over ``limit`` bytes with 413, declared or streamed (chunked)."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Callable[[Any], Awaitable[None]], limit: int) -> None:
+    body = f'{{"detail":"request body is over the limit of {limit} bytes"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+

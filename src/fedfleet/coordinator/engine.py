@@ -1,0 +1,441 @@
+"""The coordinator's training loop and the state the HTTP API reads and feeds.
+
+Everything here runs on the server's event loop; numpy work that takes long (folding an update,
+evaluating, writing a checkpoint) goes to a thread so that transfers keep flowing meanwhile.
+
+The loop: wait for enough live workers → (statistics round, if the task has one) → for each round:
+sample workers, open the round, wait until every sampled worker answered or the deadline passed,
+aggregate, evaluate, checkpoint, record → finish and tell the workers to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fedfleet import log
+from fedfleet.config import RunConfig
+from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError
+from fedfleet.partition import parse_partition
+from fedfleet.protocol import codec
+from fedfleet.protocol.codec import Header
+from fedfleet.protocol.messages import (
+    EvalResult,
+    PartitionInfo,
+    RegisterResponse,
+    Status,
+    TaskMessage,
+    TrainParamsMsg,
+    UpdateMeta,
+    WorkerView,
+)
+from fedfleet.coordinator.registry import Registry, WorkerState
+from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
+from fedfleet.storage.checkpoints import Checkpoints
+from fedfleet.storage.files import write_atomic, write_text_atomic
+from fedfleet.storage.sqlite import Store
+from fedfleet.strategies import make_strategy
+from fedfleet.tasks import Task
+from fedfleet.types import Weights, num_parameters, schema_of
+
+State = Literal["waiting", "running", "finished", "failed"]
+HEADER_SLACK = 64 * 1024  # room for an update's JSON header beyond its tensor bytes
+
+
+class Engine:
+    def __init__(self, config: RunConfig, task: Task, data_dir: Path, linger: float = 10.0) -> None:
+        self.config = config
+        self.task = task
+        self.data_dir = data_dir
+        self.linger = linger
+        self.store = Store(data_dir / "state.sqlite")
+        self.checkpoints = Checkpoints(data_dir / "checkpoints")
+        self.strategy = make_strategy(config.strategy)
+        self.state: State = "waiting"
+        self.phase = "starting"
+        self.message = ""
+        self.round = 0  # last completed training round
+        self.current: RoundState | None = None
+        self.accuracy: float | None = None
+        self.loss: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.done = asyncio.Event()  # set when the run is over and the workers had time to hear it
+        self._changed = asyncio.Event()
+        self._fold_lock = asyncio.Lock()
+        self._test = task.load_test()
+        self._started = time.monotonic()
+        self._stats_done = False
+        self.run_id = self._open_run()
+        self.registry = Registry(self.store, config.workers, config.worker_timeout)
+        self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
+        self._restore_model()
+        self.strategy_state = self.strategy.init(self.model)
+
+    # --- start-up ----------------------------------------------------------------------------
+    def _open_run(self) -> str:
+        """Create the run in the data dir, or pick up the one there if its config matches."""
+        row = self.store.run()
+        toml = self.config.to_toml()
+        if row is None:
+            run_id = uuid.uuid4().hex[:12]
+            self.store.create_run(run_id, toml)
+            write_text_atomic(self.data_dir / "config.toml", toml)
+            (self.data_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return run_id
+        import tomllib
+
+        saved = RunConfig.from_mapping(tomllib.loads(row.config))
+        diff = saved.differences(self.config)
+        if diff:
+            name = diff[0]
+            raise ConfigError(
+                f"{self.data_dir} holds run {row.id} whose '{name}' is {getattr(saved, name)!r}, not "
+                f"{getattr(self.config, name)!r}; use the same config to resume it or a new --data-dir",
+                option=name)
+        if row.state in ("finished", "failed"):
+            raise ConfigError(f"{self.data_dir} holds run {row.id}, which has {row.state}; "
+                              "use a new --data-dir for a new run", option="data_dir")
+        log.event("run.resume", run=row.id)
+        return row.id
+
+    def _restore_model(self) -> None:
+        rounds = self.checkpoints.rounds()
+        if rounds:
+            weights, meta = self.checkpoints.load(rounds[-1])
+            self.round = int(meta.get("round", rounds[-1]))
+            self.model_version = int(meta.get("version", 0))
+            self._stats_done = True
+            self.history = self.store.rounds()
+            if self.history:
+                self.accuracy = self.history[-1].get("accuracy")
+                self.loss = self.history[-1].get("loss")
+            self._set_model(weights, self.model_version)
+            log.event("model.restored", run=self.run_id, round=self.round, version=self.model_version)
+        else:
+            self._set_model(self.task.init_weights(self.config.seed), 0)
+
+    def _set_model(self, weights: Weights, version: int) -> None:
+        self.model = weights
+        self.model_version = version
+        self.schema = schema_of(weights)
+        meta = {"version": str(version), "round": str(self.round), "run_id": self.run_id,
+                "task": self.config.task}
+        self.model_parts = codec.encode_parts(weights, meta)
+        self.model_bytes = b"".join(self.model_parts)
+
+    # --- notifications -------------------------------------------------------------------------
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        except TimeoutError:
+            pass
+
+    # --- API: workers ----------------------------------------------------------------------------
+    def register(self, worker_id: str | None, name: str) -> RegisterResponse:
+        w = self.registry.register(worker_id, name)
+        spec = parse_partition(self.config.partition)
+        log.event("worker.registered", run=self.run_id, worker=w.worker_id, partition=w.partition, name=name)
+        self._notify()
+        return RegisterResponse(
+            worker_id=w.worker_id, run_id=self.run_id, task=self.config.task,
+            task_options=self.config.task_options_dict,
+            partition=PartitionInfo(name=self.registry.partition_label(w), index=w.partition,
+                                    count=self.config.workers, scheme=str(spec), seed=self.config.seed),
+            poll_seconds=self.poll_seconds)
+
+    def heartbeat(self, worker_ids: list[str]) -> int:
+        """Mark workers as alive (a worker busy training sends these); returns how many are known."""
+        known = 0
+        for wid in worker_ids:
+            if wid in self.registry.workers:
+                self.registry.touch(wid)
+                known += 1
+        return known
+
+    def task_for(self, w: WorkerState) -> TaskMessage:
+        if self.state in ("finished", "failed"):
+            return TaskMessage(kind="stop", reason=self.message or f"run {self.state}")
+        rs = self.current
+        if rs is None or rs.closed or w.worker_id not in rs.sampled or w.worker_id in rs.answered \
+                or w.worker_id in rs.in_flight:
+            return TaskMessage(kind="wait")
+        params = None
+        if rs.kind == "train":
+            seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition])
+                       .generate_state(1)[0])
+            params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
+                                    lr=self.config.lr, seed=seed)
+        return TaskMessage(kind=rs.kind, round=rs.round, attempt=rs.attempt,
+                           model_version=self.model_version, params=params)
+
+    async def next_task(self, worker_id: str, wait: float) -> TaskMessage:
+        """Long-poll: return as soon as there is something for this worker, or ``wait`` seconds passed."""
+        w = self.registry.touch(worker_id)
+        end = time.monotonic() + min(max(wait, 0.0), self.poll_seconds)
+        w.polling += 1
+        try:
+            while True:
+                msg = self.task_for(w)
+                remaining = end - time.monotonic()
+                if msg.kind != "wait" or remaining <= 0:
+                    break
+                await self._wait_change(remaining)
+        finally:
+            w.polling -= 1
+            w.last_seen = time.monotonic()
+        if msg.kind == "stop" and not w.stopped:
+            w.stopped = True
+            self._notify()
+        return msg
+
+    def model_download(self) -> tuple[int, bytes]:
+        if self.current is not None and not self.current.closed:
+            self.current.bytes_out += len(self.model_bytes)
+        return self.model_version, self.model_bytes
+
+    # --- API: updates ----------------------------------------------------------------------------
+    def max_update_bytes(self) -> int:
+        rs = self.current
+        size = sum(s.nbytes for s in rs.schema) if rs is not None else sum(s.nbytes for s in self.schema)
+        return size + HEADER_SLACK
+
+    def begin_update(self, meta: UpdateMeta, header: Header) -> RoundState:
+        """Check that the current round can take this update and reserve its slot; raise if not."""
+        w = self.registry.touch(meta.worker_id)
+        rs = self.current
+        where = dict(round=meta.round, worker=meta.worker_id)
+        if rs is None or self.state != "running":
+            raise RequestRejected(f"no round is open (run is {self.state}); update for round {meta.round} "
+                                  "is not needed", **where)
+        if (meta.round, meta.attempt) != (rs.round, rs.attempt):
+            raise RequestRejected(f"update is for round {meta.round} attempt {meta.attempt}, but the open "
+                                  f"round is {rs.round} attempt {rs.attempt}", **where)
+        if rs.closed:
+            raise RequestRejected(f"round {rs.round} has closed; update came too late", **where)
+        if meta.worker_id not in rs.sampled:
+            raise RequestRejected(f"worker {meta.worker_id} was not sampled for round {rs.round}", **where)
+        if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
+            raise RequestRejected(f"worker {meta.worker_id} already sent its update for round {rs.round}",
+                                  **where)
+        codec.check_schema(header, rs.schema)
+        rs.in_flight.add(w.worker_id)
+        return rs
+
+    def abort_update(self, rs: RoundState, worker_id: str) -> None:
+        rs.in_flight.discard(worker_id)
+        self._notify()
+
+    async def commit_update(self, rs: RoundState, meta: UpdateMeta, weights: Weights, nbytes: int) -> None:
+        """Check values and fold the update into the round's running sum (it may be modified in place)."""
+        await asyncio.to_thread(codec.check_finite, weights)
+        weight = float(meta.num_examples) if rs.kind == "train" else 1.0
+        async with self._fold_lock:
+            if rs.closed:
+                raise RequestRejected(f"round {rs.round} closed while the update was arriving",
+                                      round=rs.round, worker=meta.worker_id)
+            await asyncio.to_thread(rs.accumulator.add, weights, weight, True)
+            self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, meta.metrics)
+            rs.answered[meta.worker_id] = (meta.num_examples, dict(meta.metrics))
+            rs.bytes_in += nbytes
+            rs.last_answer = time.monotonic()
+        rs.in_flight.discard(meta.worker_id)
+        log.event("update.accepted", logging.DEBUG, run=self.run_id, round=rs.round, worker=meta.worker_id,
+                  examples=meta.num_examples)
+        self._notify()
+
+    # --- API: views ------------------------------------------------------------------------------
+    def status(self) -> Status:
+        return Status(run_id=self.run_id, state=self.state, phase=self.phase, task=self.config.task,
+                      round=self.round, rounds=self.config.rounds, model_version=self.model_version,
+                      workers_registered=len(self.registry.workers), workers_live=len(self.registry.live()),
+                      accuracy=self.accuracy, loss=self.loss, message=self.message)
+
+    def workers_view(self) -> list[WorkerView]:
+        now = time.monotonic()
+        rs = self.current
+        out = []
+        for w in sorted(self.registry.workers.values(), key=lambda w: w.partition):
+            busy = rs is not None and not rs.closed and w.worker_id in rs.sampled \
+                and w.worker_id not in rs.answered
+            status: Literal["idle", "training", "dead"] = (
+                "dead" if not self.registry.alive(w) else "training" if busy else "idle")
+            out.append(WorkerView(worker_id=w.worker_id, name=w.name, partition=self.registry.partition_label(w),
+                                  status=status, last_seen_s=round(now - w.last_seen, 3),
+                                  rounds_served=w.rounds_served))
+        return out
+
+    async def evaluate(self) -> EvalResult:
+        model, version, rnd = self.model, self.model_version, self.round
+        metrics = await asyncio.to_thread(self.task.evaluate, model, self._test)
+        return EvalResult(round=rnd, model_version=version, loss=metrics["loss"], accuracy=metrics["accuracy"],
+                          examples=len(self._test))
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            self.state = "running" if self.round > 0 else "waiting"
+            if not self._stats_done and self.task.stats_schema() is not None:
+                await self._statistics()
+            while self.round < self.config.rounds:
+                await self._train_round(self.round + 1)
+            self._finish("finished", f"{self.config.rounds} rounds done")
+        except FedfleetError as exc:
+            self._finish("failed", str(exc))
+        except Exception as exc:  # a bug must still end the run visibly, not hang it
+            logging.getLogger("fedfleet").exception("coordinator loop crashed")
+            self._finish("failed", f"internal error: {exc!r}")
+        await self._linger()
+
+    async def _wait_for_workers(self) -> list[str]:
+        needed = self.config.needed_workers
+        deadline = time.monotonic() + self.config.wait_timeout
+        while True:
+            live = self.registry.live()
+            if len(live) >= needed:
+                return [w.worker_id for w in live]
+            if time.monotonic() >= deadline:
+                raise RoundError(f"only {len(live)} of the {needed} workers needed were alive after waiting "
+                                 f"{self.config.wait_timeout:g} s (--wait-timeout); run failed",
+                                 round=self.round + 1)
+            self.phase = f"waiting for workers ({len(live)}/{needed} live)"
+            await self._wait_change(min(1.0, deadline - time.monotonic()))
+
+    async def _open_and_wait(self, kind: Kind, rnd: int, base: Weights | None) -> RoundState:
+        """Run attempts of round ``rnd`` until one reaches its quorum; raise after too many misses."""
+        cfg = self.config
+        schema = self.schema if kind == "train" else self.task.stats_schema()
+        assert schema is not None
+        for attempt in range(cfg.max_round_retries + 1):
+            live = await self._wait_for_workers()
+            self.state = "running"
+            if kind == "stats":
+                sampled = live
+            else:
+                sampled = sample(live, cfg.fraction, cfg.min_workers or 1, cfg.seed, rnd, attempt)
+            rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, schema, base, cfg.round_timeout)
+            self.current = rs
+            self.phase = "statistics" if kind == "stats" else "training"
+            log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
+                      sampled=len(sampled), needed=rs.needed)
+            self._notify()
+            if await self._await_answers(rs):
+                return rs
+            log.event("round.missed_quorum", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
+                      answered=len(rs.answered), needed=rs.needed)
+        raise RoundError(f"round {rnd} missed its quorum {cfg.max_round_retries + 1} times in a row "
+                         f"(--max-round-retries {cfg.max_round_retries}): too few sampled workers answered "
+                         f"within --round-timeout {cfg.round_timeout:g} s", round=rnd)
+
+    async def _await_answers(self, rs: RoundState) -> bool:
+        """Wait until the round can close; True if it reached its quorum."""
+        try:
+            while True:
+                pending = rs.pending
+                if not pending and not rs.in_flight:
+                    return True
+                reachable = [p for p in pending if p in rs.in_flight or self.registry.alive(self.registry.get(p))]
+                if not reachable and not rs.in_flight:
+                    # Everyone who has not answered is dead: waiting longer cannot help.
+                    return len(rs.answered) >= rs.needed
+                now = time.monotonic()
+                if now >= rs.deadline:
+                    return len(rs.answered) >= rs.needed
+                await self._wait_change(min(1.0, rs.deadline - now))
+        finally:
+            rs.closed = True
+            self._notify()
+
+    async def _statistics(self) -> None:
+        rs = await self._open_and_wait("stats", 0, None)
+        async with self._fold_lock:
+            sums = rs.accumulator.sum()
+        self._set_model(self.task.apply_stats(self.model, sums), self.model_version + 1)
+        self._stats_done = True
+        log.event("statistics.done", run=self.run_id, workers=len(rs.answered))
+
+    async def _train_round(self, rnd: int) -> None:
+        t0 = time.monotonic()
+        rs = await self._open_and_wait("train", rnd, self.model)
+        t_closed = time.monotonic()
+        self.phase = "aggregating"
+        async with self._fold_lock:
+            mean_delta = rs.accumulator.mean()
+        new, self.strategy_state = await asyncio.to_thread(
+            self.strategy.apply, self.strategy_state, self.model, mean_delta)
+        self.round = rnd
+        self._set_model(new, self.model_version + 1)
+        t_agg = time.monotonic()
+        self.phase = "evaluating"
+        metrics = await asyncio.to_thread(self.task.evaluate, self.model, self._test)
+        self.accuracy, self.loss = float(metrics["accuracy"]), float(metrics["loss"])
+        t_eval = time.monotonic()
+        self.phase = "checkpointing"
+        await asyncio.to_thread(self.checkpoints.save, rnd, self.model_parts)
+        t_ckpt = time.monotonic()
+        record: dict[str, Any] = {
+            "round": rnd, "accuracy": self.accuracy, "loss": self.loss,
+            "participants": len(rs.answered), "sampled": len(rs.sampled), "attempts": rs.attempt + 1,
+            "seconds": t_ckpt - t0, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out,
+            "model_version": self.model_version,
+            "timings": {"open": t_closed - rs.started, "wait_workers": rs.started - t0,
+                        "aggregate": t_agg - t_closed, "evaluate": t_eval - t_agg,
+                        "checkpoint": t_ckpt - t_eval},
+            **{k: v for k, v in rs.train_metrics().items()},
+        }
+        self.store.record_round(record, list(rs.answered))
+        for wid in rs.answered:
+            if wid in self.registry.workers:
+                self.registry.workers[wid].rounds_served += 1
+        self.history.append(record)
+        with (self.data_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log.event("round.closed", run=self.run_id, round=rnd, participants=len(rs.answered),
+                  accuracy=self.accuracy, loss=self.loss, seconds=record["seconds"])
+        self._notify()
+
+    def _finish(self, state: State, message: str) -> None:
+        self.state = state
+        self.phase = "done"
+        self.message = message
+        self.current = None
+        write_atomic(self.data_dir / "model.safetensors", self.model_parts)
+        summary = self.summary()
+        write_text_atomic(self.data_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.store.set_state(state, message)
+        log.event(f"run.{state}", logging.INFO if state == "finished" else logging.ERROR,
+                  run=self.run_id, message=message, accuracy=self.accuracy)
+        self._notify()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "state": self.state, "message": self.message, "task": self.config.task,
+            "partition": self.config.partition, "workers": self.config.workers,
+            "rounds": self.round, "rounds_planned": self.config.rounds,
+            "final_accuracy": self.accuracy, "final_loss": self.loss,
+            "seconds": time.monotonic() - self._started, "parameters": num_parameters(self.model),
+            "model_version": self.model_version, "config": self.config.to_dict(),
+            "round_timings": [{"round": r["round"], "seconds": r["seconds"], **r["timings"]}
+                              for r in self.history],
+        }
+
+    async def _linger(self) -> None:
+        """Keep answering polls until every live worker heard the run is over, or ``linger`` passed."""
+        end = time.monotonic() + self.linger
+        while time.monotonic() < end:
+            if all(w.stopped for w in self.registry.live()):
+                break
+            await self._wait_change(min(0.5, end - time.monotonic()))
+        self.done.set()
+

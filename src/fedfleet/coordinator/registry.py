@@ -1,0 +1,92 @@
+"""Registered workers, their partitions and whether they are alive."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fedfleet.errors import RequestRejected
+from fedfleet.partition import partition_name
+from fedfleet.storage.sqlite import Store
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    partition: int
+    name: str
+    last_seen: float  # time.monotonic()
+    rounds_served: int = 0
+    polling: int = 0  # long-polls held open right now: a worker waiting on one is alive
+    stopped: bool = False  # has been told that the run is over
+
+
+class Registry:
+    """Assigns each worker a partition at registration and keeps it for that worker id.
+
+    A new worker takes a free partition; when none is free it takes over the partition of a worker
+    that has been dead for longer than ``worker_timeout``; otherwise it is turned away (409).
+    """
+
+    def __init__(self, store: Store, partitions: int, worker_timeout: float) -> None:
+        self.store = store
+        self.partitions = partitions
+        self.worker_timeout = worker_timeout
+        now = time.monotonic()
+        # Workers known from an earlier life of this data dir count as seen now, so that they have
+        # worker_timeout to come back before their partitions are handed to others.
+        self.workers: dict[str, WorkerState] = {
+            r.worker_id: WorkerState(r.worker_id, r.partition, r.name, now, r.rounds_served)
+            for r in store.workers()
+        }
+
+    def register(self, worker_id: str | None, name: str) -> WorkerState:
+        if worker_id is not None and worker_id in self.workers:
+            w = self.workers[worker_id]
+            w.last_seen = time.monotonic()
+            w.stopped = False
+            if name and name != w.name:
+                w.name = name
+                self.store.put_worker(w.worker_id, w.partition, name)
+            return w
+        worker_id = worker_id or uuid.uuid4().hex[:16]
+        taken = {w.partition for w in self.workers.values()}
+        free = [p for p in range(self.partitions) if p not in taken]
+        evict: WorkerState | None = None
+        if free:
+            partition = free[0]
+        else:
+            dead = [w for w in self.workers.values() if not self.alive(w)]
+            if not dead:
+                raise RequestRejected(f"all {self.partitions} partitions are taken by live workers; start the "
+                                     "coordinator with a larger --workers to admit more", status=409)
+            evict = min(dead, key=lambda w: w.last_seen)
+            partition = evict.partition
+        self.store.put_worker(worker_id, partition, name, evict=evict.worker_id if evict else None)
+        if evict is not None:
+            del self.workers[evict.worker_id]
+        w = WorkerState(worker_id, partition, name, time.monotonic())
+        self.workers[worker_id] = w
+        return w
+
+    def get(self, worker_id: str) -> WorkerState:
+        w = self.workers.get(worker_id)
+        if w is None:
+            raise RequestRejected(f"unknown worker {worker_id!r}: register first (POST /v1/workers)",
+                                 status=404, worker=worker_id)
+        return w
+
+    def touch(self, worker_id: str) -> WorkerState:
+        w = self.get(worker_id)
+        w.last_seen = time.monotonic()
+        return w
+
+    def alive(self, w: WorkerState) -> bool:
+        return w.polling > 0 or time.monotonic() - w.last_seen < self.worker_timeout
+
+    def live(self) -> list[WorkerState]:
+        return sorted((w for w in self.workers.values() if self.alive(w)), key=lambda w: w.partition)
+
+    def partition_label(self, w: WorkerState) -> str:
+        return partition_name(w.partition, self.partitions)

@@ -1,0 +1,97 @@
+"""One round's state: who was sampled, who answered, the running sum, the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.types import Schema, Weights
+
+Kind = Literal["stats", "train"]
+
+
+def sample(candidates: Sequence[str], fraction: float, at_least: int, seed: int, round: int,
+           attempt: int) -> list[str]:
+    """ceil(fraction × candidates), at least ``at_least``, chosen reproducibly; the rest keep their order.
+
+    >>> sample(["a", "b", "c", "d"], 0.5, 1, seed=0, round=1, attempt=0)
+    ['b', 'c']
+    """
+    k = min(len(candidates), max(at_least, math.ceil(fraction * len(candidates))))
+    rng = np.random.default_rng([seed, round, attempt, 0x5A])
+    chosen = sorted(rng.choice(len(candidates), size=k, replace=False).tolist())
+    return [candidates[i] for i in chosen]
+
+
+def quorum_count(quorum: float, sampled: int) -> int:
+    """Answers a round needs by its deadline: ceil(quorum × sampled), at least one."""
+    return max(1, math.ceil(quorum * sampled - 1e-9))
+
+
+class BufferPool:
+    """A few reusable buffers of one size, so that concurrent uploads do not each allocate a model.
+
+    The pool caps memory at ``limit`` model-sized buffers however many uploads arrive at once;
+    further uploads wait for a buffer while their bytes stay in the kernel's socket queue.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+        self._sem = asyncio.Semaphore(limit)
+
+    @asynccontextmanager
+    async def buffer(self) -> AsyncIterator[bytearray]:
+        async with self._sem:
+            buf = self._free.pop() if self._free else bytearray(self.size)
+            try:
+                yield buf
+            finally:
+                self._free.append(buf)
+
+
+@dataclass
+class RoundState:
+    round: int
+    attempt: int
+    kind: Kind
+    sampled: list[str]
+    needed: int
+    schema: Schema
+    accumulator: WeightedSum
+    deadline: float  # time.monotonic()
+    pool: BufferPool
+    started: float = field(default_factory=time.monotonic)
+    answered: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+    closed: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_answer: float | None = None
+
+    @property
+    def pending(self) -> list[str]:
+        return [w for w in self.sampled if w not in self.answered]
+
+    def train_metrics(self) -> dict[str, float]:
+        """Example-weighted means of the workers' local metrics."""
+        total = sum(n for n, _ in self.answered.values())
+        keys = sorted({k for _, m in self.answered.values() for k in m})
+        return {k: sum(n * m.get(k, 0.0) for n, m in self.answered.values()) / total for k in keys} if total else {}
+
+
+def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,
+              base: Weights | None, timeout: float, pool_limit: int = 4) -> RoundState:
+    size = sum(s.nbytes for s in schema)
+    return RoundState(round=round, attempt=attempt, kind=kind, sampled=sampled,
+                      needed=quorum_count(quorum, len(sampled)), schema=schema,
+                      accumulator=WeightedSum(schema, base), deadline=time.monotonic() + timeout,
+                      pool=BufferPool(size, pool_limit))

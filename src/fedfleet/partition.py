@@ -1,0 +1,89 @@
+"""Split a data set across workers: iid, dirichlet(alpha) label skew, or natural groups.
+
+Every split is a pure function of (labels, groups, spec, number of parts, seed), so the coordinator
+and each worker compute the same partition on their own and only the partition index crosses the
+network. Partitions have stable names (``part-003-of-008``) that the coordinator assigns at
+registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMES = ("iid", "dirichlet:ALPHA", "natural")
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    scheme: str  # "iid", "dirichlet" or "natural"
+    alpha: float | None = None
+
+    def __str__(self) -> str:
+        return f"dirichlet:{self.alpha:g}" if self.scheme == "dirichlet" else self.scheme
+
+
+def parse_partition(text: str) -> PartitionSpec:
+    """Parse ``iid``, ``dirichlet:ALPHA`` or ``natural``; ValueError says what is allowed."""
+    allowed = f"must be one of {', '.join(SCHEMES)} (ALPHA a number > 0). Got {text!r} instead."
+    scheme, sep, arg = text.partition(":")
+    if scheme in ("iid", "natural") and not sep:
+        return PartitionSpec(scheme)
+    if scheme == "dirichlet" and sep:
+        try:
+            alpha = float(arg)
+        except ValueError:
+            raise ValueError(allowed) from None
+        if np.isfinite(alpha) and alpha > 0:
+            return PartitionSpec("dirichlet", alpha)
+    raise ValueError(allowed)
+
+
+def partition_name(index: int, count: int) -> str:
+    return f"part-{index:03d}-of-{count:03d}"
+
+
+def split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, count: int,
+          seed: int) -> list[np.ndarray]:
+    """Indices into ``labels`` for each of ``count`` parts; every part is non-empty and sorted.
+
+    ``groups`` gives each example's natural group (the decade, for songs) and is needed for
+    ``natural`` only.
+    """
+    n = len(labels)
+    if count < 1 or count > n:
+        raise ValueError(f"cannot split {n} examples into {count} non-empty parts")
+    rng = np.random.default_rng([seed, 0x5E17])
+    if spec.scheme == "iid":
+        parts = np.array_split(rng.permutation(n), count)
+    elif spec.scheme == "natural":
+        if groups is None:
+            raise ValueError("the natural partition needs the examples' groups")
+        # Contiguous shards of the data sorted by group: each part holds one or a few groups only.
+        order = np.lexsort((rng.random(n), groups))
+        parts = np.array_split(order, count)
+    else:
+        assert spec.alpha is not None
+        parts = _dirichlet(labels, spec.alpha, count, rng)
+    return [np.sort(p) for p in parts]
+
+
+def _dirichlet(labels: np.ndarray, alpha: float, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Label skew after Hsu et al. (2019): each class is spread over parts by Dirichlet(alpha) shares."""
+    buckets: list[list[np.ndarray]] = [[] for _ in range(count)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        shares = rng.dirichlet(np.full(count, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+        for part, chunk in enumerate(np.split(idx, cuts)):
+            buckets[part].append(chunk)
+    parts = [np.concatenate(b) for b in buckets]
+    # A very small alpha can leave a part empty; give it examples from the largest part so that
+    # every registered worker has something to train on.
+    for i in range(count):
+        if len(parts[i]) == 0:
+            donor = int(np.argmax([len(q) for q in parts]))
+            take = max(1, len(parts[donor]) // (2 * count))
+            parts[i], parts[donor] = parts[donor][:take], parts[donor][take:]
+    return parts

@@ -1,0 +1,1 @@
+"""What crosses the wire between coordinator and workers: JSON messages and safetensors bodies."""

@@ -1,0 +1,135 @@
+"""JSON control messages of the /v1 API, validated by pydantic on both sides."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedfleet.errors import ProtocolError
+
+API = "/v1"
+WorkerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+UPDATE_META_KEY = "fedfleet"  # key in the safetensors __metadata__ that holds UpdateMeta as JSON
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegisterRequest(Message):
+    worker_id: WorkerId | None = Field(None, description="stable id from the worker's state dir; "
+                                                         "omit to be given one")
+    name: str = Field("", max_length=200, description="free text shown on the dashboard, e.g. the host")
+
+
+class PartitionInfo(Message):
+    name: str
+    index: int
+    count: int
+    scheme: str
+    seed: int
+
+
+class RegisterResponse(Message):
+    worker_id: str
+    run_id: str
+    task: str
+    task_options: dict[str, str]
+    partition: PartitionInfo
+    poll_seconds: float = Field(description="longest long-poll the coordinator holds open")
+
+
+class TrainParamsMsg(Message):
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+
+
+class TaskMessage(Message):
+    """What a worker should do next. ``wait``: nothing yet, ask again; ``stop``: the run is over."""
+
+    kind: Literal["train", "stats", "wait", "stop"]
+    round: int | None = None
+    attempt: int | None = None
+    model_version: int | None = None
+    params: TrainParamsMsg | None = None
+    reason: str = ""
+
+
+class UpdateMeta(Message):
+    """Sent inside the update's safetensors header (``__metadata__["fedfleet"]``)."""
+
+    worker_id: WorkerId
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    num_examples: int = Field(ge=1, le=10**12)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, v in value.items():
+            if not math.isfinite(v):
+                raise ValueError(f"metric {key!r} is not finite")
+        return value
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> UpdateMeta:
+        raw = metadata.get(UPDATE_META_KEY)
+        if raw is None:
+            raise ProtocolError(f"update has no '{UPDATE_META_KEY}' entry in its safetensors __metadata__",
+                                status=422)
+        try:
+            return cls.model_validate(json.loads(raw))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ProtocolError(f"update metadata is invalid: {one_line(exc)}", status=422) from exc
+
+
+class UpdateAck(Message):
+    accepted: bool
+    round: int
+    received: int
+    expected: int
+
+
+class EvalResult(Message):
+    round: int
+    model_version: int
+    loss: float
+    accuracy: float
+    examples: int
+
+
+class WorkerView(Message):
+    worker_id: str
+    name: str
+    partition: str
+    status: Literal["idle", "training", "dead"]
+    last_seen_s: float
+    rounds_served: int
+
+
+class Status(Message):
+    run_id: str
+    state: Literal["waiting", "running", "finished", "failed"]
+    phase: str
+    task: str
+    round: int = Field(description="last completed training round (0 before the first)")
+    rounds: int
+    model_version: int
+    workers_registered: int
+    workers_live: int
+    accuracy: float | None
+    loss: float | None
+    message: str = ""
+
+
+def one_line(exc: Exception) -> str:
+    """A pydantic or JSON error as one readable line naming the field."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    return str(exc)

@@ -1,0 +1,194 @@
+"""``fedfleet run``: a coordinator and N workers as real OS processes on this machine.
+
+The coordinator is started as its own process on a free loopback port, the workers are spread over
+a few processes (``--processes``), and this process only watches ``/v1/status`` to draw progress,
+exactly as a person with a browser could. Logs of every process go to OUT/logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedfleet.config import RunConfig
+from fedfleet.coordinator.server import ADDRESS_FILE
+from fedfleet.errors import ConfigError, FedfleetError
+from fedfleet.protocol.messages import API, Status
+from fedfleet.storage.files import write_text_atomic
+
+START_TIMEOUT = 120.0
+
+
+def default_processes(workers: int) -> int:
+    return max(1, min(workers, 8))
+
+
+def spread(workers: int, processes: int) -> list[int]:
+    """How many logical workers each process hosts: as even as possible, none empty."""
+    processes = max(1, min(processes, workers))
+    base, extra = divmod(workers, processes)
+    return [base + (1 if i < extra else 0) for i in range(processes)]
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    summary = out / "summary.json"
+    if (out / "state.sqlite").exists():
+        if summary.exists() and not overwrite:
+            raise ConfigError(f"{out} already holds a finished run; pass --overwrite to replace it or choose "
+                              "another --out", option="out")
+        if overwrite:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fh: IO[bytes] = log_path.open("ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "fedfleet", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    finally:
+        fh.close()
+
+
+def _wait_address(out: Path, coord: subprocess.Popen[bytes]) -> str:
+    path = out / ADDRESS_FILE
+    end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < end:
+        if coord.poll() is not None:
+            raise FedfleetError(f"the coordinator exited with status {coord.returncode} before serving:\n"
+                                + _tail(out / "logs" / "coordinator.log"))
+        try:
+            return str(json.loads(path.read_text())["url"])
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.05)
+    raise FedfleetError(f"the coordinator did not start within {START_TIMEOUT:g} s; see {out}/logs/coordinator.log")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_local(config: RunConfig, out: Path, processes: int | None = None, overwrite: bool = False,
+              quiet: bool = False) -> int:
+    """Run a whole federated job on this machine; returns 0 if it finished, 1 if it failed."""
+    _prepare_out(out, overwrite)
+    console = Console(stderr=False, quiet=quiet)
+    request = out / ".run-config.toml"
+    write_text_atomic(request, config.to_toml())
+    children: list[subprocess.Popen[bytes]] = []
+    t0 = time.monotonic()
+    try:
+        coord = _spawn(["--log-level", "INFO", "coordinator", "--config", str(request), "--data-dir", str(out),
+                        "--host", "127.0.0.1", "--port", "0", "--linger", "5"], out / "logs" / "coordinator.log")
+        children.append(coord)
+        url = _wait_address(out, coord)
+        counts = spread(config.workers, processes or default_processes(config.workers))
+        for i, k in enumerate(counts):
+            children.append(_spawn(
+                ["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
+                 "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}", "--give-up", "30"],
+                out / "logs" / f"worker-{i}.log"))
+        console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
+                      f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")
+        status = _watch(url, config, coord, console)
+        _stop(children, grace=10.0)
+    except BaseException:
+        for p in children:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        _stop(children, grace=3.0)
+        raise
+    finally:
+        request.unlink(missing_ok=True)
+    summary = _read_json(out / "summary.json")
+    if summary is None:
+        console.print(f"[red]the coordinator ended without a summary[/red]:\n{_tail(out / 'logs' / 'coordinator.log')}")
+        return 1
+    _print_summary(console, summary, out, time.monotonic() - t0)
+    if status is not None and status.state == "finished" and summary.get("state") == "finished":
+        return 0
+    console.print(f"[red]run failed:[/red] {summary.get('message', '')}")
+    return 1
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console) -> Status | None:
+    """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
+    status: Status | None = None
+    columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+               TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[phase]}"),
+               TimeElapsedColumn())
+    with httpx.Client(base_url=url, timeout=5.0) as http, \
+            Progress(*columns, console=console, disable=console.quiet) as progress:
+        bar = progress.add_task("run", total=config.rounds, acc="-", loss="-", phase="starting")
+        while coord.poll() is None:
+            try:
+                status = Status.model_validate(http.get(f"{API}/status").json())
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.2)
+                continue
+            progress.update(bar, completed=status.round, phase=status.phase,
+                            acc="-" if status.accuracy is None else f"{status.accuracy:.4f}",
+                            loss="-" if status.loss is None else f"{status.loss:.4f}")
+            if status.state in ("finished", "failed"):
+                break
+            time.sleep(0.2)
+    return status
+
+
+def _print_summary(console: Console, s: dict[str, Any], out: Path, wall: float) -> None:
+    timings = [r["seconds"] for r in s.get("round_timings", [])]
+    table = Table(title=f"fedfleet run {s.get('run_id', '')}: {s.get('state')}", show_header=False)
+    rows = [
+        ("task", s.get("task")), ("partition", s.get("partition")), ("workers", s.get("workers")),
+        ("rounds", f"{s.get('rounds')} of {s.get('rounds_planned')}"),
+        ("final accuracy", _fmt(s.get("final_accuracy"))), ("final loss", _fmt(s.get("final_loss"))),
+        ("seconds (coordinator)", _fmt(s.get("seconds"), 1)), ("seconds (wall)", f"{wall:.1f}"),
+        ("median round (s)", _fmt(sorted(timings)[len(timings) // 2] if timings else None, 3)),
+        ("outputs", str(out)),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"

@@ -1,0 +1,1 @@
+"""What survives a crash: SQLite state (runs, rounds, workers, metrics) and atomic checkpoints."""

@@ -1,0 +1,139 @@
+"""The coordinator's durable state in one SQLite file: the run, its workers, rounds and updates.
+
+Every write is its own transaction, committed before the coordinator acknowledges what it records.
+sqlite3 errors are translated to StorageError at this boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedfleet.errors import StorageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id TEXT PRIMARY KEY, config TEXT NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY, partition INTEGER NOT NULL UNIQUE, name TEXT NOT NULL,
+    registered REAL NOT NULL, rounds_served INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, attempts INTEGER NOT NULL, sampled INTEGER NOT NULL,
+    participants INTEGER NOT NULL, accuracy REAL, loss REAL, seconds REAL NOT NULL,
+    bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, metrics TEXT NOT NULL, received REAL NOT NULL,
+    PRIMARY KEY (round, attempt, worker_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    config: str
+    state: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    worker_id: str
+    partition: int
+    name: str
+    registered: float
+    rounds_served: int
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open state database {path}: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StorageError(f"state database {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"state database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> RunRow | None:
+        rows = self._query("SELECT id, config, state, message FROM run")
+        return RunRow(*rows[0]) if rows else None
+
+    def create_run(self, run_id: str, config_toml: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO run VALUES (?, ?, 'waiting', '', ?, ?)", (run_id, config_toml, now, now))
+
+    def set_state(self, state: str, message: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE run SET state = ?, message = ?, updated = ?", (state, message, time.time()))
+
+    # --- workers -------------------------------------------------------------------------------
+    def workers(self) -> list[WorkerRow]:
+        return [WorkerRow(*r) for r in self._query(
+            "SELECT worker_id, partition, name, registered, rounds_served FROM workers ORDER BY partition")]
+
+    def put_worker(self, worker_id: str, partition: int, name: str, evict: str | None = None) -> None:
+        """Record a worker and its partition; ``evict`` is a dead worker whose partition it takes over."""
+        with self._tx() as db:
+            if evict is not None:
+                db.execute("DELETE FROM workers WHERE worker_id = ?", (evict,))
+            db.execute("INSERT INTO workers (worker_id, partition, name, registered) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name",
+                       (worker_id, partition, name, time.time()))
+
+    # --- rounds and updates --------------------------------------------------------------------
+    def record_update(self, round: int, attempt: int, worker_id: str, num_examples: int,
+                      metrics: dict[str, float]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                       (round, attempt, worker_id, num_examples, json.dumps(metrics), time.time()))
+
+    def record_round(self, record: dict[str, Any], served: list[str]) -> None:
+        """Store a closed round and credit the workers whose updates it used, in one transaction."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                record["round"], record["attempts"], record["sampled"], record["participants"],
+                record.get("accuracy"), record.get("loss"), record["seconds"], record["bytes_in"],
+                record["bytes_out"], json.dumps(record)))
+            db.executemany("UPDATE workers SET rounds_served = rounds_served + 1 WHERE worker_id = ?",
+                           [(w,) for w in served])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]

@@ -1,0 +1,81 @@
+"""What a task is: data loading, a model's initial weights, local training and evaluation.
+
+A task is used by both sides: the coordinator calls ``init_weights``, ``load_test`` and ``evaluate``;
+a worker calls ``load_partition``, ``local_stats`` and ``fit``. Plug in your own by writing a class
+with these methods and passing ``--task your.module:YourTask`` (see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from fedfleet.partition import PartitionSpec
+from fedfleet.types import Schema, Weights
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Examples as arrays: features ``x`` (n × d) and integer labels ``y`` (n)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The local training settings a worker receives with each round's task."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int  # differs per round and worker, so shuffles differ but runs stay reproducible
+
+
+@dataclass(frozen=True)
+class FitResult:
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def init_weights(self, seed: int) -> Weights:
+        """The initial global model."""
+        ...
+
+    def load_test(self) -> Dataset:
+        """The coordinator's held-out evaluation set."""
+        ...
+
+    def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
+        """Worker ``index`` of ``count``'s share of the training data."""
+        ...
+
+    def stats_schema(self) -> Schema | None:
+        """Schema of the statistics each worker reports before training, or None if none are needed."""
+        ...
+
+    def local_stats(self, data: Dataset) -> Weights:
+        """This worker's statistics (e.g. count, sum, sum of squares): summed across workers."""
+        ...
+
+    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
+        """The model updated with the combined statistics (e.g. a standardisation layer)."""
+        ...
+
+    def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
+        """Train locally from ``weights`` and return the new weights."""
+        ...
+
+    def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
+        """At least ``loss`` and ``accuracy`` of ``weights`` on ``data``."""
+        ...

@@ -1,0 +1,52 @@
+"""A task with no learning in it, for measuring the engine's own cost.
+
+The model is one float32 tensor of ``params`` values; ``fit`` returns it plus a constant and
+``evaluate`` reports its mean. What a round costs with this task is transport and aggregation only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedfleet.partition import PartitionSpec
+from fedfleet.tasks.base import Dataset, FitResult, TrainParams
+from fedfleet.types import Schema, Weights
+
+
+class NullTask:
+    name = "null"
+
+    def __init__(self, params: str = "100000", examples: str = "100") -> None:
+        self.params = int(params)
+        self.examples = int(examples)
+
+    def init_weights(self, seed: int) -> Weights:
+        return {"w": np.zeros(self.params, dtype=np.float32)}
+
+    def _data(self) -> Dataset:
+        return Dataset(np.zeros((self.examples, 1), dtype=np.float32), np.zeros(self.examples, dtype=np.int64))
+
+    def load_test(self) -> Dataset:
+        return self._data()
+
+    def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
+        return self._data()
+
+    def stats_schema(self) -> Schema | None:
+        return None
+
+    def local_stats(self, data: Dataset) -> Weights:
+        return {}
+
+    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
+        return weights
+
+    def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
+        w = weights["w"]
+        out = np.empty_like(w)
+        np.add(w, np.float32(1.0), out=out)
+        return FitResult({"w": out}, len(data), {})
+
+    def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
+        mean = float(weights["w"][:1000].mean()) if weights["w"].size else 0.0
+        return {"loss": mean, "accuracy": 0.0}

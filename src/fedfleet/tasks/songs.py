@@ -1,0 +1,208 @@
+"""Song era: predict a song's era (1960s-70s, 80s-90s, 2000s-10s) from its Spotify audio features.
+
+Data: the Spotify Hit Predictor CSVs (GPL-3.0, see data/spotify-hits/SOURCE.md), shipped with
+fedfleet. Exact duplicates (same ``uri``) are kept once; tracks listed under decades of two different
+eras are dropped, since their label is ambiguous. A fixed, seeded, stratified 20% stays on the
+coordinator as the test set; the rest is split across workers.
+
+Model: multinomial logistic regression in numpy, behind a standardisation layer whose mean and
+scale are computed federatedly: workers report count, sum and sum of squares, never rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfleet.errors import TaskError
+from fedfleet.partition import PartitionSpec, split
+from fedfleet.tasks.base import Dataset, FitResult, TrainParams
+from fedfleet.types import Schema, TensorSpec, Weights
+
+FEATURES = (
+    "danceability", "energy", "key", "loudness", "mode", "speechiness", "acousticness",
+    "instrumentalness", "liveness", "valence", "tempo", "duration_ms", "time_signature",
+    "chorus_hit", "sections",
+)
+DECADES = ("60", "70", "80", "90", "00", "10")
+ERAS = ("1960s-70s", "1980s-90s", "2000s-10s")
+_ERA_OF_DECADE = {"60": 0, "70": 0, "80": 1, "90": 1, "00": 2, "10": 2}
+TEST_FRACTION = 0.2
+TEST_SEED = 20_260_001  # fixed, so every run of every seed is scored on the same songs
+
+
+@dataclass(frozen=True)
+class Songs:
+    """The whole cleaned data set, in a stable order (by uri)."""
+
+    x: np.ndarray  # float64, n × 15, raw feature values
+    era: np.ndarray  # int64 label 0..2
+    decade: np.ndarray  # int64 index into DECADES, the natural grouping
+    track: tuple[str, ...]
+    artist: tuple[str, ...]
+    uri: tuple[str, ...]
+
+
+def data_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """Where the CSVs are: the option, $FEDFLEET_SONGS_DIR, the installed copy, or the source tree."""
+    here = Path(__file__).resolve()
+    candidates = [Path(p) for p in (override, os.environ.get("FEDFLEET_SONGS_DIR")) if p]
+    candidates += [here.parents[1] / "_data" / "spotify-hits", here.parents[3] / "data" / "spotify-hits"]
+    for c in candidates:
+        if (c / "dataset-of-60s.csv").is_file():
+            return c
+    raise TaskError("Spotify song CSVs (dataset-of-60s.csv ... dataset-of-10s.csv) not found; looked in "
+                    + ", ".join(str(c) for c in candidates)
+                    + ". Set FEDFLEET_SONGS_DIR or the task option data_dir to the folder holding them.")
+
+
+@functools.cache
+def load_songs(directory: str | None = None) -> Songs:
+    """Read, clean and label the six decade files. Cached: every worker in a process shares it."""
+    folder = data_dir(directory)
+    rows: dict[str, tuple[list[str], set[str]]] = {}
+    for decade in DECADES:
+        path = folder / f"dataset-of-{decade}s.csv"
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                for rec in csv.DictReader(fh):
+                    uri = rec["uri"]
+                    values = [rec["track"], rec["artist"], *(rec[f] for f in FEATURES)]
+                    if uri in rows:
+                        rows[uri][1].add(decade)
+                    else:
+                        rows[uri] = (values, {decade})
+        except (OSError, KeyError, csv.Error) as exc:
+            raise TaskError(f"cannot read {path}: {exc!r}") from exc
+    keep = sorted(u for u, (_, decs) in rows.items() if len({_ERA_OF_DECADE[d] for d in decs}) == 1)
+    try:
+        x = np.array([[float(v) for v in rows[u][0][2:]] for u in keep], dtype=np.float64)
+    except ValueError as exc:
+        raise TaskError(f"a feature value in {folder} is not a number: {exc}") from exc
+    # A track listed under two decades of one era is labelled by its earliest decade.
+    first = [min(rows[u][1], key=DECADES.index) for u in keep]
+    return Songs(
+        x=x,
+        era=np.array([_ERA_OF_DECADE[d] for d in first], dtype=np.int64),
+        decade=np.array([DECADES.index(d) for d in first], dtype=np.int64),
+        track=tuple(rows[u][0][0] for u in keep),
+        artist=tuple(rows[u][0][1] for u in keep),
+        uri=tuple(keep),
+    )
+
+
+def test_mask(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask of the fixed, stratified held-out test set."""
+    rng = np.random.default_rng(TEST_SEED)
+    mask = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        mask[idx[: round(TEST_FRACTION * len(idx))]] = True
+    return mask
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class SongsTask:
+    """Multinomial logistic regression on 15 standardised audio features, 3 eras."""
+
+    name = "songs"
+    classes = ERAS
+    features = FEATURES
+
+    def __init__(self, data_dir: str | None = None) -> None:
+        self.data_dir = data_dir
+
+    def _songs(self) -> Songs:
+        return load_songs(self.data_dir)
+
+    def train_pool(self) -> Dataset:
+        s = self._songs()
+        keep = ~test_mask(s.era)
+        return Dataset(s.x[keep], s.era[keep])
+
+    def load_test(self) -> Dataset:
+        s = self._songs()
+        mask = test_mask(s.era)
+        return Dataset(s.x[mask], s.era[mask])
+
+    def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
+        s = self._songs()
+        keep = ~test_mask(s.era)
+        x, y, groups = s.x[keep], s.era[keep], s.decade[keep]
+        part = split(y, groups, spec, count, seed)[index]
+        return Dataset(x[part], y[part])
+
+    def init_weights(self, seed: int) -> Weights:
+        rng = np.random.default_rng([seed, 0xA11])
+        d, k = len(FEATURES), len(ERAS)
+        return {
+            "scaler.mean": np.zeros(d, dtype=np.float32),
+            "scaler.scale": np.ones(d, dtype=np.float32),
+            "linear.weight": (rng.standard_normal((d, k)) * 0.01).astype(np.float32),
+            "linear.bias": np.zeros(k, dtype=np.float32),
+        }
+
+    def stats_schema(self) -> Schema:
+        d = len(FEATURES)
+        return (TensorSpec("count", "float64", (1,)), TensorSpec("sum", "float64", (d,)),
+                TensorSpec("sumsq", "float64", (d,)))
+
+    def local_stats(self, data: Dataset) -> Weights:
+        return {"count": np.array([len(data)], dtype=np.float64), "sum": data.x.sum(axis=0),
+                "sumsq": np.square(data.x).sum(axis=0)}
+
+    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
+        n = float(sums["count"][0])
+        if n <= 0:
+            raise TaskError("standardisation statistics cover no examples")
+        mean = sums["sum"] / n
+        var = np.maximum(sums["sumsq"] / n - mean**2, 0.0)
+        scale = np.where(var > 1e-12, np.sqrt(var), 1.0)
+        return {**weights, "scaler.mean": mean.astype(np.float32), "scaler.scale": scale.astype(np.float32)}
+
+    @staticmethod
+    def _inputs(weights: Weights, x: np.ndarray) -> np.ndarray:
+        return ((x - weights["scaler.mean"]) / weights["scaler.scale"]).astype(np.float32)
+
+    def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
+        x = self._inputs(weights, data.x)
+        y = data.y
+        w = weights["linear.weight"].astype(np.float32, copy=True)
+        b = weights["linear.bias"].astype(np.float32, copy=True)
+        onehot = np.eye(len(ERAS), dtype=np.float32)[y]
+        rng = np.random.default_rng(params.seed)
+        lr = np.float32(params.lr)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(params.local_epochs):
+            order = rng.permutation(len(y))
+            loss_sum, correct, seen = 0.0, 0, 0
+            for start in range(0, len(y), params.batch_size):
+                idx = order[start:start + params.batch_size]
+                p = softmax(x[idx] @ w + b)
+                loss_sum += float(-np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).sum())
+                correct += int((p.argmax(axis=1) == y[idx]).sum())
+                seen += len(idx)
+                grad = (p - onehot[idx]) / np.float32(len(idx))
+                w -= lr * (x[idx].T @ grad)
+                b -= lr * grad.sum(axis=0)
+        new = {**weights, "linear.weight": w, "linear.bias": b}
+        return FitResult(new, len(y), {"train_loss": loss_sum / max(seen, 1),
+                                       "train_accuracy": correct / max(seen, 1)})
+
+    def predict_proba(self, weights: Weights, x: np.ndarray) -> np.ndarray:
+        return softmax(self._inputs(weights, x) @ weights["linear.weight"] + weights["linear.bias"])
+
+    def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
+        p = self.predict_proba(weights, data.x)
+        loss = float(-np.log(p[np.arange(len(data)), data.y] + 1e-12).mean())
+        return {"loss": loss, "accuracy": float((p.argmax(axis=1) == data.y).mean())}

@@ -1,0 +1,33 @@
+"""Shared value types: weights as ordered name → array maps, and the schema updates must match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+"""A model's tensors by name, in a fixed order (the order of the safetensors file)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+
+Schema = tuple[TensorSpec, ...]
+
+
+def schema_of(weights: Weights) -> Schema:
+    """The names, dtypes and shapes of ``weights``, in order."""
+    return tuple(TensorSpec(k, v.dtype.name, tuple(int(d) for d in v.shape)) for k, v in weights.items())
+
+
+def num_parameters(weights: Weights) -> int:
+    return int(sum(v.size for v in weights.values()))

@@ -1,0 +1,214 @@
+"""The network side of a worker: register, long-poll for tasks, fetch the model, send updates.
+
+One process can host many logical workers (``--clients K``), each a thread with its own stable id
+(kept in ``--state-dir``), its own partition and its own connection. They share what can be shared:
+the task, the data set in memory, and one download of each model version. A heartbeat thread tells
+the coordinator that workers busy training are still alive. Connection errors are retried with
+exponential backoff; SIGTERM or SIGINT stops the process cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from fedfleet import log
+from fedfleet.errors import CoordinatorUnreachable, FedfleetError, RequestRejected, TransportError
+from fedfleet.protocol.client import CoordinatorClient
+from fedfleet.protocol.messages import RegisterResponse, TaskMessage, UpdateMeta
+from fedfleet.storage.files import write_text_atomic
+from fedfleet.tasks import Task, load_task
+from fedfleet.types import Weights
+from fedfleet.worker.trainer import Trainer
+
+T = TypeVar("T")
+UPLOAD_TRIES = 3
+
+
+class WorkerProcess:
+    """What the logical workers of one process share, and the threads that run them."""
+
+    def __init__(self, url: str, clients: int, state_dir: Path, name: str = "", give_up: float = 300.0) -> None:
+        self.url = url
+        self.clients = clients
+        self.state_dir = state_dir
+        self.name = name or socket.gethostname()
+        self.give_up = give_up
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._tasks: dict[tuple[str, tuple[tuple[str, str], ...]], Task] = {}
+        self._model: tuple[int, Weights] | None = None
+        self._model_lock = threading.Lock()
+        self._ids: set[str] = set()
+        self._poll_seconds = 10.0
+
+    # --- shared resources ------------------------------------------------------------------------
+    def task(self, name: str, options: dict[str, str]) -> Task:
+        key = (name, tuple(sorted(options.items())))
+        with self._lock:
+            if key not in self._tasks:
+                self._tasks[key] = load_task(name, options)
+            return self._tasks[key]
+
+    def model(self, client: CoordinatorClient, version: int) -> Weights:
+        """The model of ``version``, downloaded once per process however many workers ask."""
+        with self._model_lock:
+            if self._model is None or self._model[0] < version:
+                self._model = client.download_model()
+            return self._model[1]
+
+    def joined(self, worker_id: str, poll_seconds: float) -> None:
+        with self._lock:
+            self._ids.add(worker_id)
+            self._poll_seconds = poll_seconds
+
+    # --- threads ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run every logical worker until the coordinator says stop, ``stop`` is set, or all fail."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        threads = [threading.Thread(target=Agent(self, slot).run, name=f"worker-{slot}", daemon=True)
+                   for slot in range(self.clients)]
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        for t in threads:
+            t.start()
+        beat.start()
+        while any(t.is_alive() for t in threads) and not self.stop.is_set():
+            time.sleep(0.1)
+        self.stop.set()
+        for t in threads:
+            t.join(timeout=2.0)  # a long-poll in flight may hold a thread; it is a daemon
+        return 1 if self.errors else 0
+
+    def _heartbeat(self) -> None:
+        client = CoordinatorClient(self.url, timeout=10.0)
+        try:
+            while not self.stop.wait(max(0.5, self._poll_seconds / 2)):
+                with self._lock:
+                    ids = sorted(self._ids)
+                if ids:
+                    try:
+                        client.heartbeat(ids)
+                    except FedfleetError:
+                        pass  # the agents notice and report a lost coordinator themselves
+        finally:
+            client.close()
+
+
+class Agent:
+    """One logical worker: a stable id, a partition, a loop of tasks."""
+
+    def __init__(self, proc: WorkerProcess, slot: int) -> None:
+        self.proc = proc
+        self.slot = slot
+        self.id_file = proc.state_dir / f"client-{slot}.json"
+        self.worker_id: str | None = None
+
+    def run(self) -> None:
+        client = CoordinatorClient(self.proc.url)
+        try:
+            self._loop(client)
+        except CoordinatorUnreachable as exc:
+            if not self.proc.stop.is_set():
+                self._fail(f"gave up reaching the coordinator: {exc}")
+        except FedfleetError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug in a task must be reported, not swallowed by the thread
+            logging.getLogger("fedfleet").exception("worker crashed")
+            self._fail(f"internal error: {exc!r}")
+        finally:
+            client.close()
+
+    def _fail(self, message: str) -> None:
+        log.event("worker.failed", logging.ERROR, worker=self.worker_id, message=message)
+        with self.proc._lock:
+            self.proc.errors.append(message)
+
+    def _stored_id(self) -> str | None:
+        try:
+            data = json.loads(self.id_file.read_text())
+            return str(data["worker_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _register(self, client: CoordinatorClient) -> tuple[RegisterResponse, Trainer]:
+        name = f"{self.proc.name}/{self.slot}"
+        reg = self._retry(lambda: client.register(self._stored_id(), name), "register")
+        self.worker_id = reg.worker_id
+        write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url}))
+        self.proc.joined(reg.worker_id, reg.poll_seconds)
+        log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.name, run=reg.run_id)
+        return reg, Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
+
+    def _loop(self, client: CoordinatorClient) -> None:
+        reg, trainer = self._register(client)
+        while not self.proc.stop.is_set():
+            wid = reg.worker_id
+            try:
+                msg = self._retry(lambda: client.next_task(wid, reg.poll_seconds), "next task")
+            except RequestRejected:
+                # The coordinator does not know us (e.g. it lost its state): join again.
+                reg, trainer = self._register(client)
+                continue
+            if msg.kind == "stop":
+                log.event("worker.stop", worker=wid, reason=msg.reason)
+                return
+            if msg.kind == "wait" or self.proc.stop.is_set():
+                continue
+            self._work(client, reg, trainer, msg)
+
+    def _work(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer, msg: TaskMessage) -> None:
+        assert msg.round is not None and msg.attempt is not None
+        t0 = time.perf_counter()
+        if msg.kind == "stats":
+            weights, n = trainer.stats()
+            metrics: dict[str, float] = {}
+        else:
+            assert msg.params is not None and msg.model_version is not None
+            version = msg.model_version
+            model = self._retry(lambda: self.proc.model(client, version), "download model")
+            t_dl = time.perf_counter()
+            result = trainer.fit(model, msg.params)
+            weights, n = result.weights, result.num_examples
+            metrics = {**result.metrics, "download_s": t_dl - t0, "train_s": time.perf_counter() - t_dl}
+        meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
+                          metrics=metrics)
+        for attempt in range(UPLOAD_TRIES):
+            try:
+                client.upload(weights, meta)
+                log.event("update.sent", logging.DEBUG, worker=reg.worker_id, round=msg.round,
+                          seconds=time.perf_counter() - t0)
+                return
+            except RequestRejected as exc:
+                # Stale or duplicate: the round moved on without us. Not an error of this worker.
+                log.event("update.rejected", logging.WARNING, worker=reg.worker_id, round=msg.round, reason=str(exc))
+                return
+            except TransportError as exc:
+                log.event("update.retry", logging.WARNING, worker=reg.worker_id, round=msg.round, error=str(exc))
+                if self.proc.stop.wait(0.5 * 2**attempt):
+                    return
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        """Call ``fn``, retrying transport errors with exponential backoff and jitter until ``give_up``."""
+        first_failure: float | None = None
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except TransportError as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.proc.give_up:
+                    raise CoordinatorUnreachable(f"{what}: no answer for {self.proc.give_up:g} s ({exc})") from exc
+                if delay >= 0.8:
+                    log.event("worker.retry", logging.WARNING, worker=self.worker_id, what=what, error=str(exc))
+                if self.proc.stop.wait(delay * random.uniform(0.5, 1.0)):
+                    raise CoordinatorUnreachable(f"{what}: stopped while retrying") from exc
+                delay = min(delay * 2, 5.0)
