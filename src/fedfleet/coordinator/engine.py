@@ -11,6 +11,7 @@ aggregate, evaluate, checkpoint, record → finish and tell the workers to stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,7 +23,9 @@ import numpy as np
 
 from fedfleet import log
 from fedfleet.config import RunConfig
-from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError
+from fedfleet.coordinator.registry import Registry, WorkerState
+from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
+from fedfleet.errors import ConfigError, FedfleetError, RequestRejected, RoundError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol import codec
 from fedfleet.protocol.codec import Header
@@ -36,8 +39,6 @@ from fedfleet.protocol.messages import (
     UpdateMeta,
     WorkerView,
 )
-from fedfleet.coordinator.registry import Registry, WorkerState
-from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
 from fedfleet.storage.checkpoints import Checkpoints
 from fedfleet.storage.files import write_atomic, write_text_atomic
 from fedfleet.storage.sqlite import Store
@@ -137,10 +138,8 @@ class Engine:
 
     async def _wait_change(self, timeout: float) -> None:
         event = self._changed
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
-        except TimeoutError:
-            pass
 
     # --- API: workers ----------------------------------------------------------------------------
     def register(self, worker_id: str | None, name: str) -> RegisterResponse:
@@ -213,25 +212,30 @@ class Engine:
 
     def begin_update(self, meta: UpdateMeta, header: Header) -> RoundState:
         """Check that the current round can take this update and reserve its slot; raise if not."""
-        w = self.registry.touch(meta.worker_id)
+        self.registry.touch(meta.worker_id)
         rs = self.current
-        where = dict(round=meta.round, worker=meta.worker_id)
-        if rs is None or self.state != "running":
-            raise RequestRejected(f"no round is open (run is {self.state}); update for round {meta.round} "
-                                  "is not needed", **where)
-        if (meta.round, meta.attempt) != (rs.round, rs.attempt):
-            raise RequestRejected(f"update is for round {meta.round} attempt {meta.attempt}, but the open "
-                                  f"round is {rs.round} attempt {rs.attempt}", **where)
-        if rs.closed:
-            raise RequestRejected(f"round {rs.round} has closed; update came too late", **where)
-        if meta.worker_id not in rs.sampled:
-            raise RequestRejected(f"worker {meta.worker_id} was not sampled for round {rs.round}", **where)
-        if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
-            raise RequestRejected(f"worker {meta.worker_id} already sent its update for round {rs.round}",
-                                  **where)
+        problem = self._update_problem(meta, rs)
+        if problem is not None:
+            raise RequestRejected(problem, round=meta.round, worker=meta.worker_id)
+        assert rs is not None
         codec.check_schema(header, rs.schema)
-        rs.in_flight.add(w.worker_id)
+        rs.in_flight.add(meta.worker_id)
         return rs
+
+    def _update_problem(self, meta: UpdateMeta, rs: RoundState | None) -> str | None:
+        """Why the open round cannot take this update (HTTP 409), or None if it can."""
+        if rs is None or self.state != "running":
+            return f"no round is open (run is {self.state}); update for round {meta.round} is not needed"
+        if (meta.round, meta.attempt) != (rs.round, rs.attempt):
+            return (f"update is for round {meta.round} attempt {meta.attempt}, but the open round is "
+                    f"{rs.round} attempt {rs.attempt}")
+        if rs.closed:
+            return f"round {rs.round} has closed; update came too late"
+        if meta.worker_id not in rs.sampled:
+            return f"worker {meta.worker_id} was not sampled for round {rs.round}"
+        if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
+            return f"worker {meta.worker_id} already sent its update for round {rs.round}"
+        return None
 
     def abort_update(self, rs: RoundState, worker_id: str) -> None:
         rs.in_flight.discard(worker_id)

@@ -63,7 +63,7 @@ def encode_parts(weights: Weights, metadata: Mapping[str, str] | None = None) ->
         array = np.require(array, dtype=array.dtype.newbyteorder("<"), requirements="C")
         header[name] = {"dtype": code, "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
-        buffers.append(memoryview(array.reshape(-1).view(np.uint8)))
+        buffers.append(memoryview(array.reshape(-1).view(np.uint8).data))
         offset += array.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % _ALIGN)

@@ -72,4 +72,4 @@ def weighted_mean(updates: Iterable[tuple[Weights, float]]) -> Weights:
     items = list(updates)
     total = float(sum(w for _, w in items))
     names = list(items[0][0])
-    return {n: sum(np.asarray(u[n], dtype=np.float64) * w for u, w in items) / total for n in names}
+    return {n: np.sum([np.asarray(u[n], dtype=np.float64) * w for u, w in items], axis=0) / total for n in names}

@@ -11,7 +11,8 @@ from fedfleet.types import Weights
 class Strategy(Protocol):
     """Server-side update rule. ``state`` is immutable and replaced each round, never mutated."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def init(self, weights: Weights) -> Any: ...
 

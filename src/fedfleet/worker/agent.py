@@ -9,6 +9,8 @@ exponential backoff; SIGTERM or SIGINT stops the process cleanly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import random
@@ -94,10 +96,9 @@ class WorkerProcess:
                 with self._lock:
                     ids = sorted(self._ids)
                 if ids:
-                    try:
+                    # The agents notice a lost coordinator and report it themselves.
+                    with contextlib.suppress(FedfleetError):
                         client.heartbeat(ids)
-                    except FedfleetError:
-                        pass  # the agents notice and report a lost coordinator themselves
         finally:
             client.close()
 
@@ -150,15 +151,15 @@ class Agent:
     def _loop(self, client: CoordinatorClient) -> None:
         reg, trainer = self._register(client)
         while not self.proc.stop.is_set():
-            wid = reg.worker_id
             try:
-                msg = self._retry(lambda: client.next_task(wid, reg.poll_seconds), "next task")
+                msg = self._retry(functools.partial(client.next_task, reg.worker_id, reg.poll_seconds),
+                                  "next task")
             except RequestRejected:
                 # The coordinator does not know us (e.g. it lost its state): join again.
                 reg, trainer = self._register(client)
                 continue
             if msg.kind == "stop":
-                log.event("worker.stop", worker=wid, reason=msg.reason)
+                log.event("worker.stop", worker=reg.worker_id, reason=msg.reason)
                 return
             if msg.kind == "wait" or self.proc.stop.is_set():
                 continue
