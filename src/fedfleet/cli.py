@@ -24,7 +24,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run options (also settable in --config FILE)")
     g.add_argument("--config", metavar="FILE", type=Path, help="TOML file with run options; flags win")
     for opt in OPTIONS:
-        default = "derived" if opt.default is None else opt.default
+        default = opt.default_text or opt.default
         g.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
                        help=f"{opt.help} [{opt.allowed()}; default {default}]")
     g.add_argument("--task-option", dest="task_options", action="append", default=None, metavar="KEY=VALUE",

@@ -37,7 +37,8 @@ class Option:
     high: float | None = None
     low_open: bool = False  # True when ``low`` itself is not allowed
     choices: tuple[str, ...] = ()
-    optional: bool = False  # None allowed (means "derive it", see help)
+    optional: bool = False  # None allowed: the value is derived, as ``default_text`` says
+    default_text: str = ""
 
     @property
     def flag(self) -> str:
@@ -111,8 +112,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("rounds", int, 30, "training rounds", low=1, high=1_000_000),
     Option("workers", int, 8, "data partitions, one per worker; `run` starts this many workers",
            low=1, high=100_000),
-    Option("min_workers", int, None, "live workers needed to start a round (default: --workers)",
-           low=1, high=100_000, optional=True),
+    Option("min_workers", int, None, "live workers needed to start a round; also the fewest sampled in one",
+           low=1, high=100_000, optional=True, default_text="all --workers to start, 1 to sample"),
     Option("fraction", float, 1.0, "share of live workers sampled each round", low=0, high=1, low_open=True),
     Option("quorum", float, 0.5, "share of sampled workers that must answer by the deadline",
            low=0, high=1, low_open=True),

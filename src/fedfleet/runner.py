@@ -122,7 +122,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
                 out / "logs" / f"worker-{i}.log"))
         console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
                       f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")
-        status = _watch(url, config, coord, console)
+        _watch(url, config, coord, console)
         _stop(children, grace=10.0)
     except BaseException:
         for p in children:
@@ -137,7 +137,9 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         console.print(f"[red]the coordinator ended without a summary[/red]:\n{_tail(out / 'logs' / 'coordinator.log')}")
         return 1
     _print_summary(console, summary, out, time.monotonic() - t0)
-    if status is not None and status.state == "finished" and summary.get("state") == "finished":
+    # The summary, not the last status polled, is the word on how the run ended: the coordinator
+    # may finish and exit between two polls.
+    if summary.get("state") == "finished":
         return 0
     console.print(f"[red]run failed:[/red] {summary.get('message', '')}")
     return 1
@@ -150,9 +152,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console) -> Status | None:
+def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console) -> None:
     """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
-    status: Status | None = None
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[phase]}"),
                TimeElapsedColumn())
@@ -171,7 +172,6 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
             if status.state in ("finished", "failed"):
                 break
             time.sleep(0.2)
-    return status
 
 
 def _print_summary(console: Console, s: dict[str, Any], out: Path, wall: float) -> None:
