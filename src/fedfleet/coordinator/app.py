@@ -70,7 +70,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
         for t in (loop_task, watcher):
             t.cancel()
 
-    app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan,
+    # Swagger UI and ReDoc pull their scripts from a CDN, which offline hosts cannot reach.
+    app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Federated learning coordinator: workers register, long-poll for tasks, "
                               "download the model and upload updates as safetensors.")
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, exempt=(f"{API}/updates",))

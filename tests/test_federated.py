@@ -1,0 +1,155 @@
+"""End to end with real processes: `fedfleet run`, federated vs central accuracy, dead and restarted workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from fedfleet.config import RunConfig
+from fedfleet.tasks.base import TrainParams
+from fedfleet.tasks.songs import SongsTask
+
+
+def fedfleet(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_status(url: str, until: Any, timeout: float = 120) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < end:
+        try:
+            last = httpx.get(f"{url}/v1/status", timeout=5).json()
+        except httpx.TransportError:
+            pass
+        else:
+            if until(last):
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"status never satisfied the condition; last: {last}")
+
+
+def test_run_writes_outputs_and_uses_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('rounds = 2\nworkers = 5\npartition = "dirichlet:0.5"\nseed = 3\n')
+    out = tmp_path / "out"
+    # 5 workers over 2 processes: one process hosts several logical workers.
+    r = fedfleet("run", "--config", str(cfg), "--rounds", "3", "--processes", "2", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "final accuracy" in r.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "finished"
+    assert summary["rounds"] == 3  # the flag beat the file
+    assert summary["workers"] == 5 and summary["task"] == "songs" and summary["partition"] == "dirichlet:0.5"
+    assert 0.4 < summary["final_accuracy"] <= 1.0 and summary["final_loss"] > 0
+    assert summary["seconds"] > 0 and [t["round"] for t in summary["round_timings"]] == [1, 2, 3]
+
+    rounds = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for rec in rounds:
+        assert rec["participants"] == 5
+        assert rec["bytes_in"] > 0 and rec["bytes_out"] > 0
+        assert {"accuracy", "loss", "seconds"} <= set(rec)
+    assert rounds[-1]["accuracy"] == summary["final_accuracy"]
+
+    model = safetensors.numpy.load_file(out / "model.safetensors")
+    task = SongsTask()
+    assert {k: v.shape for k, v in model.items()} == {k: v.shape for k, v in task.init_weights(0).items()}
+    assert task.evaluate(model, task.load_test())["accuracy"] == pytest.approx(summary["final_accuracy"])
+
+    saved = RunConfig.from_mapping(tomllib.loads((out / "config.toml").read_text()))
+    assert (saved.rounds, saved.workers, saved.partition, saved.seed) == (3, 5, "dirichlet:0.5", 3)
+
+    # Each logical worker had its own partition.
+    states = sorted((out / "workers").glob("proc-*/client-*.json"))
+    assert len(states) == 5
+    assert len({json.loads(p.read_text())["worker_id"] for p in states}) == 5
+
+
+def test_bad_option_is_one_line_error(tmp_path: Path) -> None:
+    r = fedfleet("run", "--workers", "0", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "fedfleet: error: The 'workers' option must be an int in the range [1, 100000]. Got '0' instead."]
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("lr = -1\n")
+    r = fedfleet("coordinator", "--config", str(cfg), "--data-dir", str(tmp_path / "c"))
+    assert r.returncode == 2 and "'lr' option" in r.stderr and "Got -1" in r.stderr
+    r = fedfleet("worker", "--coordinator", "ftp://nowhere")
+    assert r.returncode == 2 and "--coordinator" in r.stderr
+
+
+def central_accuracy(epochs: int, lr: float, batch_size: int) -> float:
+    """The same model and SGD, trained on the whole training pool in one place."""
+    task = SongsTask()
+    pool = task.train_pool()
+    weights = task.apply_stats(task.init_weights(0), task.local_stats(pool))
+    for epoch in range(epochs):
+        weights = task.fit(weights, pool, TrainParams(1, batch_size, lr, seed=epoch)).weights
+    return task.evaluate(weights, task.load_test())["accuracy"]
+
+
+def test_federated_iid_matches_central(tmp_path: Path) -> None:
+    rounds, lr, batch = 12, 0.05, 32
+    out = tmp_path / "fed"
+    r = fedfleet("run", "--workers", "6", "--rounds", str(rounds), "--lr", str(lr), "--batch-size", str(batch),
+                 "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    federated = json.loads((out / "summary.json").read_text())["final_accuracy"]
+    central = central_accuracy(rounds, lr, batch)
+    majority = np.bincount(SongsTask().load_test().y).max() / len(SongsTask().load_test().y)
+    assert central > majority + 0.15
+    assert abs(federated - central) <= 0.01, (federated, central)
+
+
+def test_dead_worker_does_not_block_the_run(coordinator: Any, worker: Any) -> None:
+    coord = coordinator("--workers", "4", "--min-workers", "3", "--rounds", "25", "--round-timeout", "20",
+                        "--worker-timeout", "2", "--quorum", "0.5")
+    workers = [worker(coord.url) for _ in range(4)]
+    wait_status(coord.url, lambda s: s["round"] >= 2)
+    workers[0].kill()  # SIGKILL: no goodbye
+    final = wait_status(coord.url, lambda s: s["state"] in ("finished", "failed"), timeout=180)
+    assert final["state"] == "finished", final
+    rounds = read_jsonl(coord.data_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == list(range(1, 26))
+    assert rounds[0]["participants"] == 4
+    assert rounds[-1]["participants"] == 3
+    # The round that lost the worker closed when it was found dead, long before its 20 s deadline.
+    assert max(r["seconds"] for r in rounds) < 20
+    for w in workers[1:]:
+        assert w.proc.wait(timeout=30) == 0  # told to stop, exited cleanly
+
+
+def test_restarted_worker_gets_its_partition_back(coordinator: Any, worker: Any) -> None:
+    coord = coordinator("--workers", "2", "--rounds", "400", "--worker-timeout", "30")
+    first = worker(coord.url)
+    second = worker(coord.url)
+    wait_status(coord.url, lambda s: s["round"] >= 1)
+    before = {w["worker_id"]: w["partition"] for w in httpx.get(f"{coord.url}/v1/workers").json()}
+    first.kill()
+    first.proc.wait(timeout=10)
+    again = worker(coord.url, state_dir=first.state_dir)
+    progressed = wait_status(coord.url, lambda s: s["round"] >= 3)["round"]
+    after = {w["worker_id"]: w["partition"] for w in httpx.get(f"{coord.url}/v1/workers").json()}
+    assert after == before  # same ids, same partitions, nobody new
+    wait_status(coord.url, lambda s: s["round"] > progressed + 1)
+    for w in (again, second):
+        w.kill()
+    stored = json.loads((first.state_dir / "client-0.json").read_text())["worker_id"]
+    assert stored in before
