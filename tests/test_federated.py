@@ -153,3 +153,26 @@ def test_restarted_worker_gets_its_partition_back(coordinator: Any, worker: Any)
         w.kill()
     stored = json.loads((first.state_dir / "client-0.json").read_text())["worker_id"]
     assert stored in before
+
+
+def test_worker_stops_cleanly_on_sigterm(coordinator: Any, worker: Any) -> None:
+    import signal
+
+    coord = coordinator("--workers", "3", "--rounds", "2")  # waits for a third worker that never comes
+    w = worker(coord.url, clients=2)
+    wait_status(coord.url, lambda s: s["workers_registered"] == 2)
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(timeout=15) == 0
+    assert "worker.signal signal=SIGTERM" in w.log_text()
+
+
+def test_worker_gives_up_on_an_unreachable_coordinator(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = fedfleet("--log-level", "ERROR", "worker", "--coordinator", f"http://127.0.0.1:{port}",
+                 "--give-up", "1", "--state-dir", str(tmp_path / "w"), timeout=60)
+    assert r.returncode == 1
+    assert "gave up reaching the coordinator" in r.stderr
