@@ -63,10 +63,8 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> in
     """Stop ``proc`` and everything in its process group: SIGTERM, then SIGKILL after ``grace`` s."""
     if proc.poll() is None:
         _signal_group(proc, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
     # Whatever it left behind in its group goes too, even if the leader already exited.
     _signal_group(proc, signal.SIGKILL)
     return proc.wait(timeout=grace)

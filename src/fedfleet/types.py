@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+        # Python ints: numpy's int64 product would overflow (or wrap to 0) on a hostile shape.
+        return np.dtype(self.dtype).itemsize * math.prod(self.shape)
 
 
 Schema = tuple[TensorSpec, ...]

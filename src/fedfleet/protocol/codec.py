@@ -94,6 +94,8 @@ def parse_header(head: bytes) -> Header:
         raw = json.loads(head[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"body is not safetensors: header is not JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise ProtocolError("body is not safetensors: header JSON is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise ProtocolError("body is not safetensors: header is not a JSON object")
     metadata = raw.pop("__metadata__", None) or {}

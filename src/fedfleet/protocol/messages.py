@@ -87,6 +87,8 @@ class UpdateMeta(Message):
             return cls.model_validate(json.loads(raw))
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ProtocolError(f"update metadata is invalid: {one_line(exc)}", status=422) from exc
+        except RecursionError as exc:
+            raise ProtocolError("update metadata is invalid: JSON nested too deeply", status=422) from exc
 
 
 class UpdateAck(Message):
