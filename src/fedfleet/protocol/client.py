@@ -78,9 +78,9 @@ class CoordinatorClient:
             self._conn.close()
 
     # --- control (httpx) -------------------------------------------------------------------------
-    def _call(self, method: str, path: str, what: str, timeout: float | None = None, **kw: Any) -> Any:
+    def _call(self, method: str, path: str, what: str, **kw: Any) -> Any:
         try:
-            r = self._http.request(method, API + path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kw)
+            r = self._http.request(method, API + path, **kw)
         except httpx.TransportError as exc:
             raise TransportError(f"{what}: {exc!r}") from exc
         _raise_for(r.status_code, r.content, what)
@@ -92,8 +92,11 @@ class CoordinatorClient:
             self._call("POST", "/workers", "register", json=req.model_dump(exclude_none=True)))
 
     def next_task(self, worker_id: str, wait: float) -> TaskMessage:
-        return TaskMessage.model_validate(self._call(
-            "GET", f"/workers/{worker_id}/task", "next task", params={"wait": wait}, timeout=wait + 30))
+        """Long-poll for the next task. On the lean connection: it is on every worker's path every round."""
+        status, resp = self._exchange("next task", "GET", f"/workers/{worker_id}/task?wait={wait:g}")
+        body = self._read(resp, "next task")
+        _raise_for(status, body, "next task")
+        return TaskMessage.model_validate_json(body)
 
     def heartbeat(self, worker_ids: list[str]) -> int:
         return int(self._call("POST", "/heartbeat", "heartbeat", json={"worker_ids": worker_ids})["known"])
@@ -168,13 +171,16 @@ class CoordinatorClient:
         arrays = {k: np.asarray(v) for k, v in weights.items()}
         parts = codec.encode_parts(arrays, {UPDATE_META_KEY: meta.model_dump_json()})
         status, resp = self._exchange("upload update", "POST", "/updates", parts)
-        try:
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self._reset()
-            raise TransportError(f"upload update: {exc!r}") from exc
+        body = self._read(resp, "upload update")
         _raise_for(status, body, f"upload update for round {meta.round}")
         return UpdateAck.model_validate_json(body)
+
+    def _read(self, resp: http.client.HTTPResponse, what: str) -> bytes:
+        try:
+            return resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._reset()
+            raise TransportError(f"{what}: {exc!r}") from exc
 
     def _reset(self) -> None:
         if self._conn is not None:

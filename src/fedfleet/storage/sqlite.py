@@ -63,7 +63,9 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # In WAL mode NORMAL keeps every commit through a crash of the process (SIGKILL included);
+            # only a crash of the machine may lose the last commits. FULL would fsync per update.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open state database {path}: {exc}") from exc
