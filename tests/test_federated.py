@@ -176,3 +176,38 @@ def test_worker_gives_up_on_an_unreachable_coordinator(tmp_path: Path) -> None:
                  "--give-up", "1", "--state-dir", str(tmp_path / "w"), timeout=60)
     assert r.returncode == 1
     assert "gave up reaching the coordinator" in r.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_killed_coordinator_resumes_and_workers_reconnect(coordinator: Any, worker: Any) -> None:
+    # A fixed port, so that the restarted coordinator is where the workers keep knocking.
+    args = ("--workers", "3", "--rounds", "40", "--worker-timeout", "10", "--seed", "5", "--port", str(free_port()))
+    first = coordinator(*args)
+    workers = [worker(first.url, "--give-up", "120") for _ in range(3)]
+    wait_status(first.url, lambda s: s["round"] >= 5)
+    first.kill()  # SIGKILL mid-run: no chance to save anything more
+    first.proc.wait(timeout=10)
+    recorded = read_jsonl(first.data_dir / "metrics.jsonl")
+    run_id = json.loads((first.data_dir / "summary.json").read_text())["run_id"] \
+        if (first.data_dir / "summary.json").exists() else None
+    assert run_id is None  # it really died before finishing
+
+    second = coordinator(*args, data_dir=first.data_dir)
+    final = wait_status(second.url, lambda s: s["state"] in ("finished", "failed"), timeout=180)
+    assert final["state"] == "finished", final
+    rounds = read_jsonl(first.data_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == list(range(1, 41))  # none lost, none twice
+    assert rounds[: len(recorded)] == recorded  # what was recorded before the kill stands
+    assert all(r["participants"] == 3 for r in rounds)
+    for w in workers:  # the same worker processes, never restarted
+        assert w.proc.wait(timeout=30) == 0
+    # Resuming a finished run is refused with a clear message.
+    r = fedfleet("coordinator", *args, "--data-dir", str(first.data_dir))
+    assert r.returncode == 2 and "has finished" in r.stderr

@@ -96,12 +96,10 @@ def _convert(kind: type, value: Any) -> Any:
                 return None
         return None
     if kind is float:
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, int | float | str):
             try:
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: a TOML integer of 400 digits
                 return None
         return None
     return value if isinstance(value, str) else None
@@ -205,14 +203,30 @@ class RunConfig:
             if f.name == "task_options":
                 if value:
                     tables.append("\n[task_options]")
-                    tables.extend(f"{k} = {json.dumps(v)}" for k, v in value)
+                    tables.extend(f"{_toml(k)} = {_toml(v)}" for k, v in value)
             elif value is not None:
-                lines.append(f"{f.name} = {json.dumps(value)}")
+                lines.append(f"{f.name} = {_toml(value)}")
         return "\n".join(lines + tables) + "\n"
 
     def differences(self, other: RunConfig) -> list[str]:
         """Names of the fields whose values differ between two configs."""
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _toml(value: object) -> str:
+    """A TOML value (or quoted key). Numbers as JSON writes them; strings as TOML basic strings, which
+    unlike JSON may not hold raw control characters nor surrogate-pair escapes."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _task_options(raw: Any) -> tuple[tuple[str, str], ...]:

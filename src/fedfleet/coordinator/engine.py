@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -90,8 +91,6 @@ class Engine:
             write_text_atomic(self.data_dir / "config.toml", toml)
             (self.data_dir / "metrics.jsonl").unlink(missing_ok=True)
             return run_id
-        import tomllib
-
         saved = RunConfig.from_mapping(tomllib.loads(row.config))
         diff = saved.differences(self.config)
         if diff:
@@ -103,24 +102,27 @@ class Engine:
         if row.state in ("finished", "failed"):
             raise ConfigError(f"{self.data_dir} holds run {row.id}, which has {row.state}; "
                               "use a new --data-dir for a new run", option="data_dir")
-        log.event("run.resume", run=row.id)
         return row.id
 
     def _restore_model(self) -> None:
-        rounds = self.checkpoints.rounds()
-        if rounds:
-            weights, meta = self.checkpoints.load(rounds[-1])
-            self.round = int(meta.get("round", rounds[-1]))
-            self.model_version = int(meta.get("version", 0))
-            self._stats_done = True
-            self.history = self.store.rounds()
-            if self.history:
-                self.accuracy = self.history[-1].get("accuracy")
-                self.loss = self.history[-1].get("loss")
-            self._set_model(weights, self.model_version)
-            log.event("model.restored", run=self.run_id, round=self.round, version=self.model_version)
-        else:
+        """Pick up after a crash: the model after the last round recorded in SQLite, which is the truth.
+
+        A round's checkpoint is written before its record, so the recorded round always has one;
+        a checkpoint newer than the last record belongs to a round that is simply run again.
+        """
+        self.history = self.store.rounds()
+        if not self.history:
             self._set_model(self.task.init_weights(self.config.seed), 0)
+            return
+        last = self.history[-1]
+        weights, meta = self.checkpoints.load(int(last["round"]))
+        self.round = int(last["round"])
+        self.accuracy, self.loss = last.get("accuracy"), last.get("loss")
+        self._stats_done = True
+        self._set_model(weights, int(meta.get("version", last["model_version"])))
+        # metrics.jsonl is a view of the records: rewrite it so that it matches them exactly.
+        write_text_atomic(self.data_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        log.event("run.resumed", run=self.run_id, round=self.round, version=self.model_version)
 
     def _set_model(self, weights: Weights, version: int) -> None:
         self.model = weights

@@ -25,7 +25,8 @@ def sample(candidates: Sequence[str], fraction: float, at_least: int, seed: int,
     >>> sample(["a", "b", "c", "d"], 0.5, 1, seed=0, round=1, attempt=0)
     ['b', 'c']
     """
-    k = min(len(candidates), max(at_least, math.ceil(fraction * len(candidates))))
+    # The epsilon keeps 0.07 × 100 = 7.000000000000001 from becoming 8.
+    k = min(len(candidates), max(at_least, math.ceil(fraction * len(candidates) - 1e-9)))
     rng = np.random.default_rng([seed, round, attempt, 0x5A])
     chosen = sorted(rng.choice(len(candidates), size=k, replace=False).tolist())
     return [candidates[i] for i in chosen]

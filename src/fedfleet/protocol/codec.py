@@ -10,6 +10,7 @@ Files written here are read by the ``safetensors`` library and the other way rou
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ _TO_NUMPY = {
 }
 _TO_CODE = {v: k for k, v in _TO_NUMPY.items()}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_ELEMENTS = 2**48  # even ignoring zero dimensions: numpy cannot shape anything larger
 _ALIGN = 8
 
 
@@ -98,7 +100,9 @@ def parse_header(head: bytes) -> Header:
         raise ProtocolError("body is not safetensors: header JSON is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise ProtocolError("body is not safetensors: header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ProtocolError("safetensors __metadata__ must map strings to strings")
     entries = []
@@ -111,6 +115,8 @@ def parse_header(head: bytes) -> Header:
         shape, offs = entry["shape"], entry["data_offsets"]
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
             raise ProtocolError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+        if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} is too large for any buffer")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_count(o) for o in offs)):
             raise ProtocolError(f"tensor {name!r}: data_offsets must be two non-negative ints, got {offs!r}")
         entries.append((offs[0], offs[1], TensorSpec(name, dtype, tuple(shape))))

@@ -123,8 +123,10 @@ class Store:
     # --- rounds and updates --------------------------------------------------------------------
     def record_update(self, round: int, attempt: int, worker_id: str, num_examples: int,
                       metrics: dict[str, float]) -> None:
+        # REPLACE: after a coordinator restart the same round and attempt run again, and an update
+        # accepted in the earlier life was lost with that life's running sum; the new one counts once.
         with self._tx() as db:
-            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
                        (round, attempt, worker_id, num_examples, json.dumps(metrics), time.time()))
 
     def record_round(self, record: dict[str, Any], served: list[str]) -> None:

@@ -51,8 +51,12 @@ class Songs:
 def data_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """Where the CSVs are: the option, $FEDFLEET_SONGS_DIR, the installed copy, or the source tree."""
     here = Path(__file__).resolve()
-    candidates = [Path(p) for p in (override, os.environ.get("FEDFLEET_SONGS_DIR")) if p]
-    candidates += [here.parents[1] / "_data" / "spotify-hits", here.parents[3] / "data" / "spotify-hits"]
+    chosen = override or os.environ.get("FEDFLEET_SONGS_DIR")
+    if chosen:
+        # A folder the user named must hold the data: falling back to the bundled copy would hide a typo.
+        candidates = [Path(chosen)]
+    else:
+        candidates = [here.parents[1] / "_data" / "spotify-hits", here.parents[3] / "data" / "spotify-hits"]
     for c in candidates:
         if (c / "dataset-of-60s.csv").is_file():
             return c

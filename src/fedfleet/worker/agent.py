@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fedfleet import log
-from fedfleet.errors import CoordinatorUnreachable, FedfleetError, RequestRejected, TransportError
+from fedfleet.errors import CoordinatorUnreachable, FedfleetError, ProtocolError, RequestRejected, TransportError
 from fedfleet.protocol.client import CoordinatorClient
 from fedfleet.protocol.messages import RegisterResponse, TaskMessage, UpdateMeta
 from fedfleet.storage.files import write_text_atomic
@@ -190,6 +190,11 @@ class Agent:
             except RequestRejected as exc:
                 # Stale or duplicate: the round moved on without us. Not an error of this worker.
                 log.event("update.rejected", logging.WARNING, worker=reg.worker_id, round=msg.round, reason=str(exc))
+                return
+            except ProtocolError as exc:
+                # The coordinator refused this update (or failed on it): say so loudly, but one bad
+                # round must not end a worker that may do fine in the next one.
+                log.event("update.refused", logging.ERROR, worker=reg.worker_id, round=msg.round, reason=str(exc))
                 return
             except TransportError as exc:
                 log.event("update.retry", logging.WARNING, worker=reg.worker_id, round=msg.round, error=str(exc))
