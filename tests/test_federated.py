@@ -44,6 +44,13 @@ def wait_status(url: str, until: Any, timeout: float = 120) -> dict[str, Any]:
     raise AssertionError(f"status never satisfied the condition; last: {last}")
 
 
+def wait_finished(coord: Any, timeout: float = 180) -> dict[str, Any]:
+    """Wait for a coordinator to end its run and exit (it does once its workers heard); its summary."""
+    coord.proc.wait(timeout=timeout)
+    summary: dict[str, Any] = json.loads((coord.data_dir / "summary.json").read_text())
+    return summary
+
+
 def test_run_writes_outputs_and_uses_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text('rounds = 2\nworkers = 5\npartition = "dirichlet:0.5"\nseed = 3\n')
@@ -124,8 +131,9 @@ def test_dead_worker_does_not_block_the_run(coordinator: Any, worker: Any) -> No
     workers = [worker(coord.url) for _ in range(4)]
     wait_status(coord.url, lambda s: s["round"] >= 2)
     workers[0].kill()  # SIGKILL: no goodbye
-    final = wait_status(coord.url, lambda s: s["state"] in ("finished", "failed"), timeout=180)
+    final = wait_finished(coord)
     assert final["state"] == "finished", final
+    assert coord.proc.returncode == 0
     rounds = read_jsonl(coord.data_dir / "metrics.jsonl")
     assert [r["round"] for r in rounds] == list(range(1, 26))
     assert rounds[0]["participants"] == 4
@@ -200,7 +208,7 @@ def test_killed_coordinator_resumes_and_workers_reconnect(coordinator: Any, work
     assert run_id is None  # it really died before finishing
 
     second = coordinator(*args, data_dir=first.data_dir)
-    final = wait_status(second.url, lambda s: s["state"] in ("finished", "failed"), timeout=180)
+    final = wait_finished(second)
     assert final["state"] == "finished", final
     rounds = read_jsonl(first.data_dir / "metrics.jsonl")
     assert [r["round"] for r in rounds] == list(range(1, 41))  # none lost, none twice

@@ -50,7 +50,7 @@ class WorkerProcess:
         self._model: tuple[int, Weights] | None = None
         self._model_lock = threading.Lock()
         self._ids: set[str] = set()
-        self._poll_seconds = 10.0
+        self._poll_seconds = 1.0  # until registration says otherwise: beat early rather than late
 
     # --- shared resources ------------------------------------------------------------------------
     def task(self, name: str, options: dict[str, str]) -> Task:
