@@ -71,9 +71,12 @@ def run_case(p: int, n: int, rounds: int, workdir: Path) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only " + ", ".join(f"{p}x{n}" for p, n in QUICK))
+    ap.add_argument("--case", action="append", metavar="PxN", help="run only this case, e.g. 1000000x100")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per case (the first is not counted)")
     args = ap.parse_args()
     cases = QUICK if args.quick else CASES
+    if args.case:
+        cases = [(int(c.split("x")[0]), int(c.split("x")[1])) for c in args.case]
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="fedfleet-bench-"))
     try:

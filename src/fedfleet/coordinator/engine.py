@@ -17,6 +17,7 @@ import logging
 import time
 import tomllib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +70,11 @@ class Engine:
         self.loss: float | None = None
         self.history: list[dict[str, Any]] = []
         self.done = asyncio.Event()  # set when the run is over and the workers had time to hear it
-        self._changed = asyncio.Event()
+        # Two broadcast events, so that N workers parked in long-polls are woken only when there may be
+        # work for them (a round opens, the run ends), not by each of the N answers of a round: that
+        # would be N² wake-ups per round.
+        self._work = asyncio.Event()
+        self._progress = asyncio.Event()
         self._fold_lock = asyncio.Lock()
         self._test = task.load_test()
         self._started = time.monotonic()
@@ -134,12 +139,16 @@ class Engine:
         self.model_bytes = b"".join(self.model_parts)
 
     # --- notifications -------------------------------------------------------------------------
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _notify(self, work: bool = False) -> None:
+        """Wake the loop (something progressed) and, with ``work``, the long-polling workers too."""
+        self._progress.set()
+        self._progress = asyncio.Event()
+        if work:
+            self._work.set()
+            self._work = asyncio.Event()
 
-    async def _wait_change(self, timeout: float) -> None:
-        event = self._changed
+    async def _wait_change(self, timeout: float, work: bool = False) -> None:
+        event = self._work if work else self._progress
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
@@ -192,7 +201,7 @@ class Engine:
                 remaining = end - time.monotonic()
                 if msg.kind != "wait" or remaining <= 0:
                     break
-                await self._wait_change(remaining)
+                await self._wait_change(remaining, work=True)
         finally:
             w.polling -= 1
             w.last_seen = time.monotonic()
@@ -245,13 +254,13 @@ class Engine:
 
     async def commit_update(self, rs: RoundState, meta: UpdateMeta, weights: Weights, nbytes: int) -> None:
         """Check values and fold the update into the round's running sum (it may be modified in place)."""
-        await asyncio.to_thread(codec.check_finite, weights)
+        await _compute(nbytes, codec.check_finite, weights)
         weight = float(meta.num_examples) if rs.kind == "train" else 1.0
         async with self._fold_lock:
             if rs.closed:
                 raise RequestRejected(f"round {rs.round} closed while the update was arriving",
                                       round=rs.round, worker=meta.worker_id)
-            await asyncio.to_thread(rs.accumulator.add, weights, weight, True)
+            await _compute(nbytes, rs.accumulator.add, weights, weight, True)
             self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, meta.metrics)
             rs.answered[meta.worker_id] = (meta.num_examples, dict(meta.metrics))
             rs.bytes_in += nbytes
@@ -335,7 +344,7 @@ class Engine:
             self.phase = "statistics" if kind == "stats" else "training"
             log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
                       sampled=len(sampled), needed=rs.needed)
-            self._notify()
+            self._notify(work=True)
             if await self._await_answers(rs):
                 return rs
             log.event("round.missed_quorum", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
@@ -422,7 +431,7 @@ class Engine:
         self.store.set_state(state, message)
         log.event(f"run.{state}", logging.INFO if state == "finished" else logging.ERROR,
                   run=self.run_id, message=message, accuracy=self.accuracy)
-        self._notify()
+        self._notify(work=True)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -445,3 +454,13 @@ class Engine:
             await self._wait_change(min(0.5, end - time.monotonic()))
         self.done.set()
 
+
+INLINE_BYTES = 1 << 20
+
+
+async def _compute(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run numpy work on ``nbytes`` of data: in a thread when large, so transfers go on meanwhile (numpy
+    releases the GIL); inline when small, where the hop to a thread would cost more than the work."""
+    if nbytes >= INLINE_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
