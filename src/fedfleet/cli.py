@@ -80,8 +80,9 @@ def _url(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfleet", description="Federated learning: a coordinator and workers "
                                      "that train one model without moving their data.")
-    parser.add_argument("--log-level", default=os.environ.get("FEDFLEET_LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default WARNING)")
+    parser.add_argument("--log-level", default=os.environ.get("FEDFLEET_LOG_LEVEL"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default INFO for coordinator and worker, WARNING for run)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="a whole federated run on this machine: coordinator + worker processes")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log.setup(args.log_level)
+    log.setup(args.log_level or ("WARNING" if args.command == "run" else "INFO"))
     try:
         if args.command == "worker":
             from fedfleet.worker.agent import WorkerProcess

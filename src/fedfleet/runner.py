@@ -122,7 +122,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
                 out / "logs" / f"worker-{i}.log"))
         console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
                       f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")
-        _watch(url, config, coord, console)
+        _watch(url, config, coord, console, out / "summary.json")
         _stop(children, grace=10.0)
     except BaseException:
         for p in children:
@@ -152,7 +152,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console) -> None:
+def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, summary: Path) -> None:
     """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[phase]}"),
@@ -172,6 +172,12 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
             if status.state in ("finished", "failed"):
                 break
             time.sleep(0.2)
+        # The coordinator may end between two polls: the last word is its summary.
+        coord.wait(timeout=60)
+        final = _read_json(summary)
+        if final is not None:
+            progress.update(bar, completed=final["rounds"], phase=final["state"],
+                            acc=_fmt(final.get("final_accuracy")), loss=_fmt(final.get("final_loss")))
 
 
 def _print_summary(console: Console, s: dict[str, Any], out: Path, wall: float) -> None:
