@@ -1,4 +1,4 @@
-"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker.
+"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker, report.
 
 Run options come from ``config.OPTIONS`` (one table, one validation, one error format); values are
 taken from defaults, then ``--config FILE``, then flags. A bad value ends the command with a one-line
@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="", help="name shown by the coordinator (default: host name)")
     worker.add_argument("--give-up", type=_seconds, default=300.0,
                         help="seconds of failed retries before a worker gives up on the coordinator")
+
+    report = sub.add_parser("report", help="PNG plots and report.md of a run, or of several side by side")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="a run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
+    report.add_argument("--out", type=Path, default=None,
+                        help="output folder (default RUN_DIR/report for one run, ./report for several)")
     return parser
 
 
@@ -126,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up)
             stop_on_signals(proc.stop)
             return proc.run()
+        if args.command == "report":
+            # Imported here: matplotlib takes a while to load and only this command needs it.
+            from fedfleet.report import main as report_main
+
+            return report_main(args.run_dirs, args.out)
         config = run_config(args)
         if args.command == "coordinator":
             from fedfleet.coordinator.server import serve

@@ -1,0 +1,476 @@
+"""``fedfleet report``: PNG plots and a Markdown summary of one run, or of several side by side.
+
+Reading and drawing are kept apart, so that tests can check the numbers without looking at pixels.
+``load_run`` reads a run dir (``fedfleet run --out`` or ``fedfleet coordinator --data-dir``) into a
+``RunData``: the rounds of metrics.jsonl, summary.json, and rounds served per worker from state.sqlite
+(``read_participation``); ``round_phases`` splits each round's seconds from it. The ``plot_*``
+functions draw one figure each; ``write_report`` ties them together and writes ``report.md``.
+
+A run dir is only read: ``state.sqlite`` is opened with ``mode=ro``, so a report can be drawn of a
+run that is still going without getting in the coordinator's way. Figures are made with
+``matplotlib.figure.Figure`` on an Agg canvas rather than ``pyplot``: no global backend or figure
+registry, nothing to close, and no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import statistics
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedfleet.errors import StorageError
+from fedfleet.partition import partition_name
+
+DPI = 110
+TIMING_KEYS = ("wait_workers", "open", "aggregate", "evaluate", "checkpoint")
+# One colour per phase of a round, in the order the phases happen; the three parts of the open round
+# share a hue so that the eye reads them as one phase split three ways.
+PHASE_COLOURS = {
+    "waiting for workers": "#b0b0b0",
+    "open (transfer + training)": "#4c78a8",
+    "model download (workers' mean)": "#9ecae9",
+    "local training (workers' mean)": "#4c78a8",
+    "upload + slowest worker": "#2b4a6f",
+    "aggregation": "#f58518",
+    "evaluation": "#54a24b",
+    "checkpoint": "#b279a2",
+}
+SINGLE_RUN_PLOTS = ("accuracy_loss.png", "round_time.png", "participation.png")
+CUT_FACTOR = 4.0  # the round-time axis is cut at this many median rounds when a round is longer
+FULL_NAMES = 12  # workers up to which the participation chart writes out partition names
+
+
+@dataclass(frozen=True)
+class WorkerParticipation:
+    """How many rounds' aggregates used a worker's update, and with how many examples in all."""
+
+    worker_id: str
+    label: str  # the partition name, or "worker ID (replaced)" for a worker whose partition was handed on
+    partition: int | None
+    name: str
+    rounds_served: int
+    examples: int
+
+
+@dataclass(frozen=True)
+class RunData:
+    path: Path
+    name: str
+    rounds: list[dict[str, Any]]  # the records of metrics.jsonl, in round order
+    summary: dict[str, Any] | None  # None while the run is going (summary.json is written at its end)
+    partition: str | None
+    workers: int | None
+    participation: list[WorkerParticipation] | None  # None when the run dir has no state.sqlite
+
+    @property
+    def label(self) -> str:
+        """The run dir's name with what tells runs apart: its partition and number of workers."""
+        details = [d for d in (self.partition, f"{self.workers} workers" if self.workers else None) if d]
+        return f"{self.name} ({', '.join(details)})" if details else self.name
+
+    @property
+    def state(self) -> str:
+        return str(self.summary.get("state", "?")) if self.summary else "in progress"
+
+    @property
+    def final_accuracy(self) -> float:
+        return _final(self.summary, "final_accuracy", self.rounds[-1]["accuracy"])
+
+    @property
+    def final_loss(self) -> float:
+        return _final(self.summary, "final_loss", self.rounds[-1]["loss"])
+
+    @property
+    def seconds(self) -> float:
+        """The coordinator's seconds from start to end; while running, the rounds' seconds so far."""
+        return _final(self.summary, "seconds", sum(r["seconds"] for r in self.rounds))
+
+
+def _final(summary: dict[str, Any] | None, key: str, fallback: float) -> float:
+    value = summary.get(key) if summary else None
+    return float(value) if value is not None and _is_number(value) else float(fallback)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- reading a run -------------------------------------------------------------------------------
+def load_run(path: Path) -> RunData:
+    """Read a run dir; raise StorageError with a one-line message if it is not a readable run."""
+    if not path.exists():
+        raise StorageError(f"run dir {path} does not exist")
+    if not path.is_dir():
+        raise StorageError(f"{path} is not a directory; give the run's folder (fedfleet run --out DIR)")
+    rounds = read_metrics(path / "metrics.jsonl")
+    summary = _read_json_object(path / "summary.json")
+    # summary.json is written when the run ends, config.toml when it starts: a running run has only that.
+    config = summary.get("config") if summary else None
+    if not isinstance(config, dict):
+        config = _read_config(path / "config.toml")
+    partition = config.get("partition")
+    workers = config.get("workers")
+    workers = workers if isinstance(workers, int) and workers > 0 else None
+    db = path / "state.sqlite"
+    return RunData(path=path, name=path.resolve().name, rounds=rounds, summary=summary,
+                   partition=str(partition) if partition is not None else None, workers=workers,
+                   participation=read_participation(db, workers) if db.exists() else None)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The round records of a metrics.jsonl, checked for the fields the report draws."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StorageError(f"{path.parent} has no metrics.jsonl; is it a fedfleet run dir "
+                           "(fedfleet run --out, fedfleet coordinator --data-dir)?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise StorageError(f"{path} line {number} is not valid JSON ({exc})") from None
+        problem = _record_problem(record)
+        if problem:
+            raise StorageError(f"{path} line {number} is not a round record: {problem}")
+        records.append(record)
+    if not records:
+        raise StorageError(f"{path} holds no rounds yet; nothing to report")
+    records.sort(key=lambda r: r["round"])
+    return records
+
+
+def _record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("round"), int) or isinstance(record.get("round"), bool):
+        return "'round' is missing or not an integer"
+    for key in ("accuracy", "loss", "seconds"):
+        if not _is_number(record.get(key)):
+            return f"'{key}' is missing or not a number"
+    timings = record.get("timings")
+    if not isinstance(timings, dict) or not all(_is_number(timings.get(k)) for k in TIMING_KEYS):
+        return f"'timings' must hold the numbers {', '.join(TIMING_KEYS)}"
+    return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise StorageError(f"{path} is not a JSON object")
+    return value
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    # Only labels come from here, so a missing or unreadable config costs labels, not the report.
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_participation(db_path: Path, workers: int | None) -> list[WorkerParticipation]:
+    """Rounds served per worker, from the ``updates`` the coordinator accepted, in partition order.
+
+    Only updates of a round's last attempt count: that is the attempt that reached its quorum and
+    went into the aggregate (earlier attempts of the round missed it). The statistics round (0) has
+    no ``rounds`` row and is left out by the join, as is a round still open. A worker whose partition
+    was handed to a new worker has left the ``workers`` table but keeps its updates: it is shown as
+    replaced. One case the tables cannot tell apart: after a coordinator restart, an update from the
+    earlier life for the same round and attempt by a worker that did not answer again is counted.
+    """
+    uri = f"{db_path.resolve().as_uri()}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            known = db.execute("SELECT worker_id, partition, name FROM workers").fetchall()
+            served = db.execute(
+                "SELECT u.worker_id, COUNT(*), SUM(u.num_examples) FROM updates AS u "
+                "JOIN rounds AS r ON u.round = r.round AND u.attempt = r.attempts - 1 "
+                "GROUP BY u.worker_id").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read {db_path}: {exc}") from None
+    count = workers or (max((int(p) for _, p, _ in known), default=-1) + 1)
+    by_id = {str(wid): (int(n), int(ex)) for wid, n, ex in served}
+    out = [WorkerParticipation(str(wid), partition_name(int(p), count), int(p), str(name),
+                               *by_id.pop(str(wid), (0, 0)))
+           for wid, p, name in sorted(known, key=lambda row: int(row[1]))]
+    out += [WorkerParticipation(wid, f"worker {wid[:8]} (replaced)", None, "", n, ex)
+            for wid, (n, ex) in sorted(by_id.items())]
+    return out
+
+
+def round_phases(run: RunData) -> dict[str, list[float]]:
+    """Seconds of each phase of each round, in the order they happen; per round they add up to its seconds.
+
+    The round is open from the moment workers may fetch the model until the last answer arrived. The
+    workers report their download and training times, and metrics.jsonl carries their means; the
+    rest of the open time is uploads and waiting for the slowest worker (a mean leaves the
+    straggler's extra time there). Runs whose records lack those times keep the open time whole.
+    """
+    split = all(_is_number(r.get("download_s")) and _is_number(r.get("train_s")) for r in run.rounds)
+    phases: dict[str, list[float]] = {"waiting for workers": []}
+    if split:
+        for label in ("model download (workers' mean)", "local training (workers' mean)", "upload + slowest worker"):
+            phases[label] = []
+    else:
+        phases["open (transfer + training)"] = []
+    for label in ("aggregation", "evaluation", "checkpoint"):
+        phases[label] = []
+    for r in run.rounds:
+        t = r["timings"]
+        phases["waiting for workers"].append(max(0.0, t["wait_workers"]))
+        open_s = max(0.0, t["open"])
+        if split:
+            download, train = max(0.0, r["download_s"]), max(0.0, r["train_s"])
+            # Worker and coordinator clocks start at slightly different moments: should the workers'
+            # times ever exceed the open time, shrink them to fit, so the bar still shows the round.
+            scale = min(1.0, open_s / (download + train)) if download + train > 0 else 1.0
+            phases["model download (workers' mean)"].append(download * scale)
+            phases["local training (workers' mean)"].append(train * scale)
+            phases["upload + slowest worker"].append(open_s - (download + train) * scale)
+        else:
+            phases["open (transfer + training)"].append(open_s)
+        phases["aggregation"].append(max(0.0, t["aggregate"]))
+        phases["evaluation"].append(max(0.0, t["evaluate"]))
+        phases["checkpoint"].append(max(0.0, t["checkpoint"]))
+    return phases
+
+
+# --- drawing -------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=12, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, format="png")
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}") from None
+    return path
+
+
+def plot_accuracy_loss(run: RunData, path: Path) -> Path:
+    """Test accuracy and loss of the global model by round, next to the workers' local training ones."""
+    fig = _figure(11, 4.5)
+    fig.suptitle(f"{run.label}: accuracy and loss by round", fontsize=13)
+    xs = [r["round"] for r in run.rounds]
+    axes = fig.subplots(1, 2)
+    for ax, key, name in zip(axes, ("accuracy", "loss"), ("Accuracy", "Loss"), strict=True):
+        ax.plot(xs, [r[key] for r in run.rounds], marker="o", markersize=4, label="global model, held-out test set")
+        local = [r.get(f"train_{key}") for r in run.rounds]
+        if all(_is_number(v) for v in local):
+            ax.plot(xs, local, marker="s", markersize=3, linestyle="--", alpha=0.8,
+                    label="workers' local training (mean)")
+        _style(ax, name, "round", name.lower())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Both panels show the same two series: one legend below them, where it covers no point.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    return _save(fig, path)
+
+
+def plot_round_time(run: RunData, path: Path) -> Path:
+    """Seconds per round as stacked bars, one segment per phase."""
+    phases = round_phases(run)
+    xs = [r["round"] for r in run.rounds]
+    fig = _figure(11, 4.8)
+    ax = fig.subplots()
+    bottom = [0.0] * len(xs)
+    for label, values in phases.items():
+        ax.bar(xs, values, bottom=bottom, width=0.8, label=label, color=PHASE_COLOURS[label])
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    _style(ax, f"{run.label}: time per round by phase", "round", "seconds")
+    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
+    # One long round (typically the first, waiting for workers to start) would flatten all the others
+    # into slivers: cut the axis at a few typical rounds and write the cut bars' totals on them.
+    typical = statistics.median(bottom)
+    if typical > 0 and max(bottom) > CUT_FACTOR * typical:
+        top = CUT_FACTOR * typical
+        ax.set_ylim(0, top)
+        for x, total in zip(xs, bottom, strict=True):
+            if total > top:
+                ax.annotate(f"{total:.2f} s", (x, top), xytext=(0, -4), textcoords="offset points", ha="center",
+                            va="top", fontsize=8, bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(False, axis="x")
+    # Phases read bottom to top in the bars; list them the same way in the legend.
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles[::-1], labels[::-1], loc="outside right upper", fontsize=9, frameon=False)
+    return _save(fig, path)
+
+
+def plot_participation(run: RunData, path: Path) -> Path:
+    """Rounds served per worker (left) and workers that answered per round against those sampled (right)."""
+    fig = _figure(11, 4.6)
+    fig.suptitle(f"{run.label}: participation", fontsize=13)
+    left, right = fig.subplots(1, 2, width_ratios=[3, 2])
+    people = run.participation or []
+    if people:
+        positions = list(range(len(people)))
+        bars = left.bar(positions, [p.rounds_served for p in people], color="#4c78a8", width=0.7)
+        many = len(people) > FULL_NAMES
+        if not many:
+            left.bar_label(bars, fontsize=8, padding=2)
+        # Full partition names do not fit under more than a dozen bars: show their numbers then
+        # (the axis label says how to read them), and only every few of them beyond about forty.
+        labels = [p.label if not many else f"{p.partition:03d}" if p.partition is not None
+                  else f"{p.worker_id[:4]} repl." for p in people]
+        step = max(1, math.ceil(len(people) / 40))
+        left.set_xticks(positions[::step], labels[::step], fontsize=8, rotation=90 if many else 30,
+                        ha="center" if many else "right")
+        left.axhline(len(run.rounds), color="#e45756", linestyle="--", linewidth=1,
+                     label=f"rounds completed ({len(run.rounds)})")
+        # Headroom above the line for the legend, so that it covers no bar.
+        left.set_ylim(0, len(run.rounds) * 1.3)
+        left.legend(fontsize=9, loc="upper right", frameon=False)
+    else:
+        left.text(0.5, 0.5, "no state.sqlite in the run dir", ha="center", va="center", transform=left.transAxes)
+    count = run.workers or len(people)
+    xlabel = f"worker, by partition number (part-NNN-of-{count:03d})" if len(people) > FULL_NAMES \
+        else "worker (partition)"
+    _style(left, "Rounds served per worker", xlabel, "rounds")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    left.grid(False, axis="x")
+    xs = [r["round"] for r in run.rounds]
+    # Answered drawn inside sampled: the grey that shows above a blue bar is the workers that missed it.
+    right.bar(xs, [r.get("sampled", 0) for r in run.rounds], width=0.8, color="#d9d9d9", label="sampled")
+    right.bar(xs, [r.get("participants", 0) for r in run.rounds], width=0.5, color="#4c78a8",
+              label="answered in time (aggregated)")
+    _style(right, "Workers per round", "round", "workers")
+    right.grid(False, axis="x")
+    # Headroom above the bars for the legend, which would otherwise cover them.
+    right.set_ylim(bottom=0, top=max(r.get("sampled", 0) for r in run.rounds) * 1.35 + 0.5)
+    right.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=9, loc="upper center", ncols=2, frameon=False)
+    return _save(fig, path)
+
+
+def plot_compare(runs: Sequence[RunData], path: Path) -> Path:
+    """Accuracy and loss by round of several runs on one chart each, a line per run."""
+    fig = _figure(11, 4.2 + 0.25 * math.ceil(len(runs) / 2))
+    fig.suptitle("Accuracy and loss by round, run by run", fontsize=13)
+    axes = fig.subplots(1, 2)
+    for key, ax in zip(("accuracy", "loss"), axes, strict=True):
+        for run in runs:
+            ax.plot([r["round"] for r in run.rounds], [r[key] for r in run.rounds], marker="o", markersize=3,
+                    label=run.label)
+        _style(ax, f"Test {key} of the global model", "round", key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(runs), 2), fontsize=9, frameon=False)
+    return _save(fig, path)
+
+
+# --- the report ----------------------------------------------------------------------------------
+def default_out(run_dirs: Sequence[Path]) -> Path:
+    return run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report")
+
+
+def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> list[Path]:
+    """Read every run first (so a bad one fails before anything is written), then write the plots
+    and ``report.md`` into ``out``; returns the files written, report.md last."""
+    if not run_dirs:
+        raise StorageError("no run dir given")
+    runs = [load_run(p) for p in run_dirs]
+    out = out if out is not None else default_out(run_dirs)
+    written: list[Path] = []
+    sections: list[tuple[RunData, str]] = []
+    if len(runs) == 1:
+        written += _plot_run(runs[0], out)
+        sections.append((runs[0], ""))
+    else:
+        written.append(plot_compare(runs, out / "compare.png"))
+        for run, folder in zip(runs, _unique_names([r.name for r in runs]), strict=True):
+            written += _plot_run(run, out / folder)
+            sections.append((run, folder + "/"))
+    md = out / "report.md"
+    try:
+        md.write_text(render_markdown(runs, sections))
+    except OSError as exc:
+        raise StorageError(f"cannot write {md}: {exc}") from None
+    return [*written, md]
+
+
+def _plot_run(run: RunData, out: Path) -> list[Path]:
+    plots = (plot_accuracy_loss, plot_round_time, plot_participation)
+    return [plot(run, out / name) for plot, name in zip(plots, SINGLE_RUN_PLOTS, strict=True)]
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """Folder names for the runs' plots: their dir names, numbered where two runs share one."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{name}-{n}"
+        out.append(candidate)
+    return out
+
+
+def render_markdown(runs: Sequence[RunData], sections: Sequence[tuple[RunData, str]]) -> str:
+    lines = ["# fedfleet report", "",
+             "| run | partition | workers | state | rounds | final accuracy | final loss | seconds |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for run in runs:
+        cells = [run.name, run.partition or "-", str(run.workers or "-"), run.state, str(len(run.rounds)),
+                 f"{run.final_accuracy:.4f}", f"{run.final_loss:.4f}", f"{run.seconds:.1f}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    if len(runs) > 1:
+        lines += ["## Side by side", "", "![accuracy and loss by round, run by run](compare.png)", ""]
+    for run, prefix in sections:
+        heading = "##" if len(runs) == 1 else "###"
+        if len(runs) > 1:
+            lines += [f"## {run.label}", ""]
+        for title, name in zip(("Accuracy and loss by round", "Time per round by phase", "Participation"),
+                               SINGLE_RUN_PLOTS, strict=True):
+            lines += [f"{heading} {title}", "", f"![{title.lower()}]({quote(prefix + name)})", ""]
+        if run.participation is None:
+            lines += [f"{run.path} has no state.sqlite, so rounds served per worker are not shown.", ""]
+    return "\n".join(lines)
+
+
+def main(run_dirs: Sequence[Path], out: Path | None) -> int:
+    """The ``fedfleet report`` command: write the report and say where it is."""
+    written = write_report(run_dirs, out)
+    print(f"fedfleet: report of {len(run_dirs)} run{'s' if len(run_dirs) > 1 else ''} in {written[-1].parent}: "
+          f"{written[-1].name} and {len(written) - 1} plots")
+    return 0

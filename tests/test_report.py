@@ -1,0 +1,277 @@
+"""`fedfleet report`: plots and report.md of real runs, the numbers behind them, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from fedfleet.cli import main
+from fedfleet.report import (
+    RunData,
+    WorkerParticipation,
+    load_run,
+    plot_participation,
+    plot_round_time,
+    read_participation,
+    round_phases,
+)
+from fedfleet.storage.sqlite import Store
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SINGLE = ("accuracy_loss.png", "round_time.png", "participation.png")
+
+
+def fedfleet(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two real runs of 3 workers and 3 rounds: one IID, one with each worker holding a few decades."""
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for partition in ("iid", "natural"):
+        path = base / f"songs-{partition}"
+        r = fedfleet("run", "--workers", "3", "--rounds", "3", "--partition", partition, "--out", str(path),
+                     "--quiet")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out[partition] = path
+    return out
+
+
+def summary(run: Path) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((run / "summary.json").read_text())
+    return value
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_png(path: Path) -> None:
+    """A real PNG that matplotlib reads back, of a readable size, with something drawn on it."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    pixels = imread(path)
+    height, width, channels = pixels.shape
+    assert 400 <= height <= 2000 and 800 <= width <= 2000 and channels in (3, 4), (path, pixels.shape)
+    # A blank canvas has one colour; a chart has lines, bars and text in several.
+    assert len(np.unique(pixels.reshape(-1, channels), axis=0)) > 20, path
+
+
+def table_rows(report_md: str) -> dict[str, dict[str, str]]:
+    """report.md's table as {run: {column: cell}}."""
+    lines = [line for line in report_md.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    return {row["run"]: row for row in rows}
+
+
+def images(report_md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_md)
+
+
+def test_report_of_one_run(runs: dict[str, Path]) -> None:
+    run = runs["iid"]
+    r = fedfleet("report", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = run / "report"
+    assert "report.md" in r.stdout and str(out) in r.stdout
+    for name in SINGLE:
+        check_png(out / name)
+    text = (out / "report.md").read_text()
+    row = table_rows(text)["songs-iid"]
+    s = summary(run)
+    assert row["final accuracy"] == f"{s['final_accuracy']:.4f}"
+    assert row["final loss"] == f"{s['final_loss']:.4f}"
+    assert row["rounds"] == "3" and row["partition"] == "iid" and row["workers"] == "3"
+    assert row["state"] == "finished" and row["seconds"] == f"{s['seconds']:.1f}"
+    assert sorted(images(text)) == sorted(SINGLE)
+
+
+def test_report_of_two_runs_side_by_side_defaults_to_report_in_cwd(runs: dict[str, Path], tmp_path: Path) -> None:
+    r = fedfleet("report", str(runs["iid"]), str(runs["natural"]), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "report"
+    check_png(out / "compare.png")
+    for name in ("songs-iid", "songs-natural"):
+        for plot in SINGLE:
+            check_png(out / name / plot)
+    text = (out / "report.md").read_text()
+    rows = table_rows(text)
+    assert set(rows) == {"songs-iid", "songs-natural"}
+    for partition, run in runs.items():
+        assert rows[run.name]["final accuracy"] == f"{summary(run)['final_accuracy']:.4f}"
+        assert rows[run.name]["partition"] == partition
+    # Every image report.md shows is there, relative to report.md.
+    linked = images(text)
+    assert "compare.png" in linked and len(linked) == 7
+    assert all((out / link).is_file() for link in linked)
+    # The comparison chart's legend tells the runs apart by partition and workers.
+    assert load_run(runs["iid"]).label == "songs-iid (iid, 3 workers)"
+    assert load_run(runs["natural"]).label == "songs-natural (natural, 3 workers)"
+
+
+def test_report_out_option_and_state_db_left_untouched(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = runs["natural"]
+    before = hashlib.sha256((run / "state.sqlite").read_bytes()).hexdigest()
+    assert main(["report", str(run), "--out", str(tmp_path / "mine")]) == 0
+    assert {p.name for p in (tmp_path / "mine").iterdir()} == {*SINGLE, "report.md"}
+    assert hashlib.sha256((run / "state.sqlite").read_bytes()).hexdigest() == before
+
+
+def test_participation_matches_state_db_and_metrics(runs: dict[str, Path]) -> None:
+    for run in runs.values():
+        data = load_run(run)
+        assert data.participation is not None
+        # Read-only, as the report reads it: a writable last connection would fold the WAL into the file.
+        db = sqlite3.connect(f"{(run / 'state.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT worker_id, partition, rounds_served FROM workers ORDER BY partition").fetchall()
+        finally:
+            db.close()
+        assert [(p.worker_id, p.partition, p.rounds_served) for p in data.participation] == rows
+        assert [p.label for p in data.participation] == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
+        assert sum(p.rounds_served for p in data.participation) == sum(m["participants"] for m in metrics(run))
+
+
+def test_round_phases_split_the_open_time_and_add_up_to_the_round(runs: dict[str, Path]) -> None:
+    data = load_run(runs["iid"])
+    phases = round_phases(data)
+    assert list(phases) == ["waiting for workers", "model download (workers' mean)",
+                            "local training (workers' mean)", "upload + slowest worker", "aggregation",
+                            "evaluation", "checkpoint"]
+    for i, record in enumerate(metrics(runs["iid"])):
+        assert all(values[i] >= 0 for values in phases.values())
+        assert sum(values[i] for values in phases.values()) == pytest.approx(record["seconds"], rel=1e-9)
+        assert phases["local training (workers' mean)"][i] == pytest.approx(record["train_s"])
+        assert phases["aggregation"][i] == record["timings"]["aggregate"]
+
+
+def test_round_phases_keep_open_whole_without_worker_times(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = shutil.copytree(runs["iid"], tmp_path / "old")
+    records = metrics(run)
+    for r in records:
+        del r["download_s"], r["train_s"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    phases = round_phases(load_run(run))
+    assert phases["open (transfer + training)"] == [r["timings"]["open"] for r in records]
+    assert "local training (workers' mean)" not in phases
+
+
+def test_participation_counts_only_the_attempt_that_was_aggregated(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.sqlite")
+    for wid, partition in (("a", 0), ("b", 1), ("c", 2)):
+        store.put_worker(wid, partition, f"host-{wid}")
+    for wid in "abc":
+        store.record_update(0, 0, wid, 10, {})  # the statistics round: not a training round served
+    store.record_update(1, 0, "a", 10, {})  # attempt 0 of round 1 missed its quorum...
+    store.record_update(1, 1, "a", 10, {})
+    store.record_update(1, 1, "b", 20, {})  # ...attempt 1 went into the aggregate
+    store.record_round(_record(1, attempts=2, participants=2), ["a", "b"])
+    store.record_update(2, 0, "c", 30, {})
+    store.record_round(_record(2, attempts=1, participants=1), ["c"])
+    store.put_worker("d", 2, "host-d", evict="c")  # c died; d took over its partition
+    store.record_update(3, 0, "d", 30, {})
+    store.record_round(_record(3, attempts=1, participants=1), ["d"])
+    store.record_update(4, 0, "a", 10, {})  # round 4 is still open
+    store.close()
+
+    got = {p.label: (p.rounds_served, p.examples) for p in read_participation(tmp_path / "state.sqlite", 3)}
+    assert got == {"part-000-of-003": (1, 10), "part-001-of-003": (1, 20), "part-002-of-003": (1, 30),
+                   "worker c (replaced)": (1, 30)}
+    # Without the number of workers (no summary or config), names come from the partitions seen.
+    labels = [p.label for p in read_participation(tmp_path / "state.sqlite", None)]
+    assert labels[:3] == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
+
+
+def _record(rnd: int, attempts: int, participants: int) -> dict[str, Any]:
+    return {"round": rnd, "attempts": attempts, "sampled": 3, "participants": participants, "accuracy": 0.5,
+            "loss": 1.0, "seconds": 0.1, "bytes_in": 0, "bytes_out": 0}
+
+
+def test_report_of_a_run_in_progress_and_of_one_without_state_db(runs: dict[str, Path], tmp_path: Path) -> None:
+    # A run still going has no summary.json yet: labels come from config.toml, finals from the last round.
+    going = shutil.copytree(runs["natural"], tmp_path / "a" / "songs")
+    (going / "summary.json").unlink()
+    # Two runs whose dirs share a name get a folder each.
+    bare = shutil.copytree(runs["iid"], tmp_path / "b" / "songs")
+    for name in ("state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
+        (bare / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    assert main(["report", str(going), str(bare), "--out", str(out)]) == 0
+    for folder in ("songs", "songs-2"):
+        for plot in SINGLE:
+            check_png(out / folder / plot)
+    text = (out / "report.md").read_text()
+    data = load_run(going)
+    assert data.state == "in progress" and data.label == "songs (natural, 3 workers)"
+    assert data.final_accuracy == metrics(going)[-1]["accuracy"]
+    assert f"| songs | natural | 3 | in progress | 3 | {data.final_accuracy:.4f} |" in text
+    assert load_run(bare).participation is None
+    assert f"{bare} has no state.sqlite" in text
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.write_text("x"), "is not a directory"),
+    (lambda d: d.mkdir(), "has no metrics.jsonl"),
+    (lambda d: _metrics(d, ""), "holds no rounds yet"),
+    (lambda d: _metrics(d, '{"round": 1, "accuracy": 0.5, "lo'), "line 1 is not valid JSON"),
+    (lambda d: _metrics(d, '[1, 2]\n'), "line 1 is not a round record: not a JSON object"),
+    (lambda d: _metrics(d, '{"round": 1, "loss": 1.0, "seconds": 1.0}\n'), "'accuracy' is missing"),
+    (lambda d: _metrics(d, '{"round": 1, "accuracy": 0.5, "loss": 1.0, "seconds": 1.0}\n'), "'timings' must hold"),
+])
+def test_bad_run_dir_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: Any,
+                                       message: str) -> None:
+    run = tmp_path / "run"
+    setup(run)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(run)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedfleet: error: ") and err.count("\n") == 1 and message in err, err
+    assert str(run) in err
+    assert not (run / "report").exists()
+
+
+def _metrics(run: Path, text: str) -> None:
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(text)
+
+
+def test_garbled_summary_and_one_bad_run_among_several(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = shutil.copytree(runs["iid"], tmp_path / "run")
+    (run / "summary.json").write_text('{"state": "fini')
+    r = fedfleet("report", str(runs["natural"]), str(run), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.startswith("fedfleet: error: cannot read ") and "summary.json" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    # Every run is read before anything is drawn: a bad one leaves no half-written report behind.
+    assert not (tmp_path / "report").exists()
+
+
+def test_plots_of_many_workers_and_one_long_round(tmp_path: Path) -> None:
+    # 50 workers (numbers instead of names under the bars, every other one) and a first round 50×
+    # longer than the rest (the time axis is cut): the charts still come out whole.
+    rounds = [{"round": i, "accuracy": 0.5, "loss": 1.0, "participants": 9, "sampled": 10,
+               "seconds": 5.0 if i == 1 else 0.1, "download_s": 0.01, "train_s": 0.05,
+               "timings": {"wait_workers": 4.9 if i == 1 else 0.0, "open": 0.07, "aggregate": 0.01,
+                           "evaluate": 0.01, "checkpoint": 0.01}} for i in range(1, 11)]
+    people = [WorkerParticipation(f"w{i}", f"part-{i:03d}-of-050", i, "", i % 4, 100) for i in range(50)]
+    run = RunData(path=tmp_path, name="many", rounds=rounds, summary=None, partition="iid", workers=50,
+                  participation=[*people, WorkerParticipation("gone", "worker gone (replaced)", None, "", 1, 10)])
+    check_png(plot_participation(run, tmp_path / "participation.png"))
+    check_png(plot_round_time(run, tmp_path / "round_time.png"))
+    assert round_phases(run)["waiting for workers"][0] == 4.9
