@@ -128,13 +128,13 @@ def test_defaults_match_the_option_table() -> None:
 
 
 def test_option_table_and_dataclass_fields_agree() -> None:
-    assert [o.name for o in OPTIONS] + ["task_options"] == list(RunConfig.__dataclass_fields__)
+    assert [o.name for o in OPTIONS] + ["task_options", "strategy_options"] == list(RunConfig.__dataclass_fields__)
 
 
 def test_allowed_text_describes_the_range() -> None:
     assert OPTIONS_BY_NAME["fraction"].allowed() == "a float in the range (0, 1]"
     assert OPTIONS_BY_NAME["rounds"].allowed() == "an int in the range [1, 1000000]"
-    assert OPTIONS_BY_NAME["strategy"].allowed() == "one of 'fedavg'"
+    assert OPTIONS_BY_NAME["strategy"].allowed().startswith("one of 'fedavg', 'fedavgm', ")
     assert OPTIONS_BY_NAME["task"].allowed() == "a string"
     assert OPTIONS_BY_NAME["min_workers"].flag == "--min-workers"
 
@@ -303,4 +303,4 @@ def test_differences_lists_changed_fields_in_order() -> None:
 def test_to_dict_is_plain() -> None:
     data = RunConfig.from_mapping({"task_options": {"k": "v"}}).to_dict()
     assert data["task_options"] == {"k": "v"}
-    assert set(data) == {o.name for o in OPTIONS} | {"task_options"}
+    assert set(data) == {o.name for o in OPTIONS} | {"task_options", "strategy_options"}

@@ -219,3 +219,17 @@ def test_killed_coordinator_resumes_and_workers_reconnect(coordinator: Any, work
     # Resuming a finished run is refused with a clear message.
     r = fedfleet("coordinator", *args, "--data-dir", str(first.data_dir))
     assert r.returncode == 2 and "has finished" in r.stderr
+
+
+@pytest.mark.parametrize("strategy,options", [("fedadam", ["--strategy-option", "server_lr=0.05"]),
+                                              ("median", []), ("fedprox", ["--strategy-option", "prox_mu=0.1"])])
+def test_runs_with_other_strategies(tmp_path: Path, strategy: str, options: list[str]) -> None:
+    out = tmp_path / strategy
+    r = fedfleet("run", "--workers", "5", "--rounds", "4", "--strategy", strategy, *options, "--out", str(out),
+                 "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["strategy"] == strategy
+    assert summary["final_accuracy"] > 0.55  # well above the 0.40 majority class
+    saved = RunConfig.from_mapping(tomllib.loads((out / "config.toml").read_text()))
+    assert saved.strategy_options == tuple(tuple(o.split("=")) for o in options[1::2])

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedfleet.coordinator.rounds import new_round, quorum_count, sample
+from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.types import TensorSpec
 
 
@@ -99,7 +100,8 @@ def test_quorum_count_examples(quorum: float, sampled: int, needed: int) -> None
 
 def test_new_round_bookkeeping() -> None:
     schema = (TensorSpec("w", "float32", (4, 2)), TensorSpec("b", "float64", (2,)))
-    state = new_round(3, 1, "train", ["a", "b", "c", "d"], quorum=0.5, schema=schema, base=None, timeout=5.0)
+    state = new_round(3, 1, "train", ["a", "b", "c", "d"], quorum=0.5, schema=schema,
+                      accumulator=WeightedSum(schema), timeout=5.0)
     assert state.needed == 2
     assert state.pool.size == 4 * 2 * 4 + 2 * 8
     assert state.deadline > state.started

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedfleet.errors import ConfigError
-from fedfleet.strategies import STRATEGIES, FedAvg, make_strategy
+from fedfleet.strategies import make_strategy
 from fedfleet.strategies.accumulate import WeightedSum, weighted_mean
+from fedfleet.strategies.server_opt import ServerSGD
 from fedfleet.types import TensorSpec, Weights, schema_of
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 accumulation
@@ -180,7 +181,8 @@ def test_fedavg_leaves_unchanged_tensors_bit_exact(case, server_lr: float, consu
     base, updates = case
     schema = schema_of(base)
     acc = fold(schema, updates, base=base, consume=consume)
-    new, _ = FedAvg(server_lr=server_lr).apply(None, base, acc.mean())
+    fedavg = make_strategy("fedavg", {"server_lr": str(server_lr)})
+    new, _ = fedavg.apply(fedavg.init(base), base, fedavg.aggregate(acc))
     assert new["frozen"].dtype == np.float32
     assert new["frozen"].tobytes() == base["frozen"].tobytes()
 
@@ -189,18 +191,20 @@ def test_fedavg_leaves_unchanged_tensors_bit_exact(case, server_lr: float, consu
 def test_fedavg_with_server_lr_1_is_the_weighted_mean_of_the_models(case, consume: bool) -> None:
     schema, base, updates = case
     acc = fold(schema, copy.deepcopy(updates), base=base, consume=consume)
-    new, state = FedAvg().apply(FedAvg().init(base), base, acc.mean())
-    assert state is None
+    fedavg = make_strategy("fedavg")
+    new, state = fedavg.apply(fedavg.init(base), base, fedavg.aggregate(acc))
+    assert state.step == 1
     assert_close(new, weighted_mean(updates), schema)
 
 
 @pytest.mark.parametrize("server_lr", [0.0, 0.5, 1.0, 1.7])
-def test_fedavg_apply_scales_the_delta_by_server_lr(server_lr: float) -> None:
+def test_server_sgd_scales_the_delta_by_server_lr(server_lr: float) -> None:
     weights = {"w": np.array([1.0, -2.0, 3.0], np.float32), "n": np.array([10.0], np.float64)}
     delta = {"w": np.array([0.5, 0.5, -1.0], np.float32), "n": np.array([-4.0], np.float64)}
     before = copy.deepcopy(weights), copy.deepcopy(delta)
-    new, state = FedAvg(server_lr=server_lr).apply("state", weights, delta)
-    assert state == "state"
+    opt = ServerSGD(lr=server_lr)
+    new, state = opt.step(opt.init(weights), weights, delta)
+    assert state.step == 1
     np.testing.assert_allclose(new["w"], [1.0 + 0.5 * server_lr, -2.0 + 0.5 * server_lr, 3.0 - server_lr],
                                rtol=1e-6)
     np.testing.assert_allclose(new["n"], [10.0 - 4.0 * server_lr], rtol=1e-12)
@@ -212,9 +216,8 @@ def test_fedavg_apply_scales_the_delta_by_server_lr(server_lr: float) -> None:
 
 
 def test_make_strategy() -> None:
-    assert isinstance(make_strategy("fedavg"), FedAvg)
-    assert make_strategy("fedavg").name == "fedavg"
-    assert set(STRATEGIES) == {"fedavg"}
-    with pytest.raises(ConfigError, match=r"'strategy'.*Got 'fedprox'") as info:
-        make_strategy("fedprox")
+    fedavg = make_strategy("fedavg")
+    assert (fedavg.name, fedavg.aggregator, fedavg.optimizer) == ("fedavg", "mean", ServerSGD(lr=1.0))
+    with pytest.raises(ConfigError, match=r"'strategy'.*Got 'fedsomething'") as info:
+        make_strategy("fedsomething")
     assert info.value.option == "strategy"

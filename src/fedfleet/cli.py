@@ -29,6 +29,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                        help=f"{opt.help} [{opt.allowed()}; default {default}]")
     g.add_argument("--task-option", dest="task_options", action="append", default=None, metavar="KEY=VALUE",
                    help="option passed to the task, e.g. data_dir=/path (repeatable)")
+    g.add_argument("--strategy-option", dest="strategy_options", action="append", default=None,
+                   metavar="KEY=VALUE", help="option of the strategy, e.g. server_lr=0.5 (repeatable)")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -36,15 +38,17 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     for opt in OPTIONS:
         if getattr(args, opt.name) is not None:
             values[opt.name] = getattr(args, opt.name)
-    if args.task_options:
-        merged = dict(values.get("task_options", {}))
-        for entry in args.task_options:
-            key, sep, value = entry.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"The 'task-option' option must look like KEY=VALUE. Got {entry!r} instead.",
-                                  option="task_options")
-            merged[key] = value
-        values["task_options"] = merged
+    for field, flag in (("task_options", "task-option"), ("strategy_options", "strategy-option")):
+        given = getattr(args, field)
+        if given:
+            merged = dict(values.get(field, {}))
+            for entry in given:
+                key, sep, value = entry.partition("=")
+                if not sep or not key:
+                    raise ConfigError(f"The '{flag}' option must look like KEY=VALUE. Got {entry!r} instead.",
+                                      option=field)
+                merged[key] = value
+            values[field] = merged
     return RunConfig.from_mapping(values)
 
 
@@ -111,12 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="", help="name shown by the coordinator (default: host name)")
     worker.add_argument("--give-up", type=_seconds, default=300.0,
                         help="seconds of failed retries before a worker gives up on the coordinator")
+    worker.add_argument("--metrics-port", type=_port, default=0,
+                        help="serve Prometheus metrics of this process on this port (default 0: off)")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics are served on (0.0.0.0 for a Prometheus on another host)")
 
     report = sub.add_parser("report", help="PNG plots and report.md of a run, or of several side by side")
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="a run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
     report.add_argument("--out", type=Path, default=None,
                         help="output folder (default RUN_DIR/report for one run, ./report for several)")
+
+    serve = sub.add_parser("serve", help="the dashboard and the predict page of a finished run, from its files")
+    serve.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                       help="the run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
     return parser
 
 
@@ -131,12 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up)
             stop_on_signals(proc.stop)
+            if args.metrics_port:
+                from fedfleet.worker.metrics import serve as serve_metrics
+
+                serve_metrics(proc.metrics, args.metrics_host, args.metrics_port)
             return proc.run()
         if args.command == "report":
             # Imported here: matplotlib takes a while to load and only this command needs it.
             from fedfleet.report import main as report_main
 
             return report_main(args.run_dirs, args.out)
+        if args.command == "serve":
+            from fedfleet.web.serve import serve_run
+
+            return serve_run(args.run, args.host, args.port)
         config = run_config(args)
         if args.command == "coordinator":
             from fedfleet.coordinator.server import serve

@@ -14,7 +14,6 @@ A run's config comes from defaults, then a TOML file (``--config run.toml``), th
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -22,88 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import ConfigError
+from fedfleet.options import Option
 from fedfleet.partition import parse_partition
-
-
-@dataclass(frozen=True)
-class Option:
-    """One run option: its type, default, allowed values and a one-line help."""
-
-    name: str
-    kind: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True when ``low`` itself is not allowed
-    choices: tuple[str, ...] = ()
-    optional: bool = False  # None allowed: the value is derived, as ``default_text`` says
-    default_text: str = ""
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def allowed(self) -> str:
-        """The allowed values in words, for error messages and ``--help``."""
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        kind = {int: "an int", float: "a float", str: "a string"}[self.kind]
-        if self.low is None:
-            return kind
-        left = "(" if self.low_open else "["
-        high = "inf)" if self.high is None else f"{_num(self.high)}]"
-        return f"{kind} in the range {left}{_num(self.low)}, {high}"
-
-    def check(self, value: Any) -> Any:
-        """Return ``value`` converted to this option's type, or raise ConfigError naming the option."""
-        if value is None and self.optional:
-            return None
-        converted = _convert(self.kind, value)
-        if converted is None or not self._in_range(converted):
-            raise ConfigError(
-                f"The '{self.name}' option must be {self.allowed()}. Got {value!r} instead.",
-                option=self.name,
-            )
-        return converted
-
-    def _in_range(self, value: Any) -> bool:
-        if self.choices:
-            return value in self.choices
-        if self.low is None:
-            return True
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value <= self.high)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def _convert(kind: type, value: Any) -> Any:
-    """Convert a flag string or TOML value to ``kind``; None when it does not fit."""
-    if isinstance(value, bool):
-        return None
-    if kind is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                return None
-        return None
-    if kind is float:
-        if isinstance(value, int | float | str):
-            try:
-                return float(value)
-            except (ValueError, OverflowError):  # OverflowError: a TOML integer of 400 digits
-                return None
-        return None
-    return value if isinstance(value, str) else None
-
+from fedfleet.strategies import STRATEGIES, make_strategy
 
 OPTIONS: tuple[Option, ...] = (
     Option("task", str, "songs", "task to train: songs, or module.path:Class for your own"),
@@ -120,7 +40,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_epochs", int, 1, "passes over its data each worker makes per round", low=1, high=10_000),
     Option("batch_size", int, 32, "mini-batch size of local SGD", low=1, high=10_000_000),
     Option("lr", float, 0.05, "learning rate of local SGD", low=0, high=100, low_open=True),
-    Option("strategy", str, "fedavg", "how updates are aggregated", choices=("fedavg",)),
+    Option("strategy", str, "fedavg", "how updates are aggregated and applied (see fedfleet.strategies)",
+           choices=tuple(STRATEGIES)),
     Option("round_timeout", float, 60.0, "seconds a round waits for its sampled workers (its deadline)",
            low=0, high=86_400, low_open=True),
     Option("worker_timeout", float, 30.0, "seconds without contact after which a worker counts as dead",
@@ -154,11 +75,12 @@ class RunConfig:
     wait_timeout: float = 300.0
     max_round_retries: int = 3
     task_options: tuple[tuple[str, str], ...] = field(default=())
+    strategy_options: tuple[tuple[str, str], ...] = field(default=())
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Validate ``values`` (defaults fill the rest); raise ConfigError naming the first bad option."""
-        unknown = sorted(set(values) - set(OPTIONS_BY_NAME) - {"task_options"})
+        unknown = sorted(set(values) - set(OPTIONS_BY_NAME) - {"task_options", "strategy_options"})
         if unknown:
             raise ConfigError(
                 f"Unknown option {unknown[0]!r}; known options: {', '.join(sorted(OPTIONS_BY_NAME))}.",
@@ -178,6 +100,8 @@ class RunConfig:
                 option="min_workers",
             )
         checked["task_options"] = _task_options(values.get("task_options", {}))
+        checked["strategy_options"] = _task_options(values.get("strategy_options", {}), "strategy_options")
+        make_strategy(checked["strategy"], dict(checked["strategy_options"]))
         return cls(**checked)
 
     @property
@@ -189,9 +113,14 @@ class RunConfig:
     def task_options_dict(self) -> dict[str, str]:
         return dict(self.task_options)
 
+    @property
+    def strategy_options_dict(self) -> dict[str, str]:
+        return dict(self.strategy_options)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["task_options"] = dict(self.task_options)
+        data["strategy_options"] = dict(self.strategy_options)
         return data
 
     def to_toml(self) -> str:
@@ -200,9 +129,9 @@ class RunConfig:
         tables = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "task_options":
+            if f.name in ("task_options", "strategy_options"):
                 if value:
-                    tables.append("\n[task_options]")
+                    tables.append(f"\n[{f.name}]")
                     tables.extend(f"{_toml(k)} = {_toml(v)}" for k, v in value)
             elif value is not None:
                 lines.append(f"{f.name} = {_toml(value)}")
@@ -229,7 +158,8 @@ def _toml(value: object) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _task_options(raw: Any) -> tuple[tuple[str, str], ...]:
+def _task_options(raw: Any, name: str = "task_options") -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE strings or a TOML table, as sorted (key, value) string pairs."""
     if isinstance(raw, Mapping):
         items = list(raw.items())
     elif isinstance(raw, list | tuple):
@@ -239,14 +169,12 @@ def _task_options(raw: Any) -> tuple[tuple[str, str], ...]:
                 key, sep, value = entry.partition("=")
                 if not sep or not key:
                     raise ConfigError(
-                        f"The 'task_option' option must look like KEY=VALUE. Got {entry!r} instead.",
-                        option="task_options",
-                    )
+                        f"The '{name}' option must look like KEY=VALUE. Got {entry!r} instead.", option=name)
                 items.append((key, value))
             else:
                 items.append(tuple(entry))
     else:
-        raise ConfigError("The 'task_options' table must map names to values.", option="task_options")
+        raise ConfigError(f"The '{name}' table must map names to values.", option=name)
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
 

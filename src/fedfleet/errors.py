@@ -37,19 +37,24 @@ class TaskError(FedfleetError):
 
 
 class ProtocolError(FedfleetError):
-    """A message on the wire is malformed: not safetensors, bad JSON, wrong size (HTTP 400/413/422)."""
+    """A message on the wire is malformed: not safetensors, bad JSON, wrong size (HTTP 400/413/422).
 
-    def __init__(self, message: str, *, status: int = 400) -> None:
+    ``reason`` is a short fixed word for metrics (``coordinator.metrics.REJECT_REASONS``) where the
+    status alone does not tell the cases apart.
+    """
+
+    def __init__(self, message: str, *, status: int = 400, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
 
 
 class RequestRejected(ProtocolError):
     """A well-formed request the run cannot take now: stale or duplicate update, unknown worker, full."""
 
     def __init__(self, message: str, *, status: int = 409, round: int | None = None,
-                 worker: str | None = None) -> None:
-        super().__init__(message, status=status)
+                 worker: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message, status=status, reason=reason)
         self.round = round
         self.worker = worker
 

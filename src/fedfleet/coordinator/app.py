@@ -34,9 +34,11 @@ from fedfleet.protocol.messages import (
     WorkerId,
     WorkerView,
 )
+from fedfleet.web import create_router
 
 JSON_BODY_LIMIT = 1024 * 1024
 MODEL_MEDIA_TYPE = "application/octet-stream"
+METRICS_PATH = "/metrics"
 
 
 class Heartbeat(BaseModel):
@@ -75,7 +77,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
     app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Federated learning coordinator: workers register, long-poll for tasks, "
                               "download the model and upload updates as safetensors.")
-    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, exempt=(f"{API}/updates",))
+    # /metrics takes no body; exempt, so that a scrape never depends on the JSON body logic.
+    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, exempt=(f"{API}/updates", METRICS_PATH))
 
     @app.exception_handler(FedfleetError)
     async def fedfleet_error(request: Request, exc: FedfleetError) -> JSONResponse:
@@ -129,6 +132,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
         headers = {"ETag": etag, "X-Fedfleet-Model-Version": str(version), "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
+        engine.metrics.model_sent(len(body))
         return Response(content=body, media_type=MODEL_MEDIA_TYPE, headers=headers)
 
     @app.post(f"{API}/updates", response_model=UpdateAck, tags=["tensors"],
@@ -136,8 +140,22 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
               openapi_extra={"requestBody": {"required": True, "content": {
                   MODEL_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload(request: Request) -> UpdateAck:
-        return await _receive_update(engine, request)
+        try:
+            return await _receive_update(engine, request)
+        except Exception as exc:
+            engine.metrics.update_rejected(exc)
+            raise
 
+    @app.get(METRICS_PATH, tags=["monitoring"], response_class=Response,
+             summary="Prometheus metrics of the coordinator (text format, or OpenMetrics if Accept asks for it)",
+             responses={200: {"content": {"text/plain": {}, "application/openmetrics-text": {}},
+                              "description": "metrics in the Prometheus exposition format"}})
+    async def metrics(request: Request) -> Response:
+        # An async handler runs on the event loop, like the engine: one scrape reads one consistent state.
+        body, content_type = engine.metrics.render(request.headers.get("accept"))
+        return Response(content=body, media_type=content_type)
+
+    app.include_router(create_router(engine))  # the dashboard (/) and the predict page (/predict)
     return app
 
 

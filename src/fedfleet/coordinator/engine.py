@@ -25,6 +25,7 @@ import numpy as np
 
 from fedfleet import log
 from fedfleet.config import RunConfig
+from fedfleet.coordinator.metrics import CoordinatorMetrics
 from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
 from fedfleet.errors import ConfigError, FedfleetError, RequestRejected, RoundError
@@ -45,6 +46,8 @@ from fedfleet.storage.checkpoints import Checkpoints
 from fedfleet.storage.files import write_atomic, write_text_atomic
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import make_strategy
+from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
 from fedfleet.tasks import Task
 from fedfleet.types import Weights, num_parameters, schema_of
 
@@ -60,7 +63,7 @@ class Engine:
         self.linger = linger
         self.store = Store(data_dir / "state.sqlite")
         self.checkpoints = Checkpoints(data_dir / "checkpoints")
-        self.strategy = make_strategy(config.strategy)
+        self.strategy = make_strategy(config.strategy, config.strategy_options_dict)
         self.state: State = "waiting"
         self.phase = "starting"
         self.message = ""
@@ -83,7 +86,8 @@ class Engine:
         self.registry = Registry(self.store, config.workers, config.worker_timeout)
         self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
         self._restore_model()
-        self.strategy_state = self.strategy.init(self.model)
+        self.strategy_state = self._restore_strategy_state()
+        self.metrics = CoordinatorMetrics(self)
 
     # --- start-up ----------------------------------------------------------------------------
     def _open_run(self) -> str:
@@ -129,6 +133,11 @@ class Engine:
         write_text_atomic(self.data_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         log.event("run.resumed", run=self.run_id, round=self.round, version=self.model_version)
 
+    def _restore_strategy_state(self) -> OptState:
+        """The server optimiser's state as of the restored round (fresh if the run starts now)."""
+        saved = self.checkpoints.load_state(self.round) if self.history else None
+        return state_from_tensors(*saved) if saved is not None else self.strategy.init(self.model)
+
     def _set_model(self, weights: Weights, version: int) -> None:
         self.model = weights
         self.model_version = version
@@ -146,6 +155,13 @@ class Engine:
         if work:
             self._work.set()
             self._work = asyncio.Event()
+
+    def progress_event(self) -> asyncio.Event:
+        """Set at the next change (a round opens or closes, an update or a worker arrives, the run ends).
+
+        The dashboard pushes its events on it: take the event before reading the state, and no change
+        made after the read can be missed."""
+        return self._progress
 
     async def _wait_change(self, timeout: float, work: bool = False) -> None:
         event = self._work if work else self._progress
@@ -186,7 +202,7 @@ class Engine:
             seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition])
                        .generate_state(1)[0])
             params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
-                                    lr=self.config.lr, seed=seed)
+                                    lr=self.config.lr, seed=seed, prox_mu=self.strategy.prox_mu)
         return TaskMessage(kind=rs.kind, round=rs.round, attempt=rs.attempt,
                            model_version=self.model_version, params=params)
 
@@ -227,25 +243,26 @@ class Engine:
         rs = self.current
         problem = self._update_problem(meta, rs)
         if problem is not None:
-            raise RequestRejected(problem, round=meta.round, worker=meta.worker_id)
+            reason, message = problem
+            raise RequestRejected(message, round=meta.round, worker=meta.worker_id, reason=reason)
         assert rs is not None
         codec.check_schema(header, rs.schema)
         rs.in_flight.add(meta.worker_id)
         return rs
 
-    def _update_problem(self, meta: UpdateMeta, rs: RoundState | None) -> str | None:
-        """Why the open round cannot take this update (HTTP 409), or None if it can."""
+    def _update_problem(self, meta: UpdateMeta, rs: RoundState | None) -> tuple[str, str] | None:
+        """Why the open round cannot take this update (HTTP 409) as (metrics reason, message), or None."""
         if rs is None or self.state != "running":
-            return f"no round is open (run is {self.state}); update for round {meta.round} is not needed"
+            return "stale", f"no round is open (run is {self.state}); update for round {meta.round} is not needed"
         if (meta.round, meta.attempt) != (rs.round, rs.attempt):
-            return (f"update is for round {meta.round} attempt {meta.attempt}, but the open round is "
+            return "stale", (f"update is for round {meta.round} attempt {meta.attempt}, but the open round is "
                     f"{rs.round} attempt {rs.attempt}")
         if rs.closed:
-            return f"round {rs.round} has closed; update came too late"
+            return "stale", f"round {rs.round} has closed; update came too late"
         if meta.worker_id not in rs.sampled:
-            return f"worker {meta.worker_id} was not sampled for round {rs.round}"
+            return "not_sampled", f"worker {meta.worker_id} was not sampled for round {rs.round}"
         if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
-            return f"worker {meta.worker_id} already sent its update for round {rs.round}"
+            return "duplicate", f"worker {meta.worker_id} already sent its update for round {rs.round}"
         return None
 
     def abort_update(self, rs: RoundState, worker_id: str) -> None:
@@ -259,13 +276,16 @@ class Engine:
         async with self._fold_lock:
             if rs.closed:
                 raise RequestRejected(f"round {rs.round} closed while the update was arriving",
-                                      round=rs.round, worker=meta.worker_id)
+                                      round=rs.round, worker=meta.worker_id, reason="stale")
             await _compute(nbytes, rs.accumulator.add, weights, weight, True)
             self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, meta.metrics)
             rs.answered[meta.worker_id] = (meta.num_examples, dict(meta.metrics))
+            if "train_s" in meta.metrics and meta.worker_id in self.registry.workers:
+                self.registry.workers[meta.worker_id].last_train_s = meta.metrics["train_s"]
             rs.bytes_in += nbytes
             rs.last_answer = time.monotonic()
         rs.in_flight.discard(meta.worker_id)
+        self.metrics.update_accepted(rs.kind, nbytes)
         log.event("update.accepted", logging.DEBUG, run=self.run_id, round=rs.round, worker=meta.worker_id,
                   examples=meta.num_examples)
         self._notify()
@@ -288,7 +308,7 @@ class Engine:
                 "dead" if not self.registry.alive(w) else "training" if busy else "idle")
             out.append(WorkerView(worker_id=w.worker_id, name=w.name, partition=self.registry.partition_label(w),
                                   status=status, last_seen_s=round(now - w.last_seen, 3),
-                                  rounds_served=w.rounds_served))
+                                  rounds_served=w.rounds_served, last_train_s=w.last_train_s))
         return out
 
     async def evaluate(self) -> EvalResult:
@@ -339,13 +359,16 @@ class Engine:
                 sampled = live
             else:
                 sampled = sample(live, cfg.fraction, cfg.min_workers or 1, cfg.seed, rnd, attempt)
-            rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, schema, base, cfg.round_timeout)
+            acc = self.strategy.accumulator(schema, base) if base is not None else WeightedSum(schema)
+            rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, schema, acc, cfg.round_timeout)
             self.current = rs
             self.phase = "statistics" if kind == "stats" else "training"
             log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
                       sampled=len(sampled), needed=rs.needed)
             self._notify(work=True)
-            if await self._await_answers(rs):
+            reached = await self._await_answers(rs)
+            self.metrics.attempt_closed(rs, reached)
+            if reached:
                 return rs
             log.event("round.missed_quorum", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
                       answered=len(rs.answered), needed=rs.needed)
@@ -374,6 +397,7 @@ class Engine:
 
     async def _statistics(self) -> None:
         rs = await self._open_and_wait("stats", 0, None)
+        assert isinstance(rs.accumulator, WeightedSum)  # statistics are always summed
         async with self._fold_lock:
             sums = rs.accumulator.sum()
         self._set_model(self.task.apply_stats(self.model, sums), self.model_version + 1)
@@ -386,9 +410,9 @@ class Engine:
         t_closed = time.monotonic()
         self.phase = "aggregating"
         async with self._fold_lock:
-            mean_delta = rs.accumulator.mean()
+            delta = await asyncio.to_thread(self.strategy.aggregate, rs.accumulator, rnd)
         new, self.strategy_state = await asyncio.to_thread(
-            self.strategy.apply, self.strategy_state, self.model, mean_delta)
+            self.strategy.apply, self.strategy_state, self.model, delta)
         self.round = rnd
         self._set_model(new, self.model_version + 1)
         t_agg = time.monotonic()
@@ -397,7 +421,9 @@ class Engine:
         self.accuracy, self.loss = float(metrics["accuracy"]), float(metrics["loss"])
         t_eval = time.monotonic()
         self.phase = "checkpointing"
-        await asyncio.to_thread(self.checkpoints.save, rnd, self.model_parts)
+        saved_state = state_to_tensors(self.strategy_state)
+        state_parts = codec.encode_parts(*saved_state) if saved_state is not None else None
+        await asyncio.to_thread(self.checkpoints.save, rnd, self.model_parts, state_parts)
         t_ckpt = time.monotonic()
         record: dict[str, Any] = {
             "round": rnd, "accuracy": self.accuracy, "loss": self.loss,
@@ -414,6 +440,7 @@ class Engine:
             if wid in self.registry.workers:
                 self.registry.workers[wid].rounds_served += 1
         self.history.append(record)
+        self.metrics.round_completed(record)
         with (self.data_dir / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         log.event("round.closed", run=self.run_id, round=rnd, participants=len(rs.answered),

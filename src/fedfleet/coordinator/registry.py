@@ -20,6 +20,7 @@ class WorkerState:
     rounds_served: int = 0
     polling: int = 0  # long-polls held open right now: a worker waiting on one is alive
     stopped: bool = False  # has been told that the run is over
+    last_train_s: float | None = None  # its last update's local training time, for the dashboard
 
 
 class Registry:

@@ -12,8 +12,8 @@ from typing import Literal
 
 import numpy as np
 
-from fedfleet.strategies.accumulate import WeightedSum
-from fedfleet.types import Schema, Weights
+from fedfleet.strategies.accumulate import Stack, WeightedSum
+from fedfleet.types import Schema
 
 Kind = Literal["stats", "train"]
 
@@ -67,7 +67,7 @@ class RoundState:
     sampled: list[str]
     needed: int
     schema: Schema
-    accumulator: WeightedSum
+    accumulator: WeightedSum | Stack
     deadline: float  # time.monotonic()
     pool: BufferPool
     started: float = field(default_factory=time.monotonic)
@@ -90,9 +90,9 @@ class RoundState:
 
 
 def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,
-              base: Weights | None, timeout: float, pool_limit: int = 4) -> RoundState:
+              accumulator: WeightedSum | Stack, timeout: float, pool_limit: int = 4) -> RoundState:
     size = sum(s.nbytes for s in schema)
     return RoundState(round=round, attempt=attempt, kind=kind, sampled=sampled,
                       needed=quorum_count(quorum, len(sampled)), schema=schema,
-                      accumulator=WeightedSum(schema, base), deadline=time.monotonic() + timeout,
+                      accumulator=accumulator, deadline=time.monotonic() + timeout,
                       pool=BufferPool(size, pool_limit))

@@ -179,4 +179,4 @@ def check_finite(weights: Weights) -> None:
     """Raise ProtocolError (422) naming the first floating tensor holding NaN or Inf."""
     for name, array in weights.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422)
+            raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422, reason="non_finite")

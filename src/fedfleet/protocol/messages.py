@@ -47,6 +47,7 @@ class TrainParamsMsg(Message):
     batch_size: int
     lr: float
     seed: int
+    prox_mu: float = Field(0.0, description="FedProx: weight of the proximal term μ/2·‖w − w_global‖²")
 
 
 class TaskMessage(Message):
@@ -82,13 +83,15 @@ class UpdateMeta(Message):
         raw = metadata.get(UPDATE_META_KEY)
         if raw is None:
             raise ProtocolError(f"update has no '{UPDATE_META_KEY}' entry in its safetensors __metadata__",
-                                status=422)
+                                status=422, reason="bad_metadata")
         try:
             return cls.model_validate(json.loads(raw))
         except (json.JSONDecodeError, ValidationError) as exc:
-            raise ProtocolError(f"update metadata is invalid: {one_line(exc)}", status=422) from exc
+            raise ProtocolError(f"update metadata is invalid: {one_line(exc)}", status=422,
+                                reason="bad_metadata") from exc
         except RecursionError as exc:
-            raise ProtocolError("update metadata is invalid: JSON nested too deeply", status=422) from exc
+            raise ProtocolError("update metadata is invalid: JSON nested too deeply", status=422,
+                                reason="bad_metadata") from exc
 
 
 class UpdateAck(Message):
@@ -113,6 +116,7 @@ class WorkerView(Message):
     status: Literal["idle", "training", "dead"]
     last_seen_s: float
     rounds_served: int
+    last_train_s: float | None = Field(None, description="seconds its last update took to train locally")
 
 
 class Status(Message):

@@ -73,3 +73,32 @@ def weighted_mean(updates: Iterable[tuple[Weights, float]]) -> Weights:
     total = float(sum(w for _, w in items))
     names = list(items[0][0])
     return {n: np.sum([np.asarray(u[n], dtype=np.float64) * w for u, w in items], axis=0) / total for n in names}
+
+
+class Stack:
+    """Every update's ``update − base`` kept apart, for aggregators that need them all (median, Krum)."""
+
+    def __init__(self, schema: Schema, base: Weights) -> None:
+        self.schema = schema
+        self.base = base
+        self.deltas: list[Weights] = []
+        self.weights: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def total_weight(self) -> float:
+        return float(sum(self.weights))
+
+    def add(self, update: Weights, weight: float, consume: bool = False) -> None:
+        # Always a fresh array: the update may sit in a buffer that is reused for the next upload.
+        self.deltas.append({s.name: np.subtract(update[s.name], self.base[s.name]).astype(s.dtype)
+                            for s in self.schema})
+        self.weights.append(weight)
+
+    def mean(self) -> Weights:
+        """The example-weighted mean of the deltas, as WeightedSum would give."""
+        return {s.name: np.average(np.stack([d[s.name] for d in self.deltas]), axis=0,
+                                   weights=self.weights).astype(s.dtype) for s in self.schema}

@@ -35,6 +35,7 @@ class TrainParams:
     batch_size: int
     lr: float
     seed: int  # differs per round and worker, so shuffles differ but runs stay reproducible
+    prox_mu: float = 0.0  # FedProx: add μ·(w − w_global) to the gradient; 0 for plain local SGD
 
 
 @dataclass(frozen=True)

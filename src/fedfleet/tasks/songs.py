@@ -182,8 +182,9 @@ class SongsTask:
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
         x = self._inputs(weights, data.x)
         y = data.y
-        w = weights["linear.weight"].astype(np.float32, copy=True)
-        b = weights["linear.bias"].astype(np.float32, copy=True)
+        w0, b0 = weights["linear.weight"], weights["linear.bias"]
+        w, b = w0.astype(np.float32, copy=True), b0.astype(np.float32, copy=True)
+        mu = np.float32(params.prox_mu)
         onehot = np.eye(len(ERAS), dtype=np.float32)[y]
         rng = np.random.default_rng(params.seed)
         lr = np.float32(params.lr)
@@ -198,8 +199,11 @@ class SongsTask:
                 correct += int((p.argmax(axis=1) == y[idx]).sum())
                 seen += len(idx)
                 grad = (p - onehot[idx]) / np.float32(len(idx))
-                w -= lr * (x[idx].T @ grad)
-                b -= lr * grad.sum(axis=0)
+                gw, gb = x[idx].T @ grad, grad.sum(axis=0)
+                if mu:
+                    gw, gb = gw + mu * (w - w0), gb + mu * (b - b0)
+                w -= lr * gw
+                b -= lr * gb
         new = {**weights, "linear.weight": w, "linear.bias": b}
         return FitResult(new, len(y), {"train_loss": loss_sum / max(seen, 1),
                                        "train_accuracy": correct / max(seen, 1)})

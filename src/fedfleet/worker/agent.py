@@ -28,6 +28,7 @@ from fedfleet.protocol.messages import RegisterResponse, TaskMessage, UpdateMeta
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import Task, load_task
 from fedfleet.types import Weights
+from fedfleet.worker.metrics import WorkerMetrics
 from fedfleet.worker.trainer import Trainer
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ class WorkerProcess:
         self._model_lock = threading.Lock()
         self._ids: set[str] = set()
         self._poll_seconds = 1.0  # until registration says otherwise: beat early rather than late
+        self.metrics = WorkerMetrics()  # served only with --metrics-port, but always kept: it costs little
 
     # --- shared resources ------------------------------------------------------------------------
     def task(self, name: str, options: dict[str, str]) -> Task:
@@ -64,13 +66,16 @@ class WorkerProcess:
         """The model of ``version``, downloaded once per process however many workers ask."""
         with self._model_lock:
             if self._model is None or self._model[0] < version:
+                t0 = time.perf_counter()
                 self._model = client.download_model()
+                self.metrics.download_seconds.observe(time.perf_counter() - t0)
             return self._model[1]
 
     def joined(self, worker_id: str, poll_seconds: float) -> None:
         with self._lock:
             self._ids.add(worker_id)
             self._poll_seconds = poll_seconds
+            self.metrics.clients.set(len(self._ids))
 
     # --- threads ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -179,25 +184,33 @@ class Agent:
             result = trainer.fit(model, msg.params)
             weights, n = result.weights, result.num_examples
             metrics = {**result.metrics, "download_s": t_dl - t0, "train_s": time.perf_counter() - t_dl}
+            self.proc.metrics.trained(metrics["train_s"], n * msg.params.local_epochs)
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics=metrics)
         for attempt in range(UPLOAD_TRIES):
             try:
+                t_up = time.perf_counter()
                 client.upload(weights, meta)
+                self.proc.metrics.upload_seconds.observe(time.perf_counter() - t_up)
+                self.proc.metrics.uploads.labels(result="accepted").inc()
                 log.event("update.sent", logging.DEBUG, worker=reg.worker_id, round=msg.round,
                           seconds=time.perf_counter() - t0)
                 return
             except RequestRejected as exc:
                 # Stale or duplicate: the round moved on without us. Not an error of this worker.
+                self.proc.metrics.uploads.labels(result="rejected").inc()
                 log.event("update.rejected", logging.WARNING, worker=reg.worker_id, round=msg.round, reason=str(exc))
                 return
             except ProtocolError as exc:
                 # The coordinator refused this update (or failed on it): say so loudly, but one bad
                 # round must not end a worker that may do fine in the next one.
+                self.proc.metrics.uploads.labels(result="refused").inc()
                 log.event("update.refused", logging.ERROR, worker=reg.worker_id, round=msg.round, reason=str(exc))
                 return
             except TransportError as exc:
                 log.event("update.retry", logging.WARNING, worker=reg.worker_id, round=msg.round, error=str(exc))
+                if attempt == UPLOAD_TRIES - 1:
+                    self.proc.metrics.uploads.labels(result="failed").inc()
                 if self.proc.stop.wait(0.5 * 2**attempt):
                     return
 

@@ -25,4 +25,4 @@ class Trainer:
 
     def fit(self, weights: Weights, params: TrainParamsMsg) -> FitResult:
         return self.task.fit(weights, self.data, TrainParams(params.local_epochs, params.batch_size,
-                                                             params.lr, params.seed))
+                                                             params.lr, params.seed, params.prox_mu))

@@ -1,0 +1,178 @@
+"""The coordinator's Prometheus metrics, served at ``GET /metrics``.
+
+They live on a ``CollectorRegistry`` the engine owns, not on prometheus_client's global one: two
+engines in one process (as in the tests) would otherwise clash on names, and a scrape shows exactly
+this run. Counters and histograms are fed by the engine and the app where things happen; the gauges
+(round, accuracy, loss, workers by state) are read from the engine when scraped, so they cannot
+drift from what ``/v1/status`` says. Everything here runs on the server's event loop, like the
+engine, so a scrape reads a consistent state.
+
+Counters start at zero when the coordinator (re)starts, which Prometheus reads as a counter reset;
+``fedfleet_current_round`` is the gauge that carries on across a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from fedfleet.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from fedfleet.coordinator.engine import Engine
+    from fedfleet.coordinator.rounds import RoundState
+
+# A fixed set, so that a flood of odd uploads cannot mint new time series; anything else is "other".
+REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_body", "bad_metadata",
+                  "bad_schema", "non_finite", "too_large", "other")
+UPDATE_KINDS = ("stats", "train")
+WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
+RUN_STATES = ("waiting", "running", "finished", "failed")
+
+# Rounds take from milliseconds (a small model on loopback) to many minutes (deadlines of real fleets).
+ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# One step of a round: folding, evaluating or writing a model of up to some hundred MB.
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Rejections whose HTTP status says enough; the others carry their own ``reason``.
+_REASON_BY_STATUS = {400: "bad_body", 404: "unknown_worker", 409: "stale", 413: "too_large", 422: "bad_schema"}
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """The ``reason`` label of a refused upload: the error's own reason, else one its status implies."""
+    if not isinstance(exc, ProtocolError):
+        return "other"
+    reason = exc.reason or _REASON_BY_STATUS.get(exc.status, "other")
+    return reason if reason in REJECT_REASONS else "other"
+
+
+class CoordinatorMetrics:
+    """What the coordinator exports; one per engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rounds_completed = Counter("fedfleet_rounds_completed", "Training rounds completed", registry=r)
+        self.rounds_missed_quorum = Counter(
+            "fedfleet_rounds_missed_quorum", "Round attempts that closed with fewer answers than the quorum "
+            "(the round is then tried again)", registry=r)
+        self.updates_accepted = Counter(
+            "fedfleet_updates_accepted", "Updates folded into a round, by round kind", ["kind"], registry=r)
+        self.updates_rejected = Counter(
+            "fedfleet_updates_rejected", "Uploads refused with a 4xx (or failed with a 5xx), by reason",
+            ["reason"], registry=r)
+        self.received_bytes = Counter(
+            "fedfleet_update_received_bytes", "Bytes of accepted updates (safetensors bodies)", registry=r)
+        self.sent_bytes = Counter("fedfleet_model_sent_bytes", "Bytes of the global model sent to workers",
+                                  registry=r)
+        self.round_seconds = Histogram(
+            "fedfleet_round_duration_seconds", "Seconds a training round took, from waiting for workers "
+            "to its checkpoint", buckets=ROUND_BUCKETS, registry=r)
+        self.aggregation_seconds = Histogram(
+            "fedfleet_aggregation_duration_seconds", "Seconds spent turning a round's running sum into the "
+            "next global model", buckets=STEP_BUCKETS, registry=r)
+        self.evaluation_seconds = Histogram(
+            "fedfleet_evaluation_duration_seconds", "Seconds spent testing the new global model on the "
+            "held-out set", buckets=STEP_BUCKETS, registry=r)
+        self.checkpoint_seconds = Histogram(
+            "fedfleet_checkpoint_duration_seconds", "Seconds spent writing a round's checkpoint",
+            buckets=STEP_BUCKETS, registry=r)
+        # Labelled series exist from the start at 0, so that rate() and dashboards see them before
+        # the first event of their kind.
+        for kind in UPDATE_KINDS:
+            self.updates_accepted.labels(kind=kind)
+        for reason in REJECT_REASONS:
+            self.updates_rejected.labels(reason=reason)
+        self.dropped = 0  # sampled workers that did not answer in the last round attempt that closed
+        r.register(_EngineGauges(engine, self))
+        ProcessCollector(registry=r)
+
+    # --- events ----------------------------------------------------------------------------------
+    def update_accepted(self, kind: str, nbytes: int) -> None:
+        self.updates_accepted.labels(kind=kind).inc()
+        self.received_bytes.inc(nbytes)
+
+    def update_rejected(self, exc: BaseException) -> None:
+        self.updates_rejected.labels(reason=rejection_reason(exc)).inc()
+
+    def model_sent(self, nbytes: int) -> None:
+        self.sent_bytes.inc(nbytes)
+
+    def attempt_closed(self, rs: RoundState, reached_quorum: bool) -> None:
+        self.dropped = len(rs.pending)
+        if not reached_quorum:
+            self.rounds_missed_quorum.inc()
+
+    def round_completed(self, record: Mapping[str, Any]) -> None:
+        """Count a training round from its record (the one written to metrics.jsonl)."""
+        timings = record["timings"]
+        self.rounds_completed.inc()
+        self.round_seconds.observe(record["seconds"])
+        self.aggregation_seconds.observe(timings["aggregate"])
+        self.evaluation_seconds.observe(timings["evaluate"])
+        self.checkpoint_seconds.observe(timings["checkpoint"])
+
+    # --- exposition ------------------------------------------------------------------------------
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape body and its content type, in the format the scraper asked for (``Accept``)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _EngineGauges:
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine, metrics: CoordinatorMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        rs = e.current
+        yield GaugeMetricFamily(
+            "fedfleet_current_round", "Training round in progress, or the last completed one between rounds "
+            "(0 before the first)", value=max(e.round, rs.round if rs is not None and rs.kind == "train" else 0))
+        yield GaugeMetricFamily("fedfleet_rounds_planned", "Training rounds the run is configured for",
+                                value=e.config.rounds)
+        # No sample before the first evaluation: an absent value, not a made-up zero.
+        accuracy = GaugeMetricFamily("fedfleet_global_accuracy_ratio",
+                                     "Accuracy of the global model on the held-out set (0..1)")
+        loss = GaugeMetricFamily("fedfleet_global_loss", "Loss of the global model on the held-out set")
+        if e.accuracy is not None:
+            accuracy.add_metric([], e.accuracy)
+        if e.loss is not None:
+            loss.add_metric([], e.loss)
+        yield accuracy
+        yield loss
+        participants = GaugeMetricFamily("fedfleet_round_participants",
+                                         "Workers whose updates made the last completed round")
+        if e.history:
+            participants.add_metric([], e.history[-1]["participants"])
+        yield participants
+        open_round = rs if rs is not None and not rs.closed else None
+        counts = {
+            "registered": len(e.registry.workers),
+            "live": len(e.registry.live()),
+            "sampled": len(open_round.sampled) if open_round else 0,
+            "answered": len(open_round.answered) if open_round else 0,
+            "dropped": self.metrics.dropped,
+        }
+        workers = GaugeMetricFamily(
+            "fedfleet_workers", "Workers by state: registered, live (heard from within --worker-timeout), "
+            "sampled and answered in the open round, dropped (sampled but silent in the last round attempt "
+            "that closed)", labels=["state"])
+        for state in WORKER_STATES:
+            workers.add_metric([state], counts[state])
+        yield workers
+        run_state = GaugeMetricFamily("fedfleet_run_state", "1 for the state the run is in", labels=["state"])
+        for state in RUN_STATES:
+            run_state.add_metric([state], 1.0 if e.state == state else 0.0)
+        yield run_state
+        info = GaugeMetricFamily("fedfleet_run_info", "Always 1; labels name the run",
+                                 labels=["run_id", "task", "partition", "strategy"])
+        info.add_metric([e.run_id, e.config.task, e.config.partition, e.config.strategy], 1.0)
+        yield info

@@ -1,0 +1,103 @@
+// The live dashboard: state arrives as server-sent events (v1/events) whenever the run changes.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const charts = {
+  accuracy: new LineChart($("chart-accuracy"), {
+    percent: true,
+    series: [
+      { key: "accuracy", label: "test (held-out set)", color: "#2563eb" },
+      { key: "train_accuracy", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4] },
+    ],
+  }),
+  loss: new LineChart($("chart-loss"), {
+    series: [
+      { key: "loss", label: "test (held-out set)", color: "#2563eb" },
+      { key: "train_loss", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4] },
+    ],
+  }),
+};
+
+let rounds = [];
+let workers = [];
+let workersAt = 0; // when the worker table arrived: "last seen" counts on from it in the browser
+
+function render(state) {
+  const s = state.status;
+  rounds = rounds.slice(0, state.rounds_from).concat(state.rounds);
+  $("run-id").textContent = s.run_id;
+  $("run-state").textContent = s.state;
+  $("run-state").className = "badge " + s.state;
+  $("message").textContent = s.message || "";
+  $("message").className = "message " + s.state;
+  $("round").textContent = s.round;
+  $("rounds").textContent = s.rounds;
+  $("round-bar").style.width = Math.min(100, 100 * s.round / Math.max(s.rounds, 1)) + "%";
+  $("phase").textContent = s.phase;
+  const o = state.open_round;
+  $("open-round").textContent = !o ? "" : o.kind === "stats"
+    ? `statistics: ${o.answered}/${o.sampled} answered`
+    : `round ${o.round}${o.attempt ? ` (attempt ${o.attempt + 1})` : ""}: ${o.answered} of ${o.sampled} answered`;
+  $("accuracy").textContent = fmt.pct(s.accuracy);
+  const prev = rounds.length > 1 ? rounds[rounds.length - 2].accuracy : null;
+  $("accuracy-change").textContent = prev == null || s.accuracy == null ? ""
+    : `${s.accuracy >= prev ? "+" : "−"}${(100 * Math.abs(s.accuracy - prev)).toFixed(2)} points in the last round`;
+  $("loss").textContent = fmt.num(s.loss, 4);
+  $("task").textContent = "task " + s.task;
+  $("workers-count").textContent = state.live ? `${s.workers_live} / ${s.workers_registered}` : `— / ${s.workers_registered}`;
+  charts.accuracy.setData(rounds, s.rounds);
+  charts.loss.setData(rounds, s.rounds);
+  workers = state.workers;
+  workersAt = performance.now();
+  renderWorkers();
+  renderConfig(state.config);
+}
+
+function renderWorkers() {
+  const body = $("workers").tBodies[0];
+  if (!workers.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "empty", text: "no worker has registered yet" })));
+    return;
+  }
+  const since = (performance.now() - workersAt) / 1000;
+  body.replaceChildren(...workers.map((w) => el("tr", { dataset: { worker: w.worker_id } },
+    el("td", { class: "mono", text: w.worker_id }),
+    el("td", { text: w.name || "—" }),
+    el("td", { class: "mono", text: w.partition }),
+    el("td", {}, el("span", { class: "badge " + w.status, text: w.status })),
+    el("td", { class: "num", text: w.last_seen_s == null ? "—" : fmt.ago(w.last_seen_s + since) }),
+    el("td", { class: "num", text: String(w.rounds_served) }),
+    el("td", { class: "num", text: fmt.seconds(w.last_train_s) }),
+  )));
+}
+
+function renderConfig(config) {
+  const show = (v) => (v == null ? "default" : typeof v === "object" ? (Object.keys(v).length
+    ? Object.entries(v).map(([k, x]) => `${k}=${x}`).join(", ") : "none") : String(v));
+  $("config").replaceChildren(...Object.entries(config).map(([k, v]) =>
+    el("div", {}, el("span", { class: "k", text: k }), el("span", { class: "v", text: show(v) }))));
+}
+
+function setConn(kind, text) {
+  $("conn").className = "conn " + kind;
+  $("conn-text").textContent = text;
+}
+
+const source = new EventSource("v1/events");
+source.addEventListener("state", (e) => {
+  const state = JSON.parse(e.data);
+  render(state);
+  const over = state.status.state === "finished" || state.status.state === "failed";
+  if (over) {
+    // Nothing more will come: stop listening, or the browser would reconnect forever.
+    source.close();
+    setConn("", state.live ? `run ${state.status.state}` : `finished run (from its files)`);
+  } else {
+    setConn("live", "live");
+  }
+});
+source.addEventListener("error", () => {
+  if (source.readyState !== EventSource.CLOSED) setConn("lost", "reconnecting…");
+});
+// Advance the "last seen" column between events; purely local, it asks the server nothing.
+setInterval(renderWorkers, 1000);

@@ -1,0 +1,75 @@
+"""A worker process's Prometheus metrics, served with ``fedfleet worker --metrics-port PORT``.
+
+One registry per worker process (not prometheus_client's global one, so that nothing imported by a
+task can slip series into it). With ``--clients K`` the K logical workers of the process feed the
+same metrics: the process is what Prometheus scrapes, and a per-worker label would multiply every
+histogram by K. CPU and memory come from prometheus_client's ProcessCollector
+(``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ...; read from /proc on Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+
+from fedfleet import log
+from fedfleet.errors import ConfigError
+
+# A local fit takes from milliseconds (a small model) to many minutes.
+TRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                 300.0, 600.0)
+# Moving a model over a LAN or loopback: from under a millisecond to a minute.
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0)
+THROUGHPUT_BUCKETS = tuple(m * 10.0**e for e in range(1, 8) for m in (1.0, 2.5, 5.0))
+UPLOAD_RESULTS = ("accepted", "rejected", "refused", "failed")
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.train_seconds = Histogram(
+            "fedfleet_worker_train_duration_seconds", "Seconds of one local training (fit) of a round",
+            buckets=TRAIN_BUCKETS, registry=r)
+        self.examples_per_second = Histogram(
+            "fedfleet_worker_train_examples_per_second", "Examples per second of one local training, "
+            "counting every epoch", buckets=THROUGHPUT_BUCKETS, registry=r)
+        self.examples = Counter("fedfleet_worker_examples_trained", "Examples trained on, counting every epoch",
+                                registry=r)
+        self.download_seconds = Histogram(
+            "fedfleet_worker_model_download_duration_seconds", "Seconds to download the global model "
+            "(once per model version per process)", buckets=TRANSFER_BUCKETS, registry=r)
+        self.upload_seconds = Histogram(
+            "fedfleet_worker_update_upload_duration_seconds", "Seconds to upload an update and hear it was accepted",
+            buckets=TRANSFER_BUCKETS, registry=r)
+        self.uploads = Counter(
+            "fedfleet_worker_uploads", "Updates sent, by outcome: accepted; rejected (stale, duplicate, "
+            "unknown worker: the round moved on); refused (the coordinator found the update bad); failed "
+            "(did not get through after retries)", ["result"], registry=r)
+        self.clients = Gauge("fedfleet_worker_clients", "Logical workers of this process registered with the "
+                             "coordinator", registry=r)
+        for result in UPLOAD_RESULTS:
+            self.uploads.labels(result=result)
+        ProcessCollector(registry=r)
+
+    def trained(self, seconds: float, examples: int) -> None:
+        """One local fit of ``examples`` examples (every epoch counted) that took ``seconds``."""
+        self.train_seconds.observe(seconds)
+        self.examples.inc(examples)
+        if seconds > 0:
+            self.examples_per_second.observe(examples / seconds)
+
+
+def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
+    """Serve ``metrics`` over HTTP on ``host:port`` from a daemon thread; ConfigError if it cannot listen."""
+    try:
+        server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"The 'metrics-port' option: cannot serve metrics on {host}:{port} ({exc.strerror or exc})",
+                          option="metrics_port") from exc
+    shown = f"[{host}]" if ":" in host else host
+    log.event("worker.metrics", logging.INFO, url=f"http://{shown}:{server.server_port}/metrics")
+    return server

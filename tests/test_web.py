@@ -1,0 +1,328 @@
+"""The dashboard and prediction API: /v1/predict, /v1/songs, /v1/dashboard, /v1/events, `fedfleet serve`.
+
+Most tests read one finished run (``fedfleet run --workers 2 --rounds 2``) served by a real
+``fedfleet serve`` process; the others start coordinators and workers.
+The browser drives the pages in test_web_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import safetensors.numpy
+from pydantic import TypeAdapter
+
+from conftest import Coordinator
+from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs
+from fedfleet.web.predict import SongFeatures
+from fedfleet.web.routes import ASSETS
+
+TIMEOUT = 30.0
+
+
+def fedfleet(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("web") / "run"
+    r = fedfleet("run", "--workers", "2", "--rounds", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def start_serve(run_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    """``fedfleet serve --run RUN_DIR --port 0`` and the URL its first line of output gives."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedfleet", "serve", "--run", str(run_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    if match is None:
+        proc.kill()
+        pytest.fail(f"fedfleet serve did not say where it listens: {line}{proc.stdout.read()}", pytrace=False)
+    return proc, match.group(0)
+
+
+@pytest.fixture(scope="module")
+def client(run_dir: Path) -> Iterator[httpx.Client]:
+    """An HTTP client of a real `fedfleet serve` process serving the finished run."""
+    proc, url = start_serve(run_dir)
+    try:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+            yield http
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+
+
+def song_rows(indices: list[int]) -> tuple[np.ndarray, list[dict[str, float]]]:
+    x = load_songs().x[indices]
+    return x, [dict(zip(FEATURES, row.tolist(), strict=True)) for row in x]
+
+
+# "Yesterday" by The Beatles, as the data set has it; a constant, so collecting the tests loads no data.
+YESTERDAY = {"danceability": 0.332, "energy": 0.179, "key": 5, "loudness": -11.83, "mode": 1, "speechiness": 0.0326,
+             "acousticness": 0.879, "instrumentalness": 0.0, "liveness": 0.0886, "valence": 0.315, "tempo": 96.529,
+             "duration_ms": 125667, "time_signature": 4, "chorus_hit": 26.05427, "sections": 7}
+
+
+def a_song(**changes: Any) -> dict[str, Any]:
+    """A valid song with ``changes``; a feature set to ``...`` is left out."""
+    song = {**YESTERDAY, **changes}
+    return {k: v for k, v in song.items() if v is not ...}
+
+
+def files_of(folder: Path) -> dict[Path, tuple[int, int]]:
+    """Size and mtime of each file, but SQLite's shared-memory index (-shm), which any reader touches."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if not p.name.endswith("-shm")}
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from a text/event-stream's lines."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+# --- POST /v1/predict --------------------------------------------------------------------------------
+
+def test_predict_matches_the_task_on_the_final_model(client: httpx.Client, run_dir: Path) -> None:
+    indices = [0, 7, 123, 4567, 40_000]
+    x, songs = song_rows(indices)
+    r = client.post("/v1/predict", json={"songs": songs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert body["classes"] == list(ERAS)
+    assert body["round"] == 2 and body["model_version"] == summary["model_version"]
+
+    expected = SongsTask().predict_proba(safetensors.numpy.load_file(run_dir / "model.safetensors"), x)
+    assert len(body["predictions"]) == len(indices)
+    for pred, want in zip(body["predictions"], expected, strict=True):
+        got = np.array([pred["probabilities"][era] for era in ERAS])
+        assert math.isclose(got.sum(), 1.0, abs_tol=1e-9)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert pred["era"] == ERAS[int(want.argmax())]
+    # A trained model does not answer the same for every song.
+    assert len({tuple(round(p, 6) for p in pred["probabilities"].values()) for pred in body["predictions"]}) > 1
+
+
+BAD_SONGS = [
+    pytest.param([a_song(), a_song(tempo=...)], ["song 1", "'tempo'", "missing"], id="missing"),
+    pytest.param([a_song(tempo=..., key=...)], ["song 0", "'key', 'tempo' are missing"], id="two-missing"),
+    pytest.param([a_song(danceability=1.5)], ["song 0", "'danceability' = 1.5", "plausible range [0, 1]"],
+                 id="ratio-over-1"),
+    pytest.param([a_song(), a_song(), a_song(duration_ms=215)],
+                 ["song 2: 'duration_ms' = 215 is outside its plausible range [1,000, 10,800,000] ms"],
+                 id="seconds-for-ms"),
+    pytest.param([a_song(loudness=-1e9)], ["song 0", "'loudness'", "dB"], id="loudness"),
+    pytest.param([a_song(tempo="fast")], ["song 0: 'tempo' must be a number, got 'fast'"], id="not-a-number"),
+    pytest.param([a_song(key=5.5)], ["song 0: 'key' must be a whole number, got 5.5"], id="fractional-key"),
+    pytest.param([a_song(year=1999)], ["song 0", "'year' is not a feature"], id="unknown-feature"),
+    pytest.param([a_song(chorus_hit=500.0, duration_ms=200_000)], ["song 0", "'chorus_hit' (500 s)", "after the end"],
+                 id="chorus-after-end"),
+    pytest.param([], ["songs", "at least 1"], id="empty-batch"),
+]
+
+
+@pytest.mark.parametrize(("songs", "words"), BAD_SONGS)
+def test_predict_rejects_bad_songs_naming_song_and_feature(client: httpx.Client, songs: list[dict[str, Any]],
+                                                           words: list[str]) -> None:
+    r = client.post("/v1/predict", json={"songs": songs})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    for word in words:
+        assert word in detail, detail
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_predict_rejects_non_finite_values(client: httpx.Client, literal: str) -> None:
+    # Python's and Starlette's JSON parsers accept these literals, so the request must be checked for them.
+    good = json.dumps(a_song())
+    bad = json.dumps(a_song(valence=0.123456)).replace("0.123456", literal)
+    r = client.post("/v1/predict", content=f'{{"songs": [{good}, {bad}]}}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "song 1: 'valence' must be a finite number" in r.json()["detail"]
+
+
+def test_predict_rejects_malformed_and_oversized_bodies(client: httpx.Client) -> None:
+    r = client.post("/v1/predict", content=b'{"songs": [', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    r = client.post("/v1/predict", json={"songs": [a_song()] * 1001})
+    assert r.status_code == 422 and "at most 1000" in r.json()["detail"]
+    # Many broken songs still give a message a person can read.
+    r = client.post("/v1/predict", json={"songs": [{}] * 500})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "and 490 more problems" in detail and len(detail) < 4000
+
+
+def test_every_song_of_the_data_set_is_plausible() -> None:
+    """The feature ranges reject typos, never a real song."""
+    _, songs = song_rows(list(range(len(load_songs().x))))
+    TypeAdapter(list[SongFeatures]).validate_python(songs)
+    assert tuple(SongFeatures.model_fields) == FEATURES  # the order the model's weights expect
+
+
+# --- GET /v1/songs and GET /v1/predict ------------------------------------------------------------------
+
+def test_song_search_finds_title_and_artist(client: httpx.Client) -> None:
+    r = client.get("/v1/songs", params={"q": "yesterday BEATLES"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == 1
+    (song,) = body["songs"]
+    assert (song["title"], song["artist"], song["era"]) == ("Yesterday", "The Beatles", "1960s-70s")
+    data = load_songs()
+    i = data.uri.index(song["uri"])
+    assert [song["features"][f] for f in FEATURES] == data.x[i].tolist()
+
+    r = client.get("/v1/songs", params={"q": "yesterday", "limit": 3}).json()
+    assert r["total"] > 3 and len(r["songs"]) == 3
+    assert all("yesterday" in (s["title"] + " " + s["artist"]).lower() for s in r["songs"])
+    assert r["songs"][0]["title"].lower() == "yesterday"  # exact titles first
+
+    assert client.get("/v1/songs", params={"q": "zzqxj nothing like this"}).json() == {
+        "query": "zzqxj nothing like this", "total": 0, "songs": []}
+    r = client.get("/v1/songs", params={"q": ""})
+    assert r.status_code == 422 and "q" in r.json()["detail"]
+
+
+def test_predict_info_lists_eras_and_feature_ranges(client: httpx.Client) -> None:
+    info = client.get("/v1/predict").json()
+    assert info["classes"] == list(ERAS) and info["round"] == 2
+    assert [f["name"] for f in info["features"]] == list(FEATURES)
+    tempo = next(f for f in info["features"] if f["name"] == "tempo")
+    assert (tempo["minimum"], tempo["maximum"], tempo["unit"], tempo["integer"]) == (0, 300, "BPM", False)
+
+
+# --- the pages and the finished run's dashboard ------------------------------------------------------
+
+def test_pages_and_assets_are_served_from_the_package(client: httpx.Client) -> None:
+    folder = resources.files("fedfleet.web") / "static"
+    for name in ASSETS:
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (folder / name).read_bytes()
+        # Works offline: nothing is fetched from another host.
+        assert not re.search(rb"(src|href)=\"(https?:)?//", r.content), name
+        again = client.get(f"/static/{name}", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304
+    for path, title in (("/", "dashboard"), ("/predict", "predict")):
+        page = client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f"fedfleet · {title}" in page.text
+        for ref in re.findall(r'(?:src|href)="(static/[^"]+)"', page.text):
+            assert client.get("/" + ref).status_code == 200, ref
+    assert client.get("/static/../pyproject.toml").status_code == 404
+    assert client.get("/static/nope.js").status_code == 404
+
+
+def test_finished_run_dashboard_reads_the_run_files(client: httpx.Client, run_dir: Path) -> None:
+    body = client.get("/v1/dashboard").json()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert body["status"]["state"] == "finished" and body["status"]["round"] == 2
+    assert body["status"]["accuracy"] == summary["final_accuracy"]
+    assert body["rounds"] == rounds and body["rounds_from"] == 0
+    assert body["config"]["workers"] == 2 and body["config"]["rounds"] == 2
+    assert sorted(w["partition"] for w in body["workers"]) == ["part-000-of-002", "part-001-of-002"]
+    for w in body["workers"]:
+        assert w["rounds_served"] == 2 and w["last_train_s"] > 0
+
+    # The event stream of a finished run: one state, then it ends (nothing more will come).
+    with client.stream("GET", "/v1/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r.iter_lines()))
+    assert [e for e, _ in events] == ["state"]
+    assert json.loads(events[0][1])["rounds"] == rounds
+
+
+# --- real processes ---------------------------------------------------------------------------------------
+
+def test_fedfleet_serve_serves_a_finished_run(run_dir: Path) -> None:
+    before = files_of(run_dir)
+    proc, url = start_serve(run_dir)
+    try:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+            assert "fedfleet · dashboard" in http.get("/").text
+            assert "fedfleet · predict" in http.get("/predict").text
+            status = http.get("/v1/status").json()
+            assert status["state"] == "finished" and status["round"] == 2
+            _, songs = song_rows([11, 22])
+            preds = http.post("/v1/predict", json={"songs": songs}).json()["predictions"]
+            assert len(preds) == 2 and all(p["era"] in ERAS for p in preds)
+            found = http.get("/v1/songs", params={"q": "billie jean"}).json()
+            assert [(s["title"], s["artist"]) for s in found["songs"]] == [("Billie Jean", "Michael Jackson")]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+    # Serving read the run and wrote nothing into its folder.
+    assert files_of(run_dir) == before
+
+
+def test_fedfleet_serve_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    r = fedfleet("serve", "--run", str(tmp_path), "--port", "0", timeout=60)
+    assert r.returncode == 2
+    assert "is not a finished fedfleet run" in r.stderr and "summary.json" in r.stderr
+
+
+def test_live_events_push_rounds_and_worker_train_times(coordinator: Any, worker: Any) -> None:
+    # Several local epochs keep each round open long enough for an event to catch it open.
+    coord: Coordinator = coordinator("--workers", "2", "--rounds", "3", "--local-epochs", "4", "--linger", "2")
+    states: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
+    with httpx.Client(base_url=coord.url, timeout=TIMEOUT) as http, http.stream("GET", "/v1/events") as r:
+        events = sse_events(r.iter_lines())
+        first = json.loads(next(events)[1])
+        assert first["status"]["state"] == "waiting" and first["live"] and first["rounds"] == []
+        worker(coord.url, clients=2)
+        # The stream ends by itself once the run is over.
+        for kind, data in events:
+            assert kind == "state"
+            state = json.loads(data)
+            states.append(state)
+            rounds = rounds[: state["rounds_from"]] + state["rounds"]
+    seen = [s["status"]["round"] for s in states]
+    assert seen == sorted(seen) and seen[-1] == 3 and len(set(seen)) >= 2
+    assert any(s["open_round"] and s["open_round"]["kind"] == "train" for s in states)
+    assert states[-1]["status"]["state"] == "finished"
+    # The rounds sent piecemeal add up to exactly what the coordinator recorded.
+    assert rounds == [json.loads(line) for line in (coord.data_dir / "metrics.jsonl").read_text().splitlines()]
+    last = states[-1]["workers"]
+    assert len(last) == 2
+    for w in last:
+        assert w["rounds_served"] == 3 and w["last_train_s"] > 0 and w["last_seen_s"] >= 0
+
+
+def test_predict_needs_the_songs_task(coordinator: Any) -> None:
+    coord: Coordinator = coordinator("--task", "null", "--workers", "1", "--rounds", "1")
+    with httpx.Client(base_url=coord.url, timeout=TIMEOUT) as http:
+        for r in (http.get("/v1/predict"), http.post("/v1/predict", json={"songs": [a_song()]}),
+                  http.get("/v1/songs", params={"q": "yesterday"})):
+            assert r.status_code == 409, r.text
+            assert r.json()["detail"] == ("prediction needs the songs task; this run's task 'null' does not "
+                                          "predict song eras")
+        # The dashboard itself works for any task.
+        assert http.get("/").status_code == 200
+        assert http.get("/v1/dashboard").json()["status"]["task"] == "null"

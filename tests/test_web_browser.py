@@ -1,0 +1,187 @@
+"""The dashboard and the predict page as a person uses them: Playwright drives Debian's headless Chromium.
+
+Chromium comes from Debian (``apt-get install -y chromium``, done by .ci/run) and Playwright from PyPI
+(the dev extras); ``playwright install`` is never run, since it downloads a browser and this project's
+machines reach no host but the package registries. Chromium is started with its background
+networking off for the same reason: otherwise it keeps trying to reach Google's hosts.
+
+Each test saves a screenshot of its page in its tmp dir and copies it to docs/screenshots/, where
+the README's pictures come from.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import safetensors.numpy
+
+from conftest import Coordinator
+from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs
+from test_web import TIMEOUT, fedfleet, start_serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+WAIT_MS = 90_000  # longest wait for the page to show something; a hang fails instead of stalling the suite
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser tests need the Python package 'playwright' (in the dev extras: "
+                    "pip install -e '.[dev]'); do not run 'playwright install', Debian's chromium is used",
+                    pytrace=False)
+    if not CHROMIUM.is_file():
+        pytest.fail(f"the browser tests need Debian's Chromium at {CHROMIUM}: "
+                    "apt-get update && apt-get install -y chromium", pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh page; it fails the test if the page logged an error (a 422 the page shows is no error)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    pg.set_default_timeout(WAIT_MS)
+    try:
+        yield pg
+        # Checked before closing: closing cuts the dashboard's event stream, which Chromium logs.
+        # It logs every 4xx answer too; a 422 is the server explaining bad input, which the page shows.
+        assert [e for e in errors if "status of 422" not in e] == [], errors
+    finally:
+        context.close()
+
+
+def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, SCREENSHOTS / name)
+    return path
+
+
+def shown_round(page: Any) -> int:
+    return int(page.text_content("#round"))
+
+
+def test_dashboard_shows_rounds_advancing_during_a_live_run(page: Any, coordinator: Any, worker: Any,
+                                                            tmp_path: Path) -> None:
+    # Many rounds of several local epochs: the run is still going when the page has looked twice.
+    coord: Coordinator = coordinator("--workers", "2", "--rounds", "200", "--local-epochs", "3")
+    worker(coord.url, clients=2)
+    api_requests: list[str] = []
+    page.on("request", lambda req: api_requests.append(req.url) if "/v1/" in req.url else None)
+
+    page.goto(coord.url + "/")
+    page.wait_for_function("Number(document.getElementById('round').textContent) >= 1")
+    first = shown_round(page)
+    page.wait_for_function(f"Number(document.getElementById('round').textContent) > {first}")
+    second = shown_round(page)
+    assert second > first >= 1
+    # A few more rounds, so that the charts in the screenshot have lines to show.
+    page.wait_for_function("Number(document.getElementById('round').textContent) >= 8")
+
+    assert page.text_content("#rounds") == "200"
+    assert page.text_content("#run-state") == "running"
+    assert page.text_content("#conn-text") == "live"
+    # The charts hold every round shown so far, and the round on the page is the coordinator's.
+    assert page.evaluate("rounds.map(r => r.round)") == list(range(1, page.evaluate("rounds.length") + 1))
+    status = httpx.get(f"{coord.url}/v1/status", timeout=TIMEOUT).json()
+    assert status["state"] == "running" and status["round"] >= shown_round(page) >= 8
+    rows = page.locator("#workers tbody tr")
+    assert rows.count() == 2
+    for i, part in enumerate(["part-000-of-002", "part-001-of-002"]):
+        cells = [c.strip() for c in rows.nth(i).locator("td").all_text_contents()]
+        assert cells[2] == part and cells[3] in ("training", "idle")
+        assert int(cells[5]) >= 1  # rounds served
+        assert re.fullmatch(r"\d+ ms|\d+\.\d s", cells[6]), cells  # last train time, from its update
+    config = dict(zip(page.locator("#config .k").all_text_contents(), page.locator("#config .v").all_text_contents(),
+                      strict=True))
+    assert config["rounds"] == "200" and config["workers"] == "2" and config["local_epochs"] == "3"
+    # Pushed, not polled: every change came down the one event stream the page opened.
+    assert api_requests == [f"{coord.url}/v1/events"]
+
+    shot = screenshot(page, tmp_path, "dashboard.png")
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A finished run (3 rounds) and the URL of `fedfleet serve` serving it."""
+    run_dir = tmp_path_factory.mktemp("browser") / "run"
+    r = fedfleet("run", "--workers", "2", "--rounds", "3", "--out", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc, url = start_serve(run_dir)
+    try:
+        yield url, run_dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+
+
+def pick_song(page: Any, url: str, query: str, title: str, artist: str) -> None:
+    page.goto(url + "/predict")
+    page.locator("#song-search").press_sequentially(query, delay=30)  # typed, as a person would
+    match = page.locator("#song-results li", has_text=artist).filter(has_text=title).first
+    match.click()
+    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 3")
+
+
+def test_predict_page_gives_an_era_for_a_chosen_song(page: Any, served_run: tuple[str, Path],
+                                                     tmp_path: Path) -> None:
+    url, run_dir = served_run
+    pick_song(page, url, "yesterday beat", "Yesterday", "The Beatles")
+
+    era = page.text_content("#era")
+    assert era in ERAS
+    # The era shown is the final model's prediction for this song's features.
+    songs = load_songs()
+    i = next(k for k in range(len(songs.uri)) if (songs.track[k], songs.artist[k]) == ("Yesterday", "The Beatles"))
+    proba = SongsTask().predict_proba(safetensors.numpy.load_file(run_dir / "model.safetensors"), songs.x[i:i + 1])[0]
+    assert era == ERAS[int(proba.argmax())]
+    shown = {row.get_attribute("data-era"): float(row.locator(".pct").text_content().rstrip("%"))
+             for row in page.locator("#probabilities .prob").all()}
+    assert list(shown) == list(ERAS)
+    for e, p in zip(ERAS, proba, strict=True):
+        assert abs(shown[e] - 100 * p) <= 0.051  # shown to one decimal
+    assert page.locator("#probabilities .prob.best").get_attribute("data-era") == era
+    # The form holds the song's features, and the page says what the data set says.
+    for name, value in zip(FEATURES, songs.x[i], strict=True):
+        assert float(page.input_value(f"#f-{name}")) == value
+    assert "In the data set: 1960s-70s" in page.text_content("#truth")
+    assert "after round 3" in page.text_content("#model-info")
+
+    shot = screenshot(page, tmp_path, "predict.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_predict_page_explains_an_invalid_feature(page: Any, served_run: tuple[str, Path]) -> None:
+    url, _ = served_run
+    pick_song(page, url, "billie jean", "Billie Jean", "Michael Jackson")
+    page.fill("#f-tempo", "900")
+    page.click("#predict-button")
+    page.wait_for_selector("#error:not(:empty)")
+    message = page.text_content("#error")
+    assert "song 0: 'tempo' = 900 is outside its plausible range [0, 300] BPM" in message
+    assert page.get_attribute("#f-tempo", "class") == "invalid"
+    page.fill("#f-tempo", "")
+    page.click("#predict-button")
+    page.wait_for_function("document.getElementById('error').textContent.includes('missing')")
+    assert "song 0: feature 'tempo' is missing" in page.text_content("#error")
