@@ -132,7 +132,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
         headers = {"ETag": etag, "X-Fedfleet-Model-Version": str(version), "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        engine.metrics.model_sent(len(body))
+        engine.model_sent(len(body))
         return Response(content=body, media_type=MODEL_MEDIA_TYPE, headers=headers)
 
     @app.post(f"{API}/updates", response_model=UpdateAck, tags=["tensors"],

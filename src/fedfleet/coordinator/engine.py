@@ -227,9 +227,13 @@ class Engine:
         return msg
 
     def model_download(self) -> tuple[int, bytes]:
-        if self.current is not None and not self.current.closed:
-            self.current.bytes_out += len(self.model_bytes)
         return self.model_version, self.model_bytes
+
+    def model_sent(self, nbytes: int) -> None:
+        """Count a model body sent (not a 304) towards the open round and the metrics."""
+        if self.current is not None and not self.current.closed:
+            self.current.bytes_out += nbytes
+        self.metrics.model_sent(nbytes)
 
     # --- API: updates ----------------------------------------------------------------------------
     def max_update_bytes(self) -> int:
