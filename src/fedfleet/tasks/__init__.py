@@ -10,6 +10,9 @@ from fedfleet.tasks.base import Dataset, FitResult, Task, TrainParams
 
 BUILTIN = {
     "songs": "fedfleet.tasks.songs:SongsTask",
+    "songs-mlp": "fedfleet.tasks.songs_mlp:SongsMlpTask",
+    "mnist": "fedfleet.tasks.mnist:MnistTask",
+    "fashion-mnist": "fedfleet.tasks.mnist:FashionMnistTask",
     "null": "fedfleet.tasks.null:NullTask",
 }
 

@@ -1,0 +1,149 @@
+"""What every PyTorch task shares: torch imported lazily, weights <-> state_dict, local SGD, evaluation.
+
+torch is the optional extra ``fedfleet[torch]``; the core package never imports it. A torch task calls
+:func:`require_torch` first, so a missing install is a TaskError that says how to get it, not an
+ImportError from deep inside a worker.
+
+Weights cross the wire as float32 numpy arrays named as in the model's ``state_dict`` (parameters
+and buffers, in the module's registration order, which is stable for a given model class). Tensors
+are always built from numpy arrays: nothing here unpickles (``torch.load`` is never used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedfleet.errors import TaskError
+from fedfleet.tasks.base import Dataset, FitResult, TrainParams
+from fedfleet.types import Weights
+
+if TYPE_CHECKING:
+    import torch
+
+INSTALL_HINT = "pip install 'fedfleet[torch]'"
+
+
+def require_torch(task: str) -> ModuleType:
+    """The torch module, set to one intra-op thread; TaskError naming the extra if it is not installed."""
+    try:
+        torch_mod = importlib.import_module("torch")
+    except ImportError as exc:
+        raise TaskError(f"the {task!r} task needs PyTorch, which is not installed: {INSTALL_HINT}") from exc
+    # Many workers share a machine (often several per process, several processes per host): one thread
+    # each keeps them from oversubscribing the cores, which is far slower than running them side by side.
+    if torch_mod.get_num_threads() != 1:
+        torch_mod.set_num_threads(1)
+    return torch_mod
+
+
+def weights_of(model: torch.nn.Module) -> Weights:
+    """The model's parameters and buffers as float32 numpy arrays, in ``state_dict`` order."""
+    return {name: t.detach().cpu().numpy().astype(np.float32, copy=True) for name, t in model.state_dict().items()}
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy ``weights`` into the model; TaskError if a name or shape does not match its state_dict."""
+    import torch
+
+    state = model.state_dict()
+    if set(weights) != set(state):
+        missing = [k for k in state if k not in weights]
+        extra = [k for k in weights if k not in state]
+        raise TaskError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, target in state.items():
+            value = np.asarray(weights[name])
+            if tuple(value.shape) != tuple(target.shape):
+                raise TaskError(f"weight {name!r} has shape {tuple(value.shape)}, "
+                                f"the model needs {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+
+
+def _tensors(data: Dataset, transform: Callable[[np.ndarray], np.ndarray] | None) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    import torch
+
+    x = data.x if transform is None else transform(data.x)
+    return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(data.y, dtype=np.int64)))
+
+
+def fit(model: torch.nn.Module, weights: Weights, data: Dataset, params: TrainParams,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None) -> FitResult:
+    """Local mini-batch SGD from ``weights``: ``params.local_epochs`` passes, shuffled by ``params.seed``.
+
+    With ``params.prox_mu`` > 0 the loss gets FedProx's μ/2·‖w − w_global‖² over the trainable
+    parameters. Buffers (none in the built-in models) are returned as the model leaves them.
+    ``transform`` maps raw features to model inputs (e.g. standardisation) before training.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(params.seed)
+    load_weights(model, weights)
+    x, y = _tensors(data, transform)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for _, p in trainable]
+    mu = float(params.prox_mu)
+    opt = torch.optim.SGD([p for _, p in trainable], lr=params.lr)
+    rng = np.random.default_rng(params.seed)
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(params.local_epochs):
+        order = torch.from_numpy(rng.permutation(len(y)))
+        loss_sum, correct, seen = 0.0, 0, 0  # report the last epoch, as the numpy tasks do
+        for start in range(0, len(y), params.batch_size):
+            idx = order[start:start + params.batch_size]
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            total = loss
+            if mu > 0:
+                prox = sum((p - a).square().sum() for (_, p), a in zip(trainable, anchors, strict=True))
+                total = loss + 0.5 * mu * prox
+            torch.autograd.backward(total)
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(dim=1) == yb).sum())
+            seen += len(idx)
+    return FitResult(weights_of(model), len(y), {"train_loss": loss_sum / max(seen, 1),
+                                                  "train_accuracy": correct / max(seen, 1)})
+
+
+def predict_logits(model: torch.nn.Module, weights: Weights, x: np.ndarray, batch_size: int = 1000,
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The model's logits for ``x``, computed in batches without gradients."""
+    import torch
+
+    load_weights(model, weights)
+    model.eval()
+    xs = x if transform is None else transform(x)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(xs), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(xs[start:start + batch_size], dtype=np.float32))
+            out.append(model(xb).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate(model: torch.nn.Module, weights: Weights, data: Dataset,
+             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``weights`` on ``data``."""
+    logits = predict_logits(model, weights, data.x, transform=transform).astype(np.float64)
+    if len(data) == 0:
+        return {"loss": 0.0, "accuracy": 0.0}
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = np.asarray(data.y, dtype=np.int64)
+    return {"loss": float(-logp[np.arange(len(y)), y].mean()),
+            "accuracy": float((logits.argmax(axis=1) == y).mean())}
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(int(p.numel()) for p in model.parameters())
