@@ -5,12 +5,14 @@ Chromium comes from Debian (``apt-get install -y chromium``, done by .ci/run) an
 machines reach no host but the package registries. Chromium is started with its background
 networking off for the same reason: otherwise it keeps trying to reach Google's hosts.
 
-Each test saves a screenshot of its page in its tmp dir and copies it to docs/screenshots/, where
-the README's pictures come from.
+Each test saves a screenshot of its page in its tmp dir (a test artefact). With
+FEDFLEET_UPDATE_SCREENSHOTS=1 it also copies it to docs/screenshots/, where the README's pictures come
+from; a plain test run never writes into the source tree.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -72,8 +74,9 @@ def page(browser: Any) -> Iterator[Any]:
 def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, SCREENSHOTS / name)
+    if os.environ.get("FEDFLEET_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SCREENSHOTS / name)
     return path
 
 
