@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from fedfleet import Dataset, FitResult, PartitionSpec, TrainParams, Weights
+from fedfleet.tasks import NoStats
 
 
-class MeanTask:
+class MeanTask(NoStats):  # NoStats: nothing to compute on every worker before training
     name = "mean"
 
     def __init__(self, examples: str = "1000") -> None:
@@ -35,15 +36,6 @@ class MeanTask:
     def load_test(self) -> Dataset:
         x = np.zeros((1, 1))
         return Dataset(x, np.zeros(1, dtype=np.int64))
-
-    def stats_schema(self) -> None:
-        return None  # nothing to compute before training
-
-    def local_stats(self, data: Dataset) -> Weights:
-        return {}
-
-    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
-        return weights
 
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
         return FitResult({"mu": np.array([data.x.mean()])}, len(data), {"local_mean": float(data.x.mean())})

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Mapping
 
 from fedfleet.errors import TaskError
-from fedfleet.tasks.base import Dataset, FitResult, Task, TrainParams
+from fedfleet.tasks.base import Dataset, FitResult, NoStats, Task, TrainParams
 
 BUILTIN = {
     "songs": "fedfleet.tasks.songs:SongsTask",
@@ -42,4 +42,4 @@ def load_task(name: str, options: Mapping[str, str] | None = None) -> Task:
     return task  # type: ignore[no-any-return]
 
 
-__all__ = ["BUILTIN", "Dataset", "FitResult", "Task", "TrainParams", "load_task"]
+__all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TrainParams", "load_task"]

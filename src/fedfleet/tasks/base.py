@@ -80,3 +80,17 @@ class Task(Protocol):
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
         """At least ``loss`` and ``accuracy`` of ``weights`` on ``data``."""
         ...
+
+
+class NoStats:
+    """Mix in for a task that needs no statistics from the workers before training."""
+
+    def stats_schema(self) -> Schema | None:
+        return None
+
+    def local_stats(self, data: Dataset) -> Weights:
+        return {}
+
+    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
+        return weights
+

@@ -31,8 +31,8 @@ import numpy as np
 from fedfleet.errors import TaskError
 from fedfleet.partition import PartitionSpec, split
 from fedfleet.tasks import torch_common
-from fedfleet.tasks.base import Dataset, FitResult, TrainParams
-from fedfleet.types import Schema, Weights
+from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
+from fedfleet.types import Weights
 
 if TYPE_CHECKING:
     import torch
@@ -205,7 +205,7 @@ def _positive_int(option: str, value: str | None) -> int | None:
     return n
 
 
-class MnistTask:
+class MnistTask(NoStats):
     """Handwritten digits with the FedAvg paper's CNN or 2-layer MLP, in PyTorch."""
 
     name = "mnist"
@@ -259,15 +259,6 @@ class MnistTask:
         torch = torch_common.require_torch(self.name)
         torch.manual_seed(seed)
         return torch_common.weights_of(build_model(self.model_kind))
-
-    def stats_schema(self) -> Schema | None:
-        return None
-
-    def local_stats(self, data: Dataset) -> Weights:
-        return {}
-
-    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
-        return weights
 
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
         return torch_common.fit(self.model, weights, data, params)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from fedfleet.partition import PartitionSpec
-from fedfleet.tasks.base import Dataset, FitResult, TrainParams
-from fedfleet.types import Schema, Weights
+from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
+from fedfleet.types import Weights
 
 
-class NullTask:
+class NullTask(NoStats):
     name = "null"
 
     def __init__(self, params: str = "100000", examples: str = "100") -> None:
@@ -31,15 +31,6 @@ class NullTask:
 
     def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
         return self._data()
-
-    def stats_schema(self) -> Schema | None:
-        return None
-
-    def local_stats(self, data: Dataset) -> Weights:
-        return {}
-
-    def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
-        return weights
 
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
         w = weights["w"]
