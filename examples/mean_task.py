@@ -1,4 +1,4 @@
-"""A task of your own, in ~40 lines: estimate the mean of numbers that live on different workers.
+"""A task of your own, in ~30 lines: estimate the mean of numbers that live on different workers.
 
 Run it with the module on the Python path (here: from this folder)::
 

@@ -233,3 +233,18 @@ def test_runs_with_other_strategies(tmp_path: Path, strategy: str, options: list
     assert summary["final_accuracy"] > 0.55  # well above the 0.40 majority class
     saved = RunConfig.from_mapping(tomllib.loads((out / "config.toml").read_text()))
     assert saved.strategy_options == tuple(tuple(o.split("=")) for o in options[1::2])
+
+
+def test_same_seed_same_model_whatever_the_arrival_order(tmp_path: Path) -> None:
+    def run(name: str, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
+        out = tmp_path / name
+        r = fedfleet("run", "--workers", "6", "--rounds", "3", "--seed", str(seed), "--out", str(out), "--quiet")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return (safetensors.numpy.load_file(out / "model.safetensors"),
+                [rec["accuracy"] for rec in read_jsonl(out / "metrics.jsonl")])
+
+    (first, acc1), (second, acc2), (other, _) = run("a", 11), run("b", 11), run("c", 12)
+    assert acc1 == acc2
+    for name in first:
+        assert first[name].tobytes() == second[name].tobytes(), name
+    assert any(first[k].tobytes() != other[k].tobytes() for k in first)

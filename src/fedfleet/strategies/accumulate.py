@@ -16,16 +16,21 @@ from fedfleet.types import Schema, Weights
 
 
 class WeightedSum:
-    """Σ weightᵢ · (updateᵢ − base) over the updates added so far, in each tensor's own dtype.
+    """Σ weightᵢ · (updateᵢ − base) over the updates added so far.
 
-    The model-sized buffers are allocated once and reused for every update: a fresh allocation per
-    update costs more in page faults than the arithmetic.
+    Each term is computed in the tensor's own dtype, the sum is kept in float64 for floating tensors:
+    a float32 running sum would depend on the order in which updates arrive (and lose digits with
+    many workers), while float64 makes a run repeat with the same seed, whatever the arrival order,
+    in all but vanishingly rare cases. The model-sized buffers are allocated once and reused: a
+    fresh allocation per update costs more in page faults than the arithmetic.
     """
 
     def __init__(self, schema: Schema, base: Weights | None = None) -> None:
         self.schema = schema
         self.base = base
-        self._sum = {s.name: np.zeros(s.shape, dtype=s.dtype) for s in schema}
+        self._dtype = {s.name: np.dtype(s.dtype) for s in schema}
+        self._sum = {s.name: np.zeros(s.shape, dtype=np.float64 if np.dtype(s.dtype).kind == "f" else s.dtype)
+                     for s in schema}
         self._scratch: Weights = {}  # allocated on first use; ``consume`` never needs it
         self.total_weight = 0.0
         self.count = 0
@@ -41,7 +46,7 @@ class WeightedSum:
                 tmp = update[name]
             else:
                 if name not in self._scratch:
-                    self._scratch[name] = np.empty_like(acc)
+                    self._scratch[name] = np.empty(acc.shape, dtype=self._dtype[name])
                 tmp = self._scratch[name]
             if self.base is None:
                 np.multiply(update[name], weight, out=tmp, casting="unsafe")
@@ -53,13 +58,13 @@ class WeightedSum:
         self.count += 1
 
     def sum(self) -> Weights:
-        return {k: v.copy() for k, v in self._sum.items()}
+        return {k: v.astype(self._dtype[k]) for k, v in self._sum.items()}
 
     def mean(self) -> Weights:
-        """Σ wᵢ(xᵢ − base) / Σ wᵢ; raises ZeroDivisionError when nothing was added."""
+        """Σ wᵢ(xᵢ − base) / Σ wᵢ in each tensor's dtype; ZeroDivisionError when nothing was added."""
         if self.total_weight <= 0:
             raise ZeroDivisionError("mean of an empty weighted sum")
-        return {k: (v / v.dtype.type(self.total_weight)).astype(v.dtype) for k, v in self._sum.items()}
+        return {k: (v / v.dtype.type(self.total_weight)).astype(self._dtype[k]) for k, v in self._sum.items()}
 
 
 def weighted_mean(updates: Iterable[tuple[Weights, float]]) -> Weights:
