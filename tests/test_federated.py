@@ -248,3 +248,33 @@ def test_same_seed_same_model_whatever_the_arrival_order(tmp_path: Path) -> None
     for name in first:
         assert first[name].tobytes() == second[name].tobytes(), name
     assert any(first[k].tobytes() != other[k].tobytes() for k in first)
+
+
+def test_federated_evaluation_scores_the_global_model_on_each_workers_split(tmp_path: Path) -> None:
+    from fedfleet.protocol.messages import PartitionInfo
+    from fedfleet.storage.checkpoints import Checkpoints
+    from fedfleet.worker.trainer import Trainer
+
+    out = tmp_path / "fe"
+    r = fedfleet("run", "--workers", "4", "--rounds", "3", "--partition", "dirichlet:0.5", "--val-fraction", "0.2",
+                 "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rounds = read_jsonl(out / "metrics.jsonl")
+    # Round 2's workers scored the model that round 1 produced, before training on it.
+    model, _ = Checkpoints(out / "checkpoints").load(1)
+    task = SongsTask()
+    scores = []
+    for index in range(4):
+        trainer = Trainer(task, PartitionInfo(name="", index=index, count=4, scheme="dirichlet:0.5", seed=0,
+                                              val_fraction=0.2))
+        assert trainer.validation is not None
+        assert len(trainer.validation) + len(trainer.data) == len(task.load_partition(
+            __import__("fedfleet").parse_partition("dirichlet:0.5"), index, 4, 0))
+        scores.append((len(trainer.validation), task.evaluate(model, trainer.validation)["accuracy"]))
+    n = sum(k for k, _ in scores)
+    rec = rounds[1]
+    assert rec["fed_examples"] == n
+    assert rec["fed_accuracy"] == pytest.approx(sum(k * a for k, a in scores) / n, rel=1e-9)
+    assert rec["fed_accuracy_min"] == pytest.approx(min(a for _, a in scores))
+    assert rec["fed_accuracy_max"] == pytest.approx(max(a for _, a in scores))
+    assert rec["fed_accuracy_min"] < rec["fed_accuracy_max"]  # label skew: workers see the model differently

@@ -40,6 +40,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_epochs", int, 1, "passes over its data each worker makes per round", low=1, high=10_000),
     Option("batch_size", int, 32, "mini-batch size of local SGD", low=1, high=10_000_000),
     Option("lr", float, 0.05, "learning rate of local SGD", low=0, high=100, low_open=True),
+    Option("val_fraction", float, 0.1, "share of each worker's data kept to evaluate the global model locally",
+           low=0, high=0.5),
     Option("strategy", str, "fedavg", "how updates are aggregated and applied (see fedfleet.strategies)",
            choices=tuple(STRATEGIES)),
     Option("round_timeout", float, 60.0, "seconds a round waits for its sampled workers (its deadline)",
@@ -69,6 +71,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
+    val_fraction: float = 0.1
     strategy: str = "fedavg"
     round_timeout: float = 60.0
     worker_timeout: float = 30.0

@@ -178,7 +178,8 @@ class Engine:
             worker_id=w.worker_id, run_id=self.run_id, task=self.config.task,
             task_options=self.config.task_options_dict,
             partition=PartitionInfo(name=self.registry.partition_label(w), index=w.partition,
-                                    count=self.config.workers, scheme=str(spec), seed=self.config.seed),
+                                    count=self.config.workers, scheme=str(spec), seed=self.config.seed,
+                                    val_fraction=self.config.val_fraction),
             poll_seconds=self.poll_seconds)
 
     def heartbeat(self, worker_ids: list[str]) -> int:
@@ -437,7 +438,7 @@ class Engine:
             "timings": {"open": t_closed - rs.started, "wait_workers": rs.started - t0,
                         "aggregate": t_agg - t_closed, "evaluate": t_eval - t_agg,
                         "checkpoint": t_ckpt - t_eval},
-            **{k: v for k, v in rs.train_metrics().items()},
+            **rs.train_metrics(), **rs.federated_eval(),
         }
         self.store.record_round(record, list(rs.answered))
         for wid in rs.answered:

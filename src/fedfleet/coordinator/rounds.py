@@ -83,10 +83,25 @@ class RoundState:
         return [w for w in self.sampled if w not in self.answered]
 
     def train_metrics(self) -> dict[str, float]:
-        """Example-weighted means of the workers' local metrics."""
+        """Example-weighted means of the workers' local training metrics (validation ones apart)."""
         total = sum(n for n, _ in self.answered.values())
-        keys = sorted({k for _, m in self.answered.values() for k in m})
+        keys = sorted({k for _, m in self.answered.values() for k in m if not k.startswith("val_")})
         return {k: sum(n * m.get(k, 0.0) for n, m in self.answered.values()) / total for k in keys} if total else {}
+
+    def federated_eval(self) -> dict[str, float]:
+        """The global model as scored on the workers' own validation splits: the mean weighted by their
+        sizes, and the spread across workers (``fed_`` keys); empty when no worker kept a split."""
+        scored = [m for _, m in self.answered.values() if m.get("val_examples", 0) > 0]
+        if not scored:
+            return {}
+        n = np.array([m["val_examples"] for m in scored])
+        acc = np.array([m["val_accuracy"] for m in scored])
+        loss = np.array([m["val_loss"] for m in scored])
+        mean = float(np.average(acc, weights=n))
+        return {"fed_accuracy": mean, "fed_loss": float(np.average(loss, weights=n)),
+                "fed_accuracy_std": float(np.sqrt(np.average((acc - mean) ** 2, weights=n))),
+                "fed_accuracy_min": float(acc.min()), "fed_accuracy_max": float(acc.max()),
+                "fed_examples": float(n.sum())}
 
 
 def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,

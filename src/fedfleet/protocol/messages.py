@@ -31,6 +31,7 @@ class PartitionInfo(Message):
     count: int
     scheme: str
     seed: int
+    val_fraction: float = Field(0.0, ge=0, le=0.5, description="share kept to evaluate the global model")
 
 
 class RegisterResponse(Message):

@@ -180,10 +180,12 @@ class Agent:
             assert msg.params is not None and msg.model_version is not None
             version = msg.model_version
             model = self._retry(lambda: self.proc.model(client, version), "download model")
+            validation = trainer.evaluate(model)  # the global model as it reached us, before training
             t_dl = time.perf_counter()
             result = trainer.fit(model, msg.params)
             weights, n = result.weights, result.num_examples
-            metrics = {**result.metrics, "download_s": t_dl - t0, "train_s": time.perf_counter() - t_dl}
+            metrics = {**result.metrics, **validation, "download_s": t_dl - t0,
+                       "train_s": time.perf_counter() - t_dl}
             self.proc.metrics.trained(metrics["train_s"], n * msg.params.local_epochs)
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics=metrics)

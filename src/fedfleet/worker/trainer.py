@@ -1,8 +1,14 @@
-"""The compute side of a worker: its partition of the data, local statistics and local training."""
+"""The compute side of a worker: its partition of the data, local statistics, training and evaluation.
+
+A seeded ``val_fraction`` of the partition is kept aside: each round the worker scores the global
+model it received on it before training (federated evaluation), and trains on the rest.
+"""
 
 from __future__ import annotations
 
 import functools
+
+import numpy as np
 
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import PartitionInfo, TrainParamsMsg
@@ -16,12 +22,35 @@ class Trainer:
         self.partition = partition
 
     @functools.cached_property
-    def data(self) -> Dataset:
+    def _split(self) -> tuple[Dataset, Dataset | None]:
         p = self.partition
-        return self.task.load_partition(parse_partition(p.scheme), p.index, p.count, p.seed)
+        data = self.task.load_partition(parse_partition(p.scheme), p.index, p.count, p.seed)
+        n_val = round(p.val_fraction * len(data))
+        if n_val < 1 or n_val >= len(data):
+            return data, None
+        order = np.random.default_rng([p.seed, p.index, 0x7A1]).permutation(len(data))
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return Dataset(data.x[train], data.y[train]), Dataset(data.x[val], data.y[val])
+
+    @property
+    def data(self) -> Dataset:
+        """The examples this worker trains on (its partition less the validation split)."""
+        return self._split[0]
+
+    @property
+    def validation(self) -> Dataset | None:
+        return self._split[1]
 
     def stats(self) -> tuple[Weights, int]:
         return self.task.local_stats(self.data), len(self.data)
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        """``val_loss``, ``val_accuracy`` and ``val_examples`` of ``weights`` here; empty without a split."""
+        if self.validation is None:
+            return {}
+        m = self.task.evaluate(weights, self.validation)
+        return {"val_loss": float(m["loss"]), "val_accuracy": float(m["accuracy"]),
+                "val_examples": float(len(self.validation))}
 
     def fit(self, weights: Weights, params: TrainParamsMsg) -> FitResult:
         return self.task.fit(weights, self.data, TrainParams(params.local_epochs, params.batch_size,
