@@ -2,7 +2,7 @@
 
 Run it with the module on the Python path (here: from this folder)::
 
-    cd examples && fedfleet run --task mean_task:MeanTask --workers 4 --rounds 3 --out ../runs/mean
+    cd examples && fedfleet run --task mean_task:MeanTask --workers 4 --rounds 3 --val-fraction 0 --out ../runs/mean
 
 Each worker's numbers are drawn around a different centre; local "training" is the exact local
 mean, so FedAvg (weighted by examples) lands on the mean of all the numbers in one round.

@@ -17,7 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_run_with_a_task_from_the_users_module(tmp_path: Path) -> None:
     out = tmp_path / "mean"
     r = subprocess.run([sys.executable, "-m", "fedfleet", "run", "--task", "mean_task:MeanTask", "--workers", "4",
-                        "--rounds", "2", "--seed", "7", "--task-option", "examples=500", "--out", str(out),
+                        "--rounds", "2", "--seed", "7", "--task-option", "examples=500",
+                        "--val-fraction", "0", "--out", str(out),
                         "--quiet"], cwd=EXAMPLES, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((out / "summary.json").read_text())["task"] == "mean_task:MeanTask"

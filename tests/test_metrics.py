@@ -185,10 +185,11 @@ def test_worker_metrics_after_the_run(finished_run: tuple[str, str, WorkerProces
     assert value(m, "fedfleet_worker_update_upload_duration_seconds_count") == (ROUNDS + 1) * CLIENTS
     for result in ("rejected", "refused", "failed"):
         assert value(m, "fedfleet_worker_uploads_total", result=result) == 0
-    # Each fit is one epoch over the worker's partition: the examples split the training set.
+    # Each fit is one epoch over the worker's partition less its validation split: the examples
+    # split the training set, less the share every worker keeps to score the global model.
     train_rows = len(SongsTask().load_test()) * 4  # the test set is a 20% stratified hold-out
     examples = value(m, "fedfleet_worker_examples_trained_total")
-    assert examples / ROUNDS == pytest.approx(train_rows, rel=0.01)
+    assert examples / ROUNDS == pytest.approx(train_rows * (1 - RunConfig().val_fraction), rel=0.01)
     assert value(m, "process_cpu_seconds_total") > 0
     assert value(m, "process_resident_memory_bytes") > 0
 
