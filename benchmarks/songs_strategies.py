@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from fedfleet.strategies import STRATEGIES
-from fedfleet.tasks.base import TrainParams
 from fedfleet.tasks.songs import SongsTask
 
 PARTITIONS = ("iid", "dirichlet:1.0", "dirichlet:0.1", "natural")
@@ -28,11 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def central(rounds: int, lr: float, batch: int) -> float:
     task = SongsTask()
-    pool = task.train_pool()
-    w = task.apply_stats(task.init_weights(0), task.local_stats(pool))
-    for epoch in range(rounds):
-        w = task.fit(w, pool, TrainParams(1, batch, lr, seed=epoch)).weights
-    return task.evaluate(w, task.load_test())["accuracy"]
+    return task.evaluate(task.fit_central(rounds, lr, batch), task.load_test())["accuracy"]
 
 
 def federated(strategy: str, partition: str, workers: int, rounds: int, out: Path) -> dict[str, float]:

@@ -16,7 +16,6 @@ import pytest
 import safetensors.numpy
 
 from fedfleet.config import RunConfig
-from fedfleet.tasks.base import TrainParams
 from fedfleet.tasks.songs import SongsTask
 
 
@@ -105,11 +104,7 @@ def test_bad_option_is_one_line_error(tmp_path: Path) -> None:
 def central_accuracy(epochs: int, lr: float, batch_size: int) -> float:
     """The same model and SGD, trained on the whole training pool in one place."""
     task = SongsTask()
-    pool = task.train_pool()
-    weights = task.apply_stats(task.init_weights(0), task.local_stats(pool))
-    for epoch in range(epochs):
-        weights = task.fit(weights, pool, TrainParams(1, batch_size, lr, seed=epoch)).weights
-    return task.evaluate(weights, task.load_test())["accuracy"]
+    return task.evaluate(task.fit_central(epochs, lr, batch_size), task.load_test())["accuracy"]
 
 
 def test_federated_iid_matches_central(tmp_path: Path) -> None:

@@ -208,6 +208,15 @@ class SongsTask:
         return FitResult(new, len(y), {"train_loss": loss_sum / max(seen, 1),
                                        "train_accuracy": correct / max(seen, 1)})
 
+    def fit_central(self, epochs: int, lr: float, batch_size: int, seed: int = 0) -> Weights:
+        """The reference federated runs are measured against: the same model and local SGD, trained
+        on the whole training pool in one place, one epoch per federated round."""
+        pool = self.train_pool()
+        weights = self.apply_stats(self.init_weights(seed), self.local_stats(pool))
+        for epoch in range(epochs):
+            weights = self.fit(weights, pool, TrainParams(1, batch_size, lr, seed=epoch)).weights
+        return weights
+
     def predict_proba(self, weights: Weights, x: np.ndarray) -> np.ndarray:
         return softmax(self._inputs(weights, x) @ weights["linear.weight"] + weights["linear.bias"])
 
