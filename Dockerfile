@@ -17,9 +17,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# Only what the wheel needs (see .dockerignore): a change to tests or docs does not rebuild it.
+# Only what the wheel needs (see .dockerignore; the wheel carries the CloudFormation template): a change to tests or docs does not rebuild it.
 COPY pyproject.toml README.md ./
 COPY data/spotify-hits ./data/spotify-hits
+COPY deploy/aws/fedfleet.yaml ./deploy/aws/fedfleet.yaml
 COPY src ./src
 # The wheel is built in an isolated environment (hatchling comes from the index, not from this image),
 # then installed with its pinned-by-pyproject dependencies into a venv that the final stage copies.

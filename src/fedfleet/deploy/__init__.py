@@ -1,0 +1,1 @@
+"""Deployment helpers: ``fedfleet aws`` (CloudFormation stack, tokens, S3 artefacts) in ``aws``."""
