@@ -1,4 +1,4 @@
-"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker, report.
+"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker, report, serve, certs.
 
 Run options come from ``config.OPTIONS`` (one table, one validation, one error format); values are
 taken from defaults, then ``--config FILE``, then flags. A bad value ends the command with a one-line
@@ -16,6 +16,7 @@ from typing import Any
 
 from fedfleet import log
 from fedfleet.config import OPTIONS, RunConfig, load_toml
+from fedfleet.coordinator.limits import JSON_BODY_LIMIT
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.client import check_url
 
@@ -64,6 +65,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0. Got {text!r} instead")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -105,6 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="state, checkpoints and outputs; restart with the same one to resume")
     coord.add_argument("--linger", type=_seconds, default=10.0,
                        help="seconds to keep serving after the run so workers hear it is over")
+    sec = coord.add_argument_group("security and limits (see docs/reliability.md)")
+    sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                     help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for status, "
+                          "metrics, dashboard and control endpoints")
+    sec.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
+                     help="file holding the join token (or env FEDFLEET_JOIN_TOKEN): needed to register; each "
+                          "worker then gets its own token")
+    sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="PEM certificate: serve https")
+    sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key of --tls-cert")
+    sec.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --host without a join token (trusted networks only)")
+    sec.add_argument("--max-body-bytes", type=_positive_int, default=JSON_BODY_LIMIT, metavar="N",
+                     help=f"largest JSON request body (updates are bounded by the model's size) "
+                          f"[default {JSON_BODY_LIMIT}]")
+    sec.add_argument("--registration-rate", type=_positive_float, default=20.0, metavar="PER_SECOND",
+                     help="registrations accepted per second on average; more get 429 [default 20]")
+    sec.add_argument("--registration-burst", type=_positive_int, default=200, metavar="N",
+                     help="registrations accepted at once, e.g. a fleet starting together [default 200]")
+    sec.add_argument("--max-connections", type=_positive_int, default=None, metavar="N",
+                     help="open connections served at once; more get 503 (each worker holds up to 3) "
+                          "[default unlimited]")
 
     worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
     worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
@@ -119,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve Prometheus metrics of this process on this port (default 0: off)")
     worker.add_argument("--metrics-host", default="127.0.0.1",
                         help="address the metrics are served on (0.0.0.0 for a Prometheus on another host)")
+    worker.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
+                        help="file holding the coordinator's join token (or env FEDFLEET_JOIN_TOKEN)")
+    worker.add_argument("--ca", type=Path, default=None, metavar="FILE",
+                        help="PEM certificate(s) of the CA to trust for an https coordinator (default: the system's)")
+
+    certs = sub.add_parser("certs", help="make a development CA and a server certificate for --tls-cert/--tls-key")
+    certs.add_argument("--out", type=Path, default=Path("certs"), help="folder for the PEM files [default certs]")
+    certs.add_argument("--host", dest="hosts", action="append", default=None, metavar="NAME",
+                       help="host name or IP address the coordinator is reached at (repeatable) "
+                            "[default localhost and 127.0.0.1]")
+    certs.add_argument("--days", type=_positive_int, default=365, help="days the certificates are valid [365]")
+    certs.add_argument("--force", action="store_true", help="replace certificates already in --out")
 
     report = sub.add_parser("report", help="PNG plots and report.md of a run, or of several side by side")
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
@@ -140,10 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setup(args.log_level or ("WARNING" if args.command == "run" else "INFO"))
     try:
         if args.command == "worker":
+            from fedfleet.coordinator.security import read_token
+            from fedfleet.protocol.client import tls_context
             from fedfleet.worker.agent import WorkerProcess
             from fedfleet.worker.signals import stop_on_signals
 
-            proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up)
+            proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up,
+                                 join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
+                                 verify=tls_context(args.ca))
             stop_on_signals(proc.stop)
             if args.metrics_port:
                 from fedfleet.worker.metrics import serve as serve_metrics
@@ -155,15 +203,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedfleet.report import main as report_main
 
             return report_main(args.run_dirs, args.out)
+        if args.command == "certs":
+            from fedfleet.certs import make_certs
+
+            written = make_certs(args.out, args.hosts or ["localhost", "127.0.0.1"], args.days, args.force)
+            for path in written:
+                print(path)
+            return 0
         if args.command == "serve":
             from fedfleet.web.serve import serve_run
 
             return serve_run(args.run, args.host, args.port)
         config = run_config(args)
         if args.command == "coordinator":
+            from fedfleet.coordinator.limits import Limits
+            from fedfleet.coordinator.security import read_token
             from fedfleet.coordinator.server import serve
 
-            return serve(config, args.data_dir, args.host, args.port, args.linger)
+            limits = Limits(json_body_bytes=args.max_body_bytes, registration_rate=args.registration_rate,
+                            registration_burst=args.registration_burst, max_connections=args.max_connections)
+            return serve(config, args.data_dir, args.host, args.port, args.linger,
+                         admin_token=read_token(args.admin_token_file, "FEDFLEET_ADMIN_TOKEN", "admin token"),
+                         join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits)
         from fedfleet.runner import run_local
 
         out = args.out or Path("runs") / f"{config.task}-{config.partition.replace(':', '')}"

@@ -7,7 +7,8 @@ json, safetensors) are translated at the boundary with ``raise ... from exc``::
     ├── ConfigError          a run option or config file value is invalid
     ├── TaskError            a task cannot be loaded, or its data is missing or malformed
     ├── ProtocolError        a message on the wire is malformed (bad safetensors, bad JSON, bad size)
-    │   └── RequestRejected  a well-formed request the run cannot take now (stale, duplicate, unknown)
+    │   ├── RequestRejected  a well-formed request the run cannot take now (stale, duplicate, unknown)
+    │   └── AuthError        a missing or wrong token (401), or one used outside its scope (403)
     ├── RoundError           a round or the whole run cannot go on (below quorum, no workers)
     ├── StorageError         the data dir or its SQLite database cannot be read or written
     └── TransportError       a request did not get through (connection refused, reset, timed out)
@@ -57,6 +58,10 @@ class RequestRejected(ProtocolError):
         super().__init__(message, status=status, reason=reason)
         self.round = round
         self.worker = worker
+
+
+class AuthError(ProtocolError):
+    """A missing or wrong credential (401), or a valid one used outside its scope (403)."""
 
 
 class RoundError(FedfleetError):

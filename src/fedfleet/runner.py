@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedfleet.config import RunConfig
+from fedfleet.coordinator.security import new_token
 from fedfleet.coordinator.server import ADDRESS_FILE
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.messages import API, Status
@@ -54,8 +55,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / "logs").mkdir(exist_ok=True)
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _spawn(args: list[str], log_path: Path, join_token: str) -> subprocess.Popen[bytes]:
+    # The token goes by environment, not argv: other users can read a process's argv, not its environment.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDFLEET_JOIN_TOKEN": join_token}
     fh: IO[bytes] = log_path.open("ab")
     try:
         return subprocess.Popen([sys.executable, "-m", "fedfleet", *args], stdout=fh, stderr=subprocess.STDOUT,
@@ -108,10 +110,13 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
     request = out / ".run-config.toml"
     write_text_atomic(request, config.to_toml())
     children: list[subprocess.Popen[bytes]] = []
+    # Even on loopback, other local users can reach the port: only our workers may join.
+    join_token = new_token()
     t0 = time.monotonic()
     try:
         coord = _spawn(["--log-level", "INFO", "coordinator", "--config", str(request), "--data-dir", str(out),
-                        "--host", "127.0.0.1", "--port", "0", "--linger", "5"], out / "logs" / "coordinator.log")
+                        "--host", "127.0.0.1", "--port", "0", "--linger", "5"], out / "logs" / "coordinator.log",
+                       join_token)
         children.append(coord)
         url = _wait_address(out, coord)
         counts = spread(config.workers, processes or default_processes(config.workers))
@@ -119,7 +124,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
             children.append(_spawn(
                 ["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
                  "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}", "--give-up", "30"],
-                out / "logs" / f"worker-{i}.log"))
+                out / "logs" / f"worker-{i}.log", join_token))
         console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
                       f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")
         _watch(url, config, coord, console, out / "summary.json")

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -20,7 +20,9 @@ from starlette.requests import ClientDisconnect
 
 from fedfleet.coordinator.body import BodyReader
 from fedfleet.coordinator.engine import HEADER_SLACK, Engine
-from fedfleet.errors import FedfleetError, ProtocolError
+from fedfleet.coordinator.limits import Limits, RateLimit
+from fedfleet.coordinator.security import WORKER_TOKEN_HEADER, Access, AuthMiddleware, require_worker
+from fedfleet.errors import AuthError, FedfleetError, ProtocolError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     API,
@@ -36,13 +38,15 @@ from fedfleet.protocol.messages import (
 )
 from fedfleet.web import create_router
 
-JSON_BODY_LIMIT = 1024 * 1024
 MODEL_MEDIA_TYPE = "application/octet-stream"
 METRICS_PATH = "/metrics"
 
 
 class Heartbeat(BaseModel):
     worker_ids: list[WorkerId] = Field(max_length=100_000)
+    tokens: list[str] = Field(default_factory=list, max_length=100_000,
+                              description="each worker's token, in the order of worker_ids, when the "
+                                          "coordinator has a join token")
 
 
 class HeartbeatAck(BaseModel):
@@ -58,7 +62,13 @@ def _status_of(exc: FedfleetError) -> int:
     return exc.status if isinstance(exc, ProtocolError) else 500
 
 
-def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> FastAPI:
+def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access: Access | None = None,
+               limits: Limits | None = None, secure_cookie: bool = False) -> FastAPI:
+    """The API of ``engine``; ``access`` says which tokens it needs (None: open), ``limits`` how much it takes."""
+    access = access or Access()
+    limits = limits or Limits()
+    registrations = RateLimit(limits.registration_rate, limits.registration_burst)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop_task = asyncio.create_task(engine.run())
@@ -78,10 +88,17 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
                   description="Federated learning coordinator: workers register, long-poll for tasks, "
                               "download the model and upload updates as safetensors.")
     # /metrics takes no body; exempt, so that a scrape never depends on the JSON body logic.
-    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, exempt=(f"{API}/updates", METRICS_PATH))
+    app.add_middleware(BodyLimit, limit=limits.json_body_bytes, exempt=(f"{API}/updates", METRICS_PATH))
+    # Added last, so it runs first: a request without the right token is turned away before its body is read.
+    app.add_middleware(AuthMiddleware, access=access, secure_cookie=secure_cookie,
+                       on_refused=engine.metrics.request_refused)
 
     @app.exception_handler(FedfleetError)
     async def fedfleet_error(request: Request, exc: FedfleetError) -> JSONResponse:
+        if isinstance(exc, AuthError):
+            engine.metrics.request_refused(exc.reason or "unauthorized")
+            headers = {"WWW-Authenticate": 'Bearer realm="fedfleet"'} if exc.status == 401 else None
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
         return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -106,9 +123,24 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
     async def evaluate() -> EvalResult:
         return await engine.evaluate()
 
-    @app.post(f"{API}/workers", response_model=RegisterResponse, tags=["workers"])
-    async def register(req: RegisterRequest) -> RegisterResponse:
-        return engine.register(req.worker_id, req.name)
+    @app.post(f"{API}/workers", response_model=RegisterResponse, tags=["workers"],
+              responses={429: {"description": "too many registrations at once; retry after Retry-After s"}})
+    async def register(req: RegisterRequest,
+                       x_fedfleet_worker_token: str | None = Header(None, max_length=200)) -> RegisterResponse:
+        wait = registrations.take()
+        if wait > 0:
+            engine.metrics.request_refused("rate_limited")
+            raise HTTPException(429, f"too many registrations: over {limits.registration_rate:g} per second; "
+                                     f"retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
+        if access.workers_need_tokens and req.worker_id in engine.registry.workers:
+            # Taking back a known id (and its partition) needs that worker's own token, not just the join token.
+            given = x_fedfleet_worker_token
+            if given is None or access.worker_of(given) != req.worker_id:
+                raise AuthError(f"worker id {req.worker_id!r} is registered already; only that worker, with its "
+                                f"worker token in {WORKER_TOKEN_HEADER}, may take it back", status=403,
+                                reason="forbidden")
+        reply = engine.register(req.worker_id, req.name)
+        return reply.model_copy(update={"token": access.worker_token(reply.worker_id)})
 
     @app.get(f"{API}/workers", response_model=list[WorkerView], tags=["workers"])
     async def workers() -> list[WorkerView]:
@@ -116,6 +148,17 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None) -> Fas
 
     @app.post(f"{API}/heartbeat", response_model=HeartbeatAck, tags=["workers"])
     async def heartbeat(req: Heartbeat) -> HeartbeatAck:
+        if access.workers_need_tokens:
+            if len(req.tokens) != len(req.worker_ids):
+                raise AuthError(f"heartbeat has {len(req.worker_ids)} worker ids but {len(req.tokens)} tokens: "
+                                "each worker id needs its worker token", status=401, reason="unauthorized")
+            for i, (wid, token) in enumerate(zip(req.worker_ids, req.tokens, strict=True)):
+                who = access.worker_of(token)
+                if who != wid:
+                    raise AuthError(f"tokens[{i}] is not a worker token of this run", status=401,
+                                    reason="unauthorized") if who is None else \
+                        AuthError(f"tokens[{i}] belongs to worker {who!r}, not {wid!r}", status=403,
+                                  reason="forbidden")
         return HeartbeatAck(known=engine.heartbeat(req.worker_ids))
 
     @app.get(f"{API}/workers/{{worker_id}}/task", response_model=TaskMessage, tags=["workers"],
@@ -177,6 +220,7 @@ async def _receive_update(engine: Engine, request: Request) -> UpdateAck:
                                 status=413)
         header = codec.parse_header(prefix + await reader.read_exact(n))
         meta = UpdateMeta.from_metadata(header.metadata)
+        require_worker(request.scope, meta.worker_id)
         rs = engine.begin_update(meta, header)
         committed = False
         try:

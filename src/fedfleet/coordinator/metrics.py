@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 # A fixed set, so that a flood of odd uploads cannot mint new time series; anything else is "other".
 REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_body", "bad_metadata",
-                  "bad_schema", "non_finite", "too_large", "other")
+                  "bad_schema", "non_finite", "too_large", "forbidden", "other")
+REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited")
 UPDATE_KINDS = ("stats", "train")
 WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
 RUN_STATES = ("waiting", "running", "finished", "failed")
@@ -65,6 +66,10 @@ class CoordinatorMetrics:
         self.updates_rejected = Counter(
             "fedfleet_updates_rejected", "Uploads refused with a 4xx (or failed with a 5xx), by reason",
             ["reason"], registry=r)
+        self.requests_refused = Counter(
+            "fedfleet_requests_refused", "Requests turned away before reaching the run: no or a wrong token "
+            "(unauthorized), a token outside its scope (forbidden), too many registrations (rate_limited)",
+            ["reason"], registry=r)
         self.received_bytes = Counter(
             "fedfleet_update_received_bytes", "Bytes of accepted updates (safetensors bodies)", registry=r)
         self.sent_bytes = Counter("fedfleet_model_sent_bytes", "Bytes of the global model sent to workers",
@@ -87,6 +92,8 @@ class CoordinatorMetrics:
             self.updates_accepted.labels(kind=kind)
         for reason in REJECT_REASONS:
             self.updates_rejected.labels(reason=reason)
+        for reason in REFUSE_REASONS:
+            self.requests_refused.labels(reason=reason)
         self.dropped = 0  # sampled workers that did not answer in the last round attempt that closed
         r.register(_EngineGauges(engine, self))
         ProcessCollector(registry=r)
@@ -98,6 +105,9 @@ class CoordinatorMetrics:
 
     def update_rejected(self, exc: BaseException) -> None:
         self.updates_rejected.labels(reason=rejection_reason(exc)).inc()
+
+    def request_refused(self, reason: str) -> None:
+        self.requests_refused.labels(reason=reason if reason in REFUSE_REASONS else "unauthorized").inc()
 
     def model_sent(self, nbytes: int) -> None:
         self.sent_bytes.inc(nbytes)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 
 import uvicorn
@@ -13,6 +16,9 @@ from fedfleet import log
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
 from fedfleet.coordinator.engine import Engine
+from fedfleet.coordinator.limits import Limits
+from fedfleet.coordinator.security import Access, load_secret
+from fedfleet.errors import ConfigError
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import load_task
 
@@ -30,10 +36,50 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tls(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
+    """The certificate and key files, loaded once here so that a bad pair is a clear error, not a traceback."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither", option="tls-cert")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"TLS file {exc.filename} does not exist", option="tls-cert") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and its private "
+                          f"key: {exc}", option="tls-cert") from exc
+    return str(cert), str(key)
+
+
 def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
-          linger: float = 10.0) -> int:
-    """Serve until the run finishes or fails (or SIGINT/SIGTERM); exit status 0 only if it finished."""
+          linger: float = 10.0, *, admin_token: str | None = None, join_token: str | None = None,
+          tls_cert: Path | None = None, tls_key: Path | None = None, insecure: bool = False,
+          limits: Limits | None = None) -> int:
+    """Serve until the run finishes or fails (or SIGINT/SIGTERM); exit status 0 only if it finished.
+
+    Off the loopback interface a join token is required unless ``insecure``: without one, anyone who
+    reaches the port could join the run and send it updates.
+    """
+    tls = check_tls(tls_cert, tls_key)
+    if not is_loopback(host) and join_token is None and not insecure:
+        raise ConfigError(f"refusing to serve on {host} without a join token: anyone who can reach it could join "
+                          "the run and send updates. Set FEDFLEET_JOIN_TOKEN or --join-token-file (and "
+                          "--admin-token-file), or pass --insecure on a network you trust", option="host")
     data_dir.mkdir(parents=True, exist_ok=True)
+    access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")
+    if not is_loopback(host) and tls is None and (admin_token or join_token):
+        log.event("coordinator.plaintext_tokens", logging.WARNING, host=host,
+                  message="tokens will cross the network in clear text; use --tls-cert/--tls-key")
     task = load_task(config.task, config.task_options_dict)
     engine = Engine(config, task, data_dir, linger=linger)
     sock = bind(host, port)
@@ -44,16 +90,19 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, on_done=stop)
+    limits = limits or Limits()
+    app = create_app(engine, on_done=stop, access=access, limits=limits, secure_cookie=tls is not None)
+    # No access log: it would be the one place a token in a URL could leak to; events are logged instead.
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, timeout_keep_alive=75,
-        h11_max_incomplete_event_size=64 * 1024))
+        h11_max_incomplete_event_size=64 * 1024, limit_concurrency=limits.max_connections,
+        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None))
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{actual}"
+    url = f"{'https' if tls else 'http'}://{shown}:{actual}"
     write_text_atomic(data_dir / ADDRESS_FILE, json.dumps(
         {"url": url, "host": host, "port": actual, "pid": os.getpid(), "run_id": engine.run_id}) + "\n")
     log.event("coordinator.listening", run=engine.run_id, url=url, task=config.task, rounds=config.rounds,
-              workers=config.workers)
+              workers=config.workers, admin_token=admin_token is not None, join_token=join_token is not None)
     server.run(sockets=[sock])
     (data_dir / ADDRESS_FILE).unlink(missing_ok=True)
     return 0 if engine.state == "finished" else 1

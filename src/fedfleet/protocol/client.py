@@ -11,13 +11,14 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
-from fedfleet.errors import ProtocolError, RequestRejected, TransportError
+from fedfleet.errors import AuthError, ConfigError, ProtocolError, RequestRejected, TransportError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     API,
@@ -45,6 +46,22 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def tls_context(ca: Path | None) -> ssl.SSLContext | bool:
+    """What to verify an https coordinator against: the CA in ``ca`` (PEM), or the system's CAs."""
+    if ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--ca file {ca} does not exist", option="ca") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--ca file {ca} is not PEM CA certificates: {exc}", option="ca") from exc
+
+
+# Busy or briefly away (429, 502, 503, 504): worth a retry with backoff, like a refused connection.
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
 def _raise_for(status: int, body: bytes, what: str) -> None:
     if status < 400:
         return
@@ -54,13 +71,22 @@ def _raise_for(status: int, body: bytes, what: str) -> None:
         detail = body[:300].decode(errors="replace")
     if status in (404, 409):
         raise RequestRejected(f"{what}: {detail}", status=status)
+    if status in RETRY_STATUSES:
+        raise TransportError(f"{what}: HTTP {status}: {detail}")
+    if status in (401, 403):
+        raise AuthError(f"{what}: HTTP {status}: {detail}", status=status)
     raise ProtocolError(f"{what}: HTTP {status}: {detail}", status=status)
 
 
 class CoordinatorClient:
-    """One connection's worth of client: use one per thread."""
+    """One connection's worth of client: use one per thread.
 
-    def __init__(self, url: str, timeout: float = 60.0, verify: ssl.SSLContext | bool = True) -> None:
+    ``join_token`` is sent to register; the worker token that registration returns (``token``) is
+    sent on every later call of this client.
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0, verify: ssl.SSLContext | bool = True,
+                 join_token: str | None = None, token: str | None = None) -> None:
         self.url = check_url(url)
         parts = urlsplit(self.url)
         self._https = parts.scheme == "https"
@@ -71,6 +97,8 @@ class CoordinatorClient:
         self._verify = verify
         self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify)
         self._conn: http.client.HTTPConnection | None = None
+        self.join_token = join_token
+        self.token = token
 
     def close(self) -> None:
         self._http.close()
@@ -78,18 +106,32 @@ class CoordinatorClient:
             self._conn.close()
 
     # --- control (httpx) -------------------------------------------------------------------------
-    def _call(self, method: str, path: str, what: str, **kw: Any) -> Any:
+    def _auth(self, token: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _call(self, method: str, path: str, what: str, token: str | None = None, **kw: Any) -> Any:
         try:
-            r = self._http.request(method, API + path, **kw)
+            r = self._http.request(method, API + path, headers=self._auth(token or self.token), **kw)
         except httpx.TransportError as exc:
             raise TransportError(f"{what}: {exc!r}") from exc
         _raise_for(r.status_code, r.content, what)
         return r.json()
 
-    def register(self, worker_id: str | None, name: str) -> RegisterResponse:
+    def register(self, worker_id: str | None, name: str, worker_token: str | None = None) -> RegisterResponse:
+        """Join the run (with the join token); a known ``worker_id`` is taken back with its ``worker_token``.
+
+        The worker token in the reply is kept and sent on this client's later calls."""
         req = RegisterRequest(worker_id=worker_id, name=name)
-        return RegisterResponse.model_validate(
-            self._call("POST", "/workers", "register", json=req.model_dump(exclude_none=True)))
+        extra = {"X-Fedfleet-Worker-Token": worker_token} if worker_token and worker_id else {}
+        try:
+            r = self._http.post(API + "/workers", json=req.model_dump(exclude_none=True),
+                                headers={**self._auth(self.join_token), **extra})
+        except httpx.TransportError as exc:
+            raise TransportError(f"register: {exc!r}") from exc
+        _raise_for(r.status_code, r.content, "register")
+        reply = RegisterResponse.model_validate(r.json())
+        self.token = reply.token
+        return reply
 
     def next_task(self, worker_id: str, wait: float) -> TaskMessage:
         """Long-poll for the next task. On the lean connection: it is on every worker's path every round."""
@@ -98,11 +140,15 @@ class CoordinatorClient:
         _raise_for(status, body, "next task")
         return TaskMessage.model_validate_json(body)
 
-    def heartbeat(self, worker_ids: list[str]) -> int:
-        return int(self._call("POST", "/heartbeat", "heartbeat", json={"worker_ids": worker_ids})["known"])
+    def heartbeat(self, worker_ids: list[str], tokens: list[str] | None = None) -> int:
+        """Say these workers are alive; ``tokens`` (each id's worker token, in order) when the run needs them."""
+        body: dict[str, list[str]] = {"worker_ids": worker_ids}
+        if tokens:
+            body["tokens"] = tokens
+        return int(self._call("POST", "/heartbeat", "heartbeat", json=body)["known"])
 
-    def status(self) -> Status:
-        return Status.model_validate(self._call("GET", "/status", "status"))
+    def status(self, admin_token: str | None = None) -> Status:
+        return Status.model_validate(self._call("GET", "/status", "status", token=admin_token))
 
     # --- tensors (http.client) -------------------------------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
@@ -122,6 +168,8 @@ class CoordinatorClient:
             conn = self._connection()
             try:
                 conn.putrequest(method, self._prefix + API + path, skip_accept_encoding=True)
+                if self.token:
+                    conn.putheader("Authorization", f"Bearer {self.token}")
                 for k, v in (headers or {}).items():
                     conn.putheader(k, v)
                 if parts is not None:

@@ -41,6 +41,8 @@ class RegisterResponse(Message):
     task_options: dict[str, str]
     partition: PartitionInfo
     poll_seconds: float = Field(description="longest long-poll the coordinator holds open")
+    token: str | None = Field(default=None, description="this worker's own bearer token for every later call; "
+                                                "None when the coordinator needs no tokens")
 
 
 class TrainParamsMsg(Message):

@@ -7,13 +7,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_atomic(path: Path, parts: Iterable[bytes | memoryview]) -> int:
-    """Write ``parts`` to ``path`` atomically and durably; returns the bytes written."""
+def write_atomic(path: Path, parts: Iterable[bytes | memoryview], mode: int = 0o644) -> int:
+    """Write ``parts`` to ``path`` atomically and durably; returns the bytes written.
+
+    ``mode`` applies from the first byte (0o600 for secrets), not after a chmod."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     written = 0
     try:
-        with tmp.open("wb") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
             for part in parts:
                 written += fh.write(part)
             fh.flush()
@@ -30,5 +32,5 @@ def write_atomic(path: Path, parts: Iterable[bytes | memoryview]) -> int:
     return written
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, [text.encode()])
+def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    write_atomic(path, [text.encode()], mode)

@@ -7,7 +7,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from fedfleet.coordinator.app import JSON_BODY_LIMIT, BodyLimit
+from fedfleet.coordinator.app import BodyLimit
+from fedfleet.coordinator.limits import JSON_BODY_LIMIT
 from fedfleet.coordinator.server import bind
 from fedfleet.protocol.messages import API, Status
 from fedfleet.web.routes import create_router

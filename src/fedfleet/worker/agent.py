@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +39,11 @@ UPLOAD_TRIES = 3
 class WorkerProcess:
     """What the logical workers of one process share, and the threads that run them."""
 
-    def __init__(self, url: str, clients: int, state_dir: Path, name: str = "", give_up: float = 300.0) -> None:
+    def __init__(self, url: str, clients: int, state_dir: Path, name: str = "", give_up: float = 300.0,
+                 join_token: str | None = None, verify: ssl.SSLContext | bool = True) -> None:
         self.url = url
+        self.join_token = join_token
+        self.verify = verify
         self.clients = clients
         self.state_dir = state_dir
         self.name = name or socket.gethostname()
@@ -50,7 +54,7 @@ class WorkerProcess:
         self._tasks: dict[tuple[str, tuple[tuple[str, str], ...]], Task] = {}
         self._model: tuple[int, Weights] | None = None
         self._model_lock = threading.Lock()
-        self._ids: set[str] = set()
+        self._ids: dict[str, str | None] = {}  # worker id -> its worker token (None on an open coordinator)
         self._poll_seconds = 1.0  # until registration says otherwise: beat early rather than late
         self.metrics = WorkerMetrics()  # served only with --metrics-port, but always kept: it costs little
 
@@ -71,9 +75,12 @@ class WorkerProcess:
                 self.metrics.download_seconds.observe(time.perf_counter() - t0)
             return self._model[1]
 
-    def joined(self, worker_id: str, poll_seconds: float) -> None:
+    def client(self, timeout: float = 60.0) -> CoordinatorClient:
+        return CoordinatorClient(self.url, timeout=timeout, verify=self.verify, join_token=self.join_token)
+
+    def joined(self, worker_id: str, poll_seconds: float, token: str | None) -> None:
         with self._lock:
-            self._ids.add(worker_id)
+            self._ids[worker_id] = token
             self._poll_seconds = poll_seconds
             self.metrics.clients.set(len(self._ids))
 
@@ -95,15 +102,17 @@ class WorkerProcess:
         return 1 if self.errors else 0
 
     def _heartbeat(self) -> None:
-        client = CoordinatorClient(self.url, timeout=10.0)
+        client = self.client(timeout=10.0)
         try:
             while not self.stop.wait(max(0.5, self._poll_seconds / 2)):
                 with self._lock:
                     ids = sorted(self._ids)
+                    tokens = [t for t in (self._ids[i] for i in ids) if t is not None]
                 if ids:
+                    client.token = tokens[0] if tokens else None
                     # The agents notice a lost coordinator and report it themselves.
                     with contextlib.suppress(FedfleetError):
-                        client.heartbeat(ids)
+                        client.heartbeat(ids, tokens if len(tokens) == len(ids) else None)
         finally:
             client.close()
 
@@ -118,7 +127,7 @@ class Agent:
         self.worker_id: str | None = None
 
     def run(self) -> None:
-        client = CoordinatorClient(self.proc.url)
+        client = self.proc.client()
         try:
             self._loop(client)
         except CoordinatorUnreachable as exc:
@@ -137,19 +146,24 @@ class Agent:
         with self.proc._lock:
             self.proc.errors.append(message)
 
-    def _stored_id(self) -> str | None:
+    def _stored(self) -> tuple[str | None, str | None]:
+        """The id (and worker token) this slot had, so that a restarted worker keeps its partition."""
         try:
             data = json.loads(self.id_file.read_text())
-            return str(data["worker_id"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            token = data.get("token")
+            return str(data["worker_id"]), str(token) if token else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, None
 
     def _register(self, client: CoordinatorClient) -> tuple[RegisterResponse, Trainer]:
         name = f"{self.proc.name}/{self.slot}"
-        reg = self._retry(lambda: client.register(self._stored_id(), name), "register")
+        worker_id, token = self._stored()
+        reg = self._retry(lambda: client.register(worker_id, name, token), "register")
         self.worker_id = reg.worker_id
-        write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url}))
-        self.proc.joined(reg.worker_id, reg.poll_seconds)
+        # The worker token is a credential: the file is readable by this user only.
+        write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url,
+                                                    "token": reg.token}), mode=0o600)
+        self.proc.joined(reg.worker_id, reg.poll_seconds, reg.token)
         log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.name, run=reg.run_id)
         return reg, Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
 

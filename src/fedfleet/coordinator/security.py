@@ -1,0 +1,309 @@
+"""Who may call what: bearer tokens, checked by an ASGI middleware before any route runs.
+
+Three credentials, each optional (a coordinator with none is open, as on a developer's loopback):
+
+- the **admin token** (``--admin-token-file`` / ``FEDFLEET_ADMIN_TOKEN``) opens the control and
+  read endpoints: status, rounds, workers, evaluate, metrics, the dashboard and the predict page.
+  Browsers get it as an HttpOnly cookie from ``/login``;
+- the **join token** (``--join-token-file`` / ``FEDFLEET_JOIN_TOKEN``) lets a worker register;
+- a **worker token**, issued at registration when a join token is set, lets one worker id, and only
+  that one, poll for tasks, download the model, send heartbeats and upload updates. It is
+  ``ID~MAC`` with MAC = HMAC-SHA256(run secret, ID): the coordinator keeps no table of tokens, and
+  the run secret (``auth.key`` in the data dir, mode 0600) makes them survive a restart.
+
+Every comparison is constant-time (``hmac.compare_digest``); tokens are never logged. A request with
+no or a wrong token gets 401 with ``WWW-Authenticate: Bearer``; a valid token used outside its scope
+(a worker token on an admin endpoint, or for another worker's id) gets 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+from fedfleet.errors import AuthError, ConfigError
+from fedfleet.protocol.messages import API
+
+Scope = Literal["public", "join", "worker", "admin", "model"]
+SECRET_FILE = "auth.key"
+COOKIE = "fedfleet_admin"
+WORKER_TOKEN_HEADER = "x-fedfleet-worker-token"
+SEPARATOR = "~"  # not allowed in a worker id (messages.WorkerId), so ID~MAC splits one way only
+MIN_TOKEN_CHARS = 16
+# Where the worker's own id sits in the path: /v1/workers/{id}/task.
+_WORKER_PATH = f"{API}/workers/"
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+def read_token(file: Path | None, env: str, what: str) -> str | None:
+    """A token from ``file`` (first line) or the environment variable ``env``; None if neither is set."""
+    if file is not None:
+        try:
+            token = file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the {what} file {file}: {exc.strerror}", option=what) from exc
+    else:
+        token = os.environ.get(env, "").strip()
+        if not token:
+            return None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ConfigError(f"the {what} must be at least {MIN_TOKEN_CHARS} characters with no spaces "
+                          f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')", option=what)
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def load_secret(data_dir: Path) -> bytes:
+    """The run secret that signs worker tokens: made once per data dir, kept for resumes."""
+    path = data_dir / SECRET_FILE
+    try:
+        secret = path.read_bytes()
+        if len(secret) >= 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
+@dataclass(frozen=True)
+class Access:
+    """The credentials a coordinator accepts; ``Access()`` is an open coordinator."""
+
+    admin_token: str | None = None
+    join_token: str | None = None
+    secret: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.join_token is not None and len(self.secret) < 32:
+            raise ValueError("worker tokens need a secret of at least 32 bytes")
+
+    @property
+    def workers_need_tokens(self) -> bool:
+        return self.join_token is not None
+
+    def worker_token(self, worker_id: str) -> str | None:
+        """The token that lets ``worker_id`` act as itself; None on an open coordinator."""
+        if self.join_token is None:
+            return None
+        mac = hmac.new(self.secret, worker_id.encode(), hashlib.sha256).digest()
+        return f"{worker_id}{SEPARATOR}{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    def worker_of(self, token: str) -> str | None:
+        """The worker id a worker token is valid for, or None."""
+        worker_id, sep, _ = token.partition(SEPARATOR)
+        if not sep or not worker_id:
+            return None
+        expected = self.worker_token(worker_id)
+        return worker_id if expected is not None and _same(token, expected) else None
+
+    def is_admin(self, token: str | None) -> bool:
+        return self.admin_token is None or (token is not None and _same(token, self.admin_token))
+
+    def is_join(self, token: str | None) -> bool:
+        return self.join_token is None or (token is not None and _same(token, self.join_token))
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def scope_of(method: str, path: str) -> Scope:
+    """Which credential a request needs. Anything not named here is admin: closed by default."""
+    if path in (f"{API}/health", "/login", "/openapi.json"):
+        return "public"
+    if path == f"{API}/workers" and method == "POST":
+        return "join"
+    if path == f"{API}/model":
+        return "model"  # a worker's, or the admin's to fetch the model by hand
+    if path in (f"{API}/heartbeat", f"{API}/updates") or path.startswith(f"{API}/uploads") \
+            or (path.startswith(_WORKER_PATH) and path.endswith("/task")):
+        return "worker"
+    return "admin"
+
+
+def bearer(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+    """The bearer token of the Authorization header and the admin cookie, if present."""
+    token = cookie = None
+    for key, value in headers:
+        if key == b"authorization":
+            scheme, _, rest = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and rest.strip():
+                token = rest.strip()
+        elif key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                name, _, v = part.strip().partition("=")
+                if name == COOKIE and v:
+                    cookie = v
+    return token, cookie
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def authenticated_worker(scope: MutableMapping[str, Any]) -> str | None:
+    """The worker id the middleware authenticated this request as (None on an open coordinator)."""
+    return scope.get("state", {}).get("fedfleet_worker")  # type: ignore[no-any-return]
+
+
+def require_worker(scope: MutableMapping[str, Any], worker_id: str) -> None:
+    """403 unless the request's worker token is ``worker_id``'s own (always passes when open)."""
+    who = authenticated_worker(scope)
+    if who is not None and who != worker_id:
+        raise AuthError(f"this worker token belongs to worker {who!r}, not {worker_id!r}: a worker may only act "
+                        "for itself", status=403, reason="forbidden")
+
+
+def check(access: Access, method: str, path: str, headers: list[tuple[bytes, bytes]],
+          state: dict[str, Any]) -> None:
+    """Raise AuthError unless the request carries the credential its endpoint needs."""
+    needed = scope_of(method, path)
+    if needed == "public":
+        return
+    token, cookie = bearer(headers)
+    if needed == "admin":
+        if not access.is_admin(token) and not access.is_admin(cookie):
+            _refuse(access, token or cookie, "the admin token")
+        return
+    if needed == "join":
+        if not access.is_join(token):
+            _refuse(access, token, "the join token")
+        return
+    if not access.workers_need_tokens:
+        return
+    if needed == "model" and access.admin_token is not None and (access.is_admin(token) or access.is_admin(cookie)):
+        return
+    who = access.worker_of(token) if token is not None else None
+    if who is None:
+        raise AuthError("this endpoint needs a worker token: the one returned by registration (POST /v1/workers)"
+                        + (", and the one given is not valid for this run" if token else ""),
+                        status=401, reason="unauthorized")
+    if path.startswith(_WORKER_PATH) and path.endswith("/task"):
+        claimed = path[len(_WORKER_PATH):-len("/task")]
+        if claimed != who:
+            raise AuthError(f"this worker token belongs to worker {who!r}, not {claimed!r}: a worker may only act "
+                            "for itself", status=403, reason="forbidden")
+    # A heartbeat speaks for all the workers of a process: its body carries each id's token, which
+    # the route checks; the header's token only has to be one of them.
+    state["fedfleet_worker"] = None if path == f"{API}/heartbeat" else who
+
+
+def _refuse(access: Access, given: str | None, what: str) -> None:
+    if given is None:
+        raise AuthError(f"this endpoint needs {what} as a bearer token (Authorization: Bearer TOKEN)", status=401,
+                        reason="unauthorized")
+    # A worker token used where the admin's is needed is a token in the wrong place, not a wrong token.
+    if access.worker_of(given) is not None:
+        raise AuthError(f"a worker token may not be used here: this endpoint needs {what}", status=403,
+                        reason="forbidden")
+    raise AuthError(f"the bearer token is not {what} of this coordinator", status=401, reason="unauthorized")
+
+
+class AuthMiddleware:
+    """Check every HTTP request against ``access`` before it reaches a route (and before its body is read)."""
+
+    def __init__(self, app: ASGIApp, access: Access, secure_cookie: bool = False,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.access = access
+        self.secure_cookie = secure_cookie
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/login":
+            await self._login(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        try:
+            check(self.access, scope["method"], scope["path"], scope.get("headers", []), state)
+        except AuthError as exc:
+            if self.on_refused is not None:
+                self.on_refused(exc.reason or "unauthorized")
+            html = "text/html" in (header(scope.get("headers", []), b"accept") or "")
+            await _send_error(send, exc, html and scope["method"] == "GET")
+            return
+        await self.app(scope, receive, send)
+
+    async def _login(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                     send: Callable[[Any], Awaitable[None]]) -> None:
+        """GET: a form asking for the admin token; POST: check it, set the cookie, go to the dashboard."""
+        if scope["method"] != "POST":
+            await _send(send, 200, LOGIN_PAGE.format(message="").encode(), b"text/html; charset=utf-8")
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > 4096:
+                await _send(send, 413, b'{"detail":"login form is over 4096 bytes"}', b"application/json")
+                return
+            if not message.get("more_body"):
+                break
+        token = parse_qs(body.decode("latin-1")).get("token", [""])[0].strip()
+        if self.access.admin_token is None or not self.access.is_admin(token):
+            if self.on_refused is not None:
+                self.on_refused("unauthorized")
+            page = LOGIN_PAGE.format(message="<p class=err>That is not the admin token of this coordinator.</p>")
+            await _send(send, 401, page.encode(), b"text/html; charset=utf-8")
+            return
+        flags = "; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if self.secure_cookie else "")
+        await _send(send, 303, b"", b"text/plain",
+                    [(b"location", b"/"), (b"set-cookie", f"{COOKIE}={token}{flags}".encode())])
+
+
+async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError, html: bool) -> None:
+    extra = [(b"www-authenticate", b'Bearer realm="fedfleet"')] if exc.status == 401 else []
+    if html:
+        page = LOGIN_PAGE.format(message=f"<p class=err>{exc}</p>")
+        await _send(send, exc.status, page.encode(), b"text/html; charset=utf-8", extra)
+        return
+    await _send(send, exc.status, json.dumps({"detail": str(exc)}).encode(), b"application/json", extra)
+
+
+async def _send(send: Callable[[Any], Awaitable[None]], status: int, body: bytes, content_type: bytes,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>fedfleet: sign in</title>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<style>body{{font:16px system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}
+input{{font:inherit;width:100%;padding:.4rem;margin:.5rem 0;box-sizing:border-box}}
+button{{font:inherit;padding:.4rem 1rem}}.err{{color:#b00020}}</style></head>
+<body><h1>fedfleet</h1>{message}
+<form method=post action=/login><label for=token>Admin token of this coordinator</label>
+<input id=token name=token type=password autocomplete=current-password required autofocus>
+<button type=submit>Sign in</button></form></body></html>
+"""
