@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from conftest import Fleet
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -39,3 +41,18 @@ def test_unknown_task_is_a_clear_error(tmp_path: Path) -> None:
                         "--data-dir", str(tmp_path / "c")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "cannot import task module 'no_such_module'" in r.stderr
+
+
+def test_a_worker_runs_only_the_tasks_its_operator_allowed(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loading a task imports a module and calls it: were workers to load whatever the coordinator names,
+    # a hostile coordinator could run code on them (e.g. task "subprocess:run").
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES))
+    c = fleet.coordinator("--task", "mean_task:MeanTask", "--workers", "1", "--rounds", "1", "--val-fraction", "0",
+                          "--linger", "1")
+    refused = fleet.worker(c.url, "--give-up", "5")
+    assert refused.proc.wait(timeout=60) == 1
+    assert "asks for task 'mean_task:MeanTask', which this worker does not run" in refused.log_text()
+    assert "--allow-task mean_task:MeanTask" in refused.log_text()
+    allowed = fleet.worker(c.url, "--allow-task", "mean_task:MeanTask", "--state-dir", str(refused.state_dir))
+    assert allowed.proc.wait(timeout=60) == 0, allowed.log_text()
+    assert c.proc.wait(timeout=60) == 0

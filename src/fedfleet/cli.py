@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address the metrics are served on (0.0.0.0 for a Prometheus on another host)")
     worker.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
                         help="file holding the coordinator's join token (or env FEDFLEET_JOIN_TOKEN)")
+    worker.add_argument("--allow-task", dest="allowed_tasks", action="append", default=[], metavar="MODULE:CLASS",
+                        help="a task of your own this worker may run when the coordinator asks (repeatable); "
+                             "built-in tasks are always allowed, nothing else is")
     worker.add_argument("--ca", type=Path, default=None, metavar="FILE",
                         help="PEM certificate(s) of the CA to trust for an https coordinator (default: the system's)")
 
@@ -175,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
+
+    from fedfleet.deploy.cli import add_aws_parser  # no boto3 until `fedfleet aws` runs
+
+    add_aws_parser(sub)
     return parser
 
 
@@ -191,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up,
                                  join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
-                                 verify=tls_context(args.ca))
+                                 verify=tls_context(args.ca), allowed_tasks=tuple(args.allowed_tasks))
             stop_on_signals(proc.stop)
             if args.metrics_port:
                 from fedfleet.worker.metrics import serve as serve_metrics
@@ -210,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in written:
                 print(path)
             return 0
+        if args.command == "aws":
+            from fedfleet.deploy.cli import run_aws
+
+            return run_aws(args)
         if args.command == "serve":
             from fedfleet.web.serve import serve_run
 

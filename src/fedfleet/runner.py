@@ -28,6 +28,7 @@ from fedfleet.coordinator.server import ADDRESS_FILE
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.messages import API, Status
 from fedfleet.storage.files import write_text_atomic
+from fedfleet.tasks import BUILTIN
 
 START_TIMEOUT = 120.0
 
@@ -120,10 +121,11 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         children.append(coord)
         url = _wait_address(out, coord)
         counts = spread(config.workers, processes or default_processes(config.workers))
+        allow = [] if config.task in BUILTIN else ["--allow-task", config.task]  # the user named it: theirs
         for i, k in enumerate(counts):
             children.append(_spawn(
                 ["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
-                 "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}", "--give-up", "30"],
+                 "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}", "--give-up", "30", *allow],
                 out / "logs" / f"worker-{i}.log", join_token))
         console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
                       f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")

@@ -23,11 +23,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from fedfleet import log
-from fedfleet.errors import CoordinatorUnreachable, FedfleetError, ProtocolError, RequestRejected, TransportError
+from fedfleet.errors import (
+    CoordinatorUnreachable,
+    FedfleetError,
+    ProtocolError,
+    RequestRejected,
+    TaskError,
+    TransportError,
+)
 from fedfleet.protocol.client import CoordinatorClient
 from fedfleet.protocol.messages import RegisterResponse, TaskMessage, UpdateMeta
 from fedfleet.storage.files import write_text_atomic
-from fedfleet.tasks import Task, load_task
+from fedfleet.tasks import BUILTIN, Task, load_task
 from fedfleet.types import Weights
 from fedfleet.worker.metrics import WorkerMetrics
 from fedfleet.worker.trainer import Trainer
@@ -40,8 +47,10 @@ class WorkerProcess:
     """What the logical workers of one process share, and the threads that run them."""
 
     def __init__(self, url: str, clients: int, state_dir: Path, name: str = "", give_up: float = 300.0,
-                 join_token: str | None = None, verify: ssl.SSLContext | bool = True) -> None:
+                 join_token: str | None = None, verify: ssl.SSLContext | bool = True,
+                 allowed_tasks: tuple[str, ...] = ()) -> None:
         self.url = url
+        self.allowed_tasks = allowed_tasks
         self.join_token = join_token
         self.verify = verify
         self.clients = clients
@@ -61,6 +70,11 @@ class WorkerProcess:
     # --- shared resources ------------------------------------------------------------------------
     def task(self, name: str, options: dict[str, str]) -> Task:
         key = (name, tuple(sorted(options.items())))
+        # The coordinator names the task, and loading one imports a module and calls it: a worker runs
+        # only the built-in tasks and those its own operator allowed, never any code a coordinator names.
+        if name not in BUILTIN and name not in self.allowed_tasks:
+            raise TaskError(f"the coordinator asks for task {name!r}, which this worker does not run: built-in "
+                            f"tasks are {', '.join(sorted(BUILTIN))}; pass --allow-task {name} to run your own")
         with self._lock:
             if key not in self._tasks:
                 self._tasks[key] = load_task(name, options)
