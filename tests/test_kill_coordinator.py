@@ -234,6 +234,8 @@ def test_kills_while_aggregating_and_checkpointing_lose_and_double_nothing(fleet
     assert len(chaos.kills) >= 3, chaos.kills
     assert summary["state"] == "finished" and summary["rounds"] == NULL_ROUNDS, summary
     check_state(chaos.data_dir, NULL_ROUNDS)
+    # A kill mid-write leaves a temp file; the next life's checkpoints clear it away.
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.endswith(".tmp")) == []
     model = safetensors.numpy.load_file(chaos.data_dir / "model.safetensors")["w"]
     # Each round's update is the model plus 1: the model after the last round is exactly that many.
     assert np.array_equal(model, np.full(NULL_PARAMS, NULL_ROUNDS, dtype=np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class Checkpoints:
         for old in self.rounds()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
             self.state_path(old).unlink(missing_ok=True)
+        # A coordinator killed while writing a checkpoint leaves its temp file (write_atomic names it
+        # after its pid); nothing else would ever remove it.
+        mine = f".{os.getpid()}.tmp"
+        for tmp in self.directory.glob(".round-*.tmp"):
+            if not tmp.name.endswith(mine):
+                tmp.unlink(missing_ok=True)
         return path
 
     def load_state(self, round: int) -> tuple[Weights, dict[str, str]] | None:
