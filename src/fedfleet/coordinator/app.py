@@ -21,7 +21,9 @@ from starlette.requests import ClientDisconnect
 from fedfleet.coordinator.body import BodyReader
 from fedfleet.coordinator.engine import HEADER_SLACK, Engine
 from fedfleet.coordinator.limits import Limits, RateLimit
+from fedfleet.coordinator.ranges import model_response
 from fedfleet.coordinator.security import WORKER_TOKEN_HEADER, Access, AuthMiddleware, require_worker
+from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_upload_router
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
@@ -68,6 +70,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
     access = access or Access()
     limits = limits or Limits()
     registrations = RateLimit(limits.registration_rate, limits.registration_burst)
+    uploads = UploadSessions(engine, engine.data_dir / UPLOAD_DIR)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,8 +82,9 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
                 on_done()
 
         watcher = asyncio.create_task(watch())
+        sweeper = asyncio.create_task(uploads.watch())
         yield
-        for t in (loop_task, watcher):
+        for t in (loop_task, watcher, sweeper):
             t.cancel()
 
     # Swagger UI and ReDoc pull their scripts from a CDN, which offline hosts cannot reach.
@@ -88,7 +92,9 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
                   description="Federated learning coordinator: workers register, long-poll for tasks, "
                               "download the model and upload updates as safetensors.")
     # /metrics takes no body; exempt, so that a scrape never depends on the JSON body logic.
-    app.add_middleware(BodyLimit, limit=limits.json_body_bytes, exempt=(f"{API}/updates", METRICS_PATH))
+    # Upload chunks (PUT /v1/uploads/ID) are bounded by their upload's declared size instead.
+    app.add_middleware(BodyLimit, limit=limits.json_body_bytes, exempt=(f"{API}/updates", METRICS_PATH),
+                       exempt_prefix=f"{API}/uploads/")
     # Added last, so it runs first: a request without the right token is turned away before its body is read.
     app.add_middleware(AuthMiddleware, access=access, secure_cookie=secure_cookie,
                        on_refused=engine.metrics.request_refused)
@@ -168,15 +174,20 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
 
     @app.get(f"{API}/model", tags=["tensors"], response_class=Response,
              responses={200: {"content": {MODEL_MEDIA_TYPE: {}},
-                              "description": "the global model as safetensors"}, 304: {}})
+                              "description": "the global model as safetensors"}, 304: {},
+                        206: {"content": {MODEL_MEDIA_TYPE: {}},
+                              "description": "the part of it asked with Range (resuming a download)"},
+                        416: {"description": "the Range starts past the end of the model"}})
     async def model(request: Request) -> Response:
         version, body = engine.model_download()
         etag = f'"v{version}"'
         headers = {"ETag": etag, "X-Fedfleet-Model-Version": str(version), "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        engine.model_sent(len(body))
-        return Response(content=body, media_type=MODEL_MEDIA_TYPE, headers=headers)
+        response, sent = model_response(body, headers, request.headers.get("range"), request.headers.get("if-range"),
+                                        MODEL_MEDIA_TYPE)
+        engine.model_sent(sent)
+        return response
 
     @app.post(f"{API}/updates", response_model=UpdateAck, tags=["tensors"],
               summary="Upload an update: a safetensors body whose __metadata__['fedfleet'] is UpdateMeta JSON",
@@ -198,6 +209,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         body, content_type = engine.metrics.render(request.headers.get("accept"))
         return Response(content=body, media_type=content_type)
 
+    app.include_router(create_upload_router(uploads, lambda request, worker_id: require_worker(request.scope,
+                                                                                             worker_id)))
     app.include_router(create_router(engine))  # the dashboard (/) and the predict page (/predict)
     return app
 
@@ -247,14 +260,17 @@ ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Call
 class BodyLimit:
     """Reject request bodies over ``limit`` bytes with 413, declared or streamed (chunked)."""
 
-    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = (),
+                 exempt_prefix: str | None = None) -> None:
         self.app = app
         self.limit = limit
         self.exempt = exempt
+        self.exempt_prefix = exempt_prefix
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http" or scope["path"] in self.exempt or (
+                self.exempt_prefix is not None and scope["path"].startswith(self.exempt_prefix)):
             await self.app(scope, receive, send)
             return
         for key, value in scope.get("headers", []):

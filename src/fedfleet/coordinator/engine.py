@@ -139,13 +139,25 @@ class Engine:
         return state_from_tensors(*saved) if saved is not None else self.strategy.init(self.model)
 
     def _set_model(self, weights: Weights, version: int) -> None:
-        self.model = weights
         self.model_version = version
         self.schema = schema_of(weights)
         meta = {"version": str(version), "round": str(self.round), "run_id": self.run_id,
                 "task": self.config.task}
-        self.model_parts = codec.encode_parts(weights, meta)
-        self.model_bytes = b"".join(self.model_parts)
+        # The model is held once: serialised into one buffer that is served as it is (memoryview slices
+        # for Range requests), with ``self.model`` read-only arrays viewing it. A large model would
+        # otherwise sit in memory twice (arrays and bytes), besides the round's running sum.
+        parts = codec.encode_parts(weights, meta)
+        blob = bytearray(sum(len(p) for p in parts))
+        pos = 0
+        for part in parts:
+            blob[pos:pos + len(part)] = part
+            pos += len(part)
+        header = codec.parse_header(bytes(parts[0]))
+        del parts
+        view = memoryview(blob).toreadonly()
+        self.model = codec.views(header, view[header.size:])
+        self.model_bytes = view
+        self.model_parts: list[bytes | memoryview] = [view]
 
     # --- notifications -------------------------------------------------------------------------
     def _notify(self, work: bool = False) -> None:
@@ -227,7 +239,8 @@ class Engine:
             self._notify()
         return msg
 
-    def model_download(self) -> tuple[int, bytes]:
+    def model_download(self) -> tuple[int, memoryview]:
+        """The model's version and safetensors bytes (read-only; serve slices of it, do not copy)."""
         return self.model_version, self.model_bytes
 
     def model_sent(self, nbytes: int) -> None:
@@ -242,8 +255,8 @@ class Engine:
         size = sum(s.nbytes for s in rs.schema) if rs is not None else sum(s.nbytes for s in self.schema)
         return size + HEADER_SLACK
 
-    def begin_update(self, meta: UpdateMeta, header: Header) -> RoundState:
-        """Check that the current round can take this update and reserve its slot; raise if not."""
+    def check_update(self, meta: UpdateMeta, header: Header | None) -> RoundState:
+        """The open round, if it can take this update (409 if not) and ``header`` fits its schema (422)."""
         self.registry.touch(meta.worker_id)
         rs = self.current
         problem = self._update_problem(meta, rs)
@@ -251,7 +264,13 @@ class Engine:
             reason, message = problem
             raise RequestRejected(message, round=meta.round, worker=meta.worker_id, reason=reason)
         assert rs is not None
-        codec.check_schema(header, rs.schema)
+        if header is not None:
+            codec.check_schema(header, rs.schema)
+        return rs
+
+    def begin_update(self, meta: UpdateMeta, header: Header) -> RoundState:
+        """Check that the current round can take this update and reserve its slot; raise if not."""
+        rs = self.check_update(meta, header)
         rs.in_flight.add(meta.worker_id)
         return rs
 
@@ -277,12 +296,19 @@ class Engine:
     async def commit_update(self, rs: RoundState, meta: UpdateMeta, weights: Weights, nbytes: int) -> None:
         """Check values and fold the update into the round's running sum (it may be modified in place)."""
         await _compute(nbytes, codec.check_finite, weights)
+        await self.commit_checked(rs, meta, nbytes, lambda weight: rs.accumulator.add(weights, weight, True))
+
+    async def commit_checked(self, rs: RoundState, meta: UpdateMeta, nbytes: int,
+                             fold: Callable[[float], None]) -> None:
+        """Fold an update whose values were checked already, with ``fold(weight)``, and account for it.
+
+        ``fold`` runs in a thread for large updates; it must leave the sum untouched if it raises."""
         weight = float(meta.num_examples) if rs.kind == "train" else 1.0
         async with self._fold_lock:
             if rs.closed:
                 raise RequestRejected(f"round {rs.round} closed while the update was arriving",
                                       round=rs.round, worker=meta.worker_id, reason="stale")
-            await _compute(nbytes, rs.accumulator.add, weights, weight, True)
+            await _compute(nbytes, fold, weight)
             self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, meta.metrics)
             rs.answered[meta.worker_id] = (meta.num_examples, dict(meta.metrics))
             if "train_s" in meta.metrics and meta.worker_id in self.registry.workers:
@@ -416,10 +442,16 @@ class Engine:
         self.phase = "aggregating"
         async with self._fold_lock:
             delta = await asyncio.to_thread(self.strategy.aggregate, rs.accumulator, rnd)
+            # The round is closed and aggregated: its sum (2× the model in float64), its reference to the
+            # old model and its spare upload buffers are not needed while the new model is made.
+            rs.accumulator.release()
+            rs.pool.release()
         new, self.strategy_state = await asyncio.to_thread(
             self.strategy.apply, self.strategy_state, self.model, delta)
+        del delta
         self.round = rnd
         self._set_model(new, self.model_version + 1)
+        del new
         t_agg = time.monotonic()
         self.phase = "evaluating"
         metrics = await asyncio.to_thread(self.task.evaluate, self.model, self._test)

@@ -58,6 +58,20 @@ class BufferPool:
             finally:
                 self._free.append(buf)
 
+    def release(self) -> None:
+        """Let the spare buffers go (the round is over; uploads still running keep theirs)."""
+        self._free.clear()
+
+
+POOL_BYTES = 256 * 1024 * 1024
+
+
+def pool_limit(size: int, most: int = 4) -> int:
+    """Model-sized upload buffers a round may hold: up to ``most``, but no more than ``POOL_BYTES`` in all
+    beyond the first. A 40 MB model keeps 4 uploads going at once; a 500 MB one takes them one at a time
+    (their bytes wait in the socket queues), so that the buffers never cost more memory than the model."""
+    return max(1, min(most, POOL_BYTES // max(size, 1)))
+
 
 @dataclass
 class RoundState:
@@ -105,9 +119,9 @@ class RoundState:
 
 
 def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,
-              accumulator: WeightedSum | Stack, timeout: float, pool_limit: int = 4) -> RoundState:
+              accumulator: WeightedSum | Stack, timeout: float, pool_size: int | None = None) -> RoundState:
     size = sum(s.nbytes for s in schema)
     return RoundState(round=round, attempt=attempt, kind=kind, sampled=sampled,
                       needed=quorum_count(quorum, len(sampled)), schema=schema,
                       accumulator=accumulator, deadline=time.monotonic() + timeout,
-                      pool=BufferPool(size, pool_limit))
+                      pool=BufferPool(size, pool_size if pool_size is not None else pool_limit(size)))

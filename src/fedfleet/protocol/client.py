@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from fedfleet import log
 from fedfleet.errors import AuthError, ConfigError, ProtocolError, RequestRejected, TransportError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
@@ -29,6 +32,18 @@ from fedfleet.protocol.messages import (
     TaskMessage,
     UpdateAck,
     UpdateMeta,
+    UploadRequest,
+    UploadStatus,
+)
+from fedfleet.protocol.transfer import (
+    CHUNKED_UPLOAD_BYTES,
+    MODEL_RESUMES,
+    READ_PIECE,
+    UPLOAD_CHUNK_BYTES,
+    UPLOAD_RESUMES,
+    backoff,
+    content_range,
+    slice_parts,
 )
 from fedfleet.types import Weights
 
@@ -97,6 +112,7 @@ class CoordinatorClient:
         self._verify = verify
         self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify)
         self._conn: http.client.HTTPConnection | None = None
+        self._upload: tuple[tuple[str, int, int, int], str] | None = None  # the chunked upload under way
         self.join_token = join_token
         self.token = token
 
@@ -162,8 +178,10 @@ class CoordinatorClient:
         return self._conn
 
     def _exchange(self, what: str, method: str, path: str, parts: list[bytes | memoryview] | None = None,
-                  headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPResponse]:
-        """Send one request on the kept-alive connection; reconnect once if the server had closed it."""
+                  headers: dict[str, str] | None = None,
+                  reconnect: bool = True) -> tuple[int, http.client.HTTPResponse]:
+        """Send one request on the kept-alive connection; reconnect once if the server had closed it
+        (unless ``reconnect`` is False: a resumable upload asks where it stands instead of resending)."""
         for attempt in (0, 1):
             conn = self._connection()
             try:
@@ -189,39 +207,119 @@ class CoordinatorClient:
                 conn.close()
                 self._conn = None
                 # A kept-alive connection the server has closed fails at once; a fresh one is the test.
-                if attempt == 1 or not isinstance(exc, http.client.RemoteDisconnected | BrokenPipeError
-                                                  | ConnectionResetError):
+                if attempt == 1 or not reconnect or not isinstance(
+                        exc, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError):
                     raise TransportError(f"{what}: {exc!r}") from exc
         raise AssertionError("unreachable")
 
     def download_model(self) -> tuple[int, Weights]:
-        """The current global model and its version. Arrays are read-only views of one buffer."""
-        status, resp = self._exchange("download model", "GET", "/model")
-        try:
-            length = int(resp.getheader("Content-Length") or -1)
-            if status != 200 or length < 0:
-                _raise_for(status if status >= 400 else 502, resp.read(), "download model")
-            buf = bytearray(length)
-            got = resp.readinto(memoryview(buf))
-            if got != length:
-                raise TransportError(f"download model: {got} of {length} bytes arrived")
-            version = int(resp.getheader("X-Fedfleet-Model-Version") or 0)
-        except (OSError, http.client.HTTPException) as exc:
-            self._reset()
-            raise TransportError(f"download model: {exc!r}") from exc
+        """The current global model and its version. Arrays are read-only views of one buffer.
+
+        If the connection breaks mid-body, the download resumes where it stopped (``Range`` with
+        ``If-Range``, so the rest comes from the same model version, or the whole new one if it changed)
+        into the same buffer, up to ``MODEL_RESUMES`` times."""
+        buf: bytearray | None = None
+        got = resumes = version = 0
+        etag: str | None = None
+        while True:
+            headers = {"Range": f"bytes={got}-", "If-Range": etag} if buf is not None and etag else None
+            try:
+                status, resp = self._exchange("download model", "GET", "/model", headers=headers)
+                if status == 206 and buf is not None:
+                    span = content_range(resp.getheader("Content-Range"))
+                    if span is None or span[0] != got or span[2] != len(buf):
+                        raise ProtocolError(f"download model: asked for bytes {got}- of {len(buf)}, got "
+                                            f"Content-Range {resp.getheader('Content-Range')!r}", status=502)
+                elif status == 200 and int(resp.getheader("Content-Length") or -1) >= 0:
+                    length = int(resp.getheader("Content-Length") or 0)
+                    if buf is None or len(buf) != length:
+                        buf = bytearray(length)
+                    got, etag = 0, resp.getheader("ETag")
+                    version = int(resp.getheader("X-Fedfleet-Model-Version") or 0)
+                else:
+                    _raise_for(status if status >= 400 else 502, resp.read(), "download model")
+                assert buf is not None
+                view = memoryview(buf)
+                while got < len(buf):
+                    n = resp.readinto(view[got:got + READ_PIECE])
+                    if n == 0:
+                        raise http.client.IncompleteRead(b"", len(buf) - got)
+                    got += n
+                break
+            except (OSError, http.client.HTTPException, TransportError) as exc:
+                self._reset()
+                if buf is None or resumes >= MODEL_RESUMES:
+                    raise TransportError(f"download model: {exc!r}") from exc
+                log.event("model.resumed", logging.WARNING, at=got, of=len(buf), error=repr(exc))
+                time.sleep(backoff(resumes))
+                resumes += 1
         weights, _ = codec.decode(buf)
         for a in weights.values():
             a.flags.writeable = False
         return version, weights
 
-    def upload(self, weights: Weights, meta: UpdateMeta) -> UpdateAck:
-        """Send an update as safetensors, its metadata in the header, the arrays' buffers as they are."""
+    def upload(self, weights: Weights, meta: UpdateMeta, resumable: bool = False) -> UpdateAck:
+        """Send an update as safetensors, its metadata in the header, the arrays' buffers as they are.
+
+        In one request when small; in resumable chunks (``/v1/uploads``) when over
+        ``CHUNKED_UPLOAD_BYTES`` or when ``resumable`` (e.g. after a failed single upload)."""
         arrays = {k: np.asarray(v) for k, v in weights.items()}
         parts = codec.encode_parts(arrays, {UPDATE_META_KEY: meta.model_dump_json()})
+        if resumable or sum(len(p) for p in parts) > CHUNKED_UPLOAD_BYTES:
+            return self._upload_chunked(parts, meta)
         status, resp = self._exchange("upload update", "POST", "/updates", parts)
         body = self._read(resp, "upload update")
         _raise_for(status, body, f"upload update for round {meta.round}")
         return UpdateAck.model_validate_json(body)
+
+    def _upload_chunked(self, parts: list[bytes | memoryview], meta: UpdateMeta) -> UpdateAck:
+        """Send ``parts`` through a resumable upload; a broken chunk resumes from the coordinator's offset.
+
+        The upload's id is kept for the next call with the same (worker, round, attempt), so a retry
+        after this one gave up resumes too instead of starting again."""
+        total = sum(len(p) for p in parts)
+        what = f"upload update for round {meta.round}"
+        key = (meta.worker_id, meta.round, meta.attempt, total)
+        st: UploadStatus | None = None
+        if self._upload is not None and self._upload[0] == key:
+            try:
+                st = self._upload_status(self._upload[1], what)
+            except RequestRejected:
+                st = None  # gone (round over, or refused): open a new one, which says why if it cannot
+        if st is None:
+            req = UploadRequest(worker_id=meta.worker_id, round=meta.round, attempt=meta.attempt, total_bytes=total)
+            st = UploadStatus.model_validate(self._call("POST", "/uploads", what, json=req.model_dump()))
+        self._upload = (key, st.upload_id)
+        resumes = 0
+        while st.ack is None:
+            start = st.offset
+            end = min(start + UPLOAD_CHUNK_BYTES, total)
+            try:
+                status, resp = self._exchange(what, "PUT", f"/uploads/{st.upload_id}", slice_parts(parts, start, end),
+                                              headers={"Content-Range": f"bytes {start}-{end - 1}/{total}"},
+                                              reconnect=False)
+                body = self._read(resp, what)
+                if status == 200:
+                    st = UploadStatus.model_validate_json(body)
+                    continue
+                if status != 409:
+                    _raise_for(status, body, what)
+                reason = f"HTTP 409: {body[:200].decode(errors='replace')}"
+            except TransportError as exc:
+                reason = str(exc)
+            # Broken, or out of step with the coordinator: ask where it stands and go on from there.
+            if resumes >= UPLOAD_RESUMES:
+                raise TransportError(f"{what}: gave up after {resumes} resumes ({reason})")
+            time.sleep(backoff(resumes))
+            resumes += 1
+            st = self._upload_status(st.upload_id, what)
+            log.event("update.resumed", logging.WARNING, worker=meta.worker_id, round=meta.round, at=st.offset,
+                      of=total, reason=reason)
+        self._upload = None
+        return st.ack
+
+    def _upload_status(self, upload_id: str, what: str) -> UploadStatus:
+        return UploadStatus.model_validate(self._call("GET", f"/uploads/{upload_id}", what))
 
     def _read(self, resp: http.client.HTTPResponse, what: str) -> bytes:
         try:

@@ -104,6 +104,28 @@ class UpdateAck(Message):
     expected: int
 
 
+class UploadRequest(Message):
+    """Open a resumable upload of one update (``POST /v1/uploads``); its bytes follow in chunks."""
+
+    worker_id: WorkerId
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    total_bytes: int = Field(ge=9, description="size of the whole safetensors body")
+
+
+class UploadStatus(Message):
+    """Where a resumable upload stands: send the bytes from ``offset`` on. ``ack`` is set once the last
+    byte arrived and the update was accepted, exactly as ``POST /v1/updates`` would answer."""
+
+    upload_id: str
+    worker_id: str
+    round: int
+    attempt: int
+    offset: int = Field(description="bytes received and kept so far")
+    total_bytes: int
+    ack: UpdateAck | None = None
+
+
 class EvalResult(Message):
     round: int
     model_version: int

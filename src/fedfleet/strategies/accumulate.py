@@ -57,6 +57,30 @@ class WeightedSum:
         self.total_weight += weight
         self.count += 1
 
+    def add_part(self, name: str, start: int, values: np.ndarray, weight: float) -> None:
+        """Fold elements ``start .. start + len(values)`` of tensor ``name`` (flat order) of one update,
+        overwriting ``values``. Element by element this is exactly ``add``, so an update folded part by
+        part (streamed from a file, in bounded memory) gives the same sum; ``end_add`` counts it."""
+        acc = self._sum[name].reshape(-1)[start:start + values.size]
+        if self.base is None:
+            np.multiply(values, weight, out=values, casting="unsafe")
+        else:
+            np.subtract(values, self.base[name].reshape(-1)[start:start + values.size], out=values,
+                        casting="unsafe")
+            values *= weight
+        acc += values
+
+    def end_add(self, weight: float) -> None:
+        """Count an update folded in with ``add_part``."""
+        self.total_weight += weight
+        self.count += 1
+
+    def release(self) -> None:
+        """Drop the sum, the scratch space and the base once the round is aggregated (frees 2-3× the model)."""
+        self._sum = {}
+        self._scratch = {}
+        self.base = None
+
     def sum(self) -> Weights:
         return {k: v.astype(self._dtype[k]) for k, v in self._sum.items()}
 
@@ -64,7 +88,10 @@ class WeightedSum:
         """Σ wᵢ(xᵢ − base) / Σ wᵢ in each tensor's dtype; ZeroDivisionError when nothing was added."""
         if self.total_weight <= 0:
             raise ZeroDivisionError("mean of an empty weighted sum")
-        return {k: (v / v.dtype.type(self.total_weight)).astype(self._dtype[k]) for k, v in self._sum.items()}
+        # Divided straight into the tensor's dtype: the same values as (v / total).astype(dtype), without
+        # a float64 temporary the size of the sum.
+        return {k: np.divide(v, v.dtype.type(self.total_weight), out=np.empty(v.shape, self._dtype[k]),
+                             casting="unsafe") for k, v in self._sum.items()}
 
 
 def weighted_mean(updates: Iterable[tuple[Weights, float]]) -> Weights:
@@ -102,6 +129,10 @@ class Stack:
         self.deltas.append({s.name: np.subtract(update[s.name], self.base[s.name]).astype(s.dtype)
                             for s in self.schema})
         self.weights.append(weight)
+
+    def release(self) -> None:
+        """Drop the deltas once the round is aggregated."""
+        self.deltas = []
 
     def mean(self) -> Weights:
         """The example-weighted mean of the deltas, as WeightedSum would give."""

@@ -220,7 +220,8 @@ class Agent:
         for attempt in range(UPLOAD_TRIES):
             try:
                 t_up = time.perf_counter()
-                client.upload(weights, meta)
+                # A retry goes through a resumable upload: whatever got through before is not sent again.
+                client.upload(weights, meta, resumable=attempt > 0)
                 self.proc.metrics.upload_seconds.observe(time.perf_counter() - t_up)
                 self.proc.metrics.uploads.labels(result="accepted").inc()
                 log.event("update.sent", logging.DEBUG, worker=reg.worker_id, round=msg.round,
