@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import struct
 import threading
 import time
@@ -62,13 +63,14 @@ def alive(coord: Coordinator) -> None:
 
 
 def fuzz_operation(op: Any, mode: Any, session: requests.Session, timeout: float, tried: Counter[str],
-                   statuses: Counter[int]) -> None:
-    """Send EXAMPLES cases of ``op`` generated in ``mode``; fail on a 5xx or a broken connection."""
+                   statuses: Counter[int], headers: dict[str, str] | None = None,
+                   examples: int = EXAMPLES) -> None:
+    """Send ``examples`` cases of ``op`` generated in ``mode``; fail on a 5xx or a broken connection."""
 
-    @FUZZ_SETTINGS
+    @settings(FUZZ_SETTINGS, max_examples=examples)
     @given(case=op.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
-        response = case.call(session=session, timeout=timeout)
+        response = case.call(session=session, timeout=timeout, headers=headers)
         tried[op.label] += 1
         statuses[response.status_code] += 1
         assert response.status_code < 500, (
@@ -101,6 +103,52 @@ def test_schemathesis_finds_no_server_error(coord: Coordinator) -> None:
     for label, n in sorted(tried.items()):
         print(f"  {n:5d}  {label}")
     assert {op.label for op in operations} == set(tried)
+    assert not [s for s in statuses if s >= 500]
+
+
+SECURED_EXAMPLES = 8
+ADMIN, JOIN = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+
+
+def worker_token(url: str) -> str:
+    r = httpx.post(f"{url}/v1/workers", json={"name": "fuzzer"}, headers={"Authorization": f"Bearer {JOIN}"},
+                   timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return str(r.json()["token"])
+
+
+def test_schemathesis_finds_no_server_error_behind_tokens(coordinator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with an admin and a join token set: every operation without a token, with wrong ones
+    (bearer, worker token, cookie), and with each real token, a worker's included (which get past the
+    door to the checks behind it)."""
+    monkeypatch.setenv("FEDFLEET_ADMIN_TOKEN", ADMIN)
+    monkeypatch.setenv("FEDFLEET_JOIN_TOKEN", JOIN)
+    coord = coordinator("--task", "null", "--task-option", f"params={PARAMS}", "--workers", "2",
+                        "--worker-timeout", str(WORKER_TIMEOUT), "--wait-timeout", "600")
+    schema = schemathesis.openapi.from_url(f"{coord.url}/openapi.json", headers={"Authorization": f"Bearer {ADMIN}"})
+    operations = [result.ok() for result in schema.get_all_operations()]
+    # Wrong credentials are turned away before any parameter is looked at: valid data only for them.
+    positive = [schemathesis.GenerationMode.POSITIVE]
+    credentials: list[tuple[dict[str, str], list[Any]]] = [
+        ({}, positive), ({"Authorization": "Bearer " + "x" * 30, "X-Fedfleet-Worker-Token": "nobody~" + "0" * 64,
+                          "Cookie": "fedfleet_admin=" + "y" * 30}, positive),
+        ({"Authorization": f"Bearer {ADMIN}"}, list(schemathesis.GenerationMode)),
+        ({"Authorization": f"Bearer {JOIN}"}, list(schemathesis.GenerationMode)),
+        ({"Authorization": f"Bearer {worker_token(coord.url)}"}, list(schemathesis.GenerationMode))]
+    tried: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    session = requests.Session()
+    for op in operations:
+        timeout = STREAM_TIMEOUT if op.path in STREAMS else TIMEOUT
+        for headers, modes in credentials:
+            for mode in modes:
+                with contextlib.suppress(Unsatisfiable):
+                    fuzz_operation(op, mode, session, timeout, tried, statuses, headers, SECURED_EXAMPLES)
+        alive(coord)
+    total = sum(tried.values())
+    print(f"\nschemathesis behind tokens: {total} cases over {len(operations)} operations x {len(credentials)} "
+          f"credentials; statuses {dict(sorted(statuses.items()))}")
+    assert statuses[401] > 0 and statuses[403] + statuses[200] > 0
     assert not [s for s in statuses if s >= 500]
 
 
