@@ -163,6 +163,12 @@ def test_an_update_in_another_workers_name_is_forbidden(http: httpx.Client) -> N
     body = codec.encode({"w": np.zeros(1000, np.float32)}, {UPDATE_META_KEY: meta.model_dump_json()})
     r = http.post("/v1/updates", content=body, headers=bearer(a["token"]))
     assert r.status_code == 403 and b["worker_id"] in r.json()["detail"]
+    # Nor may it open a resumable upload in B's name, nor anyone without a token.
+    opening = {"worker_id": b["worker_id"], "round": 0, "attempt": 0, "total_bytes": len(body)}
+    r = http.post("/v1/uploads", json=opening, headers=bearer(a["token"]))
+    assert r.status_code == 403 and b["worker_id"] in r.json()["detail"]
+    assert http.post("/v1/uploads", json=opening).status_code == 401
+    assert http.get("/v1/uploads/0123456789abcdef0123456789abcdef").status_code == 401
 
 
 def test_a_known_worker_id_is_taken_back_only_with_its_token(http: httpx.Client) -> None:
@@ -213,6 +219,17 @@ def test_a_secured_run_finishes_and_a_worker_without_the_join_token_is_told_why(
     state = w.state_dir / "client-0.json"
     assert stat.S_IMODE(state.stat().st_mode) == 0o600 and json.loads(state.read_text())["token"]
     assert stat.S_IMODE((c.data_dir / "auth.key").stat().st_mode) == 0o600
+
+
+def test_a_model_big_enough_for_chunked_uploads_goes_through_with_tokens(fleet: Fleet) -> None:
+    # 17M float32 = 68 MB: above the size from which workers upload in resumable chunks (64 MiB).
+    c = secured(fleet, "--task", "null", "--task-option", "params=17000000", "--workers", "1", "--rounds", "1",
+                "--linger", "1")
+    w = fleet.worker(c.url, "--join-token-file", str(fleet.directory / "join.token"))
+    assert w.proc.wait(timeout=180) == 0, w.log_text()
+    assert c.proc.wait(timeout=60) == 0, c.log_text()
+    assert json.loads((c.data_dir / "summary.json").read_text())["state"] == "finished"
+    assert not any((c.data_dir / "uploads").glob("*"))  # nothing left half-uploaded
 
 
 def test_registrations_over_the_rate_get_429_with_retry_after(fleet: Fleet) -> None:
