@@ -228,3 +228,13 @@ def test_unopenable_database_raises_storage_error(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(StorageError, match="cannot open state database"):
         Store(folder)
+
+
+def test_updates_of_rounds_that_never_closed_are_forgotten_on_resume(store: Store) -> None:
+    # Round 2 was at its second attempt when the coordinator died; its updates died with the running sum.
+    store.record_update(1, 0, "a", 10, {})
+    store.record_update(2, 0, "a", 10, {})
+    store.record_update(2, 1, "b", 10, {})
+    assert store.forget_updates_after(1) == 2
+    rows = store._query("SELECT round, attempt, worker_id FROM updates")
+    assert [tuple(r) for r in rows] == [(1, 0, "a")]

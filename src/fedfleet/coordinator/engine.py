@@ -120,6 +120,9 @@ class Engine:
         a checkpoint newer than the last record belongs to a round that is simply run again.
         """
         self.history = self.store.rounds()
+        # Updates of a round that never closed were lost with that life's running sum, whatever
+        # attempt they were for; the round runs again from attempt 0 and its updates count then.
+        self.store.forget_updates_after(int(self.history[-1]["round"]) if self.history else -1)
         if not self.history:
             self._set_model(self.task.init_weights(self.config.seed), 0)
             return

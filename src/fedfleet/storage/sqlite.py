@@ -129,6 +129,12 @@ class Store:
             db.execute("INSERT OR REPLACE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
                        (round, attempt, worker_id, num_examples, json.dumps(metrics), time.time()))
 
+    def forget_updates_after(self, round: int) -> int:
+        """Drop the updates of rounds after ``round``: they went into a running sum that died with an
+        earlier life of the coordinator, and their rounds run again. Returns how many were dropped."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM updates WHERE round > ?", (round,)).rowcount
+
     def record_round(self, record: dict[str, Any], served: list[str]) -> None:
         """Store a closed round and credit the workers whose updates it used, in one transaction."""
         with self._tx() as db:
