@@ -1,0 +1,49 @@
+"""Below quorum the coordinator waits, up to its configured timeouts, then fails the run with a message
+that says why: never a silent hang. Real coordinator and worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+
+from conftest import Fleet
+
+NULL = ("--task", "null", "--task-option", "params=1000", "--val-fraction", "0", "--linger", "1")
+
+
+def summary(fleet: Fleet) -> dict[str, object]:
+    return json.loads((fleet.coordinators[-1].data_dir / "summary.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_too_few_workers_fail_the_run_after_the_wait_timeout(fleet: Fleet) -> None:
+    c = fleet.coordinator(*NULL, "--workers", "3", "--rounds", "2", "--wait-timeout", "3")
+    fleet.worker(c.url)  # one of the three it needs
+    assert c.proc.wait(timeout=60) == 1
+    s = summary(fleet)
+    assert s["state"] == "failed" and s["rounds"] == 0
+    assert "only 1 of the 3 workers needed were alive after waiting 3 s (--wait-timeout)" in str(s["message"])
+
+
+def test_a_frozen_worker_makes_rounds_miss_their_quorum_until_the_run_fails(fleet: Fleet) -> None:
+    # A SIGSTOPped worker (a paused VM, a swapped-out host) is still counted alive for --worker-timeout,
+    # so it is sampled and never answers: with quorum 1.0 every attempt of the round misses.
+    c = fleet.coordinator(*NULL, "--workers", "2", "--rounds", "1000", "--quorum", "1.0", "--round-timeout", "2",
+                          "--worker-timeout", "120", "--max-round-retries", "2")
+    a, b = fleet.worker(c.url), fleet.worker(c.url)
+    with httpx.Client(base_url=c.url, timeout=10.0) as http:
+        end = time.monotonic() + 60
+        while http.get("/v1/status").json()["round"] < 2 and time.monotonic() < end:
+            time.sleep(0.1)
+        b.kill(signal.SIGSTOP)
+        assert c.proc.wait(timeout=90) == 1
+    b.kill(signal.SIGKILL)
+    s = summary(fleet)
+    assert s["state"] == "failed" and 2 <= int(str(s["rounds"])) < 1000
+    message = str(s["message"])
+    assert "missed its quorum 3 times in a row (--max-round-retries 2)" in message
+    assert "--round-timeout 2 s" in message
+    # The worker that kept answering is told the run is over and stops by itself.
+    assert a.proc.wait(timeout=60) == 0, a.log_text()
