@@ -273,3 +273,15 @@ def test_federated_evaluation_scores_the_global_model_on_each_workers_split(tmp_
     assert rec["fed_accuracy_min"] == pytest.approx(min(a for _, a in scores))
     assert rec["fed_accuracy_max"] == pytest.approx(max(a for _, a in scores))
     assert rec["fed_accuracy_min"] < rec["fed_accuracy_max"]  # label skew: workers see the model differently
+
+
+def test_a_run_ends_early_once_it_reaches_the_target_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "target"
+    r = fedfleet("run", "--workers", "2", "--rounds", "50", "--target-accuracy", "0.6", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # It stops at the first round whose model reaches 0.6, and not before.
+    assert s["state"] == "finished" and s["rounds"] == len(lines) < 50
+    assert lines[-1]["accuracy"] >= 0.6 and all(x["accuracy"] < 0.6 for x in lines[:-1])
+    assert f"after {s['rounds']} rounds" in s["message"] and "--target-accuracy 0.6" in s["message"]

@@ -52,6 +52,8 @@ OPTIONS: tuple[Option, ...] = (
            low=0, high=86_400 * 7, low_open=True),
     Option("max_round_retries", int, 3, "times in a row a round may miss its quorum before the run fails",
            low=0, high=1000),
+    Option("target_accuracy", float, None, "end the run early once the global model's test accuracy reaches this",
+           low=0, high=1, low_open=True, optional=True, default_text="none: run all --rounds"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -77,6 +79,7 @@ class RunConfig:
     worker_timeout: float = 30.0
     wait_timeout: float = 300.0
     max_round_retries: int = 3
+    target_accuracy: float | None = None
     task_options: tuple[tuple[str, str], ...] = field(default=())
     strategy_options: tuple[tuple[str, str], ...] = field(default=())
 

@@ -357,15 +357,22 @@ class Engine:
             self.state = "running" if self.round > 0 else "waiting"
             if not self._stats_done and self.task.stats_schema() is not None:
                 await self._statistics()
-            while self.round < self.config.rounds:
+            while self.round < self.config.rounds and not self._target_reached():
                 await self._train_round(self.round + 1)
-            self._finish("finished", f"{self.config.rounds} rounds done")
+            target = self.config.target_accuracy
+            self._finish("finished", f"reached test accuracy {self.accuracy:.4f} (--target-accuracy {target:g}) "
+                                     f"after {self.round} rounds" if self._target_reached() and target is not None
+                         else f"{self.config.rounds} rounds done")
         except FedfleetError as exc:
             self._finish("failed", str(exc))
         except Exception as exc:  # a bug must still end the run visibly, not hang it
             logging.getLogger("fedfleet").exception("coordinator loop crashed")
             self._finish("failed", f"internal error: {exc!r}")
         await self._linger()
+
+    def _target_reached(self) -> bool:
+        target = self.config.target_accuracy
+        return target is not None and self.accuracy is not None and self.accuracy >= target
 
     async def _wait_for_workers(self) -> list[str]:
         needed = self.config.needed_workers
