@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import json
 import struct
@@ -207,6 +208,20 @@ def test_local_fit_learns_and_is_reproducible(mlp_task: MnistTask, mnist_test: D
     assert all(np.array_equal(again.weights[k], result.weights[k]) for k in init)
     other = mlp_task.fit(init, pool, TrainParams(2, 20, 0.1, seed=12))
     assert not np.array_equal(other.weights["0.weight"], result.weights["0.weight"])
+
+
+def test_logical_workers_train_side_by_side_in_threads(mlp_task: MnistTask) -> None:
+    # `fedfleet worker --clients K` runs K workers as threads sharing one task object: each must get
+    # exactly what it would have got alone (a shared torch module once broke this mid-backward).
+    pool = mlp_task.train_pool()
+    init = mlp_task.init_weights(0)
+    parts = [Dataset(pool.x[i::4], pool.y[i::4]) for i in range(4)]
+    params = [TrainParams(local_epochs=2, batch_size=10, lr=0.05, seed=i) for i in range(4)]
+    alone = [mlp_task.fit(init, d, p).weights for d, p in zip(parts, params, strict=True)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool_:
+        together = list(pool_.map(lambda i: mlp_task.fit(init, parts[i], params[i]).weights, range(4)))
+    for a, t in zip(alone, together, strict=True):
+        assert all(np.array_equal(a[k], t[k]) for k in init)
 
 
 def test_cnn_fit_improves_accuracy(mnist_test: Dataset) -> None:

@@ -222,8 +222,13 @@ class MnistTask(NoStats):
         self.shards = _positive_int("shards", shards) or 2
 
     @functools.cached_property
+    def _models(self) -> torch_common.ThreadModels:
+        return torch_common.ThreadModels(lambda: build_model(self.model_kind))
+
+    @property
     def model(self) -> torch.nn.Module:
-        return build_model(self.model_kind)
+        """This thread's own module (see ``ThreadModels``)."""
+        return self._models.get()
 
     def _images(self) -> Images:
         return load_images(self.source, str(data_dir(self.source, self.data_dir)))

@@ -63,8 +63,13 @@ class SongsMlpTask(SongsTask):
         super().__init__(data_dir)
 
     @functools.cached_property
+    def _models(self) -> torch_common.ThreadModels:
+        return torch_common.ThreadModels(build_model)
+
+    @property
     def model(self) -> torch.nn.Module:
-        return build_model()
+        """This thread's own module (see ``ThreadModels``)."""
+        return self._models.get()
 
     def init_weights(self, seed: int) -> Weights:
         torch = torch_common.require_torch(self.name)

@@ -12,6 +12,7 @@ are always built from numpy arrays: nothing here unpickles (``torch.load`` is ne
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -39,6 +40,22 @@ def require_torch(task: str) -> ModuleType:
     if torch_mod.get_num_threads() != 1:
         torch_mod.set_num_threads(1)
     return torch_mod
+
+
+class ThreadModels:
+    """One module per thread. The logical workers of a process (``--clients K``) train side by side in
+    threads sharing one task object, and a module holds the weights and autograd state of whoever
+    trains it: shared, two threads' steps would overwrite each other's tensors mid-backward."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module]) -> None:
+        self._build = build
+        self._local = threading.local()
+
+    def get(self) -> torch.nn.Module:
+        model: torch.nn.Module | None = getattr(self._local, "model", None)
+        if model is None:
+            model = self._local.model = self._build()
+        return model
 
 
 def weights_of(model: torch.nn.Module) -> Weights:
