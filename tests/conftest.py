@@ -182,6 +182,17 @@ def start_worker(directory: Path, url: str, *args: str, clients: int = 1, state_
     return Worker(_spawn([*argv, *args], log_path), state_dir, log_path)
 
 
+def wait_for_train_task(client: httpx.Client, worker_id: str, timeout: float = 60.0) -> dict[str, object]:
+    """Long-poll as ``worker_id`` until a training task is handed out (the round is open); fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        task: dict[str, object] = client.get(f"/v1/workers/{worker_id}/task", params={"wait": 1}).json()
+        if task["kind"] == "train" or time.monotonic() > end:
+            break
+    assert task["kind"] == "train", task
+    return task
+
+
 class Fleet:
     """Starts coordinators and workers under one directory and stops all of them at ``close``."""
 

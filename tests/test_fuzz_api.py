@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from conftest import Coordinator, Fleet
+from conftest import Coordinator, Fleet, wait_for_train_task
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import UPDATE_META_KEY, UpdateMeta
 
@@ -250,12 +250,7 @@ def test_update_bodies_get_4xx(coord: Coordinator) -> None:
         keep = KeepAlive(coord.url, ids)
         try:
             # A round that samples both is open once a long-poll hands it out.
-            end = time.monotonic() + 60
-            while True:
-                task = client.get(f"/v1/workers/{ids[0]}/task", params={"wait": 1}).json()
-                if task["kind"] == "train" or time.monotonic() > end:
-                    break
-            assert task["kind"] == "train", task
+            task = wait_for_train_task(client, ids[0])
             round_, attempt = int(task["round"]), int(task["attempt"])
 
             @settings(max_examples=BODY_EXAMPLES, deadline=None, database=None, derandomize=True,

@@ -19,12 +19,13 @@ def summary(fleet: Fleet) -> dict[str, object]:
 
 
 def test_too_few_workers_fail_the_run_after_the_wait_timeout(fleet: Fleet) -> None:
-    c = fleet.coordinator(*NULL, "--workers", "3", "--rounds", "2", "--wait-timeout", "3")
+    # Long enough for the one worker to start and register even on a loaded machine.
+    c = fleet.coordinator(*NULL, "--workers", "3", "--rounds", "2", "--wait-timeout", "20")
     fleet.worker(c.url)  # one of the three it needs
     assert c.proc.wait(timeout=60) == 1
     s = summary(fleet)
     assert s["state"] == "failed" and s["rounds"] == 0
-    assert "only 1 of the 3 workers needed were alive after waiting 3 s (--wait-timeout)" in str(s["message"])
+    assert "only 1 of the 3 workers needed were alive after waiting 20 s (--wait-timeout)" in str(s["message"])
 
 
 def test_a_frozen_worker_makes_rounds_miss_their_quorum_until_the_run_fails(fleet: Fleet) -> None:

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Coordinator
+from conftest import Coordinator, wait_for_train_task
 from fedfleet.protocol import codec
 from fedfleet.protocol.client import CoordinatorClient
 from fedfleet.protocol.messages import UPDATE_META_KEY, UpdateMeta
@@ -56,12 +56,7 @@ def open_round(coordinator: Callable[..., Coordinator]) -> Round:
     client = httpx.Client(base_url=coord.url, timeout=TIMEOUT)
     for wid in (A, B):
         assert client.post("/v1/workers", json={"worker_id": wid}).status_code == 200
-    end = time.monotonic() + 60
-    while True:
-        task = client.get(f"/v1/workers/{A}/task", params={"wait": 5}).json()
-        if task["kind"] == "train" or time.monotonic() > end:
-            break
-    assert task["kind"] == "train", task
+    task = wait_for_train_task(client, A)
     return Round(coord, client, task["round"], task["attempt"])
 
 

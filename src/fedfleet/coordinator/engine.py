@@ -326,10 +326,13 @@ class Engine:
 
     # --- API: views ------------------------------------------------------------------------------
     def status(self) -> Status:
+        # Round, accuracy and loss of the last *recorded* round, so that status never runs ahead of
+        # /v1/rounds, metrics.jsonl and the checkpoint (the new model exists a little before them).
+        last = self.history[-1] if self.history else {}
         return Status(run_id=self.run_id, state=self.state, phase=self.phase, task=self.config.task,
-                      round=self.round, rounds=self.config.rounds, model_version=self.model_version,
+                      round=int(last.get("round", 0)), rounds=self.config.rounds, model_version=self.model_version,
                       workers_registered=len(self.registry.workers), workers_live=len(self.registry.live()),
-                      accuracy=self.accuracy, loss=self.loss, message=self.message)
+                      accuracy=last.get("accuracy"), loss=last.get("loss"), message=self.message)
 
     def workers_view(self) -> list[WorkerView]:
         now = time.monotonic()

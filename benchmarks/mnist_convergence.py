@@ -1,0 +1,138 @@
+"""MNIST / Fashion-MNIST: rounds needed to reach a test accuracy, FedAvg against FedSGD, IID against
+pathological non-IID (2 label shards per worker), after McMahan et al. (2017).
+
+    python benchmarks/mnist_convergence.py                                  # 2NN (MLP), target 0.97
+    python benchmarks/mnist_convergence.py --model cnn --target 0.99 --max-rounds 300   # the paper's CNN
+    python benchmarks/mnist_convergence.py --task fashion-mnist --data-dir ../shared/data/fashion-mnist \\
+        --model cnn --target 0.90
+
+100 workers with 600 examples each (the 60k training images), fraction 0.1 (10 workers a round),
+many logical workers per worker process (--processes). FedAvg: E=5 local epochs, batch B=10. FedSGD:
+E=1 and B=all of a worker's data (600): one gradient step per round. Each algorithm's learning rate is
+the best of a small sweep (--lrs, --sgd-lrs) by test accuracy after --sweep-rounds IID rounds. Every
+cell is one real `fedfleet run` with --target-accuracy, so a run stops at the first round whose global
+model reaches the target, or at --max-rounds. Writes benchmarks/results/convergence-TASK-MODEL.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_IMAGES = 60_000
+# (local epochs E, batch size B); None: all of a worker's data in one batch (B=∞ in the paper)
+ALGORITHMS: dict[str, tuple[int, int | None]] = {"FedAvg": (5, 10), "FedSGD": (1, None)}
+PARTITIONS = {"IID": "iid", "non-IID (2 shards)": "natural"}
+
+
+def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
+        target: float | None, out: Path) -> dict[str, Any]:
+    batch = batch or TRAIN_IMAGES // args.workers
+    cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={args.data_dir}",
+           "--task-option", f"model={args.model}", "--workers", str(args.workers), "--fraction", str(args.fraction),
+           "--processes", str(args.processes), "--partition", partition, "--local-epochs", str(epochs),
+           "--batch-size", str(batch), "--lr", str(lr), "--rounds", str(rounds), "--val-fraction", "0",
+           "--seed", str(args.seed), "--round-timeout", "3600", "--worker-timeout", "600", "--out", str(out),
+           "--overwrite", "--quiet"]
+    if target is not None:
+        cmd += ["--target-accuracy", str(target)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    wall = time.time() - t0
+    s = json.loads((out / "summary.json").read_text())
+    accs = [json.loads(line)["accuracy"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reached = next((i + 1 for i, a in enumerate(accs) if target is not None and a >= target), None)
+    return {"lr": lr, "rounds_run": s["rounds"], "rounds_to_target": reached, "final_accuracy": s["final_accuracy"],
+            "best_accuracy": max(accs), "seconds": round(wall, 1),
+            "seconds_per_round": round(wall / max(1, len(accs)), 2),
+            "accuracy_by_round": [round(a, 4) for a in accs]}
+
+
+def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], tmp: Path,
+          name: str) -> tuple[float, list[dict[str, Any]]]:
+    tried = []
+    for lr in lrs:
+        r = run(args, "iid", epochs, batch, lr, args.sweep_rounds, None, tmp / f"sweep-{name}-{lr}")
+        tried.append({"lr": lr, "accuracy": r["final_accuracy"]})
+        print(f"  sweep {name} lr {lr:g}: accuracy after {args.sweep_rounds} rounds {r['final_accuracy']:.4f}",
+              flush=True)
+    best = max(tried, key=lambda t: t["accuracy"])["lr"]
+    return float(best), tried
+
+
+def markdown(result: dict[str, Any]) -> str:
+    a = result["args"]
+    lines = [f"# Rounds to {a['target']:.0%} test accuracy: {a['task']}, {a['model']} ({result['date']}, "
+             f"{result['machine']})", "",
+             f"`{result['command']}`: {a['workers']} workers × {TRAIN_IMAGES // a['workers']} examples, "
+             f"fraction {a['fraction']}, seed {a['seed']}, "
+             f"FedAvg E=5 B=10, FedSGD E=1 B=all; learning rates from a {a['sweep_rounds']}-round IID sweep; "
+             f"runs capped at {a['max_rounds']} rounds (FedSGD {a['sgd_max_rounds']}).", "",
+             "| data | algorithm | lr | rounds to target | best accuracy | final accuracy | rounds run | s / round |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for cell in result["cells"]:
+        reached = cell["rounds_to_target"]
+        lines.append(f"| {cell['data']} | {cell['algorithm']} | {cell['lr']:g} | "
+                     f"{reached if reached else 'not in ' + str(cell['rounds_run'])} | {cell['best_accuracy']:.4f} | "
+                     f"{cell['final_accuracy']:.4f} | {cell['rounds_run']} | {cell['seconds_per_round']:.2f} |")
+    lines += ["", "Learning-rate sweeps (IID, accuracy after the sweep rounds):", ""]
+    for name, tried in result["sweeps"].items():
+        lines.append(f"- {name}: " + ", ".join(f"lr {t['lr']:g} → {t['accuracy']:.4f}" for t in tried))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="mnist", choices=["mnist", "fashion-mnist"])
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    ap.add_argument("--target", type=float, default=0.97)
+    ap.add_argument("--max-rounds", type=int, default=100)
+    ap.add_argument("--sgd-max-rounds", type=int, default=300)
+    ap.add_argument("--lrs", default="0.02,0.05,0.1", help="FedAvg learning rates to sweep")
+    ap.add_argument("--sgd-lrs", default="0.1,0.3,1.0", help="FedSGD learning rates to sweep")
+    ap.add_argument("--sweep-rounds", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--algorithm", action="append", choices=list(ALGORITHMS), help="default: both")
+    args = ap.parse_args()
+    algorithms = args.algorithm or list(ALGORITHMS)
+    cells: list[dict[str, Any]] = []
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfleet-conv-") as tmpdir:
+        tmp = Path(tmpdir)
+        for algo in algorithms:
+            epochs, batch = ALGORITHMS[algo]
+            lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
+            lr, sweeps[algo] = sweep(args, epochs, batch, lrs, tmp, algo)
+            cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
+            for data, partition in PARTITIONS.items():
+                r = run(args, partition, epochs, batch, lr, cap, args.target, tmp / f"{algo}-{partition}")
+                cells.append({"data": data, "algorithm": algo, **r})
+                print(f"{data:>20} {algo:>7} lr {lr:g}: rounds to {args.target:g}: {r['rounds_to_target']} "
+                      f"(best {r['best_accuracy']:.4f}, {r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
+    command = "python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:])
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
+              "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k != "data_dir"},
+              "sweeps": sweeps, "cells": cells}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"convergence-{args.task}-{args.model}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
