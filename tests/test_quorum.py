@@ -48,3 +48,35 @@ def test_a_frozen_worker_makes_rounds_miss_their_quorum_until_the_run_fails(flee
     assert "--round-timeout 2 s" in message
     # The worker that kept answering is told the run is over and stops by itself.
     assert a.proc.wait(timeout=60) == 0, a.log_text()
+
+
+def test_rounds_close_at_their_deadline_without_a_slow_worker_and_it_rejoins(fleet: Fleet) -> None:
+    # Quorum 0.5 of 2: while one worker is frozen (as slow as can be), each round closes at its 2 s
+    # deadline with the other's update; woken up, the slow one is sampled and answers again.
+    c = fleet.coordinator(*NULL, "--workers", "2", "--rounds", "1000", "--quorum", "0.5", "--round-timeout", "2",
+                          "--worker-timeout", "120")
+    fast, slow = fleet.worker(c.url), fleet.worker(c.url)
+    with httpx.Client(base_url=c.url, timeout=10.0) as http:
+        def rounds() -> list[dict[str, object]]:
+            return http.get("/v1/rounds").json()  # type: ignore[no-any-return]
+
+        end = time.monotonic() + 60
+        while len(rounds()) < 2 and time.monotonic() < end:
+            time.sleep(0.1)
+        slow.kill(signal.SIGSTOP)
+        frozen_from = len(rounds())
+        end = time.monotonic() + 60
+        while len(rounds()) < frozen_from + 3 and time.monotonic() < end:
+            time.sleep(0.1)
+        slow.kill(signal.SIGCONT)
+        woken_at = len(rounds())
+        end = time.monotonic() + 60
+        while not any(r["participants"] == 2 for r in rounds()[woken_at:]) and time.monotonic() < end:
+            time.sleep(0.1)
+        history = rounds()
+    # Frozen: every round closed with the one answer it could get, none waited forever.
+    frozen = history[frozen_from + 1:woken_at]
+    assert len(frozen) >= 2 and all(r["participants"] == 1 for r in frozen), frozen
+    # Woken: it takes part again.
+    assert any(r["participants"] == 2 for r in history[woken_at:]), history[woken_at:]
+    assert fast.proc.poll() is None and slow.proc.poll() is None
