@@ -80,3 +80,24 @@ def test_rounds_close_at_their_deadline_without_a_slow_worker_and_it_rejoins(fle
     # Woken: it takes part again.
     assert any(r["participants"] == 2 for r in history[woken_at:]), history[woken_at:]
     assert fast.proc.poll() is None and slow.proc.poll() is None
+
+
+def test_a_worker_joining_mid_run_gets_the_free_partition_and_work(fleet: Fleet) -> None:
+    c = fleet.coordinator(*NULL, "--workers", "3", "--min-workers", "2", "--rounds", "1000", "--round-timeout", "30")
+    fleet.worker(c.url, clients=2)
+    with httpx.Client(base_url=c.url, timeout=10.0) as http:
+        def rounds() -> list[dict[str, object]]:
+            return http.get("/v1/rounds").json()  # type: ignore[no-any-return]
+
+        end = time.monotonic() + 60
+        while len(rounds()) < 2 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert all(r["sampled"] == 2 for r in rounds())
+        joined_at = len(rounds())
+        fleet.worker(c.url)
+        end = time.monotonic() + 60
+        while not any(r["participants"] == 3 for r in rounds()[joined_at:]) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert any(r["participants"] == 3 and r["sampled"] == 3 for r in rounds()[joined_at:])
+        workers = http.get("/v1/workers").json()
+    assert sorted(w["partition"] for w in workers) == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
