@@ -106,6 +106,7 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", action="append", choices=list(ALGORITHMS), help="default: both")
+    ap.add_argument("--name", default="", help="suffix of the results file, to keep several studies")
     args = ap.parse_args()
     algorithms = args.algorithm or list(ALGORITHMS)
     cells: list[dict[str, Any]] = []
@@ -127,7 +128,7 @@ def main() -> int:
               "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k != "data_dir"},
               "sweeps": sweeps, "cells": cells}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"convergence-{args.task}-{args.model}"
+    stem = RESULTS / f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
