@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -16,6 +17,19 @@ NULL = ("--task", "null", "--task-option", "params=1000", "--val-fraction", "0",
 
 def summary(fleet: Fleet) -> dict[str, object]:
     return json.loads((fleet.coordinators[-1].data_dir / "summary.json").read_text())  # type: ignore[no-any-return]
+
+
+Rounds = list[dict[str, object]]
+
+
+def rounds_when(http: httpx.Client, done: Callable[[Rounds], bool], timeout: float = 60.0) -> Rounds:
+    """/v1/rounds once ``done`` holds for it (or ``timeout`` passed: the caller's asserts then say what)."""
+    end = time.monotonic() + timeout
+    while True:
+        history: Rounds = http.get("/v1/rounds").json()
+        if done(history) or time.monotonic() > end:
+            return history
+        time.sleep(0.1)
 
 
 def test_too_few_workers_fail_the_run_after_the_wait_timeout(fleet: Fleet) -> None:
@@ -57,23 +71,12 @@ def test_rounds_close_at_their_deadline_without_a_slow_worker_and_it_rejoins(fle
                           "--worker-timeout", "120")
     fast, slow = fleet.worker(c.url), fleet.worker(c.url)
     with httpx.Client(base_url=c.url, timeout=10.0) as http:
-        def rounds() -> list[dict[str, object]]:
-            return http.get("/v1/rounds").json()  # type: ignore[no-any-return]
-
-        end = time.monotonic() + 60
-        while len(rounds()) < 2 and time.monotonic() < end:
-            time.sleep(0.1)
+        rounds_when(http, lambda h: len(h) >= 2)
         slow.kill(signal.SIGSTOP)
-        frozen_from = len(rounds())
-        end = time.monotonic() + 60
-        while len(rounds()) < frozen_from + 3 and time.monotonic() < end:
-            time.sleep(0.1)
+        frozen_from = len(rounds_when(http, lambda h: True))
+        woken_at = len(rounds_when(http, lambda h: len(h) >= frozen_from + 3))
         slow.kill(signal.SIGCONT)
-        woken_at = len(rounds())
-        end = time.monotonic() + 60
-        while not any(r["participants"] == 2 for r in rounds()[woken_at:]) and time.monotonic() < end:
-            time.sleep(0.1)
-        history = rounds()
+        history = rounds_when(http, lambda h: any(r["participants"] == 2 for r in h[woken_at:]))
     # Frozen: every round closed with the one answer it could get, none waited forever.
     frozen = history[frozen_from + 1:woken_at]
     assert len(frozen) >= 2 and all(r["participants"] == 1 for r in frozen), frozen
@@ -86,18 +89,11 @@ def test_a_worker_joining_mid_run_gets_the_free_partition_and_work(fleet: Fleet)
     c = fleet.coordinator(*NULL, "--workers", "3", "--min-workers", "2", "--rounds", "1000", "--round-timeout", "30")
     fleet.worker(c.url, clients=2)
     with httpx.Client(base_url=c.url, timeout=10.0) as http:
-        def rounds() -> list[dict[str, object]]:
-            return http.get("/v1/rounds").json()  # type: ignore[no-any-return]
-
-        end = time.monotonic() + 60
-        while len(rounds()) < 2 and time.monotonic() < end:
-            time.sleep(0.1)
-        assert all(r["sampled"] == 2 for r in rounds())
-        joined_at = len(rounds())
+        before = rounds_when(http, lambda h: len(h) >= 2)
+        assert all(r["sampled"] == 2 for r in before)
+        joined_at = len(before)
         fleet.worker(c.url)
-        end = time.monotonic() + 60
-        while not any(r["participants"] == 3 for r in rounds()[joined_at:]) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert any(r["participants"] == 3 and r["sampled"] == 3 for r in rounds()[joined_at:])
+        after = rounds_when(http, lambda h: any(r["participants"] == 3 for r in h[joined_at:]))
+        assert any(r["participants"] == 3 and r["sampled"] == 3 for r in after[joined_at:])
         workers = http.get("/v1/workers").json()
     assert sorted(w["partition"] for w in workers) == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
