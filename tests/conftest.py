@@ -182,6 +182,13 @@ def start_worker(directory: Path, url: str, *args: str, clients: int = 1, state_
     return Worker(_spawn([*argv, *args], log_path), state_dir, log_path)
 
 
+def run_fedfleet(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``python -m fedfleet ARGS`` to completion, output captured (``env`` is added to this environment)."""
+    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, **(env or {})})
+
+
 def wait_for_train_task(client: httpx.Client, worker_id: str, timeout: float = 60.0) -> dict[str, object]:
     """Long-poll as ``worker_id`` until a training task is handed out (the round is open); fail after ``timeout``."""
     end = time.monotonic() + timeout

@@ -4,10 +4,7 @@ tokens so that one worker cannot act for another. Real coordinator processes on 
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import Coordinator, Fleet
+from conftest import run_fedfleet as fedfleet
 from fedfleet.coordinator.limits import Limits, RateLimit
 from fedfleet.coordinator.security import SEPARATOR, Access, read_token, scope_of
 from fedfleet.errors import ConfigError
@@ -240,11 +238,6 @@ def test_registrations_over_the_rate_get_429_with_retry_after(fleet: Fleet) -> N
         r = register(http)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "too many registrations" in r.json()["detail"]
-
-
-def fedfleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
 
 
 def test_serving_beyond_loopback_without_a_join_token_is_refused(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -15,13 +13,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from conftest import run_fedfleet as fedfleet
 from fedfleet.config import RunConfig
 from fedfleet.tasks.songs import SongsTask
-
-
-def fedfleet(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ import json
 import re
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from conftest import run_fedfleet as fedfleet
 from fedfleet.cli import main
 from fedfleet.report import (
     RunData,
@@ -31,10 +30,6 @@ from fedfleet.storage.sqlite import Store
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SINGLE = ("accuracy_loss.png", "round_time.png", "participation.png")
 
-
-def fedfleet(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

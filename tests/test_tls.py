@@ -7,8 +7,6 @@ import json
 import os
 import ssl
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,13 +14,10 @@ import pytest
 from cryptography import x509
 
 from conftest import Fleet
+from conftest import run_fedfleet as fedfleet
 
 NULL_TASK = ("--task", "null", "--task-option", "params=1000", "--workers", "2", "--rounds", "2", "--linger", "2")
 JOIN = "join-" + "t" * 40
-
-
-def fedfleet(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedfleet", *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

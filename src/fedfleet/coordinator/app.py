@@ -22,7 +22,14 @@ from fedfleet.coordinator.body import BodyReader
 from fedfleet.coordinator.engine import HEADER_SLACK, Engine
 from fedfleet.coordinator.limits import Limits, RateLimit
 from fedfleet.coordinator.ranges import model_response
-from fedfleet.coordinator.security import WORKER_TOKEN_HEADER, Access, AuthMiddleware, require_worker
+from fedfleet.coordinator.security import (
+    Access,
+    AuthMiddleware,
+    check_heartbeat,
+    check_reclaim,
+    require_worker,
+    respond,
+)
 from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_upload_router
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
 from fedfleet.protocol import codec
@@ -138,13 +145,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
             engine.metrics.request_refused("rate_limited")
             raise HTTPException(429, f"too many registrations: over {limits.registration_rate:g} per second; "
                                      f"retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
-        if access.workers_need_tokens and req.worker_id in engine.registry.workers:
-            # Taking back a known id (and its partition) needs that worker's own token, not just the join token.
-            given = x_fedfleet_worker_token
-            if given is None or access.worker_of(given) != req.worker_id:
-                raise AuthError(f"worker id {req.worker_id!r} is registered already; only that worker, with its "
-                                f"worker token in {WORKER_TOKEN_HEADER}, may take it back", status=403,
-                                reason="forbidden")
+        if req.worker_id in engine.registry.workers:
+            check_reclaim(access, req.worker_id, x_fedfleet_worker_token)
         reply = engine.register(req.worker_id, req.name)
         return reply.model_copy(update={"token": access.worker_token(reply.worker_id)})
 
@@ -154,17 +156,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
 
     @app.post(f"{API}/heartbeat", response_model=HeartbeatAck, tags=["workers"])
     async def heartbeat(req: Heartbeat) -> HeartbeatAck:
-        if access.workers_need_tokens:
-            if len(req.tokens) != len(req.worker_ids):
-                raise AuthError(f"heartbeat has {len(req.worker_ids)} worker ids but {len(req.tokens)} tokens: "
-                                "each worker id needs its worker token", status=401, reason="unauthorized")
-            for i, (wid, token) in enumerate(zip(req.worker_ids, req.tokens, strict=True)):
-                who = access.worker_of(token)
-                if who != wid:
-                    raise AuthError(f"tokens[{i}] is not a worker token of this run", status=401,
-                                    reason="unauthorized") if who is None else \
-                        AuthError(f"tokens[{i}] belongs to worker {who!r}, not {wid!r}", status=403,
-                                  reason="forbidden")
+        check_heartbeat(access, req.worker_ids, req.tokens)
         return HeartbeatAck(known=engine.heartbeat(req.worker_ids))
 
     @app.get(f"{API}/workers/{{worker_id}}/task", response_model=TaskMessage, tags=["workers"],
@@ -302,7 +294,5 @@ class _BodyTooLarge(HTTPException):
 
 async def _too_large(send: Callable[[Any], Awaitable[None]], limit: int) -> None:
     body = f'{{"detail":"request body is over the limit of {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await respond(send, 413, body, b"application/json")
 

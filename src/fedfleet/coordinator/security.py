@@ -212,6 +212,28 @@ def check(access: Access, method: str, path: str, headers: list[tuple[bytes, byt
     state["fedfleet_worker"] = None if path == f"{API}/heartbeat" else who
 
 
+def check_heartbeat(access: Access, worker_ids: list[str], tokens: list[str]) -> None:
+    """A heartbeat speaks for several workers: each id must come with its own worker token."""
+    if not access.workers_need_tokens:
+        return
+    if len(tokens) != len(worker_ids):
+        raise AuthError(f"heartbeat has {len(worker_ids)} worker ids but {len(tokens)} tokens: each worker id "
+                        "needs its worker token", status=401, reason="unauthorized")
+    for i, (wid, token) in enumerate(zip(worker_ids, tokens, strict=True)):
+        who = access.worker_of(token)
+        if who is None:
+            raise AuthError(f"tokens[{i}] is not a worker token of this run", status=401, reason="unauthorized")
+        if who != wid:
+            raise AuthError(f"tokens[{i}] belongs to worker {who!r}, not {wid!r}", status=403, reason="forbidden")
+
+
+def check_reclaim(access: Access, worker_id: str, given: str | None) -> None:
+    """Taking back a known worker id (and its partition) needs that worker's own token, not just the join token."""
+    if access.workers_need_tokens and (given is None or access.worker_of(given) != worker_id):
+        raise AuthError(f"worker id {worker_id!r} is registered already; only that worker, with its worker token "
+                        f"in {WORKER_TOKEN_HEADER}, may take it back", status=403, reason="forbidden")
+
+
 def _refuse(access: Access, given: str | None, what: str) -> None:
     if given is None:
         raise AuthError(f"this endpoint needs {what} as a bearer token (Authorization: Bearer TOKEN)", status=401,
@@ -256,14 +278,14 @@ class AuthMiddleware:
                      send: Callable[[Any], Awaitable[None]]) -> None:
         """GET: a form asking for the admin token; POST: check it, set the cookie, go to the dashboard."""
         if scope["method"] != "POST":
-            await _send(send, 200, LOGIN_PAGE.format(message="").encode(), b"text/html; charset=utf-8")
+            await respond(send, 200, LOGIN_PAGE.format(message="").encode(), b"text/html; charset=utf-8")
             return
         body = b""
         while True:
             message = await receive()
             body += message.get("body", b"")
             if len(body) > 4096:
-                await _send(send, 413, b'{"detail":"login form is over 4096 bytes"}', b"application/json")
+                await respond(send, 413, b'{"detail":"login form is over 4096 bytes"}', b"application/json")
                 return
             if not message.get("more_body"):
                 break
@@ -272,10 +294,10 @@ class AuthMiddleware:
             if self.on_refused is not None:
                 self.on_refused("unauthorized")
             page = LOGIN_PAGE.format(message="<p class=err>That is not the admin token of this coordinator.</p>")
-            await _send(send, 401, page.encode(), b"text/html; charset=utf-8")
+            await respond(send, 401, page.encode(), b"text/html; charset=utf-8")
             return
         flags = "; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if self.secure_cookie else "")
-        await _send(send, 303, b"", b"text/plain",
+        await respond(send, 303, b"", b"text/plain",
                     [(b"location", b"/"), (b"set-cookie", f"{COOKIE}={token}{flags}".encode())])
 
 
@@ -283,13 +305,14 @@ async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError, ht
     extra = [(b"www-authenticate", b'Bearer realm="fedfleet"')] if exc.status == 401 else []
     if html:
         page = LOGIN_PAGE.format(message=f"<p class=err>{exc}</p>")
-        await _send(send, exc.status, page.encode(), b"text/html; charset=utf-8", extra)
+        await respond(send, exc.status, page.encode(), b"text/html; charset=utf-8", extra)
         return
-    await _send(send, exc.status, json.dumps({"detail": str(exc)}).encode(), b"application/json", extra)
+    await respond(send, exc.status, json.dumps({"detail": str(exc)}).encode(), b"application/json", extra)
 
 
-async def _send(send: Callable[[Any], Awaitable[None]], status: int, body: bytes, content_type: bytes,
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def respond(send: Callable[[Any], Awaitable[None]], status: int, body: bytes, content_type: bytes,
+                  extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer from an ASGI middleware, before any route (and without reading the request's body)."""
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store"), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})

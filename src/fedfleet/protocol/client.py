@@ -125,9 +125,12 @@ class CoordinatorClient:
     def _auth(self, token: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _call(self, method: str, path: str, what: str, token: str | None = None, **kw: Any) -> Any:
+    def _call(self, method: str, path: str, what: str, token: str | None = None,
+              headers: dict[str, str] | None = None, **kw: Any) -> Any:
         try:
-            r = self._http.request(method, API + path, headers=self._auth(token or self.token), **kw)
+            # token None: this client's worker token; "" sends none (registering on an open coordinator).
+            auth = self._auth(self.token if token is None else token)
+            r = self._http.request(method, API + path, headers={**auth, **(headers or {})}, **kw)
         except httpx.TransportError as exc:
             raise TransportError(f"{what}: {exc!r}") from exc
         _raise_for(r.status_code, r.content, what)
@@ -139,13 +142,9 @@ class CoordinatorClient:
         The worker token in the reply is kept and sent on this client's later calls."""
         req = RegisterRequest(worker_id=worker_id, name=name)
         extra = {"X-Fedfleet-Worker-Token": worker_token} if worker_token and worker_id else {}
-        try:
-            r = self._http.post(API + "/workers", json=req.model_dump(exclude_none=True),
-                                headers={**self._auth(self.join_token), **extra})
-        except httpx.TransportError as exc:
-            raise TransportError(f"register: {exc!r}") from exc
-        _raise_for(r.status_code, r.content, "register")
-        reply = RegisterResponse.model_validate(r.json())
+        reply = RegisterResponse.model_validate(self._call(
+            "POST", "/workers", "register", token=self.join_token or "", headers=extra,
+            json=req.model_dump(exclude_none=True)))
         self.token = reply.token
         return reply
 
