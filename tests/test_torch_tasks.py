@@ -152,6 +152,17 @@ def test_the_cnn_is_the_fedavg_papers() -> None:
                                      (10,)]
     assert torch_common.num_parameters(cnn) == 1_663_370
     assert cnn(torch.zeros(2, 784)).shape == (2, 10)
+    # The CNN keeps its conv weights channels-last in memory; on the wire they are plain C-ordered
+    # (O, I, H, W) arrays with the same values, and they load back into the same tensors.
+    conv = cnn.state_dict()["4.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    weights = torch_common.weights_of(cnn)
+    assert all(v.flags.c_contiguous for v in weights.values())
+    assert np.array_equal(weights["4.weight"], conv.contiguous().numpy())
+    rng = np.random.default_rng(1)
+    changed = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
+    torch_common.load_weights(cnn, changed)
+    assert all(np.array_equal(v, changed[k]) for k, v in torch_common.weights_of(cnn).items())
     mlp = build_model("mlp")
     assert [tuple(v.shape) for v in torch_common.weights_of(mlp).values()] == [
         (200, 784), (200,), (200, 200), (200,), (10, 200), (10,)]
@@ -222,6 +233,24 @@ def test_logical_workers_train_side_by_side_in_threads(mlp_task: MnistTask) -> N
         together = list(pool_.map(lambda i: mlp_task.fit(init, parts[i], params[i]).weights, range(4)))
     for a, t in zip(alone, together, strict=True):
         assert all(np.array_equal(a[k], t[k]) for k in init)
+
+
+def test_the_coordinator_may_evaluate_on_more_threads(mnist_test: Dataset) -> None:
+    # Workers train on one thread each; the coordinator, evaluating while they wait, uses its cores.
+    task = MnistTask(data_dir=str(MNIST_DIR), model="cnn")
+    weights, test = task.init_weights(3), subset(mnist_test, 300)
+    assert torch.get_num_threads() == 1
+    one = task.evaluate(weights, test)
+    try:
+        torch_common.use_threads(2)
+        assert torch.get_num_threads() == 2
+        MnistTask(data_dir=str(MNIST_DIR), model="mlp")  # a task loaded later keeps the setting
+        assert torch.get_num_threads() == 2
+        two = task.evaluate(weights, test)
+    finally:
+        torch_common.use_threads(1)
+    assert torch.get_num_threads() == 1
+    assert one["accuracy"] == two["accuracy"] and one["loss"] == pytest.approx(two["loss"], rel=1e-5)
 
 
 def test_cnn_fit_improves_accuracy(mnist_test: Dataset) -> None:

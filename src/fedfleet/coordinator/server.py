@@ -20,7 +20,7 @@ from fedfleet.coordinator.limits import Limits
 from fedfleet.coordinator.security import Access, load_secret
 from fedfleet.errors import ConfigError
 from fedfleet.storage.files import write_text_atomic
-from fedfleet.tasks import load_task
+from fedfleet.tasks import load_task, torch_common
 
 ADDRESS_FILE = "coordinator.json"
 
@@ -80,6 +80,8 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
     if not is_loopback(host) and tls is None and (admin_token or join_token):
         log.event("coordinator.plaintext_tokens", logging.WARNING, host=host,
                   message="tokens will cross the network in clear text; use --tls-cert/--tls-key")
+    # Evaluation runs between rounds, while the workers wait: give it every core this process may use.
+    torch_common.use_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     task = load_task(config.task, config.task_options_dict)
     engine = Engine(config, task, data_dir, linger=linger)
     sock = bind(host, port)

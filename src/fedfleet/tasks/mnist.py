@@ -172,11 +172,11 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 def build_model(kind: str) -> torch.nn.Module:
     """A fresh ``cnn`` or ``mlp`` (PyTorch default initialisation) taking rows of 784 pixels."""
-    torch_common.require_torch(kind)
+    torch = torch_common.require_torch(kind)
     from torch import nn
 
     if kind == "cnn":
-        return nn.Sequential(
+        cnn = nn.Sequential(
             nn.Unflatten(1, (1, *IMAGE_SHAPE)),
             nn.Conv2d(1, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -184,6 +184,11 @@ def build_model(kind: str) -> torch.nn.Module:
             nn.Linear(64 * 7 * 7, 512), nn.ReLU(),
             nn.Linear(512, NUM_CLASSES),  # logits: the softmax is in the cross-entropy loss
         )
+        # oneDNN's convolutions and pooling are 1.15x (training, batch 10) and 1.7x (evaluation) faster on
+        # these CPUs with NHWC tensors; the weights are the same values (and go out C-ordered, weights_of).
+        # (Module.to(memory_format=...) works but is missing from torch's type stubs.)
+        nhwc: nn.Module = cnn.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return nhwc
     if kind == "mlp":
         return nn.Sequential(
             nn.Linear(IMAGE_SHAPE[0] * IMAGE_SHAPE[1], 200), nn.ReLU(),
