@@ -84,7 +84,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {cell['data']} | {cell['algorithm']} | {cell['lr']:g} | "
                      f"{reached if reached else 'not in ' + str(cell['rounds_run'])} | {cell['best_accuracy']:.4f} | "
                      f"{cell['final_accuracy']:.4f} | {cell['rounds_run']} | {cell['seconds_per_round']:.2f} |")
-    lines += ["", "Learning-rate sweeps (IID, accuracy after the sweep rounds):", ""]
+    if a.get("lr") is not None:
+        lines += ["", f"Learning rate {a['lr']:g} given (--lr), not swept."]
+    elif result["sweeps"]:
+        lines += ["", "Learning-rate sweeps (IID, accuracy after the sweep rounds):", ""]
     for name, tried in result["sweeps"].items():
         lines.append(f"- {name}: " + ", ".join(f"lr {t['lr']:g} → {t['accuracy']:.4f}" for t in tried))
     return "\n".join(lines) + "\n"
@@ -106,33 +109,44 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", action="append", choices=list(ALGORITHMS), help="default: both")
+    ap.add_argument("--partition", action="append", choices=list(PARTITIONS.values()),
+                    help="iid or natural (2 label shards per worker); default: both")
+    ap.add_argument("--lr", type=float, help="skip the sweep and use this learning rate")
     ap.add_argument("--name", default="", help="suffix of the results file, to keep several studies")
     args = ap.parse_args()
     algorithms = args.algorithm or list(ALGORITHMS)
-    cells: list[dict[str, Any]] = []
-    sweeps: dict[str, list[dict[str, Any]]] = {}
+    partitions = {data: p for data, p in PARTITIONS.items() if p in (args.partition or PARTITIONS.values())}
+    command = "python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:])
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k != "data_dir"},
+        "sweeps": {}, "cells": []}
+    stem = RESULTS / f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
     with tempfile.TemporaryDirectory(prefix="fedfleet-conv-") as tmpdir:
         tmp = Path(tmpdir)
         for algo in algorithms:
             epochs, batch = ALGORITHMS[algo]
-            lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
-            lr, sweeps[algo] = sweep(args, epochs, batch, lrs, tmp, algo)
+            if args.lr is None:
+                lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
+                lr, result["sweeps"][algo] = sweep(args, epochs, batch, lrs, tmp, algo)
+            else:
+                lr = args.lr
             cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
-            for data, partition in PARTITIONS.items():
+            for data, partition in partitions.items():
                 r = run(args, partition, epochs, batch, lr, cap, args.target, tmp / f"{algo}-{partition}")
-                cells.append({"data": data, "algorithm": algo, **r})
+                result["cells"].append({"data": data, "algorithm": algo, **r})
                 print(f"{data:>20} {algo:>7} lr {lr:g}: rounds to {args.target:g}: {r['rounds_to_target']} "
                       f"(best {r['best_accuracy']:.4f}, {r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
-    command = "python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:])
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
-              "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k != "data_dir"},
-              "sweeps": sweeps, "cells": cells}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+                write(stem, result)  # after every cell: a study of hours keeps what it has if it is cut off
+    write(stem, result)
     print(markdown(result))
     return 0
+
+
+def write(stem: Path, result: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
