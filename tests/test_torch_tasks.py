@@ -116,6 +116,7 @@ def test_missing_files_say_which_and_where(tmp_path: Path) -> None:
     msg = str(err.value)
     assert f"{tmp_path} lacks train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz." in msg
     assert f"in {tmp_path}" in msg and "FEDFLEET_MNIST_DIR" in msg and MNIST.urls[0] in msg
+    assert f"`fedfleet data download mnist --to {tmp_path}` fetches and verifies them" in msg
 
     empty = tmp_path / "nothing-here"
     with pytest.raises(TaskError) as err:

@@ -1,4 +1,4 @@
-"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker, report, serve, certs.
+"""``fedfleet``: run (coordinator + workers on this machine), coordinator, worker, report, serve, certs, data.
 
 Run options come from ``config.OPTIONS`` (one table, one validation, one error format); values are
 taken from defaults, then ``--config FILE``, then flags. A bad value ends the command with a one-line
@@ -92,6 +92,21 @@ def _url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _download(args: argparse.Namespace) -> int:
+    from fedfleet.tasks.download import SOURCES, Fetched, download
+    from fedfleet.tasks.mnist import data_dir
+
+    source = SOURCES[args.dataset]
+    folder = args.to or data_dir(source)
+
+    def show(f: Fetched) -> None:
+        print(f"{f.path}  {'kept: verified' if f.url is None else 'downloaded from ' + f.url}", flush=True)
+
+    download(source, folder, args.mirrors or (), args.timeout, on_file=show)
+    print(f"{source.name}: all files verified in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfleet", description="Federated learning: a coordinator and workers "
                                      "that train one model without moving their data.")
@@ -179,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
 
+    data = sub.add_parser("data", help="fetch a data set's files from their official locations")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = data_sub.add_parser("download", help="download and verify the IDX files of mnist or fashion-mnist")
+    fetch.add_argument("dataset", choices=["mnist", "fashion-mnist"])
+    fetch.add_argument("--to", type=Path, default=None, metavar="DIR",
+                       help="folder to fill [default $FEDFLEET_MNIST_DIR / $FEDFLEET_FASHION_MNIST_DIR, "
+                            "else ~/.cache/fedfleet/DATASET: where the task looks]")
+    fetch.add_argument("--mirror", dest="mirrors", action="append", default=None, type=_url, metavar="URL",
+                       help="base URL serving the .gz files, tried instead of the official ones (repeatable)")
+    fetch.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request [60]")
+
     from fedfleet.deploy.cli import add_aws_parser  # no boto3 until `fedfleet aws` runs
 
     add_aws_parser(sub)
@@ -221,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedfleet.deploy.cli import run_aws
 
             return run_aws(args)
+        if args.command == "data":
+            return _download(args)
         if args.command == "serve":
             from fedfleet.web.serve import serve_run
 

@@ -2,10 +2,11 @@
 
 Data: the four standard IDX files (``train-images-idx3-ubyte.gz`` ...), gzip-compressed or plain, in
 a folder given by the task option ``data_dir``, else ``$FEDFLEET_MNIST_DIR`` /
-``$FEDFLEET_FASHION_MNIST_DIR``, else ``~/.cache/fedfleet/mnist`` / ``.../fashion-mnist``. fedfleet
-never downloads them: a missing file is a TaskError naming the folder, the files and where they come
-from. Every file's uncompressed bytes are checked against its published SHA-256, and parsed with
-numpy from the IDX header (magic number, dimensions, big-endian values); nothing is unpickled.
+``$FEDFLEET_FASHION_MNIST_DIR``, else ``~/.cache/fedfleet/mnist`` / ``.../fashion-mnist``. Training
+never downloads them (``fedfleet data download`` does, as a step of its own: ``tasks/download.py``): a
+missing file is a TaskError naming the folder, the files, where they come from and that command.
+Every file's uncompressed bytes are checked against its published SHA-256, and parsed with numpy
+from the IDX header (magic number, dimensions, big-endian values); nothing is unpickled.
 
 The official 10k test split stays on the coordinator; workers split the 60k training images with
 ``fedfleet.partition.split``. For ``natural`` the label is the group and each worker gets ``shards``
@@ -128,7 +129,8 @@ def find_files(source: Source, folder: Path) -> dict[str, Path]:
             f"{source.name} data not found: {folder} lacks " + ", ".join(f"{s}.gz" for s in missing)
             + f". Put the files {', '.join(f'{s}.gz' for s in FILES)} (gzipped or not) in {folder}, "
             f"or point the task option data_dir or ${source.env} at the folder holding them. "
-            f"They come from {' or '.join(source.urls)} (fedfleet does not download them).")
+            f"`fedfleet data download {source.name} --to {folder}` fetches and verifies them from "
+            f"{' or '.join(source.urls)} (training never downloads).")
     return found
 
 
