@@ -254,6 +254,25 @@ def test_the_coordinator_may_evaluate_on_more_threads(mnist_test: Dataset) -> No
     assert one["accuracy"] == two["accuracy"] and one["loss"] == pytest.approx(two["loss"], rel=1e-5)
 
 
+def test_usable_cpus_heeds_a_containers_cpu_quota(tmp_path: Path) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert torch_common.usable_cpus(tmp_path / "no-cgroup") == cores
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for text, expected in (("max 100000", cores), ("50000 100000", 1), (f"{cores * 100000 - 50000} 100000", cores),
+                           (f"{cores * 300000} 100000", cores), ("garbage", cores)):
+        (v2 / "cpu.max").write_text(text + "\n")
+        assert torch_common.usable_cpus(v2) == expected, text
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, expected in (("-1", cores), ("100000", 1), ("150000", min(2, cores))):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert torch_common.usable_cpus(v1) == expected, quota
+
+
 def test_cnn_fit_improves_accuracy(mnist_test: Dataset) -> None:
     task = MnistTask(data_dir=str(MNIST_DIR), model="cnn", examples="600")
     init = task.init_weights(1)

@@ -81,7 +81,7 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
         log.event("coordinator.plaintext_tokens", logging.WARNING, host=host,
                   message="tokens will cross the network in clear text; use --tls-cert/--tls-key")
     # Evaluation runs between rounds, while the workers wait: give it every core this process may use.
-    torch_common.use_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch_common.use_threads(torch_common.usable_cpus())
     task = load_task(config.task, config.task_options_dict)
     engine = Engine(config, task, data_dir, linger=linger)
     sock = bind(host, port)

@@ -12,9 +12,12 @@ are always built from numpy arrays: nothing here unpickles (``torch.load`` is ne
 from __future__ import annotations
 
 import importlib
+import math
+import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -33,6 +36,29 @@ INSTALL_HINT = "pip install 'fedfleet[torch]'"
 # each keeps them from oversubscribing the cores, which is far slower than running them side by side.
 # The coordinator raises it (use_threads): it evaluates while every worker waits for the next round.
 _threads = 1
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may keep busy: its CPU affinity, capped by a cgroup CPU quota (a container's
+    ``--cpus``), which affinity does not show: threads beyond the quota are throttled, not run."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup)
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of time per period allowed by cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``; None: no limit."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        return int(fields[0]) / int(fields[1]) if fields[0] != "max" else None
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def use_threads(n: int) -> None:
