@@ -187,8 +187,11 @@ def test_run_survives_link_cuts_and_a_slow_link(net: Net, tmp_path: Path) -> Non
     figures: list[str] = []
 
     # 1. The link goes down (both ends lose carrier), then comes back.
-    before = wait_rounds(data_dir, 3, coord)
+    # Rounds close every ~10 ms with a healthy link, so count from the moment the fault is in place,
+    # not from when the wait saw its round: a round or two closes while `ip`/`tc` start.
+    wait_rounds(data_dir, 3, coord)
     sh("ip", "-n", net.w, "link", "set", net.dev_w, "down")
+    before = rounds_done(data_dir)
     time.sleep(CUT_S)
     during = rounds_done(data_dir) - before
     sh("ip", "-n", net.w, "link", "set", net.dev_w, "up")
@@ -196,8 +199,9 @@ def test_run_survives_link_cuts_and_a_slow_link(net: Net, tmp_path: Path) -> Non
     assert during <= 1, "rounds kept closing with the link down: the cut did not cut"
 
     # 2. Every packet dropped, the link up: what a dead switch or a firewall does.
-    before = wait_rounds(data_dir, before + 3, coord)
+    wait_rounds(data_dir, before + 3, coord)
     with Cut(net) as cut:
+        before = rounds_done(data_dir)
         time.sleep(LOSS_S)
         during = rounds_done(data_dir) - before
     figures.append(f"{cut.method} for {LOSS_S:g} s after round {before}: {during} rounds closed meanwhile")
