@@ -145,8 +145,9 @@ def main() -> int:
 
 def write(stem: Path, result: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+    # Not with_suffix: a --name such as "lr0.05" has a dot that it would take for a suffix.
+    stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_name(stem.name + ".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
