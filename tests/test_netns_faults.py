@@ -208,9 +208,10 @@ def test_run_survives_link_cuts_and_a_slow_link(net: Net, tmp_path: Path) -> Non
     assert during <= 1, "rounds kept closing with every packet dropped"
 
     # 3. 1 Mbit/s both ways.
-    before = wait_rounds(data_dir, before + 3, coord)
+    wait_rounds(data_dir, before + 3, coord)
     net.tc(net.c, net.dev_c, "add", *TBF)
     net.tc(net.w, net.dev_w, "add", *TBF)
+    before = rounds_done(data_dir)
     time.sleep(SLOW_S)
     during = rounds_done(data_dir) - before
     net.tc(net.c, net.dev_c, "del")

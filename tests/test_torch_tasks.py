@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -255,8 +256,6 @@ def test_the_coordinator_may_evaluate_on_more_threads(mnist_test: Dataset) -> No
 
 
 def test_usable_cpus_heeds_a_containers_cpu_quota(tmp_path: Path) -> None:
-    import os
-
     cores = len(os.sched_getaffinity(0))
     assert torch_common.usable_cpus(tmp_path / "no-cgroup") == cores
     v2 = tmp_path / "v2"
