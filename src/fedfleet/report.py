@@ -1,28 +1,26 @@
 """``fedfleet report``: PNG plots and a Markdown summary of one run, or of several side by side.
 
 Reading and drawing are kept apart, so that tests can check the numbers without looking at pixels.
-``load_run`` reads a run dir (``fedfleet run --out`` or ``fedfleet coordinator --data-dir``) into a
-``RunData``: the rounds of metrics.jsonl, summary.json, and rounds served per worker from state.sqlite
-(``read_participation``); ``round_phases`` splits each round's seconds from it. The ``plot_*``
-functions draw one figure each; ``write_report`` ties them together and writes ``report.md``.
+``load_run`` reads a run dir (``fedfleet run --out`` or ``fedfleet coordinator --data-dir``) through
+``storage.run_dir.RunDir`` into a ``RunData``: the round records, the run summary, and rounds served
+per worker from the state database (``read_participation``); ``round_phases`` splits each round's
+seconds from it. The ``plot_*`` functions draw one figure each; ``write_report`` ties them together and
+writes ``report.md``.
 
-A run dir is only read: ``state.sqlite`` is opened with ``mode=ro``, so a report can be drawn of a
-run that is still going without getting in the coordinator's way. Figures are made with
+A run dir is only read: the state database is opened read-only, so a report can be drawn of a run
+that is still going without getting in the coordinator's way. Figures are made with
 ``matplotlib.figure.Figure`` on an Agg canvas rather than ``pyplot``: no global backend or figure
 registry, nothing to close, and no display needed.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
 import statistics
-import tomllib
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from matplotlib.axes import Axes
@@ -32,9 +30,11 @@ from matplotlib.ticker import MaxNLocator
 
 from fedfleet.errors import StorageError
 from fedfleet.partition import partition_name
+from fedfleet.storage.records import RoundRecord, RunSummary
+from fedfleet.storage.run_dir import RunDir
+from fedfleet.storage.sqlite import Store
 
 DPI = 110
-TIMING_KEYS = ("wait_workers", "open", "aggregate", "evaluate", "checkpoint")
 # One colour per phase of a round, in the order the phases happen; the three parts of the open round
 # share a hue so that the eye reads them as one phase split three ways.
 PHASE_COLOURS = {
@@ -68,11 +68,11 @@ class WorkerParticipation:
 class RunData:
     path: Path
     name: str
-    rounds: list[dict[str, Any]]  # the records of metrics.jsonl, in round order
-    summary: dict[str, Any] | None  # None while the run is going (summary.json is written at its end)
+    rounds: list[RoundRecord]  # in round order
+    summary: RunSummary | None  # None while the run is going (the summary is written at its end)
     partition: str | None
     workers: int | None
-    participation: list[WorkerParticipation] | None  # None when the run dir has no state.sqlite
+    participation: list[WorkerParticipation] | None  # None when the run dir has no state database
 
     @property
     def label(self) -> str:
@@ -82,29 +82,22 @@ class RunData:
 
     @property
     def state(self) -> str:
-        return str(self.summary.get("state", "?")) if self.summary else "in progress"
+        return self.summary.state if self.summary else "in progress"
 
     @property
-    def final_accuracy(self) -> float:
-        return _final(self.summary, "final_accuracy", self.rounds[-1]["accuracy"])
+    def final_accuracy(self) -> float | None:
+        """The summary's, or while running the last round's; None when the model's score is unknown
+        (a diverged model's loss is recorded as unknown)."""
+        return self.summary.final_accuracy if self.summary else self.rounds[-1].accuracy
 
     @property
-    def final_loss(self) -> float:
-        return _final(self.summary, "final_loss", self.rounds[-1]["loss"])
+    def final_loss(self) -> float | None:
+        return self.summary.final_loss if self.summary else self.rounds[-1].loss
 
     @property
     def seconds(self) -> float:
         """The coordinator's seconds from start to end; while running, the rounds' seconds so far."""
-        return _final(self.summary, "seconds", sum(r["seconds"] for r in self.rounds))
-
-
-def _final(summary: dict[str, Any] | None, key: str, fallback: float) -> float:
-    value = summary.get(key) if summary else None
-    return float(value) if value is not None and _is_number(value) else float(fallback)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return self.summary.seconds if self.summary else sum(r.seconds for r in self.rounds)
 
 
 # --- reading a run -------------------------------------------------------------------------------
@@ -114,110 +107,44 @@ def load_run(path: Path) -> RunData:
         raise StorageError(f"run dir {path} does not exist")
     if not path.is_dir():
         raise StorageError(f"{path} is not a directory; give the run's folder (fedfleet run --out DIR)")
-    rounds = read_metrics(path / "metrics.jsonl")
-    summary = _read_json_object(path / "summary.json")
-    # summary.json is written when the run ends, config.toml when it starts: a running run has only that.
-    config = summary.get("config") if summary else None
-    if not isinstance(config, dict):
-        config = _read_config(path / "config.toml")
-    partition = config.get("partition")
-    workers = config.get("workers")
-    workers = workers if isinstance(workers, int) and workers > 0 else None
-    db = path / "state.sqlite"
-    return RunData(path=path, name=path.resolve().name, rounds=rounds, summary=summary,
-                   partition=str(partition) if partition is not None else None, workers=workers,
-                   participation=read_participation(db, workers) if db.exists() else None)
+    run_dir = RunDir(path)
+    rounds = run_dir.read_rounds()
+    if not rounds:
+        raise StorageError(f"{run_dir.metrics_path} holds no rounds yet; nothing to report")
+    summary = run_dir.read_summary()
+    # The summary is written when the run ends, config.toml when it starts: a running run has only that.
+    if summary is not None:
+        partition: str | None = summary.partition
+        workers: int | None = summary.workers
+    else:
+        partition, workers = _labels_from_config(run_dir)
+    workers = workers if workers is not None and workers > 0 else None
+    return RunData(path=path, name=path.resolve().name, rounds=rounds, summary=summary, partition=partition,
+                   workers=workers, participation=read_participation(run_dir.state_path, workers)
+                   if run_dir.state_path.exists() else None)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The round records of a metrics.jsonl, checked for the fields the report draws."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise StorageError(f"{path.parent} has no metrics.jsonl; is it a fedfleet run dir "
-                           "(fedfleet run --out, fedfleet coordinator --data-dir)?") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from exc
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise StorageError(f"{path} line {number} is not valid JSON ({exc})") from None
-        problem = _record_problem(record)
-        if problem:
-            raise StorageError(f"{path} line {number} is not a round record: {problem}")
-        records.append(record)
-    if not records:
-        raise StorageError(f"{path} holds no rounds yet; nothing to report")
-    records.sort(key=lambda r: r["round"])
-    return records
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if not isinstance(record.get("round"), int) or isinstance(record.get("round"), bool):
-        return "'round' is missing or not an integer"
-    for key in ("accuracy", "loss", "seconds"):
-        if not _is_number(record.get(key)):
-            return f"'{key}' is missing or not a number"
-    timings = record.get("timings")
-    if not isinstance(timings, dict) or not all(_is_number(timings.get(k)) for k in TIMING_KEYS):
-        return f"'timings' must hold the numbers {', '.join(TIMING_KEYS)}"
-    return None
-
-
-def _read_json_object(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from None
-    if not isinstance(value, dict):
-        raise StorageError(f"{path} is not a JSON object")
-    return value
-
-
-def _read_config(path: Path) -> dict[str, Any]:
+def _labels_from_config(run_dir: RunDir) -> tuple[str | None, int | None]:
     # Only labels come from here, so a missing or unreadable config costs labels, not the report.
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        config = run_dir.read_config()
+    except StorageError:
+        return None, None
+    return config.partition, config.workers
 
 
 def read_participation(db_path: Path, workers: int | None) -> list[WorkerParticipation]:
-    """Rounds served per worker, from the ``updates`` the coordinator accepted, in partition order.
-
-    Only updates of a round's last attempt count: that is the attempt that reached its quorum and
-    went into the aggregate (earlier attempts of the round missed it). The statistics round (0) has
-    no ``rounds`` row and is left out by the join, as is a round still open. A worker whose partition
-    was handed to a new worker has left the ``workers`` table but keeps its updates: it is shown as
-    replaced. One case the tables cannot tell apart: after a coordinator restart, an update from the
-    earlier life for the same round and attempt by a worker that did not answer again is counted.
-    """
-    uri = f"{db_path.resolve().as_uri()}?mode=ro"
-    try:
-        db = sqlite3.connect(uri, uri=True)
-        try:
-            known = db.execute("SELECT worker_id, partition, name FROM workers").fetchall()
-            served = db.execute(
-                "SELECT u.worker_id, COUNT(*), SUM(u.num_examples) FROM updates AS u "
-                "JOIN rounds AS r ON u.round = r.round AND u.attempt = r.attempts - 1 "
-                "GROUP BY u.worker_id").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot read {db_path}: {exc}") from None
-    count = workers or (max((int(p) for _, p, _ in known), default=-1) + 1)
-    by_id = {str(wid): (int(n), int(ex)) for wid, n, ex in served}
-    out = [WorkerParticipation(str(wid), partition_name(int(p), count), int(p), str(name),
-                               *by_id.pop(str(wid), (0, 0)))
-           for wid, p, name in sorted(known, key=lambda row: int(row[1]))]
+    """Rounds served per worker, from the updates the coordinator accepted (``Store.served``), in
+    partition order. A worker whose partition was handed to a new worker has left the workers' table
+    but keeps its updates: it is shown as replaced."""
+    with closing(Store.read_only(db_path)) as store:
+        known = store.workers()
+        served = store.served()
+    count = workers or (max((w.partition for w in known), default=-1) + 1)
+    by_id = {s.worker_id: (s.rounds, s.examples) for s in served}
+    out = [WorkerParticipation(w.worker_id, partition_name(w.partition, count), w.partition, w.name,
+                               *by_id.pop(w.worker_id, (0, 0)))
+           for w in sorted(known, key=lambda w: w.partition)]
     out += [WorkerParticipation(wid, f"worker {wid[:8]} (replaced)", None, "", n, ex)
             for wid, (n, ex) in sorted(by_id.items())]
     return out
@@ -227,11 +154,12 @@ def round_phases(run: RunData) -> dict[str, list[float]]:
     """Seconds of each phase of each round, in the order they happen; per round they add up to its seconds.
 
     The round is open from the moment workers may fetch the model until the last answer arrived. The
-    workers report their download and training times, and metrics.jsonl carries their means; the
-    rest of the open time is uploads and waiting for the slowest worker (a mean leaves the
-    straggler's extra time there). Runs whose records lack those times keep the open time whole.
+    workers report their download and training times, and each record's ``worker_metrics`` carries
+    their means; the rest of the open time is uploads and waiting for the slowest worker (a mean
+    leaves the straggler's extra time there). Runs whose records lack those times keep the open time
+    whole.
     """
-    split = all(_is_number(r.get("download_s")) and _is_number(r.get("train_s")) for r in run.rounds)
+    split = all("download_s" in r.worker_metrics and "train_s" in r.worker_metrics for r in run.rounds)
     phases: dict[str, list[float]] = {"waiting for workers": []}
     if split:
         for label in ("model download (workers' mean)", "local training (workers' mean)", "upload + slowest worker"):
@@ -241,23 +169,36 @@ def round_phases(run: RunData) -> dict[str, list[float]]:
     for label in ("aggregation", "evaluation", "checkpoint"):
         phases[label] = []
     for r in run.rounds:
-        t = r["timings"]
-        phases["waiting for workers"].append(max(0.0, t["wait_workers"]))
-        open_s = max(0.0, t["open"])
+        t = r.timings
+        phases["waiting for workers"].append(t.wait_workers)
         if split:
-            download, train = max(0.0, r["download_s"]), max(0.0, r["train_s"])
+            download = max(0.0, r.worker_metrics["download_s"])
+            train = max(0.0, r.worker_metrics["train_s"])
             # Worker and coordinator clocks start at slightly different moments: should the workers'
             # times ever exceed the open time, shrink them to fit, so the bar still shows the round.
-            scale = min(1.0, open_s / (download + train)) if download + train > 0 else 1.0
+            scale = min(1.0, t.open / (download + train)) if download + train > 0 else 1.0
             phases["model download (workers' mean)"].append(download * scale)
             phases["local training (workers' mean)"].append(train * scale)
-            phases["upload + slowest worker"].append(open_s - (download + train) * scale)
+            phases["upload + slowest worker"].append(t.open - (download + train) * scale)
         else:
-            phases["open (transfer + training)"].append(open_s)
-        phases["aggregation"].append(max(0.0, t["aggregate"]))
-        phases["evaluation"].append(max(0.0, t["evaluate"]))
-        phases["checkpoint"].append(max(0.0, t["checkpoint"]))
+            phases["open (transfer + training)"].append(t.open)
+        phases["aggregation"].append(t.aggregate)
+        phases["evaluation"].append(t.evaluate)
+        phases["checkpoint"].append(t.checkpoint)
     return phases
+
+
+def _score(record: RoundRecord, key: str) -> float | None:
+    return record.accuracy if key == "accuracy" else record.loss
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _values(values: Sequence[float | None]) -> list[float]:
+    """Scores to plot: an unknown one (a diverged model's) as NaN, a gap in the line."""
+    return [math.nan if v is None else v for v in values]
 
 
 # --- drawing -------------------------------------------------------------------------------------
@@ -288,13 +229,14 @@ def plot_accuracy_loss(run: RunData, path: Path) -> Path:
     """Test accuracy and loss of the global model by round, next to the workers' local training ones."""
     fig = _figure(11, 4.5)
     fig.suptitle(f"{run.label}: accuracy and loss by round", fontsize=13)
-    xs = [r["round"] for r in run.rounds]
+    xs = [r.round for r in run.rounds]
     axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("accuracy", "loss"), ("Accuracy", "Loss"), strict=True):
-        ax.plot(xs, [r[key] for r in run.rounds], marker="o", markersize=4, label="global model, held-out test set")
-        local = [r.get(f"train_{key}") for r in run.rounds]
-        if all(_is_number(v) for v in local):
-            ax.plot(xs, local, marker="s", markersize=3, linestyle="--", alpha=0.8,
+        ax.plot(xs, _values([_score(r, key) for r in run.rounds]), marker="o", markersize=4,
+                label="global model, held-out test set")
+        local = [r.worker_metrics.get(f"train_{key}") for r in run.rounds]
+        if all(v is not None for v in local):
+            ax.plot(xs, _values(local), marker="s", markersize=3, linestyle="--", alpha=0.8,
                     label="workers' local training (mean)")
         _style(ax, name, "round", name.lower())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -307,7 +249,7 @@ def plot_accuracy_loss(run: RunData, path: Path) -> Path:
 def plot_round_time(run: RunData, path: Path) -> Path:
     """Seconds per round as stacked bars, one segment per phase."""
     phases = round_phases(run)
-    xs = [r["round"] for r in run.rounds]
+    xs = [r.round for r in run.rounds]
     fig = _figure(11, 4.8)
     ax = fig.subplots()
     bottom = [0.0] * len(xs)
@@ -366,15 +308,15 @@ def plot_participation(run: RunData, path: Path) -> Path:
     _style(left, "Rounds served per worker", xlabel, "rounds")
     left.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(False, axis="x")
-    xs = [r["round"] for r in run.rounds]
+    xs = [r.round for r in run.rounds]
     # Answered drawn inside sampled: the grey that shows above a blue bar is the workers that missed it.
-    right.bar(xs, [r.get("sampled", 0) for r in run.rounds], width=0.8, color="#d9d9d9", label="sampled")
-    right.bar(xs, [r.get("participants", 0) for r in run.rounds], width=0.5, color="#4c78a8",
+    right.bar(xs, [r.sampled for r in run.rounds], width=0.8, color="#d9d9d9", label="sampled")
+    right.bar(xs, [r.participants for r in run.rounds], width=0.5, color="#4c78a8",
               label="answered in time (aggregated)")
     _style(right, "Workers per round", "round", "workers")
     right.grid(False, axis="x")
     # Headroom above the bars for the legend, which would otherwise cover them.
-    right.set_ylim(bottom=0, top=max(r.get("sampled", 0) for r in run.rounds) * 1.35 + 0.5)
+    right.set_ylim(bottom=0, top=max(r.sampled for r in run.rounds) * 1.35 + 0.5)
     right.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -389,8 +331,8 @@ def plot_compare(runs: Sequence[RunData], path: Path) -> Path:
     axes = fig.subplots(1, 2)
     for key, ax in zip(("accuracy", "loss"), axes, strict=True):
         for run in runs:
-            ax.plot([r["round"] for r in run.rounds], [r[key] for r in run.rounds], marker="o", markersize=3,
-                    label=run.label)
+            ax.plot([r.round for r in run.rounds], _values([_score(r, key) for r in run.rounds]), marker="o",
+                    markersize=3, label=run.label)
         _style(ax, f"Test {key} of the global model", "round", key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = axes[0].get_legend_handles_labels()
@@ -451,7 +393,7 @@ def render_markdown(runs: Sequence[RunData], sections: Sequence[tuple[RunData, s
              "|---|---|---:|---|---:|---:|---:|---:|"]
     for run in runs:
         cells = [run.name, run.partition or "-", str(run.workers or "-"), run.state, str(len(run.rounds)),
-                 f"{run.final_accuracy:.4f}", f"{run.final_loss:.4f}", f"{run.seconds:.1f}"]
+                 _fmt(run.final_accuracy), _fmt(run.final_loss), f"{run.seconds:.1f}"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     if len(runs) > 1:

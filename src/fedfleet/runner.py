@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import httpx
 from rich.console import Console
@@ -28,6 +28,8 @@ from fedfleet.coordinator.server import ADDRESS_FILE
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.messages import API, Status
 from fedfleet.storage.files import write_text_atomic
+from fedfleet.storage.records import RunSummary
+from fedfleet.storage.run_dir import RunDir
 from fedfleet.tasks import BUILTIN
 
 START_TIMEOUT = 120.0
@@ -45,9 +47,9 @@ def spread(workers: int, processes: int) -> list[int]:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    summary = out / "summary.json"
-    if (out / "state.sqlite").exists():
-        if summary.exists() and not overwrite:
+    run_dir = RunDir(out)
+    if run_dir.state_path.exists():
+        if run_dir.summary_path.exists() and not overwrite:
             raise ConfigError(f"{out} already holds a finished run; pass --overwrite to replace it or choose "
                               "another --out", option="out")
         if overwrite:
@@ -129,7 +131,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
                 out / "logs" / f"worker-{i}.log", join_token))
         console.print(f"fedfleet: {config.task} on {config.workers} workers in {len(counts)} processes, "
                       f"{config.rounds} rounds, partition {config.partition}; coordinator {url}")
-        _watch(url, config, coord, console, out / "summary.json")
+        _watch(url, config, coord, console, RunDir(out))
         _stop(children, grace=10.0)
     except BaseException:
         for p in children:
@@ -139,27 +141,20 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         raise
     finally:
         request.unlink(missing_ok=True)
-    summary = _read_json(out / "summary.json")
+    summary = RunDir(out).read_summary()
     if summary is None:
         console.print(f"[red]the coordinator ended without a summary[/red]:\n{_tail(out / 'logs' / 'coordinator.log')}")
         return 1
     _print_summary(console, summary, out, time.monotonic() - t0)
     # The summary, not the last status polled, is the word on how the run ended: the coordinator
     # may finish and exit between two polls.
-    if summary.get("state") == "finished":
+    if summary.state == "finished":
         return 0
-    console.print(f"[red]run failed:[/red] {summary.get('message', '')}")
+    console.print(f"[red]run {summary.state}:[/red] {summary.message}")
     return 1
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, summary: Path) -> None:
+def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, run_dir: RunDir) -> None:
     """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[phase]}"),
@@ -181,20 +176,20 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
             time.sleep(0.2)
         # The coordinator may end between two polls: the last word is its summary.
         coord.wait(timeout=60)
-        final = _read_json(summary)
+        final = run_dir.read_summary()
         if final is not None:
-            progress.update(bar, completed=final["rounds"], phase=final["state"],
-                            acc=_fmt(final.get("final_accuracy")), loss=_fmt(final.get("final_loss")))
+            progress.update(bar, completed=final.rounds, phase=final.state,
+                            acc=_fmt(final.final_accuracy), loss=_fmt(final.final_loss))
 
 
-def _print_summary(console: Console, s: dict[str, Any], out: Path, wall: float) -> None:
-    timings = [r["seconds"] for r in s.get("round_timings", [])]
-    table = Table(title=f"fedfleet run {s.get('run_id', '')}: {s.get('state')}", show_header=False)
+def _print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> None:
+    timings = [r.seconds for r in s.round_timings]
+    table = Table(title=f"fedfleet run {s.run_id}: {s.state}", show_header=False)
     rows = [
-        ("task", s.get("task")), ("partition", s.get("partition")), ("workers", s.get("workers")),
-        ("rounds", f"{s.get('rounds')} of {s.get('rounds_planned')}"),
-        ("final accuracy", _fmt(s.get("final_accuracy"))), ("final loss", _fmt(s.get("final_loss"))),
-        ("seconds (coordinator)", _fmt(s.get("seconds"), 1)), ("seconds (wall)", f"{wall:.1f}"),
+        ("task", s.task), ("partition", s.partition), ("workers", s.workers),
+        ("rounds", f"{s.rounds} of {s.rounds_planned}"),
+        ("final accuracy", _fmt(s.final_accuracy)), ("final loss", _fmt(s.final_loss)),
+        ("seconds (coordinator)", _fmt(s.seconds, 1)), ("seconds (wall)", f"{wall:.1f}"),
         ("median round (s)", _fmt(sorted(timings)[len(timings) // 2] if timings else None, 3)),
         ("outputs", str(out)),
     ]
@@ -203,5 +198,5 @@ def _print_summary(console: Console, s: dict[str, Any], out: Path, wall: float) 
     console.print(table)
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
+def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"

@@ -14,16 +14,17 @@ them (environment, ``~/.aws``, an instance role).
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import FedfleetError
+from fedfleet.storage.sqlite import Store
 
 TEMPLATE_NAME = "fedfleet.yaml"
 DEFAULT_TOKEN_PREFIX = "/fedfleet"
@@ -288,15 +289,8 @@ def _run_files(run_dir: Path) -> Iterator[Path]:
 def _sqlite_snapshot(db: Path, into: Path) -> Path:
     """A consistent copy of a SQLite database that a coordinator may still be writing (WAL mode)."""
     copy = into / db.name
-    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        target = sqlite3.connect(copy)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-    finally:
-        source.close()
+    with closing(Store.read_only(db)) as store:
+        store.backup(copy)
     return copy
 
 

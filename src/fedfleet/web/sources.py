@@ -7,19 +7,17 @@ Both give the same shape (``RunSource``), so one set of routes and one page serv
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
-import tomllib
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.engine import Engine
-from fedfleet.errors import ConfigError, FedfleetError
+from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
-from fedfleet.protocol import codec
 from fedfleet.protocol.messages import Status
+from fedfleet.storage.run_dir import RunDir
 from fedfleet.tasks import Task, load_task
 from fedfleet.types import Weights
 
@@ -83,6 +81,11 @@ class LiveRun:
         return self.engine.progress_event()
 
 
+# A run stopped before its last round is over without having finished: its status says failed, and
+# the summary's message, shown with it, says why.
+_STATES: dict[str, Literal["finished", "failed"]] = {"finished": "finished", "failed": "failed", "stopped": "failed"}
+
+
 @dataclass
 class FinishedRun:
     """A run that has ended, read once from its output folder; nothing in the folder is written."""
@@ -99,35 +102,37 @@ class FinishedRun:
     @classmethod
     def load(cls, directory: Path) -> FinishedRun:
         """Read a run folder (``--out`` of ``fedfleet run``, ``--data-dir`` of ``fedfleet coordinator``)."""
-        def need(name: str, what: str) -> Path:
-            path = directory / name
-            if not path.is_file():
-                raise ConfigError(f"{directory} is not a finished fedfleet run: it has no {name} ({what}). "
-                                  "Point --run at the --out folder of `fedfleet run` or the --data-dir of "
-                                  "`fedfleet coordinator`; a run still going is served live at its coordinator's "
-                                  "URL.", option="run")
-            return path
+        run_dir = RunDir(directory)
 
-        summary_path = need("summary.json", "written when a run ends")
-        config_path = need("config.toml", "the run's config")
-        model_path = need("model.safetensors", "the final model")
-        metrics_path = need("metrics.jsonl", "one line per round")
+        def missing(path: Path, what: str) -> ConfigError:
+            return ConfigError(f"{directory} is not a finished fedfleet run: it has no {path.name} ({what}). "
+                               "Point --run at the --out folder of `fedfleet run` or the --data-dir of "
+                               "`fedfleet coordinator`; a run still going is served live at its coordinator's "
+                               "URL.", option="run")
+
+        for path, what in ((run_dir.summary_path, "written when a run ends"), (run_dir.config_path, "the run's config"),
+                           (run_dir.model_path, "the final model"), (run_dir.metrics_path, "one line per round")):
+            if not path.is_file():
+                raise missing(path, what)
         try:
-            summary = json.loads(summary_path.read_text())
-            config = RunConfig.from_mapping(tomllib.loads(config_path.read_text()))
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            weights, meta = codec.decode(model_path.read_bytes())
-        except (OSError, ValueError, FedfleetError) as exc:
-            # ValueError covers JSON and TOML syntax errors; FedfleetError a config or model that is invalid.
+            summary = run_dir.read_summary()
+            config = run_dir.read_config()
+            records = run_dir.read_rounds()
+            weights, meta = run_dir.read_model()
+        except FedfleetError as exc:
             raise ConfigError(f"cannot read the run in {directory}: {exc}", option="run") from exc
+        if summary is None:  # removed since it was there a moment ago
+            raise missing(run_dir.summary_path, "written when a run ends")
+        version = meta.get("version", "")
         status = Status(
-            run_id=str(summary.get("run_id", "")), state=summary.get("state", "finished"), phase="done",
-            task=config.task, round=int(summary.get("rounds", len(history))), rounds=config.rounds,
-            model_version=int(meta.get("version", summary.get("model_version", 0))),
-            workers_registered=0, workers_live=0, accuracy=summary.get("final_accuracy"),
-            loss=summary.get("final_loss"), message=str(summary.get("message", "")))
-        workers = _workers(directory / "state.sqlite", config.workers)
+            run_id=summary.run_id, state=_STATES[summary.state], phase="done", task=config.task,
+            round=summary.rounds, rounds=config.rounds,
+            model_version=int(version) if version.isdecimal() else summary.model_version,
+            workers_registered=0, workers_live=0, accuracy=summary.final_accuracy, loss=summary.final_loss,
+            message=summary.message)
+        workers = _workers(run_dir, config.workers)
         status = status.model_copy(update={"workers_registered": len(workers)})
+        history = [r.model_dump() for r in records]
         try:
             task: Task | None = load_task(config.task, config.task_options_dict)
         except FedfleetError:
@@ -153,24 +158,17 @@ class FinishedRun:
         return self._never
 
 
-def _workers(path: Path, partitions: int) -> list[dict[str, Any]]:
+def _workers(run_dir: RunDir, partitions: int) -> list[dict[str, Any]]:
     """The workers of a finished run from its state database, opened read-only; [] if there is none."""
-    if not path.is_file():
-        return []
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT worker_id, partition, name, rounds_served FROM workers "
-                              "ORDER BY partition").fetchall()
-            last_train: dict[str, float] = {}
-            for wid, metrics in db.execute("SELECT worker_id, metrics FROM updates ORDER BY round, attempt"):
-                train_s = json.loads(metrics).get("train_s")
-                if isinstance(train_s, int | float):
-                    last_train[wid] = float(train_s)
-        finally:
-            db.close()
-    except (sqlite3.Error, ValueError):
+        store = run_dir.read_store()
+        if store is None:
+            return []
+        with closing(store):
+            rows = store.workers()
+            last_train = store.last_metric("train_s")
+    except StorageError:
         return []  # the table of workers is a nicety; a damaged database must not stop the rest
-    return [{"worker_id": wid, "name": name, "partition": partition_name(part, partitions), "status": "stopped",
-             "last_seen_s": None, "rounds_served": served, "last_train_s": last_train.get(wid)}
-            for wid, part, name, served in rows]
+    return [{"worker_id": w.worker_id, "name": w.name, "partition": partition_name(w.partition, partitions),
+             "status": "stopped", "last_seen_s": None, "rounds_served": w.rounds_served,
+             "last_train_s": last_train.get(w.worker_id)} for w in rows]

@@ -19,10 +19,11 @@ function niceTicks(lo, hi, count) {
 }
 
 class LineChart {
-  // series: [{key, label, color, dash}]; percent: show y as a percentage.
+  // series: [{key, label, color, dash, value}]; value(row) reads a round's y (default: row[key]), so that a
+  // series can come from a nested field such as the workers' metrics. percent: show y as a percentage.
   constructor(canvas, { series, percent = false, emptyText = "waiting for the first round" }) {
     this.canvas = canvas;
-    this.series = series;
+    this.series = series.map((s) => ({ value: (row) => row[s.key], ...s }));
     this.percent = percent;
     this.emptyText = emptyText;
     this.rows = [];
@@ -78,7 +79,7 @@ class LineChart {
     let lo = Infinity, hi = -Infinity;
     for (const row of this.rows) {
       for (const s of this.series) {
-        const v = row[s.key];
+        const v = s.value(row);
         if (v != null) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
       }
     }
@@ -129,7 +130,7 @@ class LineChart {
 
     // series: a line through the rounds that have the value, and dots while there are few rounds
     for (const s of this.series) {
-      const pts = this.rows.filter((row) => row[s.key] != null).map((row) => [X(row.round), Y(row[s.key])]);
+      const pts = this.rows.filter((row) => s.value(row) != null).map((row) => [X(row.round), Y(s.value(row))]);
       g.strokeStyle = s.color; g.lineWidth = 2.2; g.setLineDash(s.dash || []); g.lineJoin = "round";
       g.beginPath();
       pts.forEach(([x, y], i) => (i ? g.lineTo(x, y) : g.moveTo(x, y)));
@@ -146,7 +147,10 @@ class LineChart {
       const x = X(row.round);
       g.strokeStyle = "#94a3b8"; g.lineWidth = 1; g.setLineDash([3, 3]);
       g.beginPath(); g.moveTo(x, L.top); g.lineTo(x, L.bottom); g.stroke(); g.setLineDash([]);
-      const lines = [`round ${row.round}`, ...this.series.map((s) => `${s.label}: ${row[s.key] == null ? "—" : this.format(row[s.key])}`)];
+      const lines = [`round ${row.round}`, ...this.series.map((s) => {
+        const v = s.value(row);
+        return `${s.label}: ${v == null ? "—" : this.format(v)}`;
+      })];
       const bw = Math.max(...lines.map((t) => g.measureText(t).width)) + 16, bh = lines.length * 17 + 8;
       const bx = x + bw + 12 > L.right ? x - bw - 8 : x + 8, by = L.top + 4;
       g.fillStyle = "rgba(17, 24, 39, .88)"; g.fillRect(bx, by, bw, bh);

@@ -2,18 +2,23 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// What the workers reported sits in its own field of a round record, apart from the coordinator's
+// own numbers: read it there, by the series' name, and never merge it into the record.
+const workerMetric = (name) => (row) => (row.worker_metrics || {})[name];
 const charts = {
   accuracy: new LineChart($("chart-accuracy"), {
     percent: true,
     series: [
       { key: "accuracy", label: "test (held-out set)", color: "#2563eb" },
-      { key: "train_accuracy", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4] },
+      { key: "train_accuracy", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4],
+        value: workerMetric("train_accuracy") },
     ],
   }),
   loss: new LineChart($("chart-loss"), {
     series: [
       { key: "loss", label: "test (held-out set)", color: "#2563eb" },
-      { key: "train_loss", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4] },
+      { key: "train_loss", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4],
+        value: workerMetric("train_loss") },
     ],
   }),
 };
