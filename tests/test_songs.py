@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -215,6 +216,77 @@ def test_apply_stats_without_examples_raises(task: SongsTask) -> None:
     empty = {s.name: np.zeros(s.shape, s.dtype) for s in task.stats_schema()}
     with pytest.raises(TaskError, match="no examples"):
         task.apply_stats(task.init_weights(0), empty)
+
+
+# --- plausibility of one worker's statistics (the coordinator refuses an implausible report) --------
+
+def test_every_partitions_honest_stats_are_plausible(task: SongsTask) -> None:
+    for spec in (PartitionSpec("iid"), PartitionSpec("dirichlet", 0.1), PartitionSpec("natural")):
+        for i in range(6):
+            part = task.load_partition(spec, i, 6, seed=1)
+            assert task.check_stats(task.local_stats(part), len(part)) is None
+
+
+def test_stats_of_a_constant_and_a_single_song_are_plausible(task: SongsTask, pool: Dataset) -> None:
+    # Cauchy–Schwarz holds with equality here: rounding must not make it look violated.
+    one = Dataset(pool.x[:1], pool.y[:1])
+    assert task.check_stats(task.local_stats(one), 1) is None
+    same = Dataset(np.repeat(pool.x[:1] * 1.1, 997, axis=0), np.zeros(997, np.int64))
+    assert task.check_stats(task.local_stats(same), 997) is None
+
+
+def stats_with(task: SongsTask, pool: Dataset, **changes: tuple[int, float]) -> dict[str, np.ndarray]:
+    stats = {k: v.copy() for k, v in task.local_stats(pool).items()}
+    for name, (index, value) in changes.items():
+        stats[name][index] = value
+    return stats
+
+
+@pytest.mark.parametrize(("changes", "num_examples", "message"), [
+    ({"count": (0, 0.0)}, 1, r"count is 0; it must be a whole number in \[1, 1e\+09\]"),
+    ({"count": (0, 2.5e9)}, 2_500_000_000, "count is 2.5e.09; it must be a whole number"),
+    ({"count": (0, 10.5)}, 10, "count is 10.5; it must be a whole number"),
+    ({"count": (0, -3.0)}, 1, "count is -3"),
+    ({}, 7, r"count is \d+ but the report is for num_examples 7"),
+    ({"sum": (3, 1e300)}, None, r"feature 'loudness': \|sum\| is 1e\+300, over count·1e\+09"),
+    ({"sum": (0, -1e20)}, None, r"feature 'danceability': \|sum\| is 1e\+20"),
+    ({"sumsq": (10, 1e300)}, None, r"feature 'tempo': sumsq is 1e\+300, outside \[0, count·1e\+18"),
+    ({"sumsq": (1, -1.0)}, None, r"feature 'energy': sumsq is -1, outside \[0"),
+    ({"sumsq": (11, 0.0)}, None, r"feature 'duration_ms': sumsq·count \(0\) is below sum² .*negative variance"),
+])
+def test_implausible_stats_are_named(task: SongsTask, pool: Dataset, changes: dict[str, tuple[int, float]],
+                                     num_examples: int | None, message: str) -> None:
+    stats = stats_with(task, pool, **changes)
+    problem = task.check_stats(stats, len(pool) if num_examples is None else num_examples)
+    assert problem is not None
+    assert re.search(message, problem), problem
+
+
+def test_stats_of_the_wrong_shape_are_implausible(task: SongsTask, pool: Dataset) -> None:
+    stats = task.local_stats(pool)
+    problem = task.check_stats({**stats, "sum": stats["sum"][:3]}, len(pool))
+    assert problem == f"statistics must be count (1,), sum ({len(FEATURES)},) and sumsq ({len(FEATURES)},)"
+
+
+def test_songs_mlp_checks_stats_like_songs(pool: Dataset) -> None:
+    mlp = load_task("songs-mlp")
+    stats = SongsTask().local_stats(pool)
+    assert mlp.check_stats(stats, len(pool)) is None
+    assert mlp.check_stats(stats, len(pool) - 1) is not None
+
+
+@pytest.mark.parametrize(("total", "squares", "feature"), [
+    (1e300, 1e300, "danceability"),  # finite in float64, but the mean overflows float32 (issue 12, item 3)
+    (0.0, 1e300, "danceability"),  # a scale of 1e150
+    (np.nan, 1.0, "danceability"),
+])
+def test_apply_stats_refuses_what_float32_cannot_hold(task: SongsTask, total: float, squares: float,
+                                                     feature: str) -> None:
+    stats = {s.name: np.zeros(s.shape, s.dtype) for s in task.stats_schema()}
+    stats["count"][0] = 1.0
+    stats["sum"][0], stats["sumsq"][0] = total, squares
+    with pytest.raises(TaskError, match=f"feature '{feature}' .*not finite in float32"):
+        task.apply_stats(task.init_weights(0), stats)
 
 
 # --- training and evaluation ---------------------------------------------------------------------

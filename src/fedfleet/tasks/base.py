@@ -3,6 +3,10 @@
 A task is used by both sides: the coordinator calls ``init_weights``, ``load_test`` and ``evaluate``;
 a worker calls ``load_partition``, ``local_stats`` and ``fit``. Plug in your own by writing a class
 with these methods and passing ``--task your.module:YourTask`` (see the README).
+
+The statistics members (``stats_schema``, ``local_stats``, ``apply_stats`` and ``check_stats``) are
+optional: ``load_task`` fills in the defaults of ``NoStats`` (no statistics round, every report
+accepted) for a task that has none of them. A task with statistics needs the first three.
 """
 
 from __future__ import annotations
@@ -73,6 +77,14 @@ class Task(Protocol):
         """The model updated with the combined statistics (e.g. a standardisation layer)."""
         ...
 
+    def check_stats(self, stats: Weights, num_examples: int) -> str | None:
+        """Why one worker's statistics report is implausible (naming the tensor and the bound), or None.
+
+        Called by the coordinator on each report, after its schema and finiteness were checked; a
+        message makes the report a 422 (reason ``bad_stats``) instead of a term of the sum.
+        """
+        ...
+
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
         """Train locally from ``weights`` and return the new weights."""
         ...
@@ -93,4 +105,7 @@ class NoStats:
 
     def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
         return weights
+
+    def check_stats(self, stats: Weights, num_examples: int) -> str | None:
+        return None
 

@@ -34,6 +34,9 @@ ERAS = ("1960s-70s", "1980s-90s", "2000s-10s")
 _ERA_OF_DECADE = {"60": 0, "70": 0, "80": 1, "90": 1, "00": 2, "10": 2}
 TEST_FRACTION = 0.2
 TEST_SEED = 20_260_001  # fixed, so every run of every seed is scored on the same songs
+# Bounds of one worker's statistics report (check_stats): far beyond any real partition or feature value.
+MAX_STATS_COUNT = 1e9
+MAX_FEATURE_ABS = 1e9
 
 
 @dataclass(frozen=True)
@@ -166,14 +169,52 @@ class SongsTask:
         return {"count": np.array([len(data)], dtype=np.float64), "sum": data.x.sum(axis=0),
                 "sumsq": np.square(data.x).sum(axis=0)}
 
+    def check_stats(self, stats: Weights, num_examples: int) -> str | None:
+        """Why one worker's count, sum and sum of squares cannot come from ``num_examples`` real songs.
+
+        The bounds are loose (no audio feature is near 1e9 in magnitude; duration_ms, the largest, is
+        ~1e7) but keep every report, and so every sum of them, far from what float64 and the float32
+        model can hold. Cauchy–Schwarz (n·Σx² ≥ (Σx)²) rules out a negative variance.
+        """
+        count, total, squares = (np.asarray(stats.get(k, ()), dtype=np.float64).ravel()
+                                 for k in ("count", "sum", "sumsq"))
+        d = len(FEATURES)
+        if count.shape != (1,) or total.shape != (d,) or squares.shape != (d,):
+            return f"statistics must be count (1,), sum ({d},) and sumsq ({d},)"
+        n = float(count[0])
+        if not (n.is_integer() and 1 <= n <= MAX_STATS_COUNT):
+            return f"count is {n:g}; it must be a whole number in [1, {MAX_STATS_COUNT:g}]"
+        if n != num_examples:
+            return f"count is {n:g} but the report is for num_examples {num_examples}"
+        for j, feature in enumerate(FEATURES):
+            s, sq = float(total[j]), float(squares[j])
+            if not abs(s) <= n * MAX_FEATURE_ABS:
+                return (f"feature {feature!r}: |sum| is {abs(s):g}, over count·{MAX_FEATURE_ABS:g} = "
+                        f"{n * MAX_FEATURE_ABS:g}")
+            if not 0 <= sq <= n * MAX_FEATURE_ABS**2:
+                return (f"feature {feature!r}: sumsq is {sq:g}, outside [0, count·{MAX_FEATURE_ABS**2:g} = "
+                        f"{n * MAX_FEATURE_ABS**2:g}]")
+            if not sq * n >= s * s * (1 - 1e-9):
+                return (f"feature {feature!r}: sumsq·count ({sq * n:g}) is below sum² ({s * s:g}), "
+                        "a negative variance")
+        return None
+
     def apply_stats(self, weights: Weights, sums: Weights) -> Weights:
         n = float(sums["count"][0])
-        if n <= 0:
-            raise TaskError("standardisation statistics cover no examples")
-        mean = sums["sum"] / n
-        var = np.maximum(sums["sumsq"] / n - mean**2, 0.0)
-        scale = np.where(var > 1e-12, np.sqrt(var), 1.0)
-        return {**weights, "scaler.mean": mean.astype(np.float32), "scaler.scale": scale.astype(np.float32)}
+        if not n > 0:
+            raise TaskError(f"standardisation statistics cover no examples (count {n:g})")
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = sums["sum"] / n
+            var = np.maximum(sums["sumsq"] / n - mean**2, 0.0)
+            scale = np.where(var > 1e-12, np.sqrt(var), 1.0)
+            mean32, scale32 = mean.astype(np.float32), scale.astype(np.float32)
+        # A finite float64 sum can still give a mean or scale float32 cannot hold: the model would hold Inf.
+        bad = np.flatnonzero(~(np.isfinite(mean32) & np.isfinite(scale32)))
+        if bad.size:
+            j = int(bad[0])
+            raise TaskError(f"standardisation statistics give feature {FEATURES[j]!r} mean {float(mean[j]):g} "
+                            f"and scale {float(scale[j]):g}: not finite in float32 (|x| <= 3.4e38)")
+        return {**weights, "scaler.mean": mean32, "scaler.scale": scale32}
 
     @staticmethod
     def _inputs(weights: Weights, x: np.ndarray) -> np.ndarray:
