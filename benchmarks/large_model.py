@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedfleet.storage.run_dir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT / "tests"))
@@ -115,18 +117,18 @@ def run_case(params: int, workers: int, rounds: int, cut: bool, workdir: Path) -
                 p.wait()
         for proxy in proxies:
             proxy.close()
-    records = [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(data).read_rounds()
     logs = "".join((workdir / f"worker-{i}.log").read_text(errors="replace") for i in range(workers))
     model_bytes = params * 4
     coord_peak = watcher.peak.get("coordinator", 0)
     worker_peak = max(v for k, v in watcher.peak.items() if k.startswith("worker"))
     return {
         "params": params, "model_mb": model_bytes / MB, "workers": workers, "rounds": rounds, "cut": cut,
-        "round_s": statistics.median(r["seconds"] for r in records),
-        "round_s_each": [round(r["seconds"], 2) for r in records],
-        "transfer_s": statistics.median(r["timings"]["open"] for r in records),
-        "aggregate_s": statistics.median(r["timings"]["aggregate"] for r in records),
-        "checkpoint_s": statistics.median(r["timings"]["checkpoint"] for r in records),
+        "round_s": statistics.median(r.seconds for r in records),
+        "round_s_each": [round(r.seconds, 2) for r in records],
+        "transfer_s": statistics.median(r.timings.open for r in records),
+        "aggregate_s": statistics.median(r.timings.aggregate for r in records),
+        "checkpoint_s": statistics.median(r.timings.checkpoint for r in records),
         "wall_s": wall,
         "coordinator_peak_mb": coord_peak / MB, "coordinator_peak_x_model": coord_peak / model_bytes,
         "worker_peak_mb": worker_peak / MB,

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedfleet.storage.run_dir import RunDir
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 60_000
@@ -48,10 +50,16 @@ def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None
     t0 = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t0
-    s = json.loads((out / "summary.json").read_text())
-    accs = [json.loads(line)["accuracy"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run_dir = RunDir(out)
+    s = run_dir.read_summary()
+    if s is None:
+        raise RuntimeError(f"the run in {out} ended without a summary; see {out / 'logs'}")
+    records = run_dir.read_rounds()
+    accs = [r.accuracy for r in records if r.accuracy is not None]
+    if s.final_accuracy is None or len(accs) != len(records):
+        raise RuntimeError(f"the run in {out} has rounds without a test accuracy: the study needs one each round")
     reached = next((i + 1 for i, a in enumerate(accs) if target is not None and a >= target), None)
-    return {"lr": lr, "rounds_run": s["rounds"], "rounds_to_target": reached, "final_accuracy": s["final_accuracy"],
+    return {"lr": lr, "rounds_run": s.rounds, "rounds_to_target": reached, "final_accuracy": s.final_accuracy,
             "best_accuracy": max(accs), "seconds": round(wall, 1),
             "seconds_per_round": round(wall / max(1, len(accs)), 2),
             "accuracy_by_round": [round(a, 4) for a in accs]}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfleet.storage.run_dir import RunDir
+
 CASES = [(100_000, 10), (100_000, 100), (1_000_000, 10), (1_000_000, 100), (10_000_000, 10)]
 QUICK = [(100_000, 10), (1_000_000, 10)]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,15 +59,13 @@ def run_case(p: int, n: int, rounds: int, workdir: Path) -> dict[str, float]:
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(out).read_rounds()
     steady = records[1:] if len(records) > 1 else records
-
-    def med(key: str) -> float:
-        return statistics.median(r["timings"][key] if key in r["timings"] else r[key] for r in steady)
-
-    return {"round_s": med("seconds"), "transfer_s": med("open"), "aggregate_s": med("aggregate"),
-            "checkpoint_s": med("checkpoint"), "bytes_per_round": steady[-1]["bytes_in"] + steady[-1]["bytes_out"],
-            "wall_s": wall}
+    return {"round_s": statistics.median(r.seconds for r in steady),
+            "transfer_s": statistics.median(r.timings.open for r in steady),
+            "aggregate_s": statistics.median(r.timings.aggregate for r in steady),
+            "checkpoint_s": statistics.median(r.timings.checkpoint for r in steady),
+            "bytes_per_round": steady[-1].bytes_in + steady[-1].bytes_out, "wall_s": wall}
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedfleet.storage.run_dir import RunDir
 from fedfleet.strategies import STRATEGIES
 from fedfleet.tasks.songs import SongsTask
 
@@ -34,8 +35,10 @@ def federated(strategy: str, partition: str, workers: int, rounds: int, out: Pat
     cmd = [sys.executable, "-m", "fedfleet", "run", "--workers", str(workers), "--rounds", str(rounds),
            "--strategy", strategy, "--partition", partition, "--out", str(out), "--quiet"]
     subprocess.run(cmd, check=True)
-    s = json.loads((out / "summary.json").read_text())
-    return {"accuracy": s["final_accuracy"], "loss": s["final_loss"], "seconds": s["seconds"]}
+    s = RunDir(out).read_summary()
+    if s is None:
+        raise RuntimeError(f"the run in {out} ended without a summary; see {out / 'logs'}")
+    return {"accuracy": s.final_accuracy, "loss": s.final_loss, "seconds": s.seconds}
 
 
 def main() -> int:
