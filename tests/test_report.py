@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import shutil
-import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from fedfleet.report import (
     read_participation,
     round_phases,
 )
+from fedfleet.storage.records import RoundRecord, RoundTimings, RunSummary
+from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,13 +48,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def summary(run: Path) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads((run / "summary.json").read_text())
+def summary(run: Path) -> RunSummary:
+    value = RunDir(run).read_summary()
+    assert value is not None, run
     return value
 
 
-def metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path) -> list[RoundRecord]:
+    return RunDir(run).read_rounds()
+
+
+def record(rnd: int, **changes: Any) -> RoundRecord:
+    """A valid round record; ``changes`` replace its fields."""
+    timings = RoundTimings(wait_workers=0.0, open=0.07, aggregate=0.01, evaluate=0.01, checkpoint=0.01)
+    fields: dict[str, Any] = {
+        "round": rnd, "accuracy": 0.5, "loss": 1.0, "participants": 3, "sampled": 3, "attempts": 1, "seconds": 0.1,
+        "bytes_in": 0, "bytes_out": 0, "model_version": rnd + 1, "timings": timings, **changes}
+    return RoundRecord(**fields)
 
 
 def check_png(path: Path) -> None:
@@ -88,10 +100,11 @@ def test_report_of_one_run(runs: dict[str, Path]) -> None:
     text = (out / "report.md").read_text()
     row = table_rows(text)["songs-iid"]
     s = summary(run)
-    assert row["final accuracy"] == f"{s['final_accuracy']:.4f}"
-    assert row["final loss"] == f"{s['final_loss']:.4f}"
+    assert s.final_accuracy is not None and s.final_loss is not None
+    assert row["final accuracy"] == f"{s.final_accuracy:.4f}"
+    assert row["final loss"] == f"{s.final_loss:.4f}"
     assert row["rounds"] == "3" and row["partition"] == "iid" and row["workers"] == "3"
-    assert row["state"] == "finished" and row["seconds"] == f"{s['seconds']:.1f}"
+    assert row["state"] == "finished" and row["seconds"] == f"{s.seconds:.1f}"
     assert sorted(images(text)) == sorted(SINGLE)
 
 
@@ -107,7 +120,7 @@ def test_report_of_two_runs_side_by_side_defaults_to_report_in_cwd(runs: dict[st
     rows = table_rows(text)
     assert set(rows) == {"songs-iid", "songs-natural"}
     for partition, run in runs.items():
-        assert rows[run.name]["final accuracy"] == f"{summary(run)['final_accuracy']:.4f}"
+        assert rows[run.name]["final accuracy"] == f"{summary(run).final_accuracy:.4f}"
         assert rows[run.name]["partition"] == partition
     # Every image report.md shows is there, relative to report.md.
     linked = images(text)
@@ -131,14 +144,11 @@ def test_participation_matches_state_db_and_metrics(runs: dict[str, Path]) -> No
         data = load_run(run)
         assert data.participation is not None
         # Read-only, as the report reads it: a writable last connection would fold the WAL into the file.
-        db = sqlite3.connect(f"{(run / 'state.sqlite').as_uri()}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT worker_id, partition, rounds_served FROM workers ORDER BY partition").fetchall()
-        finally:
-            db.close()
+        with closing(Store.read_only(run / "state.sqlite")) as store:
+            rows = [(w.worker_id, w.partition, w.rounds_served) for w in store.workers()]
         assert [(p.worker_id, p.partition, p.rounds_served) for p in data.participation] == rows
         assert [p.label for p in data.participation] == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
-        assert sum(p.rounds_served for p in data.participation) == sum(m["participants"] for m in metrics(run))
+        assert sum(p.rounds_served for p in data.participation) == sum(m.participants for m in metrics(run))
 
 
 def test_round_phases_split_the_open_time_and_add_up_to_the_round(runs: dict[str, Path]) -> None:
@@ -147,21 +157,20 @@ def test_round_phases_split_the_open_time_and_add_up_to_the_round(runs: dict[str
     assert list(phases) == ["waiting for workers", "model download (workers' mean)",
                             "local training (workers' mean)", "upload + slowest worker", "aggregation",
                             "evaluation", "checkpoint"]
-    for i, record in enumerate(metrics(runs["iid"])):
+    for i, r in enumerate(metrics(runs["iid"])):
         assert all(values[i] >= 0 for values in phases.values())
-        assert sum(values[i] for values in phases.values()) == pytest.approx(record["seconds"], rel=1e-9)
-        assert phases["local training (workers' mean)"][i] == pytest.approx(record["train_s"])
-        assert phases["aggregation"][i] == record["timings"]["aggregate"]
+        assert sum(values[i] for values in phases.values()) == pytest.approx(r.seconds, rel=1e-9)
+        # The workers' times come from what they reported, kept apart from the coordinator's fields.
+        assert phases["local training (workers' mean)"][i] == pytest.approx(r.worker_metrics["train_s"])
+        assert phases["aggregation"][i] == r.timings.aggregate
 
 
 def test_round_phases_keep_open_whole_without_worker_times(runs: dict[str, Path], tmp_path: Path) -> None:
     run = shutil.copytree(runs["iid"], tmp_path / "old")
-    records = metrics(run)
-    for r in records:
-        del r["download_s"], r["train_s"]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = [r.model_copy(update={"worker_metrics": {"train_loss": 1.0}}) for r in metrics(run)]
+    RunDir(run).write_rounds(records)
     phases = round_phases(load_run(run))
-    assert phases["open (transfer + training)"] == [r["timings"]["open"] for r in records]
+    assert phases["open (transfer + training)"] == [r.timings.open for r in records]
     assert "local training (workers' mean)" not in phases
 
 
@@ -174,12 +183,12 @@ def test_participation_counts_only_the_attempt_that_was_aggregated(tmp_path: Pat
     store.record_update(1, 0, "a", 10, {})  # attempt 0 of round 1 missed its quorum...
     store.record_update(1, 1, "a", 10, {})
     store.record_update(1, 1, "b", 20, {})  # ...attempt 1 went into the aggregate
-    store.record_round(_record(1, attempts=2, participants=2), ["a", "b"])
+    store.record_round(record(1, attempts=2, participants=2), ["a", "b"])
     store.record_update(2, 0, "c", 30, {})
-    store.record_round(_record(2, attempts=1, participants=1), ["c"])
+    store.record_round(record(2, attempts=1, participants=1), ["c"])
     store.put_worker("d", 2, "host-d", evict="c")  # c died; d took over its partition
     store.record_update(3, 0, "d", 30, {})
-    store.record_round(_record(3, attempts=1, participants=1), ["d"])
+    store.record_round(record(3, attempts=1, participants=1), ["d"])
     store.record_update(4, 0, "a", 10, {})  # round 4 is still open
     store.close()
 
@@ -189,11 +198,6 @@ def test_participation_counts_only_the_attempt_that_was_aggregated(tmp_path: Pat
     # Without the number of workers (no summary or config), names come from the partitions seen.
     labels = [p.label for p in read_participation(tmp_path / "state.sqlite", None)]
     assert labels[:3] == ["part-000-of-003", "part-001-of-003", "part-002-of-003"]
-
-
-def _record(rnd: int, attempts: int, participants: int) -> dict[str, Any]:
-    return {"round": rnd, "attempts": attempts, "sampled": 3, "participants": participants, "accuracy": 0.5,
-            "loss": 1.0, "seconds": 0.1, "bytes_in": 0, "bytes_out": 0}
 
 
 def test_report_of_a_run_in_progress_and_of_one_without_state_db(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -212,7 +216,7 @@ def test_report_of_a_run_in_progress_and_of_one_without_state_db(runs: dict[str,
     text = (out / "report.md").read_text()
     data = load_run(going)
     assert data.state == "in progress" and data.label == "songs (natural, 3 workers)"
-    assert data.final_accuracy == metrics(going)[-1]["accuracy"]
+    assert data.final_accuracy == metrics(going)[-1].accuracy
     assert f"| songs | natural | 3 | in progress | 3 | {data.final_accuracy:.4f} |" in text
     assert load_run(bare).participation is None
     assert f"{bare} has no state.sqlite" in text
@@ -223,10 +227,13 @@ def test_report_of_a_run_in_progress_and_of_one_without_state_db(runs: dict[str,
     (lambda d: d.write_text("x"), "is not a directory"),
     (lambda d: d.mkdir(), "has no metrics.jsonl"),
     (lambda d: _metrics(d, ""), "holds no rounds yet"),
-    (lambda d: _metrics(d, '{"round": 1, "accuracy": 0.5, "lo'), "line 1 is not valid JSON"),
-    (lambda d: _metrics(d, '[1, 2]\n'), "line 1 is not a round record: not a JSON object"),
-    (lambda d: _metrics(d, '{"round": 1, "loss": 1.0, "seconds": 1.0}\n'), "'accuracy' is missing"),
-    (lambda d: _metrics(d, '{"round": 1, "accuracy": 0.5, "loss": 1.0, "seconds": 1.0}\n'), "'timings' must hold"),
+    (lambda d: _metrics(d, '{"round": 1, "accuracy": 0.5, "lo'), "line 1 is not a round record: not valid JSON"),
+    (lambda d: _metrics(d, '[1, 2]\n'), "line 1 is not a round record: Input should be an object"),
+    (lambda d: _metrics(d, _without("accuracy")), "line 1 is not a round record: 'accuracy' field required"),
+    (lambda d: _metrics(d, _without("timings")), "line 1 is not a round record: 'timings' field required"),
+    (lambda d: _metrics(d, _line(record(1), "timings", {"open": 1.0})), "'timings.wait_workers' field required"),
+    (lambda d: _metrics(d, _line(record(1), "seconds", "Infinity")), "'seconds' input should be a finite number"),
+    (lambda d: _metrics(d, record(1).model_dump_json() + "\n" + _without("loss")), "line 2 is not a round record"),
 ])
 def test_bad_run_dir_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: Any,
                                        message: str) -> None:
@@ -246,12 +253,26 @@ def _metrics(run: Path, text: str) -> None:
     (run / "metrics.jsonl").write_text(text)
 
 
+def _line(valid: RoundRecord, key: str, value: Any) -> str:
+    """A metrics.jsonl line of ``valid`` with ``key`` set to ``value`` (``...``: left out)."""
+    fields = valid.model_dump()
+    if value is ...:
+        del fields[key]
+    else:
+        fields[key] = value
+    return json.dumps(fields).replace('"Infinity"', "Infinity") + "\n"
+
+
+def _without(key: str) -> str:
+    return _line(record(1), key, ...)
+
+
 def test_garbled_summary_and_one_bad_run_among_several(runs: dict[str, Path], tmp_path: Path) -> None:
     run = shutil.copytree(runs["iid"], tmp_path / "run")
     (run / "summary.json").write_text('{"state": "fini')
     r = fedfleet("report", str(runs["natural"]), str(run), cwd=tmp_path)
     assert r.returncode == 1
-    assert r.stderr.startswith("fedfleet: error: cannot read ") and "summary.json" in r.stderr
+    assert r.stderr.startswith("fedfleet: error: ") and "summary.json is not a run summary: not valid JSON" in r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
     # Every run is read before anything is drawn: a bad one leaves no half-written report behind.
     assert not (tmp_path / "report").exists()
@@ -260,13 +281,26 @@ def test_garbled_summary_and_one_bad_run_among_several(runs: dict[str, Path], tm
 def test_plots_of_many_workers_and_one_long_round(tmp_path: Path) -> None:
     # 50 workers (numbers instead of names under the bars, every other one) and a first round 50×
     # longer than the rest (the time axis is cut): the charts still come out whole.
-    rounds = [{"round": i, "accuracy": 0.5, "loss": 1.0, "participants": 9, "sampled": 10,
-               "seconds": 5.0 if i == 1 else 0.1, "download_s": 0.01, "train_s": 0.05,
-               "timings": {"wait_workers": 4.9 if i == 1 else 0.0, "open": 0.07, "aggregate": 0.01,
-                           "evaluate": 0.01, "checkpoint": 0.01}} for i in range(1, 11)]
+    rounds = [record(i, participants=9, sampled=10, seconds=5.0 if i == 1 else 0.1,
+                     worker_metrics={"download_s": 0.01, "train_s": 0.05},
+                     timings=RoundTimings(wait_workers=4.9 if i == 1 else 0.0, open=0.07, aggregate=0.01,
+                                          evaluate=0.01, checkpoint=0.01)) for i in range(1, 11)]
     people = [WorkerParticipation(f"w{i}", f"part-{i:03d}-of-050", i, "", i % 4, 100) for i in range(50)]
     run = RunData(path=tmp_path, name="many", rounds=rounds, summary=None, partition="iid", workers=50,
                   participation=[*people, WorkerParticipation("gone", "worker gone (replaced)", None, "", 1, 10)])
     check_png(plot_participation(run, tmp_path / "participation.png"))
     check_png(plot_round_time(run, tmp_path / "round_time.png"))
     assert round_phases(run)["waiting for workers"][0] == 4.9
+
+
+def test_report_of_a_run_whose_model_diverged(tmp_path: Path) -> None:
+    # A diverged loss is recorded as unknown (None): the report draws a gap there and writes "-".
+    run = tmp_path / "diverged"
+    run.mkdir()
+    RunDir(run).write_rounds([record(1), record(2, loss=None, worker_metrics={"train_loss": 3.5}),
+                              record(3, accuracy=None, loss=None)])
+    data = load_run(run)
+    assert data.final_accuracy is None and data.final_loss is None and data.state == "in progress"
+    assert main(["report", str(run)]) == 0
+    check_png(run / "report" / "accuracy_loss.png")
+    assert "| diverged | - | - | in progress | 3 | - | - | 0.3 |" in (run / "report" / "report.md").read_text()
