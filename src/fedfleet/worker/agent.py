@@ -5,6 +5,13 @@ One process can host many logical workers (``--clients K``), each a thread with 
 the task, the data set in memory, and one download of each model version. A heartbeat thread tells
 the coordinator that workers busy training are still alive. Connection errors are retried with
 exponential backoff; SIGTERM or SIGINT stops the process cleanly.
+
+What ends a worker: a stop instruction, a signal, giving up on an unreachable coordinator, or a
+failure to join (registration, a task it may not or cannot load, its partition). What does not: one
+round that went wrong. A fit that diverged (non-finite weights or metrics) is logged as
+``worker.diverged`` and counted; its non-finite weights are not sent, its non-finite metrics are
+left out of an update that is. Any other error building or sending one update is logged and counted,
+and the worker takes the next instruction.
 """
 
 from __future__ import annotations
@@ -28,19 +35,27 @@ from fedfleet.errors import (
     FedfleetError,
     ProtocolError,
     RequestRejected,
-    TaskError,
     TransportError,
 )
 from fedfleet.protocol.client import CoordinatorClient
-from fedfleet.protocol.messages import RegisterResponse, TaskMessage, UpdateMeta
+from fedfleet.protocol.messages import (
+    RegisterResponse,
+    StatsInstruction,
+    StopInstruction,
+    TrainInstruction,
+    UpdateMeta,
+    WaitInstruction,
+)
 from fedfleet.storage.files import write_text_atomic
-from fedfleet.tasks import BUILTIN, Task, load_task
+from fedfleet.tasks import Task, check_allowed, load_task
 from fedfleet.types import Weights
 from fedfleet.worker.metrics import WorkerMetrics
-from fedfleet.worker.trainer import Trainer
+from fedfleet.worker.trainer import Trainer, finite_metrics, nonfinite_tensors
 
 T = TypeVar("T")
 UPLOAD_TRIES = 3
+# Seconds between asks while the coordinator repeats an instruction this worker has done what it can with.
+REPEAT_WAIT = 0.5
 
 
 class WorkerProcess:
@@ -72,9 +87,8 @@ class WorkerProcess:
         key = (name, tuple(sorted(options.items())))
         # The coordinator names the task, and loading one imports a module and calls it: a worker runs
         # only the built-in tasks and those its own operator allowed, never any code a coordinator names.
-        if name not in BUILTIN and name not in self.allowed_tasks:
-            raise TaskError(f"the coordinator asks for task {name!r}, which this worker does not run: built-in "
-                            f"tasks are {', '.join(sorted(BUILTIN))}; pass --allow-task {name} to run your own")
+        check_allowed(name, self.allowed_tasks, f"the coordinator asks for task {name!r}, which this worker does "
+                                                "not run")
         with self._lock:
             if key not in self._tasks:
                 self._tasks[key] = load_task(name, options)
@@ -179,44 +193,93 @@ class Agent:
                                                     "token": reg.token}), mode=0o600)
         self.proc.joined(reg.worker_id, reg.poll_seconds, reg.token)
         log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.name, run=reg.run_id)
-        return reg, Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
+        trainer = Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
+        # Loaded now, so that data that is missing or malformed ends the worker at once with its error,
+        # rather than failing every round it is sampled in.
+        trainer.data  # noqa: B018
+        return reg, trainer
 
     def _loop(self, client: CoordinatorClient) -> None:
         reg, trainer = self._register(client)
+        done: tuple[str, int, int] | None = None  # the last instruction answered as well as this worker can
         while not self.proc.stop.is_set():
             try:
-                msg = self._retry(functools.partial(client.next_task, reg.worker_id, reg.poll_seconds),
-                                  "next task")
+                msg = self._retry(functools.partial(client.next_instruction, reg.worker_id, reg.poll_seconds),
+                                  "next instruction")
             except RequestRejected:
                 # The coordinator does not know us (e.g. it lost its state): join again.
                 reg, trainer = self._register(client)
                 continue
-            if msg.kind == "stop":
+            if isinstance(msg, StopInstruction):
                 log.event("worker.stop", worker=reg.worker_id, reason=msg.reason)
                 return
-            if msg.kind == "wait" or self.proc.stop.is_set():
+            if isinstance(msg, WaitInstruction) or self.proc.stop.is_set():
                 continue
-            self._work(client, reg, trainer, msg)
+            key = (msg.kind, msg.round, msg.attempt)
+            if key == done:
+                # The coordinator hands out an instruction until an update for it is accepted. Ours diverged,
+                # was refused or could not be built: the same fit (same model, same seed) would give the
+                # same again, so wait for the round to move on instead of spinning on it.
+                self.proc.stop.wait(REPEAT_WAIT)
+                continue
+            try:
+                if self._work(client, reg, trainer, msg):
+                    done = key
+            except CoordinatorUnreachable:
+                raise
+            except Exception as exc:
+                # A task that raised in one round, an update that does not fit the protocol, an answer
+                # that made no sense: reported loudly, but this worker may do fine in the next round.
+                self._update_failed(reg.worker_id, msg, exc)
+                done = key
 
-    def _work(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer, msg: TaskMessage) -> None:
-        assert msg.round is not None and msg.attempt is not None
+    def _work(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer,
+              msg: TrainInstruction | StatsInstruction) -> bool:
+        """Answer ``msg``; False if the update did not get through and a repeat of ``msg`` is worth doing."""
         t0 = time.perf_counter()
-        if msg.kind == "stats":
+        if isinstance(msg, StatsInstruction):
             weights, n = trainer.stats()
-            metrics: dict[str, float] = {}
+            raw_metrics: dict[str, float] = {}
         else:
-            assert msg.params is not None and msg.model_version is not None
             version = msg.model_version
             model = self._retry(lambda: self.proc.model(client, version), "download model")
             validation = trainer.evaluate(model)  # the global model as it reached us, before training
             t_dl = time.perf_counter()
             result = trainer.fit(model, msg.params)
             weights, n = result.weights, result.num_examples
-            metrics = {**result.metrics, **validation, "download_s": t_dl - t0,
-                       "train_s": time.perf_counter() - t_dl}
-            self.proc.metrics.trained(metrics["train_s"], n * msg.params.local_epochs)
+            train_s = time.perf_counter() - t_dl
+            raw_metrics = {**result.metrics, **validation, "download_s": t_dl - t0, "train_s": train_s}
+            self.proc.metrics.trained(train_s, n * msg.params.local_epochs)
+        tensors = nonfinite_tensors(weights)
+        metrics, dropped = finite_metrics(raw_metrics)
+        if tensors or dropped:
+            self._diverged(reg.worker_id, msg, tensors, dropped)
+            if tensors:
+                return True  # the coordinator refuses non-finite weights: the round goes on without this worker
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics=metrics)
+        return self._upload(client, weights, meta, t0)
+
+    def _diverged(self, worker_id: str, msg: TrainInstruction | StatsInstruction, tensors: list[str],
+                  metrics: list[str]) -> None:
+        what = [f"tensor {t}" for t in tensors] + [f"metric {m}" for m in metrics]
+        action = "update not sent" if tensors else "sent without those metrics"
+        log.event("worker.diverged", logging.WARNING, worker=worker_id, round=msg.round, attempt=msg.attempt,
+                  kind=msg.kind, nonfinite=", ".join(what), action=action)
+        self.proc.metrics.nonfinite_metrics.inc(len(metrics))
+        if tensors:
+            self.proc.metrics.uploads.labels(result="diverged").inc()
+
+    def _update_failed(self, worker_id: str, msg: TrainInstruction | StatsInstruction, exc: Exception) -> None:
+        self.proc.metrics.uploads.labels(result="error").inc()
+        log.event("update.failed", logging.ERROR, worker=worker_id, round=msg.round, attempt=msg.attempt,
+                  kind=msg.kind, error=str(exc) if isinstance(exc, FedfleetError) else repr(exc))
+        if not isinstance(exc, FedfleetError):  # not one of ours: a bug somewhere, worth its traceback
+            logging.getLogger("fedfleet").error("traceback of update.failed", exc_info=exc)
+
+    def _upload(self, client: CoordinatorClient, weights: Weights, meta: UpdateMeta, t0: float) -> bool:
+        """Send the update, retrying transport errors; False if it did not get through."""
+        worker_id, round_ = meta.worker_id, meta.round
         for attempt in range(UPLOAD_TRIES):
             try:
                 t_up = time.perf_counter()
@@ -224,26 +287,27 @@ class Agent:
                 client.upload(weights, meta, resumable=attempt > 0)
                 self.proc.metrics.upload_seconds.observe(time.perf_counter() - t_up)
                 self.proc.metrics.uploads.labels(result="accepted").inc()
-                log.event("update.sent", logging.DEBUG, worker=reg.worker_id, round=msg.round,
+                log.event("update.sent", logging.DEBUG, worker=worker_id, round=round_,
                           seconds=time.perf_counter() - t0)
-                return
+                return True
             except RequestRejected as exc:
                 # Stale or duplicate: the round moved on without us. Not an error of this worker.
                 self.proc.metrics.uploads.labels(result="rejected").inc()
-                log.event("update.rejected", logging.WARNING, worker=reg.worker_id, round=msg.round, reason=str(exc))
-                return
+                log.event("update.rejected", logging.WARNING, worker=worker_id, round=round_, reason=str(exc))
+                return True
             except ProtocolError as exc:
                 # The coordinator refused this update (or failed on it): say so loudly, but one bad
                 # round must not end a worker that may do fine in the next one.
                 self.proc.metrics.uploads.labels(result="refused").inc()
-                log.event("update.refused", logging.ERROR, worker=reg.worker_id, round=msg.round, reason=str(exc))
-                return
+                log.event("update.refused", logging.ERROR, worker=worker_id, round=round_, reason=str(exc))
+                return True
             except TransportError as exc:
-                log.event("update.retry", logging.WARNING, worker=reg.worker_id, round=msg.round, error=str(exc))
+                log.event("update.retry", logging.WARNING, worker=worker_id, round=round_, error=str(exc))
                 if attempt == UPLOAD_TRIES - 1:
                     self.proc.metrics.uploads.labels(result="failed").inc()
                 if self.proc.stop.wait(0.5 * 2**attempt):
-                    return
+                    break
+        return False
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
         """Call ``fn``, retrying transport errors with exponential backoff and jitter until ``give_up``."""

@@ -24,7 +24,7 @@ TRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0)
 THROUGHPUT_BUCKETS = tuple(m * 10.0**e for e in range(1, 8) for m in (1.0, 2.5, 5.0))
-UPLOAD_RESULTS = ("accepted", "rejected", "refused", "failed")
+UPLOAD_RESULTS = ("accepted", "rejected", "refused", "failed", "diverged", "error")
 
 
 class WorkerMetrics:
@@ -46,9 +46,14 @@ class WorkerMetrics:
             "fedfleet_worker_update_upload_duration_seconds", "Seconds to upload an update and hear it was accepted",
             buckets=TRANSFER_BUCKETS, registry=r)
         self.uploads = Counter(
-            "fedfleet_worker_uploads", "Updates sent, by outcome: accepted; rejected (stale, duplicate, "
-            "unknown worker: the round moved on); refused (the coordinator found the update bad); failed "
-            "(did not get through after retries)", ["result"], registry=r)
+            "fedfleet_worker_uploads", "Updates of instructions answered, by outcome: accepted; rejected (stale, "
+            "duplicate, unknown worker: the round moved on); refused (the coordinator found the update bad); "
+            "failed (did not get through after retries); diverged (not sent: the fit gave non-finite weights, or "
+            "the statistics were non-finite); error (not built or sent: the task or the worker raised, see the "
+            "log)", ["result"], registry=r)
+        self.nonfinite_metrics = Counter(
+            "fedfleet_worker_nonfinite_metrics", "Metric values (e.g. train_loss of a diverging fit) left out of "
+            "an update because they were NaN or infinite", registry=r)
         self.clients = Gauge("fedfleet_worker_clients", "Logical workers of this process registered with the "
                              "coordinator", registry=r)
         for result in UPLOAD_RESULTS:

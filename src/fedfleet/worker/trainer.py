@@ -2,11 +2,15 @@
 
 A seeded ``val_fraction`` of the partition is kept aside: each round the worker scores the global
 model it received on it before training (federated evaluation), and trains on the rest.
+``nonfinite_tensors`` and ``finite_metrics`` tell what of a fit's result can be sent: a model that
+diverged gives NaN or Inf, which the coordinator refuses in weights and JSON cannot carry in metrics.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -55,3 +59,24 @@ class Trainer:
     def fit(self, weights: Weights, params: TrainParamsMsg) -> FitResult:
         return self.task.fit(weights, self.data, TrainParams(params.local_epochs, params.batch_size,
                                                              params.lr, params.seed, params.prox_mu))
+
+
+def nonfinite_tensors(weights: Weights) -> list[str]:
+    """The names of the tensors of ``weights`` that hold a NaN or an infinity, in order."""
+    return [name for name, a in weights.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()]
+
+
+def finite_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, float], list[str]]:
+    """The metrics that are finite numbers (as floats), and the names of the others."""
+    kept: dict[str, float] = {}
+    dropped: list[str] = []
+    for name, value in metrics.items():
+        try:
+            number = float(value)  # type: ignore[arg-type]  # a task may return numpy scalars, or worse
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isfinite(number):
+            kept[name] = number
+        else:
+            dropped.append(name)
+    return kept, dropped
