@@ -16,7 +16,7 @@ from typing import Any
 
 from fedfleet import log
 from fedfleet.config import OPTIONS, RunConfig, load_toml
-from fedfleet.coordinator.limits import JSON_BODY_LIMIT
+from fedfleet.coordinator.limits import HEADER_LIMIT, HEADER_TIMEOUT, IDLE_TIMEOUT, JSON_BODY_LIMIT
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.client import check_url
 
@@ -152,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-connections", type=_positive_int, default=None, metavar="N",
                      help="open connections served at once; more get 503 (each worker holds up to 3) "
                           "[default unlimited]")
+    sec.add_argument("--max-header-bytes", type=_positive_int, default=HEADER_LIMIT, metavar="N",
+                     help=f"largest request line + headers of a request; more get 431 [default {HEADER_LIMIT}]")
+    sec.add_argument("--header-timeout", type=_positive_float, default=HEADER_TIMEOUT, metavar="SECONDS",
+                     help="a connection that has not sent a request's headers this long after it opened (or "
+                          "after the request's first byte) is closed; bodies are not timed "
+                          f"[default {HEADER_TIMEOUT:g}]")
+    sec.add_argument("--idle-timeout", type=_positive_float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                     help="a kept-alive connection with no new request this long is closed "
+                          f"[default {IDLE_TIMEOUT:g}]")
+    sec.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                     help="comma-separated host names (*.NAME for all under NAME) requests may be addressed to, "
+                          "besides localhost and the --host address; without an admin token on loopback other "
+                          "names get 421 (against DNS rebinding) [default none]")
 
     worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
     worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
@@ -256,15 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = run_config(args)
         if args.command == "coordinator":
             from fedfleet.coordinator.limits import Limits
-            from fedfleet.coordinator.security import read_token
+            from fedfleet.coordinator.security import parse_allowed_hosts, read_token
             from fedfleet.coordinator.server import serve
 
             limits = Limits(json_body_bytes=args.max_body_bytes, registration_rate=args.registration_rate,
-                            registration_burst=args.registration_burst, max_connections=args.max_connections)
+                            registration_burst=args.registration_burst, max_connections=args.max_connections,
+                            header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
+                            idle_timeout=args.idle_timeout)
             return serve(config, args.data_dir, args.host, args.port, args.linger,
                          admin_token=read_token(args.admin_token_file, "FEDFLEET_ADMIN_TOKEN", "admin token"),
                          join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
-                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits)
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
+                         allowed_hosts=parse_allowed_hosts(args.allowed_hosts))
         from fedfleet.runner import run_local
 
         out = args.out or Path("runs") / f"{config.task}-{config.partition.replace(':', '')}"

@@ -11,6 +11,10 @@ Three credentials, each optional (a coordinator with none is open, as on a devel
   ``ID~MAC`` with MAC = HMAC-SHA256(run secret, ID): the coordinator keeps no table of tokens, and
   the run secret (``auth.key`` in the data dir, mode 0600) makes them survive a restart.
 
+A coordinator whose admin endpoints are open (no admin token) on loopback answers only requests whose
+``Host`` is one of its own names (``HostCheck``): otherwise any web page could read and drive it
+through DNS rebinding, a name of the attacker's that resolves to 127.0.0.1.
+
 Every comparison is constant-time (``hmac.compare_digest``); tokens are never logged. A request with
 no or a wrong token gets 401 with ``WWW-Authenticate: Bearer``; a valid token used outside its scope
 (a worker token on an admin endpoint, or for another worker's id) gets 403.
@@ -21,15 +25,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
+import ipaddress
 import json
 import os
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
+from fedfleet.coordinator.http_limits import Tally
 from fedfleet.errors import AuthError, ConfigError
 from fedfleet.protocol.messages import API
 
@@ -269,8 +276,8 @@ class AuthMiddleware:
         except AuthError as exc:
             if self.on_refused is not None:
                 self.on_refused(exc.reason or "unauthorized")
-            html = "text/html" in (header(scope.get("headers", []), b"accept") or "")
-            await _send_error(send, exc, html and scope["method"] == "GET")
+            wants_html = "text/html" in (header(scope.get("headers", []), b"accept") or "")
+            await _send_error(send, exc, wants_html and scope["method"] == "GET")
             return
         await self.app(scope, receive, send)
 
@@ -301,13 +308,93 @@ class AuthMiddleware:
                     [(b"location", b"/"), (b"set-cookie", f"{COOKIE}={token}{flags}".encode())])
 
 
-async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError, html: bool) -> None:
+async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError, as_html: bool) -> None:
     extra = [(b"www-authenticate", b'Bearer realm="fedfleet"')] if exc.status == 401 else []
-    if html:
-        page = LOGIN_PAGE.format(message=f"<p class=err>{exc}</p>")
+    if as_html:
+        # The message may quote the request (a worker id from the path): never markup.
+        page = LOGIN_PAGE.format(message=f"<p class=err>{html.escape(str(exc))}</p>")
         await respond(send, exc.status, page.encode(), b"text/html; charset=utf-8", extra)
         return
     await respond(send, exc.status, json.dumps({"detail": str(exc)}).encode(), b"application/json", extra)
+
+
+LOCAL_NAMES = ("localhost", "*.localhost")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.*:[]_")
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``--allowed-hosts``: comma-separated host names or addresses, ``*.example.org`` for every subdomain."""
+    names = tuple(n.strip().lower().rstrip(".") for n in text.split(",") if n.strip())
+    for name in names:
+        bare = name[2:] if name.startswith("*.") else name
+        if not bare or "*" in bare or not set(bare) <= _HOST_CHARS:
+            raise ConfigError(f"The 'allowed-hosts' option must be comma-separated host names (or *.NAME for all "
+                              f"names under NAME). Got {name!r} instead.", option="allowed-hosts")
+    return names
+
+
+def host_name(value: str) -> str:
+    """The name part of a Host header (no port, no brackets), lower case, without a trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name = value[1:value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:
+        name = value.partition(":")[0]
+    else:
+        name = value  # a bare IPv6 address (no port), or a name
+    return name.rstrip(".")
+
+
+def host_matches(name: str, patterns: Iterable[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def _is_loopback_ip(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """Answer only requests for this coordinator's own names: the defence against DNS rebinding.
+
+    A browser sends the name it was given in ``Host``; a page of evil.example whose DNS name turns to
+    127.0.0.1 reaches a loopback coordinator, but with ``Host: evil.example``. Allowed: localhost and
+    ``*.localhost``, loopback addresses, the address the coordinator is bound to, and ``allowed``.
+    A request without ``Host`` (HTTP/1.0) is no browser's and passes. Refused with 421 and a message
+    naming the Host and ``--allowed-hosts``.
+    """
+
+    def __init__(self, app: ASGIApp, bound: str, allowed: Iterable[str] = ()) -> None:
+        self.app = app
+        self.patterns = (*LOCAL_NAMES, host_name(bound), *allowed)
+        self.tally = Tally()
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return True
+        name = host_name(host)
+        return _is_loopback_ip(name) or host_matches(name, self.patterns)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] == "http":
+            host = header(scope.get("headers", []), b"host")
+            if not self.allows(host):
+                self.tally.add("coordinator.host_refused", host=(host or "")[:100])
+                detail = (f"Host {host!r} is not a name of this coordinator: without an admin token it answers only "
+                          "localhost, loopback addresses and its own address (against DNS rebinding). Add the name "
+                          "with --allowed-hosts, or set an admin token")
+                await respond(send, 421, json.dumps({"detail": detail}).encode(), b"application/json")
+                return
+        await self.app(scope, receive, send)
 
 
 async def respond(send: Callable[[Any], Awaitable[None]], status: int, body: bytes, content_type: bytes,

@@ -16,8 +16,9 @@ from fedfleet import log
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
 from fedfleet.coordinator.engine import Engine
+from fedfleet.coordinator.http_limits import Wire, connection_cap, open_fds, protocol_class, raise_fd_limit
 from fedfleet.coordinator.limits import Limits
-from fedfleet.coordinator.security import Access, load_secret
+from fedfleet.coordinator.security import Access, ASGIApp, HostCheck, load_secret
 from fedfleet.errors import ConfigError
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import load_task, torch_common
@@ -64,13 +65,16 @@ def check_tls(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
 def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
           linger: float = 10.0, *, admin_token: str | None = None, join_token: str | None = None,
           tls_cert: Path | None = None, tls_key: Path | None = None, insecure: bool = False,
-          limits: Limits | None = None) -> int:
+          limits: Limits | None = None, allowed_hosts: tuple[str, ...] = ()) -> int:
     """Serve until the run finishes or fails (or SIGINT/SIGTERM); exit status 0 only if it finished.
 
     Off the loopback interface a join token is required unless ``insecure``: without one, anyone who
-    reaches the port could join the run and send it updates.
+    reaches the port could join the run and send it updates. On loopback without an admin token, or
+    whenever ``allowed_hosts`` are given, only requests for this coordinator's own names are answered
+    (``security.HostCheck``).
     """
     tls = check_tls(tls_cert, tls_key)
+    fd_limit = raise_fd_limit()
     if not is_loopback(host) and join_token is None and not insecure:
         raise ConfigError(f"refusing to serve on {host} without a join token: anyone who can reach it could join "
                           "the run and send updates. Set FEDFLEET_JOIN_TOKEN or --join-token-file (and "
@@ -94,17 +98,24 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
 
     limits = limits or Limits()
     app = create_app(engine, on_done=stop, access=access, limits=limits, secure_cookie=tls is not None)
+    asgi: ASGIApp = app
+    if allowed_hosts or (is_loopback(host) and admin_token is None):
+        asgi = HostCheck(app, host, allowed_hosts)
+    # Measured now that the task, the database and the socket are open: what is left is for clients.
+    wire = Wire(header_bytes=limits.header_bytes, header_timeout=limits.header_timeout,
+                idle_timeout=limits.idle_timeout, max_open=connection_cap(fd_limit, open_fds()))
     # No access log: it would be the one place a token in a URL could leak to; events are logged instead.
     server = uvicorn.Server(uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, timeout_keep_alive=75,
-        h11_max_incomplete_event_size=64 * 1024, limit_concurrency=limits.max_connections,
+        asgi, http=protocol_class(wire), log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+        limit_concurrency=limits.max_connections,
         ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None))
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown}:{actual}"
     write_text_atomic(data_dir / ADDRESS_FILE, json.dumps(
         {"url": url, "host": host, "port": actual, "pid": os.getpid(), "run_id": engine.run_id}) + "\n")
     log.event("coordinator.listening", run=engine.run_id, url=url, task=config.task, rounds=config.rounds,
-              workers=config.workers, admin_token=admin_token is not None, join_token=join_token is not None)
+              workers=config.workers, admin_token=admin_token is not None, join_token=join_token is not None,
+              max_open_connections=wire.max_open, host_check=asgi is not app)
     server.run(sockets=[sock])
     (data_dir / ADDRESS_FILE).unlink(missing_ok=True)
     return 0 if engine.state == "finished" else 1
