@@ -245,6 +245,10 @@ def test_finished_run_dashboard_reads_the_run_files(client: httpx.Client, run_di
     assert body["status"]["state"] == "finished" and body["status"]["round"] == 2
     assert body["status"]["accuracy"] == summary["final_accuracy"]
     assert body["rounds"] == rounds and body["rounds_from"] == 0
+    # What the workers reported is in its own field, which the charts' train series read; never at the top.
+    for r in body["rounds"]:
+        assert {"train_loss", "train_accuracy", "train_s"} <= r["worker_metrics"].keys()
+        assert not any(k.startswith("train_") for k in r)
     assert body["config"]["workers"] == 2 and body["config"]["rounds"] == 2
     assert sorted(w["partition"] for w in body["workers"]) == ["part-000-of-002", "part-001-of-002"]
     for w in body["workers"]:
