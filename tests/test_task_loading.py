@@ -187,4 +187,4 @@ def test_other_tasks_are_refused_naming_allow_task(name: str) -> None:
     with pytest.raises(TaskError) as info:
         check_allowed(name, ("mine:Task",), f"this run's task {name!r} is not loaded")
     assert str(info.value) == (f"this run's task {name!r} is not loaded: built-in tasks are fashion-mnist, mnist, "
-                               f"null, songs, songs-mlp; pass --allow-task {name} to run your own")
+                               f"null, songs, songs-mlp; pass --allow-task {name} to load it, if you trust its code")

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
+    serve.add_argument("--allow-task", dest="allowed_tasks", action="append", default=[], metavar="MODULE:CLASS",
+                       help="a task of your own to load for the predict page if the run names it (repeatable); "
+                            "built-in tasks are always allowed, nothing else is: loading a task runs its code")
 
     data = sub.add_parser("data", help="fetch a data set's files from their official locations")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -265,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from fedfleet.web.serve import serve_run
 
-            return serve_run(args.run, args.host, args.port)
+            return serve_run(args.run, args.host, args.port, allowed_tasks=tuple(args.allowed_tasks))
         config = run_config(args)
         if args.command == "coordinator":
             from fedfleet.coordinator.limits import Limits

@@ -37,7 +37,7 @@ def check_allowed(name: str, allowed: Collection[str], refusal: str) -> None:
     if name in BUILTIN or name in BUILTIN.values() or name in allowed:
         return
     raise TaskError(f"{refusal}: built-in tasks are {', '.join(sorted(BUILTIN))}; "
-                    f"pass --allow-task {name} to run your own")
+                    f"pass --allow-task {name} to load it, if you trust its code")
 
 
 def load_task(name: str, options: Mapping[str, str] | None = None) -> Task:

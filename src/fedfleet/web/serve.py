@@ -1,21 +1,33 @@
-"""``fedfleet serve --run DIR``: the dashboard and the predict page of a finished run, from its files."""
+"""``fedfleet serve --run DIR``: the dashboard and the predict page of a finished run, from its files.
+
+A run folder may come from someone else, and its config.toml may name any ``module:attr`` as the
+task (``os:system``): loading a task imports and calls it. So only built-in tasks and those given
+with ``--allow-task`` are loaded. Without its task a run still has its dashboard; the prediction
+routes answer 409 saying why the task is not loaded.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.routing import APIRoute
 
 from fedfleet.coordinator.app import BodyLimit
 from fedfleet.coordinator.limits import JSON_BODY_LIMIT
 from fedfleet.coordinator.server import bind
+from fedfleet.errors import FedfleetError
 from fedfleet.protocol.messages import API, Status
+from fedfleet.tasks import check_allowed, load_task
 from fedfleet.web.routes import create_router
 from fedfleet.web.sources import FinishedRun
 
 
-def create_app(run: FinishedRun) -> FastAPI:
+def create_app(run: FinishedRun, task_problem: str | None = None) -> FastAPI:
+    """The app serving ``run``; with ``task_problem`` (why its task is not loaded) prediction answers 409."""
     # No Swagger UI or ReDoc: they load their scripts from a CDN, which offline hosts cannot reach.
     app = FastAPI(title="fedfleet run", version="1", docs_url=None, redoc_url=None,
                   description=f"The finished run in {run.directory}: its dashboard and its final model's "
@@ -26,20 +38,52 @@ def create_app(run: FinishedRun) -> FastAPI:
     async def status() -> Status:
         return run.status
 
-    app.include_router(create_router(run))
+    router = create_router(run)
+    if task_problem is not None:
+        _refuse_prediction(app, router, task_problem)
+    app.include_router(router)
     return app
 
 
-def serve_run(directory: Path, host: str = "127.0.0.1", port: int = 8080) -> int:
+def _refuse_prediction(app: FastAPI, router: APIRouter, why: str) -> None:
+    """Answer each prediction route of ``router`` (tagged "predict") with 409 ``why``: the routes added
+    here come first, so they are the ones matched."""
+    async def refuse() -> None:
+        raise HTTPException(409, why)
+
+    for route in router.routes:
+        if isinstance(route, APIRoute) and "predict" in route.tags and route.methods:
+            app.add_api_route(route.path, refuse, methods=sorted(route.methods), include_in_schema=False)
+
+
+def task_problem(run: FinishedRun, allowed_tasks: Collection[str]) -> str | None:
+    """Why ``run``'s task is not loaded here, naming what to do about it; None if it is loaded."""
+    if run.task is not None:
+        return None
+    name = run.status.task
+    try:
+        check_allowed(name, allowed_tasks, f"prediction needs this run's task {name!r}, which fedfleet serve "
+                                           "does not load unless allowed (loading a task runs its code)")
+        load_task(name, run.config.task_options_dict)  # allowed, and failed before: for its error message
+    except FedfleetError as exc:
+        return str(exc)
+    return f"prediction needs this run's task {name!r}, which could not be loaded"
+
+
+def serve_run(directory: Path, host: str = "127.0.0.1", port: int = 8080,
+              allowed_tasks: Collection[str] = ()) -> int:
     """Serve until interrupted; the first line on stdout gives the URL (with port 0, the port picked)."""
-    run = FinishedRun.load(directory)
+    run = FinishedRun.load(directory, allowed_tasks)
+    problem = task_problem(run, allowed_tasks)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     s = run.status
     print(f"serving run {s.run_id} ({s.state}, {s.round} rounds, task {s.task}) from {directory} at {url} "
           f"(prediction page: {url}/predict); Ctrl-C stops", flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(run), log_level="warning", access_log=False,
+    if problem is not None:
+        print(f"fedfleet serve: the dashboard works, prediction does not: {problem}", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(run, problem), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=3))
     server.run(sockets=[sock])
     return 0

@@ -7,6 +7,7 @@ Both give the same shape (``RunSource``), so one set of routes and one page serv
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
 from fedfleet.protocol.messages import Status
 from fedfleet.storage.run_dir import RunDir
-from fedfleet.tasks import Task, load_task
+from fedfleet.tasks import Task, check_allowed, load_task
 from fedfleet.types import Weights
 
 
@@ -100,8 +101,12 @@ class FinishedRun:
     _never: asyncio.Event = field(default_factory=asyncio.Event)  # a finished run does not change
 
     @classmethod
-    def load(cls, directory: Path) -> FinishedRun:
-        """Read a run folder (``--out`` of ``fedfleet run``, ``--data-dir`` of ``fedfleet coordinator``)."""
+    def load(cls, directory: Path, allowed_tasks: Collection[str] = ()) -> FinishedRun:
+        """Read a run folder (``--out`` of ``fedfleet run``, ``--data-dir`` of ``fedfleet coordinator``).
+
+        Its task is loaded only if it is built in or in ``allowed_tasks``: loading a task runs its code,
+        and the folder's config.toml may name any module (``os:system``).
+        """
         run_dir = RunDir(directory)
 
         def missing(path: Path, what: str) -> ConfigError:
@@ -137,6 +142,7 @@ class FinishedRun:
         status = status.model_copy(update={"workers_registered": len(workers)})
         history = [r.model_dump() for r in records]
         try:
+            check_allowed(config.task, allowed_tasks, f"this run's task {config.task!r} is not allowed")
             task: Task | None = load_task(config.task, config.task_options_dict)
         except FedfleetError:
             task = None  # the dashboard still works; predict says the task cannot be loaded
