@@ -11,6 +11,7 @@ import contextlib
 import json
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import HOST, Coordinator, Fleet, _wait_listening
+from conftest import HOST, Coordinator, Fleet, _wait_listening, run_fedfleet
 from fedfleet.coordinator.http_limits import Tally, connection_cap
 from fedfleet.coordinator.limits import Limits
 from fedfleet.coordinator.security import HostCheck, host_name, parse_allowed_hosts
@@ -63,6 +64,23 @@ def read_until_closed(s: socket.socket) -> tuple[bytes, float]:
         while chunk := s.recv(65536):
             got += chunk
     return got, time.monotonic() - start
+
+
+def read_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its head (status line and headers) and its body."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {got!r}"
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {head + body!r}"
+        body += chunk
+    return head, body
 
 
 def finished(coord: Coordinator, timeout: float = 120) -> dict[str, Any]:
@@ -160,7 +178,7 @@ def test_idle_connections_close_after_the_idle_timeout_and_a_slow_body_is_not_cu
     s = connect(open_coord.url)
     for _ in range(2):  # keep-alive: two requests, 1 s apart (under --idle-timeout 2)
         s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert read_response(s)[0].startswith(b"HTTP/1.1 200 ")
         time.sleep(1.0)
     got, seconds = read_until_closed(s)
     assert got == b"" and seconds < 15
@@ -174,8 +192,8 @@ def test_idle_connections_close_after_the_idle_timeout_and_a_slow_body_is_not_cu
     for i in range(0, len(body), 3):
         s.sendall(body[i:i + 3])
         time.sleep(0.5)
-    answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"known":0}'), answer
+    head, answer = read_response(s)
+    assert head.startswith(b"HTTP/1.1 200 ") and answer == b'{"known":0}', (head, answer)
     s.close()
 
 
@@ -261,7 +279,8 @@ def start_limited_coordinator(fleet: Fleet, nofile: int, *args: str) -> Coordina
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with log_path.open("ab") as fh:
-        proc = subprocess.Popen(  # noqa: PLW1509 - preexec_fn: the only way to set a child's rlimit before it runs
+        # preexec_fn: the one way to give a child its limit before it runs (prlimit is not everywhere)
+        proc = subprocess.Popen(
             [sys.executable, "-m", "fedfleet", "--log-level", "INFO", "coordinator", "--data-dir", str(data_dir),
              "--host", HOST, "--port", "0", *args],
             stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=limit)
@@ -271,15 +290,27 @@ def start_limited_coordinator(fleet: Fleet, nofile: int, *args: str) -> Coordina
     return coord
 
 
-def test_2000_idle_sockets_against_1024_fds_never_fail_the_run(fleet: Fleet, many_fds: None) -> None:
+def make_certs(folder: Path) -> Path:
+    r = run_fedfleet("certs", "--out", str(folder), "--host", "127.0.0.1")
+    assert r.returncode == 0, r.stderr
+    return folder
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_2000_idle_sockets_against_1024_fds_never_fail_the_run(fleet: Fleet, many_fds: None, tls: bool,
+                                                               tmp_path: Path) -> None:
+    # Under TLS the idle sockets never start a handshake: they must be counted (and refused) all the same.
+    certs = make_certs(tmp_path / "certs") if tls else None
+    tls_args = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem")) if certs else ()
     # Long header timeout: the idle sockets stay for as long as the rounds below take.
     coord = start_limited_coordinator(fleet, FD_LIMIT, "--task", "songs", "--workers", "2", "--rounds", "8",
-                                      "--local-epochs", "3", "--linger", "1", "--header-timeout", "20")
+                                      "--local-epochs", "3", "--linger", "1", "--header-timeout", "20", *tls_args)
     pid = coord.proc.pid
     cap = int(next(f for f in coord.log_text().split() if f.startswith("max_open_connections=")).split("=")[1])
     assert cap <= FD_LIMIT - 64
-    admin = httpx.Client(base_url=coord.url, timeout=10)
-    fleet.worker(coord.url, clients=2)
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(certs / "ca.pem")) if certs else True
+    admin = httpx.Client(base_url=coord.url, timeout=10, verify=verify)
+    fleet.worker(coord.url, *(("--ca", str(certs / "ca.pem")) if certs else ()), clients=2)
     end = time.monotonic() + 60
     while admin.get("/v1/status").json()["round"] < 2 and time.monotonic() < end:
         time.sleep(0.1)
@@ -318,6 +349,23 @@ def test_2000_idle_sockets_against_1024_fds_never_fail_the_run(fleet: Fleet, man
     assert during - before < 100, (before, during)
     assert "coordinator.connections_refused" in coord.log_text()
     assert "Too many open files" not in coord.log_text()
+
+
+def test_under_tls_a_connection_that_never_shakes_hands_is_dropped_after_the_header_timeout(
+        fleet: Fleet, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    coord = fleet.coordinator(*SONGS, "--tls-cert", str(certs / "server.pem"), "--tls-key",
+                              str(certs / "server-key.pem"), "--header-timeout", "1")
+    start = time.monotonic()
+    mute = connect(coord.url)  # TCP only: no ClientHello
+    got, _ = read_until_closed(mute)
+    assert got == b"" and time.monotonic() - start < 15
+    mute.close()
+    trusted = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with httpx.Client(base_url=coord.url, verify=trusted, timeout=10) as http:
+        assert http.get("/v1/health").status_code == 200
+        assert http.get("/v1/health", headers={"x-big": "a" * 70_000}).status_code == 431
+    assert "coordinator.tls_handshake_failed" in coord.log_text()
 
 
 # --- Host and HTML -----------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ connection:
   is accepted, so the checkpoint, SQLite and upload files always find a file descriptor: running out
   of descriptors refuses clients, it never fails the run.
 
+Under TLS the protocol does the handshake itself (``loop.start_tls``) instead of letting the server
+do it before the protocol sees the connection: so a connection is counted from the moment it is
+accepted, and one that never finishes its handshake is dropped after ``header_timeout``, where the
+event loop's default would keep it 60 s, uncounted.
+
 Refusals are logged as events, at most one line per kind every ``LOG_EVERY`` seconds with a count:
 a flood of connections must not become a flood of log lines.
 """
@@ -28,9 +33,10 @@ import asyncio
 import logging
 import os
 import resource
+import ssl
 import time
 from asyncio import TimerHandle
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -57,6 +63,7 @@ class Wire:
     header_timeout: float
     idle_timeout: float
     max_open: int
+    tls: ssl.SSLContext | None = None
 
 
 class Tally:
@@ -88,6 +95,7 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     wire: ClassVar[Wire]
     tally: ClassVar[Tally]
+    handshaking: ClassVar[set[LimitedHttpTools]]  # accepted, TLS handshake under way: not yet in connections
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -103,14 +111,41 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     # --- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.wire.max_open:
+        if len(self.connections) + len(self.handshaking) >= self.wire.max_open:
             # Closed before uvicorn counts it: nothing of it is kept but the socket, until the loop drops it.
             self._refused = True
             transport.close()
-            self.tally.add("coordinator.connections_refused", open=len(self.connections), cap=self.wire.max_open)
+            self.tally.add("coordinator.connections_refused", open=len(self.connections),
+                           handshaking=len(self.handshaking), cap=self.wire.max_open)
             return
-        super().connection_made(transport)
-        self._arm_header_timer()
+        if self.wire.tls is None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+            return
+        self.handshaking.add(self)
+        # start_tls hands the socket to its TLS protocol before its first await. That part has to run
+        # here, inside connection_made, not in a task: the loop starts reading as soon as this returns,
+        # and a ClientHello read by the HTTP parser would be lost to TLS. (Python 3.12's eager tasks
+        # would do the same.) The rest runs when the handshake is over.
+        self._step(self.loop.start_tls(transport, self, self.wire.tls, server_side=True,
+                                       ssl_handshake_timeout=self.wire.header_timeout), transport)
+
+    def _step(self, handshake: Coroutine[Any, Any, asyncio.Transport | None], raw: asyncio.Transport) -> None:
+        try:
+            waiting = handshake.send(None)
+        except StopIteration as done:
+            self.handshaking.discard(self)
+            if done.value is None:  # closed while the handshake finished
+                raw.close()
+            else:
+                super().connection_made(done.value)
+                self._arm_header_timer()
+        except OSError as exc:  # ssl.SSLError, a reset, or the handshake timed out (ConnectionAbortedError)
+            self.handshaking.discard(self)
+            raw.close()
+            self.tally.add("coordinator.tls_handshake_failed", error=type(exc).__name__)
+        else:
+            waiting.add_done_callback(lambda _: self._step(handshake, raw))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
@@ -201,7 +236,8 @@ class LimitedHttpTools(HttpToolsProtocol):
 
 def protocol_class(wire: Wire, tally: Tally | None = None) -> type[LimitedHttpTools]:
     """The protocol class to give ``uvicorn.Config(http=...)``: uvicorn instantiates it per connection."""
-    return type("LimitedHttpTools", (LimitedHttpTools,), {"wire": wire, "tally": tally or Tally()})
+    shared = {"wire": wire, "tally": tally or Tally(), "handshaking": set()}
+    return type("LimitedHttpTools", (LimitedHttpTools,), shared)
 
 
 def raise_fd_limit() -> int:

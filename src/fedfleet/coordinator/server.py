@@ -46,20 +46,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_tls(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
-    """The certificate and key files, loaded once here so that a bad pair is a clear error, not a traceback."""
+def check_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server's TLS context, loaded here so that a bad certificate or key is a clear error, not a traceback."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither", option="tls-cert")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
         raise ConfigError(f"TLS file {exc.filename} does not exist", option="tls-cert") from exc
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and its private "
                           f"key: {exc}", option="tls-cert") from exc
-    return str(cert), str(key)
+    return context
 
 
 def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
@@ -103,12 +104,12 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
         asgi = HostCheck(app, host, allowed_hosts)
     # Measured now that the task, the database and the socket are open: what is left is for clients.
     wire = Wire(header_bytes=limits.header_bytes, header_timeout=limits.header_timeout,
-                idle_timeout=limits.idle_timeout, max_open=connection_cap(fd_limit, open_fds()))
+                idle_timeout=limits.idle_timeout, max_open=connection_cap(fd_limit, open_fds()), tls=tls)
     # No access log: it would be the one place a token in a URL could leak to; events are logged instead.
+    # No ssl for uvicorn either: the protocol does the TLS handshake itself (see http_limits).
     server = uvicorn.Server(uvicorn.Config(
         asgi, http=protocol_class(wire), log_level="warning", access_log=False, timeout_graceful_shutdown=3,
-        limit_concurrency=limits.max_connections,
-        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None))
+        limit_concurrency=limits.max_connections))
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown}:{actual}"
     write_text_atomic(data_dir / ADDRESS_FILE, json.dumps(
