@@ -72,12 +72,12 @@ def serving(engine: Engine) -> Iterator[str]:
         server.should_exit = True
         thread.join(TIMEOUT)
         sock.close()
-        engine.store.close()
+        engine.close()
 
 
 def make_engine(tmp_path: Path, **options: Any) -> Engine:
     config = RunConfig.from_mapping({"task": "songs", **options})
-    return Engine(config, load_task(config.task, config.task_options_dict), tmp_path / "coordinator", linger=0.0)
+    return Engine.open(config, load_task(config.task, config.task_options_dict), tmp_path / "coordinator", linger=0.0)
 
 
 def wait_state(url: str, state: str) -> dict[str, Any]:
@@ -337,7 +337,7 @@ def test_every_dashboard_query_names_an_exported_metric(tmp_path: Path) -> None:
     try:
         exported = exported_names(engine.metrics.registry) | exported_names(WorkerMetrics().registry)
     finally:
-        engine.store.close()
+        engine.close()
     queries = dashboard_queries()
     assert len(DASHBOARDS) == 2 and len(queries) >= 20
     for q in queries:

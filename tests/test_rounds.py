@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedfleet.coordinator.rounds import new_round, quorum_count, sample
+from fedfleet.coordinator.rounds import Answer, federated_eval, new_round, quorum_count, sample
 from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.types import TensorSpec
 
@@ -106,10 +106,30 @@ def test_new_round_bookkeeping() -> None:
     assert state.pool.size == 4 * 2 * 4 + 2 * 8
     assert state.deadline > state.started
     assert state.pending == ["a", "b", "c", "d"]
-    state.answered["c"] = (30, {"train_loss": 1.0, "train_accuracy": 0.5})
-    state.answered["a"] = (10, {"train_loss": 3.0})
+    state.answered["c"] = Answer(30, {"train_loss": 1.0, "train_accuracy": 0.5}, norm=1.0)
+    state.answered["a"] = Answer(10, {"train_loss": 3.0}, norm=1.0)
     assert state.pending == ["b", "d"]
-    metrics = state.train_metrics()
+    metrics = state.worker_metrics()
     assert metrics["train_loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
-    assert metrics["train_accuracy"] == pytest.approx((30 * 0.5) / 40)  # missing counts as 0
-    assert new_round(1, 0, "stats", ["a"], 0.5, schema, None, 1.0).train_metrics() == {}
+    assert metrics["train_accuracy"] == pytest.approx(0.5)  # the mean of those who reported it
+    assert new_round(1, 0, "stats", ["a"], 0.5, schema, None, 1.0).worker_metrics() == {}
+
+
+@pytest.mark.parametrize("reports", [
+    [{"val_examples": 1.0}],  # no val_accuracy: skipped, not a KeyError
+    [{"val_accuracy": 0.9, "val_loss": 0.1}],  # no val_examples
+    [{"val_examples": 5.0, "val_accuracy": 7.0, "val_loss": 0.1}],  # accuracy out of [0, 1]
+    [{"val_examples": 0.0, "val_accuracy": 0.5, "val_loss": 0.1}],
+    [],
+])
+def test_federated_evaluation_skips_reports_without_a_usable_score(reports: list[dict[str, float]]) -> None:
+    assert federated_eval(reports) is None
+
+
+def test_federated_evaluation_weights_by_split_size_and_ignores_partial_reports() -> None:
+    fed = federated_eval([{"val_examples": 10.0, "val_accuracy": 0.5, "val_loss": 1.0},
+                          {"val_examples": 30.0, "val_accuracy": 0.9, "val_loss": 0.5},
+                          {"val_examples": 1e6}])
+    assert fed is not None
+    assert fed.accuracy == pytest.approx(0.8) and fed.loss == pytest.approx(0.625)
+    assert (fed.accuracy_min, fed.accuracy_max, fed.examples) == (0.5, 0.9, 40)

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedfleet.errors import ConfigError
 from fedfleet.strategies import make_strategy
-from fedfleet.strategies.accumulate import WeightedSum, weighted_mean
+from fedfleet.strategies.accumulate import WeightedSum, delta_norm, weighted_mean
 from fedfleet.strategies.server_opt import ServerSGD
 from fedfleet.types import TensorSpec, Weights, schema_of
 
@@ -57,10 +57,10 @@ def reference_sum(updates: list[tuple[Weights, float]], base: Weights | None) ->
     return out
 
 
-def fold(schema, updates, base=None, consume=False) -> WeightedSum:
+def fold(schema, updates, base=None) -> WeightedSum:
     acc = WeightedSum(schema, base)
     for update, weight in updates:
-        acc.add(update, weight, consume=consume)
+        acc.add(update, weight)
     return acc
 
 
@@ -72,10 +72,10 @@ def assert_close(got: Weights, want: dict[str, np.ndarray], schema) -> None:
         np.testing.assert_allclose(got[spec.name], want[spec.name], rtol=RTOL, atol=ATOL, err_msg=spec.name)
 
 
-@given(case=rounds(), consume=st.booleans())
-def test_sum_without_base_matches_numpy(case, consume: bool) -> None:
+@given(case=rounds())
+def test_sum_without_base_matches_numpy(case) -> None:
     schema, _, updates = case
-    acc = fold(schema, copy.deepcopy(updates), consume=consume)
+    acc = fold(schema, copy.deepcopy(updates))
     total = sum(w for _, w in updates)
     # The plain sum grows with the weights: compare it relative to the total weight.
     want = {k: v / total for k, v in reference_sum(updates, None).items()}
@@ -85,17 +85,17 @@ def test_sum_without_base_matches_numpy(case, consume: bool) -> None:
     assert list(acc.sum()) == list(acc.mean()) == [s.name for s in schema]  # schema order
 
 
-@given(case=rounds(), consume=st.booleans())
-def test_mean_without_base_matches_reference_weighted_mean(case, consume: bool) -> None:
+@given(case=rounds())
+def test_mean_without_base_matches_reference_weighted_mean(case) -> None:
     schema, _, updates = case
-    acc = fold(schema, copy.deepcopy(updates), consume=consume)
+    acc = fold(schema, copy.deepcopy(updates))
     assert_close(acc.mean(), weighted_mean(updates), schema)
 
 
-@given(case=rounds(), consume=st.booleans())
-def test_mean_with_base_is_the_mean_delta(case, consume: bool) -> None:
+@given(case=rounds())
+def test_mean_with_base_is_the_mean_delta(case) -> None:
     schema, base, updates = case
-    acc = fold(schema, copy.deepcopy(updates), base=base, consume=consume)
+    acc = fold(schema, copy.deepcopy(updates), base=base)
     total = sum(w for _, w in updates)
     want = {k: v / total for k, v in reference_sum(updates, base).items()}
     assert_close(acc.mean(), want, schema)
@@ -104,27 +104,53 @@ def test_mean_with_base_is_the_mean_delta(case, consume: bool) -> None:
 
 
 @given(case=rounds(), with_base=st.booleans())
-def test_consume_gives_the_same_result_as_not_consuming(case, with_base: bool) -> None:
+def test_folding_in_parts_gives_the_same_sum_and_leaves_the_updates_alone(case, with_base: bool) -> None:
     schema, base, updates = case
     kept = copy.deepcopy(updates)
-    plain = fold(schema, kept, base=base if with_base else None, consume=False)
-    consumed = fold(schema, copy.deepcopy(updates), base=base if with_base else None, consume=True)
-    for name, array in plain.sum().items():
-        np.testing.assert_array_equal(consumed.sum()[name], array)
-    assert consumed.total_weight == plain.total_weight
-    # Without consume, the updates are left as they were.
+    whole = fold(schema, kept, base=base if with_base else None)
+    parts = WeightedSum(schema, base if with_base else None)
+    for update, weight in copy.deepcopy(updates):
+        for name, array in update.items():
+            flat = np.array(array).reshape(-1)
+            half = flat.size // 2
+            parts.add_part(name, 0, flat[:half], weight)
+            parts.add_part(name, half, flat[half:], weight)
+        parts.end_add(weight)
+    for name, array in whole.sum().items():
+        np.testing.assert_array_equal(parts.sum()[name], array)
+    assert parts.total_weight == whole.total_weight
     for (got, _), (want, _) in zip(kept, updates, strict=True):
         for name in want:
             assert got[name].tobytes() == want[name].tobytes()
 
 
-def test_consume_overwrites_the_update_and_not_consuming_does_not() -> None:
+def test_adding_leaves_the_update_as_it_was() -> None:
     schema = (TensorSpec("w", "float32", (3,)),)
     update = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
-    WeightedSum(schema).add(update, 2.0)
+    WeightedSum(schema, {"w": np.ones(3, np.float32)}).add(update, 2.0)
     np.testing.assert_array_equal(update["w"], [1.0, 2.0, 3.0])
-    WeightedSum(schema).add(update, 2.0, consume=True)
-    np.testing.assert_array_equal(update["w"], [2.0, 4.0, 6.0])  # used as scratch space
+
+
+def test_a_huge_finite_update_keeps_the_sum_and_the_mean_finite() -> None:
+    # 1e35 × 10,000 examples is 1e39: Inf in float32, which is where the product used to be taken.
+    schema = (TensorSpec("w", "float32", (2,)),)
+    base = {"w": np.zeros(2, np.float32)}
+    acc = WeightedSum(schema, base)
+    acc.add({"w": np.full(2, 1e35, np.float32)}, 10_000.0)
+    acc.add({"w": np.full(2, -3.4e38, np.float32)}, 10_000.0)  # and a delta near float32's own limit
+    acc.add({"w": np.ones(2, np.float32)}, 1.0)
+    mean = acc.mean()["w"]
+    assert mean.dtype == np.float32 and np.isfinite(mean).all()
+    np.testing.assert_allclose(mean, (1e35 * 1e4 - 3.4e38 * 1e4 + 1.0) / 20_001, rtol=1e-6)
+
+
+def test_delta_norm_is_the_float64_norm_and_names_a_non_finite_tensor() -> None:
+    update = {"a": np.array([1e35, 0.0], np.float32), "b": np.array([3.0, 4.0], np.float32)}
+    base = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    norm, bad = delta_norm(update, base)
+    assert bad is None
+    np.testing.assert_allclose(norm, 1e35, rtol=1e-6)
+    assert delta_norm({"a": np.array([1.0, np.nan], np.float32)}, None)[1] == "a"
 
 
 def test_sum_returns_copies() -> None:
@@ -176,21 +202,21 @@ def frozen_rounds(draw: st.DrawFn):
     return base, updates
 
 
-@given(case=frozen_rounds(), server_lr=st.sampled_from([1.0, 0.5, 2.0]), consume=st.booleans())
-def test_fedavg_leaves_unchanged_tensors_bit_exact(case, server_lr: float, consume: bool) -> None:
+@given(case=frozen_rounds(), server_lr=st.sampled_from([1.0, 0.5, 2.0]))
+def test_fedavg_leaves_unchanged_tensors_bit_exact(case, server_lr: float) -> None:
     base, updates = case
     schema = schema_of(base)
-    acc = fold(schema, updates, base=base, consume=consume)
+    acc = fold(schema, updates, base=base)
     fedavg = make_strategy("fedavg", {"server_lr": str(server_lr)})
     new, _ = fedavg.apply(fedavg.init(base), base, fedavg.aggregate(acc))
     assert new["frozen"].dtype == np.float32
     assert new["frozen"].tobytes() == base["frozen"].tobytes()
 
 
-@given(case=rounds(), consume=st.booleans())
-def test_fedavg_with_server_lr_1_is_the_weighted_mean_of_the_models(case, consume: bool) -> None:
+@given(case=rounds())
+def test_fedavg_with_server_lr_1_is_the_weighted_mean_of_the_models(case) -> None:
     schema, base, updates = case
-    acc = fold(schema, copy.deepcopy(updates), base=base, consume=consume)
+    acc = fold(schema, copy.deepcopy(updates), base=base)
     fedavg = make_strategy("fedavg")
     new, state = fedavg.apply(fedavg.init(base), base, fedavg.aggregate(acc))
     assert state.step == 1

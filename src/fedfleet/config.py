@@ -54,6 +54,9 @@ OPTIONS: tuple[Option, ...] = (
            low=0, high=1000),
     Option("target_accuracy", float, None, "end the run early once the global model's test accuracy reaches this",
            low=0, high=1, low_open=True, optional=True, default_text="none: run all --rounds"),
+    Option("max_update_norm", float, None, "refuse a training update whose delta from the global model has a "
+           "larger L2 norm (the defence of FedAvg-family strategies against scaled updates)",
+           low=0, high=1e30, low_open=True, optional=True, default_text="none: no bound"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -80,6 +83,7 @@ class RunConfig:
     wait_timeout: float = 300.0
     max_round_retries: int = 3
     target_accuracy: float | None = None
+    max_update_norm: float | None = None
     task_options: tuple[tuple[str, str], ...] = field(default=())
     strategy_options: tuple[tuple[str, str], ...] = field(default=())
 

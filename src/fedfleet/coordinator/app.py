@@ -1,7 +1,9 @@
 """The coordinator's HTTP API (/v1), served by FastAPI on uvicorn; its OpenAPI document is /openapi.json.
 
 JSON for control messages, safetensors bodies for tensors. Every error a client causes is a 4xx
-whose ``detail`` says what was wrong; the engine's state is untouched by a rejected request.
+whose ``detail`` says what was wrong; the engine's state is untouched by a rejected request. The
+handlers are thin: updates go through ``engine.intake`` (coordinator.intake), everything else through
+the engine's commands and views.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
-from fedfleet.coordinator.body import BodyReader
-from fedfleet.coordinator.engine import HEADER_SLACK, Engine
+from fedfleet.coordinator.engine import Engine
 from fedfleet.coordinator.limits import Limits, RateLimit
+from fedfleet.coordinator.live import LiveRun
 from fedfleet.coordinator.ranges import model_response
 from fedfleet.coordinator.security import (
     Access,
@@ -32,19 +33,18 @@ from fedfleet.coordinator.security import (
 )
 from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_upload_router
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
-from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     API,
     EvalResult,
+    Instruction,
     RegisterRequest,
     RegisterResponse,
     Status,
-    TaskMessage,
     UpdateAck,
-    UpdateMeta,
     WorkerId,
     WorkerView,
 )
+from fedfleet.storage.records import RoundRecord
 from fedfleet.web import create_router
 
 MODEL_MEDIA_TYPE = "application/octet-stream"
@@ -77,7 +77,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
     access = access or Access()
     limits = limits or Limits()
     registrations = RateLimit(limits.registration_rate, limits.registration_burst)
-    uploads = UploadSessions(engine, engine.data_dir / UPLOAD_DIR)
+    uploads = UploadSessions(engine.intake, engine.progress_event, engine.run_dir.path / UPLOAD_DIR)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,9 +127,9 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
     async def status() -> Status:
         return engine.status()
 
-    @app.get(f"{API}/rounds", tags=["run"])
-    async def rounds() -> list[dict[str, Any]]:
-        return engine.history
+    @app.get(f"{API}/rounds", response_model=list[RoundRecord], tags=["run"])
+    async def rounds() -> list[RoundRecord]:
+        return engine.rounds()
 
     @app.post(f"{API}/evaluate", response_model=EvalResult, tags=["run"],
               summary="Test the current global model on the coordinator's held-out set")
@@ -145,7 +145,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
             engine.metrics.request_refused("rate_limited")
             raise HTTPException(429, f"too many registrations: over {limits.registration_rate:g} per second; "
                                      f"retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
-        if req.worker_id in engine.registry.workers:
+        if req.worker_id is not None and engine.is_registered(req.worker_id):
             check_reclaim(access, req.worker_id, x_fedfleet_worker_token)
         reply = engine.register(req.worker_id, req.name)
         return reply.model_copy(update={"token": access.worker_token(reply.worker_id)})
@@ -159,10 +159,12 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         check_heartbeat(access, req.worker_ids, req.tokens)
         return HeartbeatAck(known=engine.heartbeat(req.worker_ids))
 
-    @app.get(f"{API}/workers/{{worker_id}}/task", response_model=TaskMessage, tags=["workers"],
-             summary="Long-poll for the next task: held open until there is work or `wait` seconds pass")
-    async def next_task(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300)) -> TaskMessage:
-        return await engine.next_task(worker_id, wait)
+    # The path keeps its /task name so that workers already deployed keep working; what it answers is
+    # an Instruction (train / stats / wait / stop), not an ML task.
+    @app.get(f"{API}/workers/{{worker_id}}/task", response_model=Instruction, tags=["workers"],
+             summary="Long-poll for the next instruction: held open until there is work or `wait` seconds pass")
+    async def next_instruction(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300)) -> Instruction:
+        return await engine.next_instruction(worker_id, wait)
 
     @app.get(f"{API}/model", tags=["tensors"], response_class=Response,
              responses={200: {"content": {MODEL_MEDIA_TYPE: {}},
@@ -186,11 +188,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
               openapi_extra={"requestBody": {"required": True, "content": {
                   MODEL_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload(request: Request) -> UpdateAck:
-        try:
-            return await _receive_update(engine, request)
-        except Exception as exc:
-            engine.metrics.update_rejected(exc)
-            raise
+        return await engine.intake.receive(request.stream(), request.headers.get("content-length"),
+                                           lambda worker_id: require_worker(request.scope, worker_id))
 
     @app.get(METRICS_PATH, tags=["monitoring"], response_class=Response,
              summary="Prometheus metrics of the coordinator (text format, or OpenMetrics if Accept asks for it)",
@@ -203,46 +202,8 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
 
     app.include_router(create_upload_router(uploads, lambda request, worker_id: require_worker(request.scope,
                                                                                              worker_id)))
-    app.include_router(create_router(engine))  # the dashboard (/) and the predict page (/predict)
+    app.include_router(create_router(LiveRun(engine)))  # the dashboard (/) and the predict page (/predict)
     return app
-
-
-async def _receive_update(engine: Engine, request: Request) -> UpdateAck:
-    limit = engine.max_update_bytes()
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ProtocolError(f"Content-Length {declared!r} is not a number")
-        if int(declared) > limit:
-            raise ProtocolError(f"update of {declared} bytes is over the limit of {limit} bytes for this "
-                                "model", status=413)
-    reader = BodyReader(request.stream())
-    try:
-        prefix = await reader.read_exact(8)
-        n = codec.header_length(prefix)
-        if n > HEADER_SLACK:
-            raise ProtocolError(f"safetensors header of {n} bytes is over the limit of {HEADER_SLACK} bytes",
-                                status=413)
-        header = codec.parse_header(prefix + await reader.read_exact(n))
-        meta = UpdateMeta.from_metadata(header.metadata)
-        require_worker(request.scope, meta.worker_id)
-        rs = engine.begin_update(meta, header)
-        committed = False
-        try:
-            async with rs.pool.buffer() as buf:
-                view = memoryview(buf)[: header.data_bytes]
-                got = await reader.readinto(view)
-                if got < header.data_bytes:
-                    raise ProtocolError(f"body is truncated: {got} of {header.data_bytes} tensor bytes arrived")
-                await reader.expect_end(limit)
-                await engine.commit_update(rs, meta, codec.views(header, view), header.total_bytes)
-                committed = True
-        finally:
-            if not committed:
-                engine.abort_update(rs, meta.worker_id)
-    except ClientDisconnect as exc:
-        raise ProtocolError("client disconnected before the whole update arrived") from exc
-    return UpdateAck(accepted=True, round=rs.round, received=len(rs.answered), expected=len(rs.sampled))
 
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],

@@ -1,153 +1,194 @@
-"""The coordinator's training loop and the state the HTTP API reads and feeds.
-
-Everything here runs on the server's event loop; numpy work that takes long (folding an update,
-evaluating, writing a checkpoint) goes to a thread so that transfers keep flowing meanwhile.
+"""The coordinator's round loop, and the narrow API the HTTP layer drives it with.
 
 The loop: wait for enough live workers → (statistics round, if the task has one) → for each round:
 sample workers, open the round, wait until every sampled worker answered or the deadline passed,
-aggregate, evaluate, checkpoint, record → finish and tell the workers to stop.
+aggregate, check, evaluate, checkpoint, record → finish and tell the workers to stop.
+
+What the outside may do: ``Engine.open`` (all the start-up I/O: the run folder, the state database, the
+checkpoint to resume from), the worker commands (``register``, ``heartbeat``, ``next_instruction``,
+``model_download``/``model_sent``), updates through ``intake`` (coordinator.intake, the only way into a
+round), and views: ``snapshot()``, ``status()``, ``workers_view()``, ``rounds()``, ``model()``,
+``progress_event()``. The round state, the registry and the history are the engine's own.
+
+Everything here runs on the server's event loop; numpy work that takes long (folding an update,
+evaluating, writing a checkpoint) goes to a thread so that transfers keep flowing meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from fedfleet import log
 from fedfleet.config import RunConfig
+from fedfleet.coordinator.intake import UpdateIntake
 from fedfleet.coordinator.metrics import CoordinatorMetrics
 from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
-from fedfleet.errors import ConfigError, FedfleetError, RequestRejected, RoundError
+from fedfleet.errors import ConfigError, FedfleetError, RoundError, TaskError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol import codec
-from fedfleet.protocol.codec import Header
 from fedfleet.protocol.messages import (
     EvalResult,
+    Instruction,
     PartitionInfo,
     RegisterResponse,
+    StatsInstruction,
     Status,
-    TaskMessage,
+    StopInstruction,
+    TrainInstruction,
     TrainParamsMsg,
-    UpdateMeta,
+    WaitInstruction,
     WorkerView,
 )
 from fedfleet.storage.checkpoints import Checkpoints
-from fedfleet.storage.files import write_atomic, write_text_atomic
+from fedfleet.storage.records import RoundRecord, RoundTiming, RoundTimings, RunSummary, finite_or_none
+from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
-from fedfleet.strategies import make_strategy
-from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.strategies import Strategy, make_strategy
+from fedfleet.strategies.accumulate import WeightedSum, all_finite
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
-from fedfleet.tasks import Task
-from fedfleet.types import Weights, num_parameters, schema_of
+from fedfleet.tasks import Dataset, Task
+from fedfleet.types import Schema, Weights, num_parameters, schema_of
 
 State = Literal["waiting", "running", "finished", "failed"]
-HEADER_SLACK = 64 * 1024  # room for an update's JSON header beyond its tensor bytes
+OUTLIER = 10.0  # an update whose norm is this many times the round's median is named when a round fails
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    round: int
+    attempt: int
+    kind: Kind
+    sampled: int
+    answered: int
+    needed: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What views show of the engine at one moment (status, dashboard, metrics); a copy, not a handle."""
+
+    run_id: str
+    task: str
+    partition: str
+    strategy: str
+    state: State
+    phase: str
+    message: str
+    round: int  # last recorded training round
+    current_round: int  # the training round in progress, else the last completed one
+    rounds_planned: int
+    model_version: int
+    accuracy: float | None  # of the last recorded round
+    loss: float | None
+    workers_registered: int
+    workers_live: int
+    open_round: OpenRound | None
+    last_participants: int | None
+    dropped: int  # sampled workers silent in the last round attempt that closed
+
+
+@dataclass(frozen=True)
+class Model:
+    weights: Weights
+    version: int
+    round: int  # training rounds behind it
 
 
 class Engine:
-    def __init__(self, config: RunConfig, task: Task, data_dir: Path, linger: float = 10.0) -> None:
+    """Build with ``Engine.open``; the constructor only assembles what ``open`` read."""
+
+    def __init__(self, *, config: RunConfig, task: Task, run_dir: RunDir, store: Store, run_id: str,
+                 registry: Registry, history: list[RoundRecord], test: Dataset, model: Weights, model_version: int,
+                 strategy: Strategy, strategy_state: OptState | None, linger: float) -> None:
         self.config = config
         self.task = task
-        self.data_dir = data_dir
+        self.run_dir = run_dir
+        self.run_id = run_id
         self.linger = linger
-        self.store = Store(data_dir / "state.sqlite")
-        self.checkpoints = Checkpoints(data_dir / "checkpoints")
-        self.strategy = make_strategy(config.strategy, config.strategy_options_dict)
-        self.state: State = "waiting"
+        self._store = store
+        self._checkpoints: Checkpoints = run_dir.checkpoints()
+        self._registry = registry
+        self._history = history
+        self._test = test
+        self._strategy = strategy
+        self.state: State = "running" if history else "waiting"
         self.phase = "starting"
         self.message = ""
-        self.round = 0  # last completed training round
-        self.current: RoundState | None = None
-        self.accuracy: float | None = None
-        self.loss: float | None = None
-        self.history: list[dict[str, Any]] = []
+        self.round = history[-1].round if history else 0  # last completed training round
+        self.accuracy = history[-1].accuracy if history else None
+        self.loss = history[-1].loss if history else None
+        self._stats_done = bool(history)
+        self._current: RoundState | None = None
+        self._dropped = 0
+        self._started = time.monotonic()
         self.done = asyncio.Event()  # set when the run is over and the workers had time to hear it
         # Two broadcast events, so that N workers parked in long-polls are woken only when there may be
         # work for them (a round opens, the run ends), not by each of the N answers of a round: that
         # would be N² wake-ups per round.
         self._work = asyncio.Event()
         self._progress = asyncio.Event()
-        self._fold_lock = asyncio.Lock()
-        self._test = task.load_test()
-        self._started = time.monotonic()
-        self._stats_done = False
-        self.run_id = self._open_run()
-        self.registry = Registry(self.store, config.workers, config.worker_timeout)
         self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
-        self._restore_model()
-        self.strategy_state = self._restore_strategy_state()
-        self.metrics = CoordinatorMetrics(self)
+        self._set_model(model, model_version)
+        self._strategy_state = strategy_state if strategy_state is not None else strategy.init(self._model)
+        self.metrics = CoordinatorMetrics(self.snapshot)
+        self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
+                                   model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
+                                   max_update_norm=config.max_update_norm)
 
     # --- start-up ----------------------------------------------------------------------------
-    def _open_run(self) -> str:
-        """Create the run in the data dir, or pick up the one there if its config matches."""
-        row = self.store.run()
-        toml = self.config.to_toml()
-        if row is None:
-            run_id = uuid.uuid4().hex[:12]
-            self.store.create_run(run_id, toml)
-            write_text_atomic(self.data_dir / "config.toml", toml)
-            (self.data_dir / "metrics.jsonl").unlink(missing_ok=True)
-            return run_id
-        saved = RunConfig.from_mapping(tomllib.loads(row.config))
-        diff = saved.differences(self.config)
-        if diff:
-            name = diff[0]
-            raise ConfigError(
-                f"{self.data_dir} holds run {row.id} whose '{name}' is {getattr(saved, name)!r}, not "
-                f"{getattr(self.config, name)!r}; use the same config to resume it or a new --data-dir",
-                option=name)
-        if row.state in ("finished", "failed"):
-            raise ConfigError(f"{self.data_dir} holds run {row.id}, which has {row.state}; "
-                              "use a new --data-dir for a new run", option="data_dir")
-        return row.id
-
-    def _restore_model(self) -> None:
-        """Pick up after a crash: the model after the last round recorded in SQLite, which is the truth.
-
-        A round's checkpoint is written before its record, so the recorded round always has one;
-        a checkpoint newer than the last record belongs to a round that is simply run again.
-        """
-        self.history = self.store.rounds()
+    @classmethod
+    def open(cls, config: RunConfig, task: Task, data_dir: Path, linger: float = 10.0) -> Engine:
+        """Create the run in ``data_dir``, or pick up the one there (its config must match) from the last
+        round recorded in its state database, which is the truth after a crash."""
+        run_dir = RunDir(data_dir)
+        store = run_dir.open_store()
+        run_id = _open_run(store, run_dir, config)
+        history = store.rounds()
         # Updates of a round that never closed were lost with that life's running sum, whatever
         # attempt they were for; the round runs again from attempt 0 and its updates count then.
-        self.store.forget_updates_after(int(self.history[-1]["round"]) if self.history else -1)
-        if not self.history:
-            self._set_model(self.task.init_weights(self.config.seed), 0)
-            return
-        last = self.history[-1]
-        weights, meta = self.checkpoints.load(int(last["round"]))
-        self.round = int(last["round"])
-        self.accuracy, self.loss = last.get("accuracy"), last.get("loss")
-        self._stats_done = True
-        self._set_model(weights, int(meta.get("version", last["model_version"])))
-        # metrics.jsonl is a view of the records: rewrite it so that it matches them exactly.
-        write_text_atomic(self.data_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        log.event("run.resumed", run=self.run_id, round=self.round, version=self.model_version)
+        store.forget_updates_after(history[-1].round if history else -1)
+        strategy = make_strategy(config.strategy, config.strategy_options_dict)
+        checkpoints = run_dir.checkpoints()
+        state: OptState | None = None
+        if history:
+            # A round's checkpoint is written before its record, so the recorded round always has one;
+            # a checkpoint newer than the last record belongs to a round that is simply run again.
+            last = history[-1]
+            model, meta = checkpoints.load(last.round)
+            version = int(meta.get("version", last.model_version))
+            saved = checkpoints.load_state(last.round)
+            state = state_from_tensors(*saved) if saved is not None else None
+            # metrics.jsonl is a view of the records: rewrite it so that it matches them exactly.
+            run_dir.write_rounds(history)
+            log.event("run.resumed", run=run_id, round=last.round, version=version)
+        else:
+            model, version = task.init_weights(config.seed), 0
+        registry = Registry(store, config.workers, config.worker_timeout, store.workers())
+        return cls(config=config, task=task, run_dir=run_dir, store=store, run_id=run_id, registry=registry,
+                   history=history, test=task.load_test(), model=model, model_version=version, strategy=strategy,
+                   strategy_state=state, linger=linger)
 
-    def _restore_strategy_state(self) -> OptState:
-        """The server optimiser's state as of the restored round (fresh if the run starts now)."""
-        saved = self.checkpoints.load_state(self.round) if self.history else None
-        return state_from_tensors(*saved) if saved is not None else self.strategy.init(self.model)
+    def close(self) -> None:
+        self._store.close()
 
     def _set_model(self, weights: Weights, version: int) -> None:
         self.model_version = version
-        self.schema = schema_of(weights)
+        self.schema: Schema = schema_of(weights)
         meta = {"version": str(version), "round": str(self.round), "run_id": self.run_id,
                 "task": self.config.task}
         # The model is held once: serialised into one buffer that is served as it is (memoryview slices
-        # for Range requests), with ``self.model`` read-only arrays viewing it. A large model would
+        # for Range requests), with ``self._model`` read-only arrays viewing it. A large model would
         # otherwise sit in memory twice (arrays and bytes), besides the round's running sum.
         parts = codec.encode_parts(weights, meta)
         blob = bytearray(sum(len(p) for p in parts))
@@ -158,9 +199,8 @@ class Engine:
         header = codec.parse_header(bytes(parts[0]))
         del parts
         view = memoryview(blob).toreadonly()
-        self.model = codec.views(header, view[header.size:])
-        self.model_bytes = view
-        self.model_parts: list[bytes | memoryview] = [view]
+        self._model = codec.views(header, view[header.size:])
+        self._model_bytes = view
 
     # --- notifications -------------------------------------------------------------------------
     def _notify(self, work: bool = False) -> None:
@@ -174,8 +214,7 @@ class Engine:
     def progress_event(self) -> asyncio.Event:
         """Set at the next change (a round opens or closes, an update or a worker arrives, the run ends).
 
-        The dashboard pushes its events on it: take the event before reading the state, and no change
-        made after the read can be missed."""
+        Take the event before reading the state, and no change made after the read can be missed."""
         return self._progress
 
     async def _wait_change(self, timeout: float, work: bool = False) -> None:
@@ -183,16 +222,19 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
-    # --- API: workers ----------------------------------------------------------------------------
+    # --- commands: workers ---------------------------------------------------------------------
+    def is_registered(self, worker_id: str) -> bool:
+        return worker_id in self._registry.workers
+
     def register(self, worker_id: str | None, name: str) -> RegisterResponse:
-        w = self.registry.register(worker_id, name)
+        w = self._registry.register(worker_id, name)
         spec = parse_partition(self.config.partition)
         log.event("worker.registered", run=self.run_id, worker=w.worker_id, partition=w.partition, name=name)
         self._notify()
         return RegisterResponse(
             worker_id=w.worker_id, run_id=self.run_id, task=self.config.task,
             task_options=self.config.task_options_dict,
-            partition=PartitionInfo(name=self.registry.partition_label(w), index=w.partition,
+            partition=PartitionInfo(name=self._registry.partition_label(w), index=w.partition,
                                     count=self.config.workers, scheme=str(spec), seed=self.config.seed,
                                     val_fraction=self.config.val_fraction),
             poll_seconds=self.poll_seconds)
@@ -201,155 +243,105 @@ class Engine:
         """Mark workers as alive (a worker busy training sends these); returns how many are known."""
         known = 0
         for wid in worker_ids:
-            if wid in self.registry.workers:
-                self.registry.touch(wid)
+            if wid in self._registry.workers:
+                self._registry.touch(wid)
                 known += 1
         return known
 
-    def task_for(self, w: WorkerState) -> TaskMessage:
+    def _instruction_for(self, w: WorkerState) -> Instruction:
         if self.state in ("finished", "failed"):
-            return TaskMessage(kind="stop", reason=self.message or f"run {self.state}")
-        rs = self.current
+            return StopInstruction(reason=self.message or f"run {self.state}")
+        rs = self._current
         if rs is None or rs.closed or w.worker_id not in rs.sampled or w.worker_id in rs.answered \
                 or w.worker_id in rs.in_flight:
-            return TaskMessage(kind="wait")
-        params = None
-        if rs.kind == "train":
-            seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition])
-                       .generate_state(1)[0])
-            params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
-                                    lr=self.config.lr, seed=seed, prox_mu=self.strategy.prox_mu)
-        return TaskMessage(kind=rs.kind, round=rs.round, attempt=rs.attempt,
-                           model_version=self.model_version, params=params)
+            return WaitInstruction()
+        if rs.kind == "stats":
+            return StatsInstruction(round=rs.round, attempt=rs.attempt)
+        seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition]).generate_state(1)[0])
+        params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
+                                lr=self.config.lr, seed=seed, prox_mu=self._strategy.prox_mu)
+        return TrainInstruction(round=rs.round, attempt=rs.attempt, model_version=self.model_version, params=params)
 
-    async def next_task(self, worker_id: str, wait: float) -> TaskMessage:
+    async def next_instruction(self, worker_id: str, wait: float) -> Instruction:
         """Long-poll: return as soon as there is something for this worker, or ``wait`` seconds passed."""
-        w = self.registry.touch(worker_id)
+        w = self._registry.touch(worker_id)
         end = time.monotonic() + min(max(wait, 0.0), self.poll_seconds)
         w.polling += 1
         try:
             while True:
-                msg = self.task_for(w)
+                msg = self._instruction_for(w)
                 remaining = end - time.monotonic()
-                if msg.kind != "wait" or remaining <= 0:
+                if not isinstance(msg, WaitInstruction) or remaining <= 0:
                     break
                 await self._wait_change(remaining, work=True)
         finally:
             w.polling -= 1
             w.last_seen = time.monotonic()
-        if msg.kind == "stop" and not w.stopped:
+        if isinstance(msg, StopInstruction) and not w.stopped:
             w.stopped = True
             self._notify()
         return msg
 
     def model_download(self) -> tuple[int, memoryview]:
         """The model's version and safetensors bytes (read-only; serve slices of it, do not copy)."""
-        return self.model_version, self.model_bytes
+        return self.model_version, self._model_bytes
 
     def model_sent(self, nbytes: int) -> None:
         """Count a model body sent (not a 304) towards the open round and the metrics."""
-        if self.current is not None and not self.current.closed:
-            self.current.bytes_out += nbytes
+        if self._current is not None and not self._current.closed:
+            self._current.bytes_out += nbytes
         self.metrics.model_sent(nbytes)
 
-    # --- API: updates ----------------------------------------------------------------------------
-    def max_update_bytes(self) -> int:
-        rs = self.current
-        size = sum(s.nbytes for s in rs.schema) if rs is not None else sum(s.nbytes for s in self.schema)
-        return size + HEADER_SLACK
-
-    def check_update(self, meta: UpdateMeta, header: Header | None) -> RoundState:
-        """The open round, if it can take this update (409 if not) and ``header`` fits its schema (422)."""
-        self.registry.touch(meta.worker_id)
-        rs = self.current
-        problem = self._update_problem(meta, rs)
-        if problem is not None:
-            reason, message = problem
-            raise RequestRejected(message, round=meta.round, worker=meta.worker_id, reason=reason)
-        assert rs is not None
-        if header is not None:
-            codec.check_schema(header, rs.schema)
-        return rs
-
-    def begin_update(self, meta: UpdateMeta, header: Header) -> RoundState:
-        """Check that the current round can take this update and reserve its slot; raise if not."""
-        rs = self.check_update(meta, header)
-        rs.in_flight.add(meta.worker_id)
-        return rs
-
-    def _update_problem(self, meta: UpdateMeta, rs: RoundState | None) -> tuple[str, str] | None:
-        """Why the open round cannot take this update (HTTP 409) as (metrics reason, message), or None."""
-        if rs is None or self.state != "running":
-            return "stale", f"no round is open (run is {self.state}); update for round {meta.round} is not needed"
-        if (meta.round, meta.attempt) != (rs.round, rs.attempt):
-            return "stale", (f"update is for round {meta.round} attempt {meta.attempt}, but the open round is "
-                    f"{rs.round} attempt {rs.attempt}")
-        if rs.closed:
-            return "stale", f"round {rs.round} has closed; update came too late"
-        if meta.worker_id not in rs.sampled:
-            return "not_sampled", f"worker {meta.worker_id} was not sampled for round {rs.round}"
-        if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
-            return "duplicate", f"worker {meta.worker_id} already sent its update for round {rs.round}"
-        return None
-
-    def abort_update(self, rs: RoundState, worker_id: str) -> None:
-        rs.in_flight.discard(worker_id)
-        self._notify()
-
-    async def commit_update(self, rs: RoundState, meta: UpdateMeta, weights: Weights, nbytes: int) -> None:
-        """Check values and fold the update into the round's running sum (it may be modified in place)."""
-        await _compute(nbytes, codec.check_finite, weights)
-        await self.commit_checked(rs, meta, nbytes, lambda weight: rs.accumulator.add(weights, weight, True))
-
-    async def commit_checked(self, rs: RoundState, meta: UpdateMeta, nbytes: int,
-                             fold: Callable[[float], None]) -> None:
-        """Fold an update whose values were checked already, with ``fold(weight)``, and account for it.
-
-        ``fold`` runs in a thread for large updates; it must leave the sum untouched if it raises."""
-        weight = float(meta.num_examples) if rs.kind == "train" else 1.0
-        async with self._fold_lock:
-            if rs.closed:
-                raise RequestRejected(f"round {rs.round} closed while the update was arriving",
-                                      round=rs.round, worker=meta.worker_id, reason="stale")
-            await _compute(nbytes, fold, weight)
-            self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, meta.metrics)
-            rs.answered[meta.worker_id] = (meta.num_examples, dict(meta.metrics))
-            if "train_s" in meta.metrics and meta.worker_id in self.registry.workers:
-                self.registry.workers[meta.worker_id].last_train_s = meta.metrics["train_s"]
-            rs.bytes_in += nbytes
-            rs.last_answer = time.monotonic()
-        rs.in_flight.discard(meta.worker_id)
-        self.metrics.update_accepted(rs.kind, nbytes)
-        log.event("update.accepted", logging.DEBUG, run=self.run_id, round=rs.round, worker=meta.worker_id,
-                  examples=meta.num_examples)
-        self._notify()
-
-    # --- API: views ------------------------------------------------------------------------------
-    def status(self) -> Status:
+    # --- views ---------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        rs = self._current
+        open_round = None
+        if rs is not None and not rs.closed:
+            open_round = OpenRound(round=rs.round, attempt=rs.attempt, kind=rs.kind, sampled=len(rs.sampled),
+                                   answered=len(rs.answered), needed=rs.needed)
         # Round, accuracy and loss of the last *recorded* round, so that status never runs ahead of
         # /v1/rounds, metrics.jsonl and the checkpoint (the new model exists a little before them).
-        last = self.history[-1] if self.history else {}
-        return Status(run_id=self.run_id, state=self.state, phase=self.phase, task=self.config.task,
-                      round=int(last.get("round", 0)), rounds=self.config.rounds, model_version=self.model_version,
-                      workers_registered=len(self.registry.workers), workers_live=len(self.registry.live()),
-                      accuracy=last.get("accuracy"), loss=last.get("loss"), message=self.message)
+        last = self._history[-1] if self._history else None
+        return Snapshot(
+            run_id=self.run_id, task=self.config.task, partition=self.config.partition,
+            strategy=self.config.strategy, state=self.state, phase=self.phase, message=self.message,
+            round=last.round if last else 0,
+            current_round=max(self.round, rs.round if rs is not None and rs.kind == "train" else 0),
+            rounds_planned=self.config.rounds, model_version=self.model_version,
+            accuracy=last.accuracy if last else None, loss=last.loss if last else None,
+            workers_registered=len(self._registry.workers), workers_live=len(self._registry.live()),
+            open_round=open_round, last_participants=last.participants if last else None,
+            dropped=self._dropped)
+
+    def status(self) -> Status:
+        s = self.snapshot()
+        return Status(run_id=s.run_id, state=s.state, phase=s.phase, task=s.task, round=s.round,
+                      rounds=s.rounds_planned, model_version=s.model_version, workers_registered=s.workers_registered,
+                      workers_live=s.workers_live, accuracy=s.accuracy, loss=s.loss, message=s.message)
 
     def workers_view(self) -> list[WorkerView]:
         now = time.monotonic()
-        rs = self.current
+        rs = self._current
         out = []
-        for w in sorted(self.registry.workers.values(), key=lambda w: w.partition):
+        for w in sorted(self._registry.workers.values(), key=lambda w: w.partition):
             busy = rs is not None and not rs.closed and w.worker_id in rs.sampled \
                 and w.worker_id not in rs.answered
             status: Literal["idle", "training", "dead"] = (
-                "dead" if not self.registry.alive(w) else "training" if busy else "idle")
-            out.append(WorkerView(worker_id=w.worker_id, name=w.name, partition=self.registry.partition_label(w),
+                "dead" if not self._registry.alive(w) else "training" if busy else "idle")
+            out.append(WorkerView(worker_id=w.worker_id, name=w.name, partition=self._registry.partition_label(w),
                                   status=status, last_seen_s=round(now - w.last_seen, 3),
                                   rounds_served=w.rounds_served, last_train_s=w.last_train_s))
         return out
 
+    def rounds(self) -> list[RoundRecord]:
+        """The records of the completed rounds (a new list; the records are immutable)."""
+        return list(self._history)
+
+    def model(self) -> Model:
+        return Model(self._model, self.model_version, self.round)
+
     async def evaluate(self) -> EvalResult:
-        model, version, rnd = self.model, self.model_version, self.round
+        model, version, rnd = self._model, self.model_version, self.round
         metrics = await asyncio.to_thread(self.task.evaluate, model, self._test)
         return EvalResult(round=rnd, model_version=version, loss=metrics["loss"], accuracy=metrics["accuracy"],
                           examples=len(self._test))
@@ -357,7 +349,6 @@ class Engine:
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            self.state = "running" if self.round > 0 else "waiting"
             if not self._stats_done and self.task.stats_schema() is not None:
                 await self._statistics()
             while self.round < self.config.rounds and not self._target_reached():
@@ -377,13 +368,14 @@ class Engine:
         target = self.config.target_accuracy
         return target is not None and self.accuracy is not None and self.accuracy >= target
 
-    async def _wait_for_workers(self) -> list[str]:
+    async def _wait_for_workers(self, excluded: set[str]) -> list[str]:
         needed = self.config.needed_workers
         deadline = time.monotonic() + self.config.wait_timeout
         while True:
-            live = self.registry.live()
-            if len(live) >= needed:
-                return [w.worker_id for w in live]
+            live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded]
+            # Workers excluded from this round (their update made the aggregate non-finite) are not waited for.
+            if len(live) >= max(1, needed - len(excluded)):
+                return live
             if time.monotonic() >= deadline:
                 raise RoundError(f"only {len(live)} of the {needed} workers needed were alive after waiting "
                                  f"{self.config.wait_timeout:g} s (--wait-timeout); run failed",
@@ -391,27 +383,30 @@ class Engine:
             self.phase = f"waiting for workers ({len(live)}/{needed} live)"
             await self._wait_change(min(1.0, deadline - time.monotonic()))
 
-    async def _open_and_wait(self, kind: Kind, rnd: int, base: Weights | None) -> RoundState:
+    async def _open_and_wait(self, kind: Kind, rnd: int, first_attempt: int, excluded: set[str]) -> RoundState:
         """Run attempts of round ``rnd`` until one reaches its quorum; raise after too many misses."""
         cfg = self.config
         schema = self.schema if kind == "train" else self.task.stats_schema()
-        assert schema is not None
-        for attempt in range(cfg.max_round_retries + 1):
-            live = await self._wait_for_workers()
+        if schema is None:
+            raise TaskError(f"task {cfg.task!r} has no statistics schema but a statistics round was started")
+        for attempt in range(first_attempt, first_attempt + cfg.max_round_retries + 1):
+            live = await self._wait_for_workers(excluded)
             self.state = "running"
             if kind == "stats":
                 sampled = live
             else:
                 sampled = sample(live, cfg.fraction, cfg.min_workers or 1, cfg.seed, rnd, attempt)
-            acc = self.strategy.accumulator(schema, base) if base is not None else WeightedSum(schema)
+            acc = self._strategy.accumulator(schema, self._model) if kind == "train" else WeightedSum(schema)
             rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, schema, acc, cfg.round_timeout)
-            self.current = rs
+            self._current = rs
+            self.intake.round = rs
             self.phase = "statistics" if kind == "stats" else "training"
             log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
                       sampled=len(sampled), needed=rs.needed)
             self._notify(work=True)
             reached = await self._await_answers(rs)
-            self.metrics.attempt_closed(rs, reached)
+            self._dropped = len(rs.pending)
+            self.metrics.attempt_closed(reached)
             if reached:
                 return rs
             log.event("round.missed_quorum", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
@@ -427,7 +422,7 @@ class Engine:
                 pending = rs.pending
                 if not pending and not rs.in_flight:
                     return True
-                reachable = [p for p in pending if p in rs.in_flight or self.registry.alive(self.registry.get(p))]
+                reachable = [p for p in pending if p in rs.in_flight or self._registry.alive(self._registry.get(p))]
                 if not reachable and not rs.in_flight:
                     # Everyone who has not answered is dead: waiting longer cannot help.
                     return len(rs.answered) >= rs.needed
@@ -440,104 +435,167 @@ class Engine:
             self._notify()
 
     async def _statistics(self) -> None:
-        rs = await self._open_and_wait("stats", 0, None)
-        assert isinstance(rs.accumulator, WeightedSum)  # statistics are always summed
-        async with self._fold_lock:
-            sums = rs.accumulator.sum()
-        self._set_model(self.task.apply_stats(self.model, sums), self.model_version + 1)
-        self._stats_done = True
-        log.event("statistics.done", run=self.run_id, workers=len(rs.answered))
+        excluded: set[str] = set()
+        attempt = 0
+        for _ in range(self.config.max_round_retries + 1):
+            rs = await self._open_and_wait("stats", 0, attempt, excluded)
+            attempt = rs.attempt + 1
+            acc = rs.accumulator
+            if not isinstance(acc, WeightedSum):  # statistics are always summed (see _open_and_wait)
+                raise TypeError(f"statistics round with a {type(acc).__name__} accumulator")
+            async with self.intake.lock:
+                sums = acc.sum()
+            try:
+                new = self.task.apply_stats(self._model, sums)
+                bad = all_finite(new)
+            except TaskError as exc:
+                bad = str(exc)
+            if bad is None:
+                self._set_model(new, self.model_version + 1)
+                self._stats_done = True
+                log.event("statistics.done", run=self.run_id, workers=len(rs.answered))
+                return
+            # Each report passed the task's range check, so no single one is to blame: run it again.
+            self.metrics.round_not_applied("stats")
+            log.event("statistics.not_applied", logging.ERROR, run=self.run_id, attempt=rs.attempt,
+                      reason=f"the combined statistics make {bad!r} non-finite")
+        raise RoundError("the statistics round gave a non-finite model every time it ran", round=0)
 
     async def _train_round(self, rnd: int) -> None:
         t0 = time.monotonic()
-        rs = await self._open_and_wait("train", rnd, self.model)
-        t_closed = time.monotonic()
-        self.phase = "aggregating"
-        async with self._fold_lock:
-            delta = await asyncio.to_thread(self.strategy.aggregate, rs.accumulator, rnd)
-            # The round is closed and aggregated: its sum (2× the model in float64), its reference to the
-            # old model and its spare upload buffers are not needed while the new model is made.
-            rs.accumulator.release()
-            rs.pool.release()
-        new, self.strategy_state = await asyncio.to_thread(
-            self.strategy.apply, self.strategy_state, self.model, delta)
-        del delta
+        excluded: set[str] = set()
+        attempt = 0
+        while True:
+            rs = await self._open_and_wait("train", rnd, attempt, excluded)
+            t_closed = time.monotonic()
+            self.phase = "aggregating"
+            async with self.intake.lock:
+                delta = await asyncio.to_thread(self._strategy.aggregate, rs.accumulator, rnd)
+                # The round is closed and aggregated: its sum (2× the model in float64), its reference to the
+                # old model and its spare upload buffers are not needed while the new model is made.
+                rs.accumulator.release()
+                rs.pool.release()
+            new, state = await asyncio.to_thread(self._strategy.apply, self._strategy_state, self._model, delta)
+            del delta
+            bad = all_finite(new) or all_finite(state.m) or all_finite(state.v)
+            if bad is None:
+                break
+            # A finite model never becomes non-finite through aggregation: the round is not applied, and
+            # runs again without the update(s) to blame.
+            blamed = _outliers(rs)
+            excluded |= blamed
+            attempt = rs.attempt + 1
+            self.metrics.round_not_applied("train")
+            log.event("round.not_applied", logging.ERROR, run=self.run_id, round=rnd, attempt=rs.attempt,
+                      reason=f"aggregation made {bad!r} non-finite", excluded=",".join(sorted(blamed)))
+            if attempt > self.config.max_round_retries:
+                raise RoundError(f"round {rnd}: aggregation gave a non-finite model {attempt} times", round=rnd)
         self.round = rnd
+        self._strategy_state = state
         self._set_model(new, self.model_version + 1)
         del new
         t_agg = time.monotonic()
         self.phase = "evaluating"
-        metrics = await asyncio.to_thread(self.task.evaluate, self.model, self._test)
-        self.accuracy, self.loss = float(metrics["accuracy"]), float(metrics["loss"])
+        metrics = await asyncio.to_thread(self.task.evaluate, self._model, self._test)
+        self.accuracy = finite_or_none(float(metrics["accuracy"]))
+        self.loss = finite_or_none(float(metrics["loss"]))
         t_eval = time.monotonic()
         self.phase = "checkpointing"
-        saved_state = state_to_tensors(self.strategy_state)
+        saved_state = state_to_tensors(self._strategy_state)
         state_parts = codec.encode_parts(*saved_state) if saved_state is not None else None
-        await asyncio.to_thread(self.checkpoints.save, rnd, self.model_parts, state_parts)
+        await asyncio.to_thread(self._checkpoints.save, rnd, [self._model_bytes], state_parts)
         t_ckpt = time.monotonic()
-        record: dict[str, Any] = {
-            "round": rnd, "accuracy": self.accuracy, "loss": self.loss,
-            "participants": len(rs.answered), "sampled": len(rs.sampled), "attempts": rs.attempt + 1,
-            "seconds": t_ckpt - t0, "bytes_in": rs.bytes_in, "bytes_out": rs.bytes_out,
-            "model_version": self.model_version,
-            "timings": {"open": t_closed - rs.started, "wait_workers": rs.started - t0,
-                        "aggregate": t_agg - t_closed, "evaluate": t_eval - t_agg,
-                        "checkpoint": t_ckpt - t_eval},
-            **rs.train_metrics(), **rs.federated_eval(),
-        }
-        self.store.record_round(record, list(rs.answered))
+        record = _record(rs, rnd, self.accuracy, self.loss, self.model_version,
+                         RoundTimings(wait_workers=rs.started - t0, open=t_closed - rs.started,
+                                      aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
+                                      checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0)
+        self._store.record_round(record, list(rs.answered))
         for wid in rs.answered:
-            if wid in self.registry.workers:
-                self.registry.workers[wid].rounds_served += 1
-        self.history.append(record)
+            if wid in self._registry.workers:
+                self._registry.workers[wid].rounds_served += 1
+        self._history.append(record)
         self.metrics.round_completed(record)
-        with (self.data_dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.run_dir.append_round(record)
         log.event("round.closed", run=self.run_id, round=rnd, participants=len(rs.answered),
-                  accuracy=self.accuracy, loss=self.loss, seconds=record["seconds"])
+                  accuracy=self.accuracy, loss=self.loss, seconds=record.seconds)
         self._notify()
 
     def _finish(self, state: State, message: str) -> None:
         self.state = state
         self.phase = "done"
         self.message = message
-        self.current = None
-        write_atomic(self.data_dir / "model.safetensors", self.model_parts)
-        summary = self.summary()
-        write_text_atomic(self.data_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.store.set_state(state, message)
+        self._current = None
+        self.intake.round = None
+        self.run_dir.write_model([self._model_bytes])
+        self.run_dir.write_summary(self.summary())
+        self._store.set_state(state, message)
+        self._store.checkpoint_wal()
         log.event(f"run.{state}", logging.INFO if state == "finished" else logging.ERROR,
                   run=self.run_id, message=message, accuracy=self.accuracy)
         self._notify(work=True)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id, "state": self.state, "message": self.message, "task": self.config.task,
-            "partition": self.config.partition, "workers": self.config.workers,
-            "rounds": self.round, "rounds_planned": self.config.rounds,
-            "final_accuracy": self.accuracy, "final_loss": self.loss,
-            "seconds": time.monotonic() - self._started, "parameters": num_parameters(self.model),
-            "model_version": self.model_version, "config": self.config.to_dict(),
-            "round_timings": [{"round": r["round"], "seconds": r["seconds"], **r["timings"]}
-                              for r in self.history],
-        }
+    def summary(self) -> RunSummary:
+        if self.state not in ("finished", "failed"):
+            raise RoundError(f"run {self.run_id} is {self.state}: it has no summary yet")
+        return RunSummary(
+            run_id=self.run_id, state="finished" if self.state == "finished" else "failed", message=self.message,
+            task=self.config.task, partition=self.config.partition, workers=self.config.workers,
+            rounds=self.round, rounds_planned=self.config.rounds, final_accuracy=self.accuracy,
+            final_loss=self.loss, seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),
+            model_version=self.model_version, config=self.config.to_dict(),
+            round_timings=[RoundTiming(round=r.round, seconds=r.seconds, **r.timings.model_dump())
+                           for r in self._history])
 
     async def _linger(self) -> None:
         """Keep answering polls until every live worker heard the run is over, or ``linger`` passed."""
         end = time.monotonic() + self.linger
         while time.monotonic() < end:
-            if all(w.stopped for w in self.registry.live()):
+            if all(w.stopped for w in self._registry.live()):
                 break
             await self._wait_change(min(0.5, end - time.monotonic()))
         self.done.set()
 
 
-INLINE_BYTES = 1 << 20
+def _open_run(store: Store, run_dir: RunDir, config: RunConfig) -> str:
+    """Create the run in the data dir, or pick up the one there if its config matches."""
+    row = store.run()
+    if row is None:
+        run_id = uuid.uuid4().hex[:12]
+        store.create_run(run_id, config.to_toml())
+        run_dir.start(config)
+        return run_id
+    saved = RunConfig.from_mapping(tomllib.loads(row.config))
+    diff = saved.differences(config)
+    if diff:
+        name = diff[0]
+        raise ConfigError(
+            f"{run_dir.path} holds run {row.id} whose '{name}' is {getattr(saved, name)!r}, not "
+            f"{getattr(config, name)!r}; use the same config to resume it or a new --data-dir", option=name)
+    if row.state in ("finished", "failed"):
+        raise ConfigError(f"{run_dir.path} holds run {row.id}, which has {row.state}; "
+                          "use a new --data-dir for a new run", option="data_dir")
+    return row.id
 
 
-async def _compute(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run numpy work on ``nbytes`` of data: in a thread when large, so transfers go on meanwhile (numpy
-    releases the GIL); inline when small, where the hop to a thread would cost more than the work."""
-    if nbytes >= INLINE_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
+def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None, version: int,
+            timings: RoundTimings, seconds: float) -> RoundRecord:
+    fed = rs.federated_eval()
+    return RoundRecord(
+        round=rnd, accuracy=accuracy, loss=loss, participants=len(rs.answered), sampled=len(rs.sampled),
+        attempts=rs.attempt + 1, seconds=seconds, bytes_in=rs.bytes_in, bytes_out=rs.bytes_out,
+        model_version=version, timings=timings,
+        fed_accuracy=fed.accuracy if fed else None, fed_loss=finite_or_none(fed.loss) if fed else None,
+        fed_accuracy_std=fed.accuracy_std if fed else None, fed_accuracy_min=fed.accuracy_min if fed else None,
+        fed_accuracy_max=fed.accuracy_max if fed else None, fed_examples=fed.examples if fed else None,
+        worker_metrics=rs.worker_metrics(), updates_rejected=rs.rejected, metrics_dropped=rs.metrics_dropped)
+
+
+def _outliers(rs: RoundState) -> set[str]:
+    """The updates to blame for a non-finite aggregate: those whose delta norm is ``OUTLIER`` times the
+    round's median or more, else the single largest."""
+    if not rs.answered:
+        return set()
+    norms = {wid: a.norm for wid, a in rs.answered.items()}
+    median = float(np.median(list(norms.values())))
+    far = {wid for wid, n in norms.items() if median > 0 and n >= OUTLIER * median}
+    return far or {max(norms, key=lambda wid: norms[wid])}

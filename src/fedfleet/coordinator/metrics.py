@@ -2,9 +2,9 @@
 
 They live on a ``CollectorRegistry`` the engine owns, not on prometheus_client's global one: two
 engines in one process (as in the tests) would otherwise clash on names, and a scrape shows exactly
-this run. Counters and histograms are fed by the engine and the app where things happen; the gauges
-(round, accuracy, loss, workers by state) are read from the engine when scraped, so they cannot
-drift from what ``/v1/status`` says. Everything here runs on the server's event loop, like the
+this run. Counters and histograms are fed by the engine and the update intake where things happen;
+the gauges (round, accuracy, loss, workers by state) are read from the engine's snapshot when
+scraped, so they cannot drift from what ``/v1/status`` says. Everything here runs on the server's event loop, like the
 engine, so a scrape reads a consistent state.
 
 Counters start at zero when the coordinator (re)starts, which Prometheus reads as a counter reset;
@@ -13,22 +13,22 @@ Counters start at zero when the coordinator (re)starts, which Prometheus reads a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from fedfleet.errors import ProtocolError
+from fedfleet.storage.records import DROP_REASONS, RoundRecord
 
 if TYPE_CHECKING:
-    from fedfleet.coordinator.engine import Engine
-    from fedfleet.coordinator.rounds import RoundState
+    from fedfleet.coordinator.engine import Snapshot
 
 # A fixed set, so that a flood of odd uploads cannot mint new time series; anything else is "other".
 REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_body", "bad_metadata",
-                  "bad_schema", "non_finite", "too_large", "forbidden", "other")
+                  "bad_schema", "non_finite", "norm", "bad_stats", "too_large", "forbidden", "other")
 REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited")
 UPDATE_KINDS = ("stats", "train")
 WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
@@ -54,7 +54,7 @@ def rejection_reason(exc: BaseException) -> str:
 class CoordinatorMetrics:
     """What the coordinator exports; one per engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.rounds_completed = Counter("fedfleet_rounds_completed", "Training rounds completed", registry=r)
@@ -70,6 +70,13 @@ class CoordinatorMetrics:
             "fedfleet_requests_refused", "Requests turned away before reaching the run: no or a wrong token "
             "(unauthorized), a token outside its scope (forbidden), too many registrations (rate_limited)",
             ["reason"], registry=r)
+        self.metrics_dropped = Counter(
+            "fedfleet_worker_metrics_dropped", "Metrics sent with accepted updates and dropped: a name that is "
+            "not snake_case of up to 48 characters (name), more than 32 of them (too_many), a value that is not "
+            "finite or over 1e15 in magnitude (range)", ["reason"], registry=r)
+        self.rounds_not_applied = Counter(
+            "fedfleet_rounds_not_applied", "Round attempts whose aggregate was not finite, so it was not applied "
+            "and the round ran again (without the updates to blame, when they could be told)", ["kind"], registry=r)
         self.received_bytes = Counter(
             "fedfleet_update_received_bytes", "Bytes of accepted updates (safetensors bodies)", registry=r)
         self.sent_bytes = Counter("fedfleet_model_sent_bytes", "Bytes of the global model sent to workers",
@@ -94,8 +101,11 @@ class CoordinatorMetrics:
             self.updates_rejected.labels(reason=reason)
         for reason in REFUSE_REASONS:
             self.requests_refused.labels(reason=reason)
-        self.dropped = 0  # sampled workers that did not answer in the last round attempt that closed
-        r.register(_EngineGauges(engine, self))
+        for reason in DROP_REASONS:
+            self.metrics_dropped.labels(reason=reason)
+        for kind in UPDATE_KINDS:
+            self.rounds_not_applied.labels(kind=kind)
+        r.register(_EngineGauges(snapshot))
         ProcessCollector(registry=r)
 
     # --- events ----------------------------------------------------------------------------------
@@ -112,19 +122,24 @@ class CoordinatorMetrics:
     def model_sent(self, nbytes: int) -> None:
         self.sent_bytes.inc(nbytes)
 
-    def attempt_closed(self, rs: RoundState, reached_quorum: bool) -> None:
-        self.dropped = len(rs.pending)
+    def worker_metrics_dropped(self, counts: Mapping[str, int]) -> None:
+        for reason, n in counts.items():
+            self.metrics_dropped.labels(reason=reason if reason in DROP_REASONS else "name").inc(n)
+
+    def round_not_applied(self, kind: str) -> None:
+        self.rounds_not_applied.labels(kind=kind).inc()
+
+    def attempt_closed(self, reached_quorum: bool) -> None:
         if not reached_quorum:
             self.rounds_missed_quorum.inc()
 
-    def round_completed(self, record: Mapping[str, Any]) -> None:
+    def round_completed(self, record: RoundRecord) -> None:
         """Count a training round from its record (the one written to metrics.jsonl)."""
-        timings = record["timings"]
         self.rounds_completed.inc()
-        self.round_seconds.observe(record["seconds"])
-        self.aggregation_seconds.observe(timings["aggregate"])
-        self.evaluation_seconds.observe(timings["evaluate"])
-        self.checkpoint_seconds.observe(timings["checkpoint"])
+        self.round_seconds.observe(record.seconds)
+        self.aggregation_seconds.observe(record.timings.aggregate)
+        self.evaluation_seconds.observe(record.timings.evaluate)
+        self.checkpoint_seconds.observe(record.timings.checkpoint)
 
     # --- exposition ------------------------------------------------------------------------------
     def render(self, accept: str | None) -> tuple[bytes, str]:
@@ -134,42 +149,39 @@ class CoordinatorMetrics:
 
 
 class _EngineGauges:
-    """Gauges read from the engine at scrape time."""
+    """Gauges read from the engine's snapshot at scrape time."""
 
-    def __init__(self, engine: Engine, metrics: CoordinatorMetrics) -> None:
-        self.engine = engine
-        self.metrics = metrics
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        e = self.engine
-        rs = e.current
+        s = self.snapshot()
         yield GaugeMetricFamily(
             "fedfleet_current_round", "Training round in progress, or the last completed one between rounds "
-            "(0 before the first)", value=max(e.round, rs.round if rs is not None and rs.kind == "train" else 0))
+            "(0 before the first)", value=s.current_round)
         yield GaugeMetricFamily("fedfleet_rounds_planned", "Training rounds the run is configured for",
-                                value=e.config.rounds)
+                                value=s.rounds_planned)
         # No sample before the first evaluation: an absent value, not a made-up zero.
         accuracy = GaugeMetricFamily("fedfleet_global_accuracy_ratio",
                                      "Accuracy of the global model on the held-out set (0..1)")
         loss = GaugeMetricFamily("fedfleet_global_loss", "Loss of the global model on the held-out set")
-        if e.accuracy is not None:
-            accuracy.add_metric([], e.accuracy)
-        if e.loss is not None:
-            loss.add_metric([], e.loss)
+        if s.accuracy is not None:
+            accuracy.add_metric([], s.accuracy)
+        if s.loss is not None:
+            loss.add_metric([], s.loss)
         yield accuracy
         yield loss
         participants = GaugeMetricFamily("fedfleet_round_participants",
                                          "Workers whose updates made the last completed round")
-        if e.history:
-            participants.add_metric([], e.history[-1]["participants"])
+        if s.last_participants is not None:
+            participants.add_metric([], s.last_participants)
         yield participants
-        open_round = rs if rs is not None and not rs.closed else None
         counts = {
-            "registered": len(e.registry.workers),
-            "live": len(e.registry.live()),
-            "sampled": len(open_round.sampled) if open_round else 0,
-            "answered": len(open_round.answered) if open_round else 0,
-            "dropped": self.metrics.dropped,
+            "registered": s.workers_registered,
+            "live": s.workers_live,
+            "sampled": s.open_round.sampled if s.open_round else 0,
+            "answered": s.open_round.answered if s.open_round else 0,
+            "dropped": s.dropped,
         }
         workers = GaugeMetricFamily(
             "fedfleet_workers", "Workers by state: registered, live (heard from within --worker-timeout), "
@@ -180,9 +192,9 @@ class _EngineGauges:
         yield workers
         run_state = GaugeMetricFamily("fedfleet_run_state", "1 for the state the run is in", labels=["state"])
         for state in RUN_STATES:
-            run_state.add_metric([state], 1.0 if e.state == state else 0.0)
+            run_state.add_metric([state], 1.0 if s.state == state else 0.0)
         yield run_state
         info = GaugeMetricFamily("fedfleet_run_info", "Always 1; labels name the run",
                                  labels=["run_id", "task", "partition", "strategy"])
-        info.add_metric([e.run_id, e.config.task, e.config.partition, e.config.strategy], 1.0)
+        info.add_metric([s.run_id, s.task, s.partition, s.strategy], 1.0)
         yield info

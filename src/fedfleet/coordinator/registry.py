@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fedfleet.errors import RequestRejected
 from fedfleet.partition import partition_name
-from fedfleet.storage.sqlite import Store
+from fedfleet.storage.sqlite import Store, WorkerRow
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Registry:
     that has been dead for longer than ``worker_timeout``; otherwise it is turned away (409).
     """
 
-    def __init__(self, store: Store, partitions: int, worker_timeout: float) -> None:
+    def __init__(self, store: Store, partitions: int, worker_timeout: float, known: list[WorkerRow]) -> None:
         self.store = store
         self.partitions = partitions
         self.worker_timeout = worker_timeout
@@ -39,7 +39,7 @@ class Registry:
         # worker_timeout to come back before their partitions are handed to others.
         self.workers: dict[str, WorkerState] = {
             r.worker_id: WorkerState(r.worker_id, r.partition, r.name, now, r.rounds_served)
-            for r in store.workers()
+            for r in known
         }
 
     def register(self, worker_id: str | None, name: str) -> WorkerState:

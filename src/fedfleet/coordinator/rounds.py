@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedfleet.storage.records import MAX_WORKER_METRICS
 from fedfleet.strategies.accumulate import Stack, WeightedSum
 from fedfleet.types import Schema
 
@@ -23,7 +24,7 @@ def sample(candidates: Sequence[str], fraction: float, at_least: int, seed: int,
     """ceil(fraction × candidates), at least ``at_least``, chosen reproducibly; the rest keep their order.
 
     >>> sample(["a", "b", "c", "d"], 0.5, 1, seed=0, round=1, attempt=0)
-    ['b', 'c']
+    ['a', 'd']
     """
     # The epsilon keeps 0.07 × 100 = 7.000000000000001 from becoming 8.
     k = min(len(candidates), max(at_least, math.ceil(fraction * len(candidates) - 1e-9)))
@@ -73,6 +74,15 @@ def pool_limit(size: int, most: int = 4) -> int:
     return max(1, min(most, POOL_BYTES // max(size, 1)))
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One accepted update: its example count, its validated metrics and the L2 norm of its delta."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    norm: float
+
+
 @dataclass
 class RoundState:
     round: int
@@ -85,37 +95,79 @@ class RoundState:
     deadline: float  # time.monotonic()
     pool: BufferPool
     started: float = field(default_factory=time.monotonic)
-    answered: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    answered: dict[str, Answer] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
     last_answer: float | None = None
+    rejected: int = 0  # uploads for this attempt refused with a 4xx
+    metrics_dropped: int = 0  # worker-sent metrics dropped as invalid
 
     @property
     def pending(self) -> list[str]:
         return [w for w in self.sampled if w not in self.answered]
 
-    def train_metrics(self) -> dict[str, float]:
-        """Example-weighted means of the workers' local training metrics (validation ones apart)."""
-        total = sum(n for n, _ in self.answered.values())
-        keys = sorted({k for _, m in self.answered.values() for k in m if not k.startswith("val_")})
-        return {k: sum(n * m.get(k, 0.0) for n, m in self.answered.values()) / total for k in keys} if total else {}
+    def worker_metrics(self) -> dict[str, float]:
+        """Example-weighted mean of each metric the workers reported (validation ones apart), over the
+        workers that reported it."""
+        return mean_metrics([(a.num_examples, a.metrics) for a in self.answered.values()])
 
-    def federated_eval(self) -> dict[str, float]:
-        """The global model as scored on the workers' own validation splits: the mean weighted by their
-        sizes, and the spread across workers (``fed_`` keys); empty when no worker kept a split."""
-        scored = [m for _, m in self.answered.values() if m.get("val_examples", 0) > 0]
-        if not scored:
-            return {}
-        n = np.array([m["val_examples"] for m in scored])
-        acc = np.array([m["val_accuracy"] for m in scored])
-        loss = np.array([m["val_loss"] for m in scored])
-        mean = float(np.average(acc, weights=n))
-        return {"fed_accuracy": mean, "fed_loss": float(np.average(loss, weights=n)),
-                "fed_accuracy_std": float(np.sqrt(np.average((acc - mean) ** 2, weights=n))),
-                "fed_accuracy_min": float(acc.min()), "fed_accuracy_max": float(acc.max()),
-                "fed_examples": float(n.sum())}
+    def federated_eval(self) -> FederatedEval | None:
+        """The global model as scored on the workers' own validation splits, or None when no worker
+        reported a usable score."""
+        return federated_eval([a.metrics for a in self.answered.values()])
+
+
+def mean_metrics(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Σ nᵢ mᵢ / Σ nᵢ per metric name, over the reports that hold it (``val_`` names apart). The
+    values are validated already (finite, bounded), so the sums cannot overflow. At most
+    ``MAX_WORKER_METRICS`` names are kept, those reported for the most examples: one worker's 32 odd
+    names cannot push out the ones every worker reports.
+
+    >>> mean_metrics([(1, {"train_loss": 1.0}), (3, {"train_loss": 2.0, "train_s": 4.0})])
+    {'train_loss': 1.75, 'train_s': 4.0}
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for n, metrics in reports:
+        for name, value in metrics.items():
+            if not name.startswith("val_"):
+                sums[name] = sums.get(name, 0.0) + n * value
+                counts[name] = counts.get(name, 0.0) + n
+    kept = sorted((n for n in sums if counts[n] > 0), key=lambda n: (-counts[n], n))[:MAX_WORKER_METRICS]
+    return {name: sums[name] / counts[name] for name in sorted(kept)}
+
+
+@dataclass(frozen=True)
+class FederatedEval:
+    accuracy: float
+    loss: float
+    accuracy_std: float
+    accuracy_min: float
+    accuracy_max: float
+    examples: int
+
+
+def federated_eval(reports: list[dict[str, float]]) -> FederatedEval | None:
+    """Mean of the workers' validation scores weighted by their split sizes, and the spread across
+    workers. A report counts only if it has ``val_examples`` > 0, ``val_accuracy`` in [0, 1] and a
+    ``val_loss``: any other subset of keys is skipped, never an error.
+
+    >>> federated_eval([{"val_examples": 1.0}, {"val_examples": 2, "val_accuracy": 0.5, "val_loss": 1.0}])
+    FederatedEval(accuracy=0.5, loss=1.0, accuracy_std=0.0, accuracy_min=0.5, accuracy_max=0.5, examples=2)
+    """
+    scored = [m for m in reports
+              if m.get("val_examples", 0) > 0 and 0 <= m.get("val_accuracy", -1) <= 1 and "val_loss" in m]
+    if not scored:
+        return None
+    n = np.array([m["val_examples"] for m in scored], dtype=np.float64)
+    acc = np.array([m["val_accuracy"] for m in scored], dtype=np.float64)
+    loss = np.array([m["val_loss"] for m in scored], dtype=np.float64)
+    mean = float(np.average(acc, weights=n))
+    return FederatedEval(accuracy=mean, loss=float(np.average(loss, weights=n)),
+                         accuracy_std=float(np.sqrt(np.average((acc - mean) ** 2, weights=n))),
+                         accuracy_min=float(acc.min()), accuracy_max=float(acc.max()), examples=int(n.sum()))
 
 
 def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,

@@ -9,8 +9,8 @@ Chunks are spooled to ``DATA_DIR/uploads/ID.part``, not held in memory, and what
 before its connection broke is kept: the client asks for the offset and sends the rest. The
 safetensors header is checked as soon as its bytes are in (schema, round, worker), so a wrong update
 is turned away before its tensors are sent. When the last byte arrives the update is checked for
-NaN/Inf and folded into the round's sum from the file, a piece at a time, with the same checks,
-messages and accounting as ``POST /v1/updates``: the coordinator's memory does not grow with the
+NaN/Inf and folded into the round's sum from the file, a piece at a time, through the same update
+intake (checks, messages, accounting) as ``POST /v1/updates``: the coordinator's memory does not grow with the
 model for these uploads, however many are in progress. A spool goes when its update is committed or
 refused, when the upload is aborted or replaced by a new one of the same worker, when its round
 closes, and at start-up (a restarted coordinator runs the round again).
@@ -27,24 +27,20 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from starlette.requests import ClientDisconnect
 
-from fedfleet.coordinator.engine import HEADER_SLACK, Engine
+from fedfleet.coordinator.intake import HEADER_SLACK, Slot, UpdateIntake
 from fedfleet.errors import FedfleetError, ProtocolError
 from fedfleet.protocol import codec
 from fedfleet.protocol.codec import Header
 from fedfleet.protocol.messages import API, UpdateAck, UpdateMeta, UploadRequest, UploadStatus
-from fedfleet.strategies.accumulate import Stack, WeightedSum
-from fedfleet.types import Weights
 
 UPLOAD_DIR = "uploads"
-PIECE = 16 * 1024 * 1024  # bytes read from a spool at a time when checking and folding it
 SWEEP_SECONDS = 5.0
 _CONTENT_RANGE = re.compile(r"^bytes (\d{1,19})-(\d{1,19})/(\d{1,19})$")
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -74,8 +70,9 @@ class Upload:
 class UploadSessions:
     """The coordinator's resumable uploads; at most one per worker, only for the open round."""
 
-    def __init__(self, engine: Engine, directory: Path) -> None:
-        self.engine = engine
+    def __init__(self, intake: UpdateIntake, changed: Callable[[], asyncio.Event], directory: Path) -> None:
+        self.intake = intake
+        self.changed = changed
         self.directory = directory
         # Spools of an earlier process: their round is run again, so they can only take up disk.
         shutil.rmtree(directory, ignore_errors=True)
@@ -88,13 +85,15 @@ class UploadSessions:
 
     # --- sessions ------------------------------------------------------------------------------
     def open(self, req: UploadRequest) -> Upload:
-        limit = self.engine.max_update_bytes()
+        limit = self.intake.max_update_bytes()
         if req.total_bytes > limit:
-            raise ProtocolError(f"update of {req.total_bytes} bytes is over the limit of {limit} bytes for this "
+            exc = ProtocolError(f"update of {req.total_bytes} bytes is over the limit of {limit} bytes for this "
                                 "model", status=413)
+            self.intake.rejected(exc)
+            raise exc
         # The round, the sampling and duplicates are checked now, before any tensor byte is sent.
-        self.engine.check_update(UpdateMeta(worker_id=req.worker_id, round=req.round, attempt=req.attempt,
-                                            num_examples=1), None)
+        self.intake.admit(UpdateMeta(worker_id=req.worker_id, round=req.round, attempt=req.attempt,
+                                     num_examples=1), None)
         old = self._by_worker.get(req.worker_id)
         if old is not None:
             self._remove(self._uploads[old])
@@ -126,7 +125,7 @@ class UploadSessions:
 
     def sweep(self) -> None:
         """Drop the uploads whose round is no longer the open one."""
-        rs = self.engine.current
+        rs = self.intake.round
         for up in list(self._uploads.values()):
             if rs is None or rs.closed or (rs.round, rs.attempt) != (up.round, up.attempt):
                 self._remove(up)
@@ -134,7 +133,7 @@ class UploadSessions:
     async def watch(self) -> None:
         """Sweep whenever the engine moves on (a round closes, the run ends), for the app's lifetime."""
         while True:
-            event = self.engine.progress_event()
+            event = self.changed()
             self.sweep()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), SWEEP_SECONDS)
@@ -217,6 +216,9 @@ class UploadSessions:
             if n > HEADER_SLACK:
                 raise ProtocolError(f"safetensors header of {n} bytes is over the limit of {HEADER_SLACK} bytes",
                                     status=413)
+            if 8 + n > up.total:
+                raise ProtocolError(f"safetensors header of {n} bytes does not fit in the upload's total_bytes "
+                                    f"{up.total}", status=422, reason="bad_body")
             if up.offset < 8 + n:
                 return
             header = codec.parse_header(os.pread(fd, 8 + n, 0))
@@ -227,10 +229,14 @@ class UploadSessions:
                                     f"{up.round} attempt {up.attempt}", status=422, reason="bad_metadata")
             if header.total_bytes != up.total:
                 raise ProtocolError(f"safetensors header describes {header.total_bytes} bytes, but upload {up.id} "
-                                    f"was opened with total_bytes {up.total}")
-            self.engine.check_update(meta, header)
+                                    f"was opened with total_bytes {up.total}", status=422, reason="bad_body")
         except FedfleetError as exc:
-            self.engine.metrics.update_rejected(exc)
+            self.intake.rejected(exc)
+            self._remove(up)
+            raise
+        try:
+            self.intake.admit(meta, header)  # counts its own refusals
+        except FedfleetError:
             self._remove(up)
             raise
         up.header, up.meta = header, meta
@@ -238,88 +244,37 @@ class UploadSessions:
     async def _commit(self, up: Upload) -> None:
         """Check and fold the complete update, as ``POST /v1/updates`` would; the spool goes either way."""
         header, meta = up.header, up.meta
-        assert header is not None and meta is not None  # checked when the header arrived
+        if header is None or meta is None:
+            # Every byte is in, yet the header never was whole: its length prefix points past the end.
+            exc = ProtocolError(f"upload {up.id} is complete but holds no whole safetensors header: its bytes "
+                                "disagree with its header", status=422, reason="bad_body")
+            self.intake.rejected(exc)
+            self._remove(up)
+            raise exc
         try:
-            rs = self.engine.begin_update(meta, header)
-            committed = False
-            try:
-                await asyncio.to_thread(check_finite_file, up.path, header)
-                acc = rs.accumulator
-                await self.engine.commit_checked(rs, meta, header.total_bytes,
-                                                 lambda weight: fold_file(acc, header, up.path, weight))
-                committed = True
-            finally:
-                if not committed:
-                    self.engine.abort_update(rs, meta.worker_id)
-        except Exception as exc:
-            self.engine.metrics.update_rejected(exc)
+            slot: Slot = self.intake.begin(meta, header)
+        except FedfleetError:
             self._remove(up)
             raise
-        up.ack = UpdateAck(accepted=True, round=rs.round, received=len(rs.answered), expected=len(rs.sampled))
+        committed = False
+        try:
+            up.ack = await self.intake.commit_file(slot, up.path)
+            committed = True
+        except Exception:
+            self._remove(up)
+            raise
+        finally:
+            if not committed:
+                self.intake.abort(slot)
         up.gone = True  # the spool is deleted; the session stays (without it) to answer GET until the sweep
         if self._by_worker.get(up.worker_id) == up.id:
             del self._by_worker[up.worker_id]
 
 
-# --- reading a spool in bounded pieces -----------------------------------------------------------
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
-
-
-def _read_at(fd: int, view: memoryview, offset: int, name: str) -> None:
-    got = 0
-    while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k == 0:
-            raise ProtocolError(f"upload spool ends early, in tensor {name!r}")
-        got += k
-
-
-def _pieces(fd: int, header: Header, buf: bytearray) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(tensor name, first element, values) for each piece of each tensor, the values viewing ``buf``
-    (valid until the next piece)."""
-    for spec, (begin, end) in zip(header.specs, header.offsets, strict=True):
-        dtype = np.dtype(spec.dtype).newbyteorder("<")
-        step = max(dtype.itemsize, len(buf) // dtype.itemsize * dtype.itemsize)
-        for pos in range(begin, end, step):
-            n = min(step, end - pos)
-            _read_at(fd, memoryview(buf)[:n], header.size + pos, spec.name)
-            yield spec.name, (pos - begin) // dtype.itemsize, np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize)
-
-
-def check_finite_file(path: Path, header: Header) -> None:
-    """codec.check_finite for an update in a file, reading ``PIECE`` bytes at a time."""
-    floats = {s.name for s in header.specs if np.dtype(s.dtype).kind == "f"}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        buf = bytearray(PIECE)
-        for name, _, values in _pieces(fd, header, buf):
-            if name in floats:
-                codec.check_finite({name: values})
-    finally:
-        os.close(fd)
-
-
-def fold_file(acc: WeightedSum | Stack, header: Header, path: Path, weight: float) -> None:
-    """Fold the update in ``path`` into ``acc``: a piece at a time into a running sum (the same result as
-    folding it whole), or whole into a stack of deltas (robust aggregators keep them all anyway)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if isinstance(acc, WeightedSum):
-            for name, start, values in _pieces(fd, header, bytearray(PIECE)):
-                acc.add_part(name, start, values, weight)
-            acc.end_add(weight)
-            return
-        weights: Weights = {}
-        for spec, (begin, _) in zip(header.specs, header.offsets, strict=True):
-            array = np.empty(spec.shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
-            _read_at(fd, array.reshape(-1).view(np.uint8).data, header.size + begin, spec.name)
-            weights[spec.name] = array
-        acc.add(weights, weight, True)
-    finally:
-        os.close(fd)
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -330,18 +285,11 @@ def create_upload_router(uploads: UploadSessions, authorize: Callable[[Request, 
     binary = {"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
-    def rejected(exc: BaseException) -> None:
-        uploads.engine.metrics.update_rejected(exc)
-
     @router.post("", response_model=UploadStatus, status_code=201,
                  summary="Open a resumable upload of an update; send its bytes with PUT, in chunks")
     async def open_upload(req: UploadRequest, request: Request) -> UploadStatus:
         authorize(request, req.worker_id)
-        try:
-            return uploads.open(req).status()
-        except FedfleetError as exc:
-            rejected(exc)
-            raise
+        return uploads.open(req).status()
 
     @router.put("/{upload_id}", response_model=UploadStatus, openapi_extra=binary,
                 summary="Send the bytes START..END (Content-Range: bytes START-END/TOTAL) of an upload, from "

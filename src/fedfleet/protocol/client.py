@@ -19,21 +19,24 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from fedfleet import log
 from fedfleet.errors import AuthError, ConfigError, ProtocolError, RequestRejected, TransportError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     API,
+    INSTRUCTION,
     UPDATE_META_KEY,
+    Instruction,
     RegisterRequest,
     RegisterResponse,
     Status,
-    TaskMessage,
     UpdateAck,
     UpdateMeta,
     UploadRequest,
     UploadStatus,
+    one_line,
 )
 from fedfleet.protocol.transfer import (
     CHUNKED_UPLOAD_BYTES,
@@ -148,12 +151,16 @@ class CoordinatorClient:
         self.token = reply.token
         return reply
 
-    def next_task(self, worker_id: str, wait: float) -> TaskMessage:
-        """Long-poll for the next task. On the lean connection: it is on every worker's path every round."""
-        status, resp = self._exchange("next task", "GET", f"/workers/{worker_id}/task?wait={wait:g}")
-        body = self._read(resp, "next task")
-        _raise_for(status, body, "next task")
-        return TaskMessage.model_validate_json(body)
+    def next_instruction(self, worker_id: str, wait: float) -> Instruction:
+        """Long-poll for what to do next. On the lean connection: it is on every worker's path every round."""
+        status, resp = self._exchange("next instruction", "GET", f"/workers/{worker_id}/task?wait={wait:g}")
+        body = self._read(resp, "next instruction")
+        _raise_for(status, body, "next instruction")
+        try:
+            return INSTRUCTION.validate_json(body)
+        except ValidationError as exc:
+            raise ProtocolError(f"next instruction: the coordinator sent an invalid instruction: "
+                                f"{one_line(exc)}") from exc
 
     def heartbeat(self, worker_ids: list[str], tokens: list[str] | None = None) -> int:
         """Say these workers are alive; ``tokens`` (each id's worker token, in order) when the run needs them."""
@@ -237,7 +244,9 @@ class CoordinatorClient:
                     version = int(resp.getheader("X-Fedfleet-Model-Version") or 0)
                 else:
                     _raise_for(status if status >= 400 else 502, resp.read(), "download model")
-                assert buf is not None
+                if buf is None:  # a 206 before any 200: nothing to resume into
+                    raise ProtocolError("download model: the coordinator answered a Range it was not asked",
+                                        status=502)
                 view = memoryview(buf)
                 while got < len(buf):
                     n = resp.readinto(view[got:got + READ_PIECE])

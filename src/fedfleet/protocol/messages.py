@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedfleet.errors import ProtocolError
 
@@ -53,15 +52,41 @@ class TrainParamsMsg(Message):
     prox_mu: float = Field(0.0, description="FedProx: weight of the proximal term μ/2·‖w − w_global‖²")
 
 
-class TaskMessage(Message):
-    """What a worker should do next. ``wait``: nothing yet, ask again; ``stop``: the run is over."""
+class TrainInstruction(Message):
+    """Train on your partition from model ``model_version`` and upload the update for this round."""
 
-    kind: Literal["train", "stats", "wait", "stop"]
-    round: int | None = None
-    attempt: int | None = None
-    model_version: int | None = None
-    params: TrainParamsMsg | None = None
+    kind: Literal["train"] = "train"
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    model_version: int = Field(ge=0)
+    params: TrainParamsMsg
+
+
+class StatsInstruction(Message):
+    """Report your partition's statistics (the task's ``local_stats``) for the statistics round."""
+
+    kind: Literal["stats"] = "stats"
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+
+
+class WaitInstruction(Message):
+    """Nothing for you yet: ask again."""
+
+    kind: Literal["wait"] = "wait"
+
+
+class StopInstruction(Message):
+    """The run is over (``reason`` says how): exit."""
+
+    kind: Literal["stop"] = "stop"
     reason: str = ""
+
+
+# What a worker is told to do next. Not called a "task": that word means the ML task (data + model).
+Instruction = Annotated[TrainInstruction | StatsInstruction | WaitInstruction | StopInstruction,
+                        Field(discriminator="kind")]
+INSTRUCTION = TypeAdapter(Instruction)
 
 
 class UpdateMeta(Message):
@@ -71,15 +96,11 @@ class UpdateMeta(Message):
     round: int = Field(ge=0)
     attempt: int = Field(ge=0)
     num_examples: int = Field(ge=1, le=10**12)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
-
-    @field_validator("metrics")
-    @classmethod
-    def _finite(cls, value: dict[str, float]) -> dict[str, float]:
-        for key, v in value.items():
-            if not math.isfinite(v):
-                raise ValueError(f"metric {key!r} is not finite")
-        return value
+    # Checked loosely here (the whole header is bounded in size anyway); the coordinator keeps only the
+    # metrics whose names and values are valid (storage.records.clean_worker_metrics), and counts the
+    # rest as dropped, rather than refusing an otherwise good update for a bad metric. None stands for
+    # a value JSON cannot hold (pydantic writes NaN and Infinity as null).
+    metrics: dict[str, float | None] = Field(default_factory=dict, max_length=256)
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> UpdateMeta:

@@ -1,7 +1,8 @@
 """The coordinator's durable state in one SQLite file: the run, its workers, rounds and updates.
 
 Every write is its own transaction, committed before the coordinator acknowledges what it records.
-sqlite3 errors are translated to StorageError at this boundary.
+sqlite3 errors are translated to StorageError at this boundary. This module is the only place that
+speaks SQL: readers of a finished (or running) run open it with ``Store.read_only``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import StorageError
+from fedfleet.storage.records import RoundRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -56,9 +58,25 @@ class WorkerRow:
     rounds_served: int
 
 
+@dataclass(frozen=True)
+class Served:
+    """What one worker contributed to a run: rounds (and examples) whose aggregate used its update."""
+
+    worker_id: str
+    rounds: int
+    examples: int
+
+
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        if read_only:
+            try:
+                self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+                self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read state database {path}: {exc}") from exc
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -91,6 +109,27 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    @classmethod
+    def read_only(cls, path: Path) -> Store:
+        """The database of a run opened for reading only (a report, a finished run's dashboard)."""
+        return cls(path, read_only=True)
+
+    def checkpoint_wal(self) -> None:
+        """Merge the write-ahead log into the database file, so that the file alone holds the whole state
+        (copying it is then enough); done when a run ends."""
+        self._query("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database into ``target``, even while a coordinator writes it."""
+        try:
+            dest = sqlite3.connect(target)
+            try:
+                self._db.backup(dest)
+            finally:
+                dest.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot copy state database {self.path} to {target}: {exc}") from exc
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> RunRow | None:
@@ -135,15 +174,43 @@ class Store:
         with self._tx() as db:
             return db.execute("DELETE FROM updates WHERE round > ?", (round,)).rowcount
 
-    def record_round(self, record: dict[str, Any], served: list[str]) -> None:
+    def record_round(self, record: RoundRecord, served: list[str]) -> None:
         """Store a closed round and credit the workers whose updates it used, in one transaction."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                record["round"], record["attempts"], record["sampled"], record["participants"],
-                record.get("accuracy"), record.get("loss"), record["seconds"], record["bytes_in"],
-                record["bytes_out"], json.dumps(record)))
+                record.round, record.attempts, record.sampled, record.participants, record.accuracy,
+                record.loss, record.seconds, record.bytes_in, record.bytes_out, record.model_dump_json()))
             db.executemany("UPDATE workers SET rounds_served = rounds_served + 1 WHERE worker_id = ?",
                            [(w,) for w in served])
 
-    def rounds(self) -> list[dict[str, Any]]:
-        return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]
+    def rounds(self) -> list[RoundRecord]:
+        try:
+            return [RoundRecord.model_validate_json(r[0])
+                    for r in self._query("SELECT record FROM rounds ORDER BY round")]
+        except ValueError as exc:
+            raise StorageError(f"state database {self.path} holds a round record that is not valid: {exc}") from exc
+
+    def served(self) -> list[Served]:
+        """Rounds and examples each worker's updates went into, including workers replaced since.
+
+        Only updates of a round's last attempt count: that is the attempt that reached its quorum and
+        went into the aggregate (earlier attempts of the round missed it). The statistics round (0) has
+        no ``rounds`` row and is left out by the join, as is a round still open. One case the tables
+        cannot tell apart: after a coordinator restart, an update from the earlier life for the same
+        round and attempt by a worker that did not answer again is counted.
+        """
+        return [Served(str(w), int(n), int(ex)) for w, n, ex in self._query(
+            "SELECT u.worker_id, COUNT(*), SUM(u.num_examples) FROM updates AS u "
+            "JOIN rounds AS r ON u.round = r.round AND u.attempt = r.attempts - 1 GROUP BY u.worker_id")]
+
+    def last_metric(self, name: str) -> dict[str, float]:
+        """Each worker's last reported value of one metric (e.g. ``train_s``), by worker id."""
+        out: dict[str, float] = {}
+        for wid, metrics in self._query("SELECT worker_id, metrics FROM updates ORDER BY round, attempt"):
+            try:
+                value = json.loads(metrics).get(name)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[str(wid)] = float(value)
+        return out

@@ -14,15 +14,66 @@ import numpy as np
 
 from fedfleet.types import Schema, Weights
 
+BLOCK = 1 << 16  # elements per float64 step of a fold or a norm: 512 KiB, which stays in cache
+
+
+def delta_norm(update: Weights, base: Weights | None) -> tuple[float, str | None]:
+    """(L2 norm of ``update − base`` over every floating tensor, in float64; the first tensor holding
+    NaN or Inf, or None). With ``base`` None, the norm of the update itself.
+
+    One pass checks both: a block's sum of squares is non-finite exactly when the block holds a
+    non-finite value (squares of finite float32 values, ≤ 1.2e77, cannot overflow float64 in any
+    block of ``BLOCK`` elements).
+
+    >>> import numpy as np
+    >>> delta_norm({"w": np.array([3.0, 4.0], dtype=np.float32)}, {"w": np.zeros(2, np.float32)})
+    (5.0, None)
+    >>> delta_norm({"w": np.array([np.inf], dtype=np.float32)}, None)[1]
+    'w'
+    """
+    total = 0.0
+    block = np.empty(0, dtype=np.float64)
+    for name, array in update.items():
+        values = np.asarray(array)
+        if values.dtype.kind != "f":
+            continue
+        flat = values.reshape(-1)
+        ref = None if base is None else np.asarray(base[name]).reshape(-1)
+        if block.size == 0:
+            block = np.empty(min(BLOCK, max(flat.size, 1)), dtype=np.float64)
+        for pos in range(0, flat.size, BLOCK):
+            end = min(pos + BLOCK, flat.size)
+            if end - pos > block.size:
+                block = np.empty(BLOCK, dtype=np.float64)
+            b = block[: end - pos]
+            if ref is None:
+                b[...] = flat[pos:end]
+            else:
+                np.subtract(flat[pos:end], ref[pos:end], out=b, dtype=np.float64)
+            sq = float(np.dot(b, b))
+            if not np.isfinite(sq):
+                return float("nan"), name
+            total += sq
+    return float(np.sqrt(total)), None
+
+
+def all_finite(weights: Weights) -> str | None:
+    """The first floating tensor of ``weights`` holding NaN or Inf, or None if all are finite."""
+    for name, array in weights.items():
+        if np.asarray(array).dtype.kind == "f" and not np.isfinite(array).all():
+            return name
+    return None
+
 
 class WeightedSum:
     """Σ weightᵢ · (updateᵢ − base) over the updates added so far.
 
-    Each term is computed in the tensor's own dtype, the sum is kept in float64 for floating tensors:
-    a float32 running sum would depend on the order in which updates arrive (and lose digits with
-    many workers), while float64 makes a run repeat with the same seed, whatever the arrival order,
-    in all but vanishingly rare cases. The model-sized buffers are allocated once and reused: a
-    fresh allocation per update costs more in page faults than the arithmetic.
+    Each term and the sum are computed in float64 for floating tensors: a float32 running sum would
+    depend on the order in which updates arrive (and lose digits with many workers), and a float32
+    term overflows for large finite updates, while float64 makes a run repeat with the same seed,
+    whatever the arrival order, in all but vanishingly rare cases, and keeps every sum of finite
+    updates finite. The mean of such a sum is a convex combination of float32 values, so it is finite
+    in float32 too.
     """
 
     def __init__(self, schema: Schema, base: Weights | None = None) -> None:
@@ -31,54 +82,58 @@ class WeightedSum:
         self._dtype = {s.name: np.dtype(s.dtype) for s in schema}
         self._sum = {s.name: np.zeros(s.shape, dtype=np.float64 if np.dtype(s.dtype).kind == "f" else s.dtype)
                      for s in schema}
-        self._scratch: Weights = {}  # allocated on first use; ``consume`` never needs it
+        self._block = np.empty(0, dtype=np.float64)  # allocated on first use
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, update: Weights, weight: float, consume: bool = False) -> None:
-        """Fold one update in. The caller has checked its schema and values already.
-
-        With ``consume`` the update's own (writable) arrays serve as scratch space and are overwritten,
-        which saves one pass over memory per update.
-        """
+    def add(self, update: Weights, weight: float) -> None:
+        """Fold one update in (it is only read). The caller has checked its schema and values already."""
         for name, acc in self._sum.items():
-            if consume:
-                tmp = update[name]
-            else:
-                if name not in self._scratch:
-                    self._scratch[name] = np.empty(acc.shape, dtype=self._dtype[name])
-                tmp = self._scratch[name]
-            if self.base is None:
-                np.multiply(update[name], weight, out=tmp, casting="unsafe")
-            else:
-                np.subtract(update[name], self.base[name], out=tmp, casting="unsafe")
-                tmp *= weight
-            acc += tmp
+            self._fold(acc.reshape(-1), np.asarray(update[name]).reshape(-1),
+                       None if self.base is None else self.base[name].reshape(-1), weight)
         self.total_weight += weight
         self.count += 1
 
     def add_part(self, name: str, start: int, values: np.ndarray, weight: float) -> None:
-        """Fold elements ``start .. start + len(values)`` of tensor ``name`` (flat order) of one update,
-        overwriting ``values``. Element by element this is exactly ``add``, so an update folded part by
-        part (streamed from a file, in bounded memory) gives the same sum; ``end_add`` counts it."""
-        acc = self._sum[name].reshape(-1)[start:start + values.size]
-        if self.base is None:
-            np.multiply(values, weight, out=values, casting="unsafe")
-        else:
-            np.subtract(values, self.base[name].reshape(-1)[start:start + values.size], out=values,
-                        casting="unsafe")
-            values *= weight
-        acc += values
+        """Fold elements ``start .. start + len(values)`` of tensor ``name`` (flat order) of one update.
+        Element by element this is exactly ``add``, so an update folded part by part (streamed from a
+        file, in bounded memory) gives the same sum; ``end_add`` counts it."""
+        stop = start + values.size
+        acc = self._sum[name].reshape(-1)[start:stop]
+        base = None if self.base is None else self.base[name].reshape(-1)[start:stop]
+        self._fold(acc, values.reshape(-1), base, weight)
 
     def end_add(self, weight: float) -> None:
         """Count an update folded in with ``add_part``."""
         self.total_weight += weight
         self.count += 1
 
+    def _fold(self, acc: np.ndarray, values: np.ndarray, base: np.ndarray | None, weight: float) -> None:
+        """acc += weight · (values − base), every step in float64, a cache-sized block at a time.
+
+        In float32, ``weight · delta`` overflows to Inf for a finite delta of 1e35 and a few thousand
+        examples; in float64 no finite float32 delta times any allowed weight (≤ 1e12) comes near the
+        limit. Blocks keep the float64 temporary small (not a second model-sized buffer)."""
+        if acc.dtype.kind != "f":
+            tmp = values if base is None else values - base
+            acc += tmp * acc.dtype.type(weight) if weight != 1 else tmp
+            return
+        if self._block.size == 0:
+            self._block = np.empty(BLOCK, dtype=np.float64)
+        for pos in range(0, values.size, BLOCK):
+            end = min(pos + BLOCK, values.size)
+            block = self._block[: end - pos]
+            if base is None:
+                block[...] = values[pos:end]
+            else:
+                np.subtract(values[pos:end], base[pos:end], out=block, dtype=np.float64)
+            block *= weight
+            acc[pos:end] += block
+
     def release(self) -> None:
         """Drop the sum, the scratch space and the base once the round is aggregated (frees 2-3× the model)."""
         self._sum = {}
-        self._scratch = {}
+        self._block = np.empty(0, dtype=np.float64)
         self.base = None
 
     def sum(self) -> Weights:
@@ -124,7 +179,7 @@ class Stack:
     def total_weight(self) -> float:
         return float(sum(self.weights))
 
-    def add(self, update: Weights, weight: float, consume: bool = False) -> None:
+    def add(self, update: Weights, weight: float) -> None:
         # Always a fresh array: the update may sit in a buffer that is reused for the next upload.
         self.deltas.append({s.name: np.subtract(update[s.name], self.base[s.name]).astype(s.dtype)
                             for s in self.schema})

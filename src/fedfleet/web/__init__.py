@@ -1,6 +1,7 @@
 """The web side of a run: a live dashboard (``/``), a song-era prediction page (``/predict``) and their API.
 
-``create_router(engine)`` is included by the coordinator's app, so every coordinator serves both pages
+``create_router(run)`` is included by the coordinator's app (with ``coordinator.live.LiveRun``), so
+every coordinator serves both pages
 while it runs; ``fedfleet serve --run DIR`` serves the same pages for a finished run from its files.
 The pages are plain HTML, CSS and JavaScript shipped in this package (``static/``): no CDN, no build
 step, they work offline.
@@ -9,6 +10,6 @@ step, they work offline.
 from __future__ import annotations
 
 from fedfleet.web.routes import create_router
-from fedfleet.web.sources import FinishedRun, LiveRun, RunSource
+from fedfleet.web.sources import FinishedRun, RunSource
 
-__all__ = ["FinishedRun", "LiveRun", "RunSource", "create_router"]
+__all__ = ["FinishedRun", "RunSource", "create_router"]

@@ -22,7 +22,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from fedfleet.coordinator.engine import Engine
 from fedfleet.tasks.songs import ERAS, SongsTask
 from fedfleet.web.predict import (
     PredictInfo,
@@ -34,7 +33,7 @@ from fedfleet.web.predict import (
     predict,
     search_songs,
 )
-from fedfleet.web.sources import LiveRun, RunSource
+from fedfleet.web.sources import RunSource
 
 API = "/v1"
 REFRESH_S = 5.0  # longest silence on the stream: refreshes "dead" workers and keeps proxies from closing it
@@ -64,9 +63,8 @@ class _ExplainedRoute(APIRoute):
         return explained
 
 
-def create_router(source: Engine | RunSource) -> APIRouter:
-    """Routes for ``/`` (dashboard), ``/predict`` and their API under ``/v1``, reading ``source``."""
-    run: RunSource = LiveRun(source) if isinstance(source, Engine) else source
+def create_router(run: RunSource) -> APIRouter:
+    """Routes for ``/`` (dashboard), ``/predict`` and their API under ``/v1``, reading ``run``."""
     assets = _load_assets()
     router = APIRouter(route_class=_ExplainedRoute)
 

@@ -1,7 +1,9 @@
-"""Where the dashboard and the predict page get their data: a live engine, or a finished run's files.
+"""Where the dashboard and the predict page get their data: a ``RunSource``.
 
-Both give the same shape (``RunSource``), so one set of routes and one page serve a run as it goes
-(``fedfleet coordinator``, ``fedfleet run``) and after it ended (``fedfleet serve --run DIR``).
+A live run (``coordinator.live.LiveRun``, over the coordinator's engine) and a finished run's files
+(``FinishedRun``) give the same shape, so one set of routes and one page serve a run as it goes
+(``fedfleet coordinator``, ``fedfleet run``) and after it ended (``fedfleet serve --run DIR``). The
+web layer knows only this protocol, never the coordinator's engine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from fedfleet.config import RunConfig
-from fedfleet.coordinator.engine import Engine
 from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
 from fedfleet.protocol.messages import Status
@@ -49,42 +50,6 @@ class RunSource(Protocol):
     def changed(self) -> asyncio.Event:
         """An event set at the next change; take it before reading the state."""
         ...
-
-
-class LiveRun:
-    """A run in progress, read straight from the coordinator's engine (same event loop, no copies)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @property
-    def task(self) -> Task | None:
-        return self.engine.task
-
-    def snapshot(self) -> dict[str, Any]:
-        e = self.engine
-        rs = e.current
-        open_round = None
-        if rs is not None and not rs.closed:
-            open_round = {"round": rs.round, "attempt": rs.attempt, "kind": rs.kind, "sampled": len(rs.sampled),
-                          "answered": len(rs.answered), "needed": rs.needed}
-        return {"status": e.status().model_dump(), "open_round": open_round, "live": True,
-                "workers": [w.model_dump() for w in e.workers_view()], "config": e.config.to_dict()}
-
-    def rounds(self) -> list[dict[str, Any]]:
-        return self.engine.history
-
-    def model(self) -> Model:
-        e = self.engine
-        return Model(e.model, e.model_version, e.round)
-
-    def changed(self) -> asyncio.Event:
-        return self.engine.progress_event()
-
-
-# A run stopped before its last round is over without having finished: its status says failed, and
-# the summary's message, shown with it, says why.
-_STATES: dict[str, Literal["finished", "failed"]] = {"finished": "finished", "failed": "failed", "stopped": "failed"}
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""Typed records of a run: one per completed round (``RoundRecord``) and one per run (``RunSummary``).
+
+These are the coordinator's own records. What a worker reports about its local training lives in
+``RoundRecord.worker_metrics`` and nowhere else, so no worker-sent name can stand in for a field the
+coordinator writes (its round number, its test accuracy, its timings). Every float is finite: the
+records are strict JSON (no ``NaN`` or ``Infinity``), which is what browsers, ``jq`` and other
+languages' parsers accept. ``storage.run_dir`` writes and reads them; nothing else parses the files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Names a worker may give its metrics: short snake_case, so that a record stays small and a name can
+# be a Prometheus label value, a JSON key and a column header without escaping.
+WORKER_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+MAX_WORKER_METRICS = 32
+MAX_METRIC_VALUE = 1e15  # larger magnitudes are no loss, accuracy or duration: an overflow waiting to happen
+DROP_REASONS = ("name", "too_many", "range")
+
+
+class Record(BaseModel):
+    # extra="ignore": a record written by an older version (worker metrics at the top level) still
+    # loads, without them; allow_inf_nan=False: a non-finite value is an error, never written.
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+
+class RoundTimings(Record):
+    """Seconds of each phase of a round; they add up to ``RoundRecord.seconds``."""
+
+    wait_workers: float = Field(ge=0, description="waiting for enough live workers before the round opened")
+    open: float = Field(ge=0, description="the round open: transfers and the workers' local training")
+    aggregate: float = Field(ge=0, description="turning the running sum into the new global model")
+    evaluate: float = Field(ge=0, description="testing the new model on the coordinator's held-out set")
+    checkpoint: float = Field(ge=0, description="writing the round's checkpoint")
+
+
+class RoundRecord(Record):
+    """One completed training round: a line of metrics.jsonl, a row of ``rounds`` in state.sqlite."""
+
+    round: int = Field(ge=1)
+    accuracy: float | None = Field(description="the new global model's accuracy on the held-out set")
+    loss: float | None
+    participants: int = Field(ge=0, description="updates aggregated")
+    sampled: int = Field(ge=0)
+    attempts: int = Field(ge=1)
+    seconds: float = Field(ge=0)
+    bytes_in: int = Field(ge=0)
+    bytes_out: int = Field(ge=0)
+    model_version: int = Field(ge=0)
+    timings: RoundTimings
+    # The global model as scored on the workers' own validation splits (federated evaluation).
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
+    fed_accuracy_std: float | None = None
+    fed_accuracy_min: float | None = None
+    fed_accuracy_max: float | None = None
+    fed_examples: int | None = None
+    worker_metrics: dict[str, float] = Field(
+        default_factory=dict, description="example-weighted means of what the workers reported (train_loss, "
+                                          "train_s, ...), only names and values that passed validation")
+    updates_rejected: int = Field(0, ge=0, description="uploads for this round refused with a 4xx")
+    metrics_dropped: int = Field(0, ge=0, description="worker-sent metrics dropped as invalid in this round")
+
+
+class RoundTiming(Record):
+    round: int
+    seconds: float
+    wait_workers: float
+    open: float
+    aggregate: float
+    evaluate: float
+    checkpoint: float
+
+
+class RunSummary(Record):
+    """summary.json: how a run ended, written once when it finishes, fails or is stopped."""
+
+    run_id: str
+    state: Literal["finished", "failed", "stopped"]
+    message: str
+    task: str
+    partition: str
+    workers: int
+    rounds: int = Field(description="training rounds completed")
+    rounds_planned: int
+    final_accuracy: float | None
+    final_loss: float | None
+    seconds: float
+    parameters: int
+    model_version: int
+    config: dict[str, Any]
+    round_timings: list[RoundTiming]
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A score as a record may hold it: a diverged loss (Inf, NaN) is recorded as unknown."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def clean_worker_metrics(metrics: Mapping[str, float | None]) -> tuple[dict[str, float], dict[str, int]]:
+    """The worker-sent metrics a record may hold, and how many were dropped for each reason.
+
+    A name must match ``WORKER_METRIC_NAME``; at most ``MAX_WORKER_METRICS`` names are kept (the first
+    valid ones in sorted order, so the choice does not depend on the sender's ordering); a value must be
+    finite and at most ``MAX_METRIC_VALUE`` in magnitude.
+
+    >>> clean_worker_metrics({"train_loss": 0.5, "Accuracy!": 1.0, "x": 1e300})
+    ({'train_loss': 0.5}, {'name': 1, 'range': 1})
+    """
+    kept: dict[str, float] = {}
+    dropped: dict[str, int] = {}
+    for name in sorted(metrics):
+        value = metrics[name]
+        if not isinstance(name, str) or not WORKER_METRIC_NAME.match(name):
+            reason = "name"
+        elif value is None or isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or abs(value) > MAX_METRIC_VALUE:
+            reason = "range"
+        elif len(kept) >= MAX_WORKER_METRICS:
+            reason = "too_many"
+        else:
+            kept[name] = float(value)
+            continue
+        dropped[reason] = dropped.get(reason, 0) + 1
+    return kept, dropped
