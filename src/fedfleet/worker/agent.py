@@ -256,8 +256,9 @@ class Agent:
             self._diverged(reg.worker_id, msg, tensors, dropped)
             if tensors:
                 return True  # the coordinator refuses non-finite weights: the round goes on without this worker
+        # {**metrics}: a dict of UpdateMeta's own value type (it also admits None), which a dict[str, float] is not.
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
-                          metrics=metrics)
+                          metrics={**metrics})
         return self._upload(client, weights, meta, t0)
 
     def _diverged(self, worker_id: str, msg: TrainInstruction | StatsInstruction, tensors: list[str],
