@@ -355,11 +355,12 @@ def host_matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def _is_loopback_ip(name: str) -> bool:
+def _is_ip(name: str) -> bool:
     try:
-        return ipaddress.ip_address(name).is_loopback
+        ipaddress.ip_address(name)
     except ValueError:
         return False
+    return True
 
 
 class HostCheck:
@@ -367,9 +368,11 @@ class HostCheck:
 
     A browser sends the name it was given in ``Host``; a page of evil.example whose DNS name turns to
     127.0.0.1 reaches a loopback coordinator, but with ``Host: evil.example``. Allowed: localhost and
-    ``*.localhost``, loopback addresses, the address the coordinator is bound to, and ``allowed``.
-    A request without ``Host`` (HTTP/1.0) is no browser's and passes. Refused with 421 and a message
-    naming the Host and ``--allowed-hosts``.
+    ``*.localhost``, the name the coordinator is bound to, ``allowed``, and every IP address: an
+    address cannot be rebound, and a page whose origin is the address is the coordinator's own (so
+    Kubernetes probes and port forwards to an address keep working). A request without ``Host``
+    (HTTP/1.0) is no browser's and passes. Refused with 421 and a message naming the Host and
+    ``--allowed-hosts``.
     """
 
     def __init__(self, app: ASGIApp, bound: str, allowed: Iterable[str] = ()) -> None:
@@ -381,7 +384,7 @@ class HostCheck:
         if host is None:
             return True
         name = host_name(host)
-        return _is_loopback_ip(name) or host_matches(name, self.patterns)
+        return _is_ip(name) or host_matches(name, self.patterns)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
@@ -390,8 +393,8 @@ class HostCheck:
             if not self.allows(host):
                 self.tally.add("coordinator.host_refused", host=(host or "")[:100])
                 detail = (f"Host {host!r} is not a name of this coordinator: without an admin token it answers only "
-                          "localhost, loopback addresses and its own address (against DNS rebinding). Add the name "
-                          "with --allowed-hosts, or set an admin token")
+                          "localhost, IP addresses and its own --host (against DNS rebinding). Add the name with "
+                          "--allowed-hosts, or set an admin token")
                 await respond(send, 421, json.dumps({"detail": detail}).encode(), b"application/json")
                 return
         await self.app(scope, receive, send)
