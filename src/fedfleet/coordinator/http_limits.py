@@ -134,18 +134,23 @@ class LimitedHttpTools(HttpToolsProtocol):
         try:
             waiting = handshake.send(None)
         except StopIteration as done:
-            self.handshaking.discard(self)
-            if done.value is None:  # closed while the handshake finished
-                raw.close()
-            else:
-                super().connection_made(done.value)
-                self._arm_header_timer()
+            self._handshake_over(raw, done.value)  # None if the connection closed as the handshake finished
         except OSError as exc:  # ssl.SSLError, a reset, or the handshake timed out (ConnectionAbortedError)
-            self.handshaking.discard(self)
-            raw.close()
             self.tally.add("coordinator.tls_handshake_failed", error=type(exc).__name__)
+            self._handshake_over(raw, None)
+        except BaseException:  # cancelled at shutdown, or a bug: the connection must not stay counted
+            self._handshake_over(raw, None)
+            raise
         else:
             waiting.add_done_callback(lambda _: self._step(handshake, raw))
+
+    def _handshake_over(self, raw: asyncio.Transport, transport: asyncio.Transport | None) -> None:
+        self.handshaking.discard(self)
+        if transport is None:
+            raw.close()
+            return
+        super().connection_made(transport)
+        self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
