@@ -88,7 +88,7 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
     # Evaluation runs between rounds, while the workers wait: give it every core this process may use.
     torch_common.use_threads(torch_common.usable_cpus())
     task = load_task(config.task, config.task_options_dict)
-    engine = Engine(config, task, data_dir, linger=linger)
+    engine = Engine.open(config, task, data_dir, linger=linger)
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     server: uvicorn.Server | None = None
