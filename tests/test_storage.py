@@ -6,6 +6,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedfleet.errors import StorageError
 from fedfleet.protocol import codec
 from fedfleet.storage.checkpoints import Checkpoints
 from fedfleet.storage.files import write_atomic, write_text_atomic
+from fedfleet.storage.records import RoundRecord, RoundTimings
 from fedfleet.storage.sqlite import RunRow, Store, WorkerRow
 
 # --- write_atomic --------------------------------------------------------------------------------
@@ -137,14 +139,13 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     first = Store(path)
     first.create_run("r", "cfg")
     first.put_worker("w1", 0, "host-a")
-    first.record_round({"round": 1, "attempts": 1, "sampled": 1, "participants": 1, "seconds": 0.5,
-                        "bytes_in": 10, "bytes_out": 20}, ["w1"])
+    first.record_round(record(1), ["w1"])
     first.close()
     second = Store(path)
     try:
         assert second.run() == RunRow("r", "cfg", "waiting", "")
         assert [(w.worker_id, w.rounds_served) for w in second.workers()] == [("w1", 1)]
-        assert [r["round"] for r in second.rounds()] == [1]
+        assert [r.round for r in second.rounds()] == [1]
     finally:
         second.close()
 
@@ -195,18 +196,20 @@ def test_failed_write_raises_storage_error_and_store_stays_usable(store: Store) 
     assert [(w.worker_id, w.partition) for w in store.workers()] == [("w1", 0), ("w2", 1)]
 
 
-def record(round: int, **extra: object) -> dict[str, object]:
-    return {"round": round, "attempts": 1, "sampled": 4, "participants": 3, "accuracy": 0.5 + round / 100,
-            "loss": 1.0 / round, "seconds": 2.5, "bytes_in": 1000, "bytes_out": 4000, **extra}
+def record(round: int, **extra: Any) -> RoundRecord:
+    timings = RoundTimings(wait_workers=0.1, open=2.0, aggregate=0.1, evaluate=0.2, checkpoint=0.1)
+    return RoundRecord(**{"round": round, "attempts": 1, "sampled": 4, "participants": 3,
+                          "accuracy": 0.5 + round / 100, "loss": 1.0 / round, "seconds": 2.5, "bytes_in": 1000,
+                          "bytes_out": 4000, "model_version": round, "timings": timings, **extra})
 
 
 def test_record_round_and_rounds(store: Store) -> None:
     store.put_worker("w1", 0, "a")
     store.put_worker("w2", 1, "b")
     store.put_worker("w3", 2, "c")
-    store.record_round(record(2, metrics={"train_loss": 0.7}), ["w1", "w2"])
+    store.record_round(record(2, worker_metrics={"train_loss": 0.7}), ["w1", "w2"])
     store.record_round(record(1), ["w1"])
-    assert store.rounds() == [record(1), record(2, metrics={"train_loss": 0.7})]  # ordered by round
+    assert store.rounds() == [record(1), record(2, worker_metrics={"train_loss": 0.7})]  # ordered by round
     served = {w.worker_id: w.rounds_served for w in store.workers()}
     assert served == {"w1": 2, "w2": 1, "w3": 0}
 
@@ -218,7 +221,7 @@ def test_record_round_again_replaces_it(store: Store) -> None:
 
 
 def test_record_round_without_optional_metrics(store: Store) -> None:
-    rec = {k: v for k, v in record(1).items() if k not in ("accuracy", "loss")}
+    rec = record(1, accuracy=None, loss=None)
     store.record_round(rec, [])
     assert store.rounds() == [rec]
 

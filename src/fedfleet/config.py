@@ -56,7 +56,7 @@ OPTIONS: tuple[Option, ...] = (
            low=0, high=1, low_open=True, optional=True, default_text="none: run all --rounds"),
     Option("max_update_norm", float, None, "refuse a training update whose delta from the global model has a "
            "larger L2 norm (the defence of FedAvg-family strategies against scaled updates)",
-           low=0, high=1e30, low_open=True, optional=True, default_text="none: no bound"),
+           low=0, high=1e12, low_open=True, optional=True, default_text="none: no bound"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from fedfleet import log
 from fedfleet.errors import (
@@ -54,6 +54,7 @@ from fedfleet.worker.trainer import Trainer, finite_metrics, nonfinite_tensors
 
 T = TypeVar("T")
 UPLOAD_TRIES = 3
+Outcome = Literal["accepted", "not_accepted", "undelivered"]
 # Seconds between asks while the coordinator repeats an instruction this worker has done what it can with.
 REPEAT_WAIT = 0.5
 
@@ -201,7 +202,10 @@ class Agent:
 
     def _loop(self, client: CoordinatorClient) -> None:
         reg, trainer = self._register(client)
-        done: tuple[str, int, int] | None = None  # the last instruction answered as well as this worker can
+        # The last instruction whose update this worker could not get accepted (it diverged, was refused or
+        # could not be built). One whose update was accepted is done again if it comes back: the coordinator
+        # lost the update (it restarted) and runs the round again.
+        done: tuple[str, int, int] | None = None
         while not self.proc.stop.is_set():
             try:
                 msg = self._retry(functools.partial(client.next_instruction, reg.worker_id, reg.poll_seconds),
@@ -223,8 +227,8 @@ class Agent:
                 self.proc.stop.wait(REPEAT_WAIT)
                 continue
             try:
-                if self._work(client, reg, trainer, msg):
-                    done = key
+                outcome = self._work(client, reg, trainer, msg)
+                done = key if outcome == "not_accepted" else None
             except CoordinatorUnreachable:
                 raise
             except Exception as exc:
@@ -234,8 +238,9 @@ class Agent:
                 done = key
 
     def _work(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer,
-              msg: TrainInstruction | StatsInstruction) -> bool:
-        """Answer ``msg``; False if the update did not get through and a repeat of ``msg`` is worth doing."""
+              msg: TrainInstruction | StatsInstruction) -> Outcome:
+        """Answer ``msg``: accepted; not_accepted (diverged, refused: a repeat would give the same); or
+        undelivered (it did not get through, and a repeat of ``msg`` is worth doing)."""
         t0 = time.perf_counter()
         if isinstance(msg, StatsInstruction):
             weights, n = trainer.stats()
@@ -255,7 +260,7 @@ class Agent:
         if tensors or dropped:
             self._diverged(reg.worker_id, msg, tensors, dropped)
             if tensors:
-                return True  # the coordinator refuses non-finite weights: the round goes on without this worker
+                return "not_accepted"  # the coordinator refuses non-finite weights: the round goes on without us
         # {**metrics}: a dict of UpdateMeta's own value type (it also admits None), which a dict[str, float] is not.
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics={**metrics})
@@ -278,8 +283,8 @@ class Agent:
         if not isinstance(exc, FedfleetError):  # not one of ours: a bug somewhere, worth its traceback
             logging.getLogger("fedfleet").error("traceback of update.failed", exc_info=exc)
 
-    def _upload(self, client: CoordinatorClient, weights: Weights, meta: UpdateMeta, t0: float) -> bool:
-        """Send the update, retrying transport errors; False if it did not get through."""
+    def _upload(self, client: CoordinatorClient, weights: Weights, meta: UpdateMeta, t0: float) -> Outcome:
+        """Send the update, retrying transport errors."""
         worker_id, round_ = meta.worker_id, meta.round
         for attempt in range(UPLOAD_TRIES):
             try:
@@ -290,25 +295,25 @@ class Agent:
                 self.proc.metrics.uploads.labels(result="accepted").inc()
                 log.event("update.sent", logging.DEBUG, worker=worker_id, round=round_,
                           seconds=time.perf_counter() - t0)
-                return True
+                return "accepted"
             except RequestRejected as exc:
                 # Stale or duplicate: the round moved on without us. Not an error of this worker.
                 self.proc.metrics.uploads.labels(result="rejected").inc()
                 log.event("update.rejected", logging.WARNING, worker=worker_id, round=round_, reason=str(exc))
-                return True
+                return "not_accepted"
             except ProtocolError as exc:
                 # The coordinator refused this update (or failed on it): say so loudly, but one bad
                 # round must not end a worker that may do fine in the next one.
                 self.proc.metrics.uploads.labels(result="refused").inc()
                 log.event("update.refused", logging.ERROR, worker=worker_id, round=round_, reason=str(exc))
-                return True
+                return "not_accepted"
             except TransportError as exc:
                 log.event("update.retry", logging.WARNING, worker=worker_id, round=round_, error=str(exc))
                 if attempt == UPLOAD_TRIES - 1:
                     self.proc.metrics.uploads.labels(result="failed").inc()
                 if self.proc.stop.wait(0.5 * 2**attempt):
                     break
-        return False
+        return "undelivered"
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
         """Call ``fn``, retrying transport errors with exponential backoff and jitter until ``give_up``."""
