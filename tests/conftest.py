@@ -36,6 +36,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Helper modules the tests import: rewrite their asserts as pytest does the tests' own, so that they
+# check under ``python -O`` too (which strips plain asserts).
+pytest.register_assert_rewrite("hostile", "metrics_support", "tcp_proxy", "helm_binary")
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0  # seconds for a coordinator to load its task and write coordinator.json
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at teardown

@@ -64,7 +64,8 @@ def split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, co
         order = np.lexsort((rng.random(n), groups))
         parts = np.array_split(order, count)
     else:
-        assert spec.alpha is not None
+        if spec.alpha is None:  # parse_partition never builds one; checked, not asserted (python -O)
+            raise ValueError(f"partition {spec} has no Dirichlet alpha")
         parts = _dirichlet(labels, spec.alpha, count, rng)
     return [np.sort(p) for p in parts]
 
