@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import uvicorn
 
+from fedfleet.asgi import bind
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
 from fedfleet.coordinator.engine import Engine
 from fedfleet.coordinator.metrics import REJECT_REASONS, rejection_reason
-from fedfleet.coordinator.server import bind
 from fedfleet.errors import ProtocolError, RequestRejected
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import UPDATE_META_KEY

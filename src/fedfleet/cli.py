@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet import log
+from fedfleet.asgi import JSON_BODY_LIMIT
 from fedfleet.config import OPTIONS, RunConfig, load_toml
-from fedfleet.coordinator.limits import HEADER_LIMIT, HEADER_TIMEOUT, IDLE_TIMEOUT, JSON_BODY_LIMIT
+from fedfleet.coordinator.limits import HEADER_LIMIT, HEADER_TIMEOUT, IDLE_TIMEOUT
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.client import check_url
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from fedfleet.asgi import BodyLimit
 from fedfleet.coordinator.engine import Engine
 from fedfleet.coordinator.limits import Limits, RateLimit
 from fedfleet.coordinator.live import LiveRun
@@ -29,7 +29,6 @@ from fedfleet.coordinator.security import (
     check_heartbeat,
     check_reclaim,
     require_worker,
-    respond,
 )
 from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_upload_router
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
@@ -204,56 +203,3 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
                                                                                              worker_id)))
     app.include_router(create_router(LiveRun(engine)))  # the dashboard (/) and the predict page (/predict)
     return app
-
-
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                   Awaitable[None]]
-
-
-class BodyLimit:
-    """Reject request bodies over ``limit`` bytes with 413, declared or streamed (chunked)."""
-
-    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = (),
-                 exempt_prefix: str | None = None) -> None:
-        self.app = app
-        self.limit = limit
-        self.exempt = exempt
-        self.exempt_prefix = exempt_prefix
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
-                       send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt or (
-                self.exempt_prefix is not None and scope["path"].startswith(self.exempt_prefix)):
-            await self.app(scope, receive, send)
-            return
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _too_large(send, self.limit)
-                return
-        seen = 0
-
-        async def limited_receive() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge(self.limit)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.limit)
-
-
-class _BodyTooLarge(HTTPException):
-    # An HTTPException, because FastAPI turns any other error raised while it reads a body into a 400.
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is over the limit of {limit} bytes")
-
-
-async def _too_large(send: Callable[[Any], Awaitable[None]], limit: int) -> None:
-    body = f'{{"detail":"request body is over the limit of {limit} bytes"}}'.encode()
-    await respond(send, 413, body, b"application/json")
-

@@ -11,9 +11,9 @@ import math
 import time
 from dataclasses import dataclass
 
+from fedfleet.asgi import JSON_BODY_LIMIT
 from fedfleet.errors import ConfigError
 
-JSON_BODY_LIMIT = 1024 * 1024
 HEADER_LIMIT = 64 * 1024
 HEADER_TIMEOUT = 10.0
 # Above the 60 s idle timeout of the usual load balancers (AWS ALB, nginx), so that a balancer never

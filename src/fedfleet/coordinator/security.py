@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
+from fedfleet.asgi import ASGIApp, respond
 from fedfleet.coordinator.http_limits import Tally
 from fedfleet.errors import AuthError, ConfigError
 from fedfleet.protocol.messages import API
@@ -48,9 +49,6 @@ SEPARATOR = "~"  # not allowed in a worker id (messages.WorkerId), so ID~MAC spl
 MIN_TOKEN_CHARS = 16
 # Where the worker's own id sits in the path: /v1/workers/{id}/task.
 _WORKER_PATH = f"{API}/workers/"
-
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                   Awaitable[None]]
 
 
 def read_token(file: Path | None, env: str, what: str) -> str | None:
@@ -398,15 +396,6 @@ class HostCheck:
                 await respond(send, 421, json.dumps({"detail": detail}).encode(), b"application/json")
                 return
         await self.app(scope, receive, send)
-
-
-async def respond(send: Callable[[Any], Awaitable[None]], status: int, body: bytes, content_type: bytes,
-                  extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    """Answer from an ASGI middleware, before any route (and without reading the request's body)."""
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 LOGIN_PAGE = """<!doctype html>

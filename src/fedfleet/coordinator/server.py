@@ -6,35 +6,24 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import ssl
 from pathlib import Path
 
 import uvicorn
 
 from fedfleet import log
+from fedfleet.asgi import ASGIApp, bind
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
 from fedfleet.coordinator.engine import Engine
 from fedfleet.coordinator.http_limits import Wire, connection_cap, open_fds, protocol_class, raise_fd_limit
 from fedfleet.coordinator.limits import Limits
-from fedfleet.coordinator.security import Access, ASGIApp, HostCheck, load_secret
+from fedfleet.coordinator.security import Access, HostCheck, load_secret
 from fedfleet.errors import ConfigError
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import load_task, torch_common
 
 ADDRESS_FILE = "coordinator.json"
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 picks a free one (see ``ADDRESS_FILE`` for which)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def is_loopback(host: str) -> bool:

@@ -16,9 +16,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.routing import APIRoute
 
-from fedfleet.coordinator.app import BodyLimit
-from fedfleet.coordinator.limits import JSON_BODY_LIMIT
-from fedfleet.coordinator.server import bind
+from fedfleet.asgi import JSON_BODY_LIMIT, BodyLimit, bind
 from fedfleet.errors import FedfleetError
 from fedfleet.protocol.messages import API, Status
 from fedfleet.tasks import check_allowed, load_task
