@@ -123,9 +123,9 @@ class UpdateIntake:
     async def commit(self, slot: Slot, weights: Weights) -> UpdateAck:
         """Check ``weights`` (the update's tensors, in memory) and fold them in; a refusal is counted."""
         try:
-            norm = await _compute(slot.header.total_bytes, self._check_values, slot, weights)
+            await _compute(slot.header.total_bytes, self._check_values, slot, weights)
             acc = slot.round.accumulator
-            return await self._fold(slot, norm, lambda weight: acc.add(weights, weight))
+            return await self._fold(slot, lambda weight: acc.add(weights, weight))
         except Exception as exc:
             self.rejected(exc)
             raise
@@ -134,49 +134,47 @@ class UpdateIntake:
         """Check and fold an update spooled to ``path``, reading it a piece at a time (memory stays
         bounded however large the model); a refusal is counted."""
         try:
+            acc = slot.round.accumulator
             if slot.round.kind == "stats":
                 # Statistics are small and checked whole by the task.
                 weights = await asyncio.to_thread(read_file, path, slot.header)
-                return await self._commit_checked(slot, weights)
-            norm = await asyncio.to_thread(file_norm, path, slot.header, slot.round.accumulator.base)
-            self._check_norm(slot, norm)
-            acc = slot.round.accumulator
-            return await self._fold(slot, norm, lambda weight: fold_file(acc, slot.header, path, weight))
+                self._check_values(slot, weights)
+                return await self._fold(slot, lambda weight: acc.add(weights, weight))
+            norm = await asyncio.to_thread(scan_file, path, slot.header, acc.base, self.max_update_norm is not None)
+            if norm is not None:
+                self._check_norm(norm)
+            return await self._fold(slot, lambda weight: fold_file(acc, slot.header, path, weight))
         except Exception as exc:
             self.rejected(exc)
             raise
 
-    async def _commit_checked(self, slot: Slot, weights: Weights) -> UpdateAck:
-        norm = self._check_values(slot, weights)
-        acc = slot.round.accumulator
-        return await self._fold(slot, norm, lambda weight: acc.add(weights, weight))
-
-    def _check_values(self, slot: Slot, weights: Weights) -> float:
-        """The L2 norm of the update's delta, if its values may be folded; 422 naming the problem if not."""
+    def _check_values(self, slot: Slot, weights: Weights) -> None:
+        """Raise 422 naming the problem unless the update's values may be folded: finite, within
+        ``--max-update-norm`` if set (a float64 pass over the delta, paid only then), and for statistics,
+        plausible to the task."""
         rs, meta = slot.round, slot.meta
+        if rs.kind == "train" and self.max_update_norm is not None:
+            norm, bad = delta_norm(weights, rs.accumulator.base)
+        else:
+            norm, bad = None, all_finite(weights)
+        if bad is not None:
+            raise ProtocolError(f"tensor {bad!r} contains NaN or Inf values", status=422, reason="non_finite")
+        if norm is not None:
+            self._check_norm(norm)
         if rs.kind == "stats":
-            bad = all_finite(weights)
-            if bad is not None:
-                raise ProtocolError(f"tensor {bad!r} contains NaN or Inf values", status=422, reason="non_finite")
             problem = self.task.check_stats(weights, meta.num_examples)
             if problem is not None:
                 raise ProtocolError(f"statistics are implausible: {problem}", status=422, reason="bad_stats")
-            return 0.0
-        norm, bad = delta_norm(weights, rs.accumulator.base)
-        if bad is not None:
-            raise ProtocolError(f"tensor {bad!r} contains NaN or Inf values", status=422, reason="non_finite")
-        self._check_norm(slot, norm)
-        return norm
 
-    def _check_norm(self, slot: Slot, norm: float) -> None:
+    def _check_norm(self, norm: float) -> None:
         bound = self.max_update_norm
         if bound is not None and not norm <= bound:
             raise ProtocolError(f"update's delta from the global model has L2 norm {norm:.6g}, over the bound "
                                 f"{bound:g} (--max-update-norm)", status=422, reason="norm")
 
-    async def _fold(self, slot: Slot, norm: float, fold: Callable[[float], None]) -> UpdateAck:
-        """Fold with ``fold(weight)`` (in a thread for large updates; it must leave the sum untouched if it
-        raises), then record and account for the update."""
+    async def _fold(self, slot: Slot, fold: Callable[[float], float]) -> UpdateAck:
+        """Fold with ``fold(weight)``, which returns the L2 norm of the update's delta (in a thread for
+        large updates; it must leave the sum untouched if it raises), then record and account for it."""
         rs, meta = slot.round, slot.meta
         weight = float(meta.num_examples) if rs.kind == "train" else 1.0
         metrics, dropped = clean_worker_metrics(meta.metrics) if rs.kind == "train" else ({}, {})
@@ -184,7 +182,7 @@ class UpdateIntake:
             if rs.closed:
                 raise RequestRejected(f"round {rs.round} closed while the update was arriving",
                                       round=rs.round, worker=meta.worker_id, reason="stale")
-            await _compute(slot.header.total_bytes, fold, weight)
+            norm = await _compute(slot.header.total_bytes, fold, weight)
             self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, metrics)
             rs.answered[meta.worker_id] = Answer(meta.num_examples, metrics, norm)
             rs.bytes_in += slot.header.total_bytes
@@ -241,9 +239,9 @@ class UpdateIntake:
                         raise ProtocolError(f"body is truncated: {got} of {header.data_bytes} tensor bytes arrived")
                     await reader.expect_end(limit)
                     weights = codec.views(header, view)
-                    norm = await _compute(header.total_bytes, self._check_values, slot, weights)
+                    await _compute(header.total_bytes, self._check_values, slot, weights)
                     acc = slot.round.accumulator
-                    ack = await self._fold(slot, norm, lambda weight: acc.add(weights, weight))
+                    ack = await self._fold(slot, lambda weight: acc.add(weights, weight))
                     committed = True
             finally:
                 if not committed:
@@ -306,23 +304,26 @@ def _pieces(fd: int, header: Header, buf: bytearray) -> Iterator[tuple[str, int,
             yield spec.name, (pos - begin) // dtype.itemsize, np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize)
 
 
-def file_norm(path: Path, header: Header, base: Weights | None) -> float:
-    """``delta_norm`` of the update in ``path`` against ``base``, reading ``PIECE`` bytes at a time; 422 if
-    a tensor holds NaN or Inf."""
+def scan_file(path: Path, header: Header, base: Weights | None, with_norm: bool) -> float | None:
+    """Check the update in ``path`` for NaN/Inf (422), reading ``PIECE`` bytes at a time; with ``with_norm``
+    return the L2 norm of its delta from ``base`` too (``delta_norm``, piece by piece)."""
     total = 0.0
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, start, values in _pieces(fd, header, bytearray(PIECE)):
             if values.dtype.kind != "f":
                 continue
-            ref = None if base is None else {name: base[name].reshape(-1)[start:start + values.size]}
-            norm, bad = delta_norm({name: values}, ref)
+            if with_norm:
+                ref = None if base is None else {name: base[name].reshape(-1)[start:start + values.size]}
+                norm, bad = delta_norm({name: values}, ref)
+                total += norm * norm
+            else:
+                bad = all_finite({name: values})
             if bad is not None:
                 raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422, reason="non_finite")
-            total += norm * norm
     finally:
         os.close(fd)
-    return float(np.sqrt(total))
+    return float(np.sqrt(total)) if with_norm else None
 
 
 def read_file(path: Path, header: Header) -> Weights:
@@ -339,16 +340,18 @@ def read_file(path: Path, header: Header) -> Weights:
         os.close(fd)
 
 
-def fold_file(acc: WeightedSum | Stack, header: Header, path: Path, weight: float) -> None:
+def fold_file(acc: WeightedSum | Stack, header: Header, path: Path, weight: float) -> float:
     """Fold the update in ``path`` into ``acc``: a piece at a time into a running sum (the same result as
-    folding it whole), or whole into a stack of deltas (robust aggregators keep them all anyway)."""
+    folding it whole), or whole into a stack of deltas (robust aggregators keep them all anyway).
+    Returns the L2 norm of its delta."""
     if isinstance(acc, Stack):
-        acc.add(read_file(path, header), weight)
-        return
+        return acc.add(read_file(path, header), weight)
+    sumsq = 0.0
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, start, values in _pieces(fd, header, bytearray(PIECE)):
-            acc.add_part(name, start, values, weight)
+            sumsq += acc.add_part(name, start, values, weight)
         acc.end_add(weight)
     finally:
         os.close(fd)
+    return float(np.sqrt(sumsq))

@@ -46,15 +46,19 @@ def delta_norm(update: Weights, base: Weights | None) -> tuple[float, str | None
             if end - pos > block.size:
                 block = np.empty(BLOCK, dtype=np.float64)
             b = block[: end - pos]
-            if ref is None:
-                b[...] = flat[pos:end]
-            else:
-                np.subtract(flat[pos:end], ref[pos:end], out=b, dtype=np.float64)
-            sq = float(np.dot(b, b))
+            b[...] = flat[pos:end]
+            if ref is not None:
+                b -= ref[pos:end]
+            sq = sum_of_squares(b)
             if not np.isfinite(sq):
                 return float("nan"), name
             total += sq
     return float(np.sqrt(total)), None
+
+
+def sum_of_squares(block: np.ndarray) -> float:
+    """Σ x² of a float64 block (einsum: no BLAS call, whose thread start-up costs more than a block)."""
+    return float(np.einsum("i,i->", block, block))
 
 
 def all_finite(weights: Weights) -> str | None:
@@ -86,30 +90,35 @@ class WeightedSum:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, update: Weights, weight: float) -> None:
-        """Fold one update in (it is only read). The caller has checked its schema and values already."""
+    def add(self, update: Weights, weight: float) -> float:
+        """Fold one update in (it is only read); returns the L2 norm of its delta, computed on the way.
+        The caller has checked its schema and values already."""
+        sumsq = 0.0
         for name, acc in self._sum.items():
-            self._fold(acc.reshape(-1), np.asarray(update[name]).reshape(-1),
-                       None if self.base is None else self.base[name].reshape(-1), weight)
+            sumsq += self._fold(acc.reshape(-1), np.asarray(update[name]).reshape(-1),
+                                None if self.base is None else self.base[name].reshape(-1), weight)
         self.total_weight += weight
         self.count += 1
+        return float(np.sqrt(sumsq))
 
-    def add_part(self, name: str, start: int, values: np.ndarray, weight: float) -> None:
-        """Fold elements ``start .. start + len(values)`` of tensor ``name`` (flat order) of one update.
-        Element by element this is exactly ``add``, so an update folded part by part (streamed from a
-        file, in bounded memory) gives the same sum; ``end_add`` counts it."""
+    def add_part(self, name: str, start: int, values: np.ndarray, weight: float) -> float:
+        """Fold elements ``start .. start + len(values)`` of tensor ``name`` (flat order) of one update;
+        returns the sum of squares of that part of its delta. Element by element this is exactly ``add``,
+        so an update folded part by part (streamed from a file, in bounded memory) gives the same sum;
+        ``end_add`` counts it."""
         stop = start + values.size
         acc = self._sum[name].reshape(-1)[start:stop]
         base = None if self.base is None else self.base[name].reshape(-1)[start:stop]
-        self._fold(acc, values.reshape(-1), base, weight)
+        return self._fold(acc, values.reshape(-1), base, weight)
 
     def end_add(self, weight: float) -> None:
         """Count an update folded in with ``add_part``."""
         self.total_weight += weight
         self.count += 1
 
-    def _fold(self, acc: np.ndarray, values: np.ndarray, base: np.ndarray | None, weight: float) -> None:
-        """acc += weight · (values − base), every step in float64, a cache-sized block at a time.
+    def _fold(self, acc: np.ndarray, values: np.ndarray, base: np.ndarray | None, weight: float) -> float:
+        """acc += weight · (values − base), every step in float64, a cache-sized block at a time; returns
+        Σ (values − base)² of floating tensors (0 for others), taken from the block while it is in cache.
 
         In float32, ``weight · delta`` overflows to Inf for a finite delta of 1e35 and a few thousand
         examples; in float64 no finite float32 delta times any allowed weight (≤ 1e12) comes near the
@@ -117,18 +126,20 @@ class WeightedSum:
         if acc.dtype.kind != "f":
             tmp = values if base is None else values - base
             acc += tmp * acc.dtype.type(weight) if weight != 1 else tmp
-            return
+            return 0.0
         if self._block.size == 0:
             self._block = np.empty(BLOCK, dtype=np.float64)
+        sumsq = 0.0
         for pos in range(0, values.size, BLOCK):
             end = min(pos + BLOCK, values.size)
             block = self._block[: end - pos]
-            if base is None:
-                block[...] = values[pos:end]
-            else:
-                np.subtract(values[pos:end], base[pos:end], out=block, dtype=np.float64)
+            block[...] = values[pos:end]
+            if base is not None:
+                block -= base[pos:end]
+            sumsq += sum_of_squares(block)
             block *= weight
             acc[pos:end] += block
+        return sumsq
 
     def release(self) -> None:
         """Drop the sum, the scratch space and the base once the round is aggregated (frees 2-3× the model)."""
@@ -179,11 +190,13 @@ class Stack:
     def total_weight(self) -> float:
         return float(sum(self.weights))
 
-    def add(self, update: Weights, weight: float) -> None:
+    def add(self, update: Weights, weight: float) -> float:
+        """Keep the update's delta; returns its L2 norm (float64)."""
         # Always a fresh array: the update may sit in a buffer that is reused for the next upload.
         self.deltas.append({s.name: np.subtract(update[s.name], self.base[s.name]).astype(s.dtype)
                             for s in self.schema})
         self.weights.append(weight)
+        return delta_norm(update, self.base)[0]
 
     def release(self) -> None:
         """Drop the deltas once the round is aggregated."""
