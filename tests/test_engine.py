@@ -232,3 +232,20 @@ def test_engine_open_resumes_from_the_recorded_round(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="has finished"):
         open_engine(tmp_path, rounds=2)
     assert RunDir(tmp_path / "run").read_rounds() == records
+
+
+def test_an_aggregate_that_is_not_finite_is_not_applied_and_the_round_runs_without_its_cause(tmp_path: Path) -> None:
+    # server_lr 2 doubles a mean delta of 3.4e38: Inf in float32. The round must not take it.
+    engine = open_engine(tmp_path, strategy="fedavg", strategy_options={"server_lr": "2"})
+
+    async def tamper(engine: Engine, wid: str, msg: TrainInstruction) -> None:
+        await send(engine, wid, msg, plus(engine, 3.4e38), num_examples=10**12)
+
+    assert run(engine, tamper) == []
+    assert engine.state == "finished"
+    w = engine.model().weights["w"]
+    np.testing.assert_allclose(w, np.full(PARAMS, 4.0))  # two rounds of the honest +1, doubled
+    records = RunDir(tmp_path / "run").read_rounds()
+    assert [(r.attempts, r.participants) for r in records] == [(2, 2), (2, 2)]
+    text = engine.metrics.render(None)[0].decode()
+    assert 'fedfleet_rounds_not_applied_total{kind="train"} 2.0' in text

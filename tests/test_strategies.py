@@ -144,6 +144,16 @@ def test_a_huge_finite_update_keeps_the_sum_and_the_mean_finite() -> None:
     np.testing.assert_allclose(mean, (1e35 * 1e4 - 3.4e38 * 1e4 + 1.0) / 20_001, rtol=1e-6)
 
 
+def test_a_delta_that_overflows_float32_is_folded_in_float64() -> None:
+    schema = (TensorSpec("w", "float32", (3,)),)
+    base = {"w": np.array([-3e38, 0.0, 1.0], np.float32)}
+    acc = WeightedSum(schema, base)
+    norm = acc.add({"w": np.array([3e38, 1.0, 1.0], np.float32)}, 2.0)
+    # 3e38 − (−3e38) is Inf in float32; folded in float64 it is 6e38, times the weight 2.
+    np.testing.assert_allclose(acc._sum["w"], [2 * (3e38 - np.float64(np.float32(-3e38))), 2.0, 0.0], rtol=1e-7)
+    assert norm > 1e38  # the update stands out by its norm, whatever the precision it was taken in
+
+
 def test_delta_norm_is_the_float64_norm_and_names_a_non_finite_tensor() -> None:
     update = {"a": np.array([1e35, 0.0], np.float32), "b": np.array([3.0, 4.0], np.float32)}
     base = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
