@@ -16,6 +16,7 @@ import numpy as np
 
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import PartitionInfo, TrainParamsMsg
+from fedfleet.strategies.accumulate import is_finite
 from fedfleet.tasks import Dataset, FitResult, Task, TrainParams
 from fedfleet.types import Weights
 
@@ -63,7 +64,7 @@ class Trainer:
 
 def nonfinite_tensors(weights: Weights) -> list[str]:
     """The names of the tensors of ``weights`` that hold a NaN or an infinity, in order."""
-    return [name for name, a in weights.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()]
+    return [name for name, a in weights.items() if not is_finite(a)]
 
 
 def finite_metrics(metrics: Mapping[str, object]) -> tuple[dict[str, float], list[str]]:
