@@ -41,6 +41,21 @@ import pytest
 pytest.register_assert_rewrite("hostile", "metrics_support", "tcp_proxy", "helm_binary")
 
 HOST = "127.0.0.1"
+MNIST_ENV = "FEDFLEET_MNIST_DIR"
+FASHION_MNIST_ENV = "FEDFLEET_FASHION_MNIST_DIR"
+
+
+def image_data_dir(env: str) -> Path:
+    """The folder of a real image data set (the IDX files) that ``$env`` names; the calling test is
+    skipped, with the reason, when the variable is not set (a fresh clone), and fails when it names no
+    folder. .ci/run sets both from the copies it has."""
+    value = os.environ.get(env)
+    if not value:
+        pytest.skip(f"${env} is not set: point it at the IDX files (`fedfleet data download` fetches them)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"${env} is {value!r}, which is not a folder")
+    return path
 START_TIMEOUT = 60.0  # seconds for a coordinator to load its task and write coordinator.json
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at teardown
 ADDRESS_FILE = "coordinator.json"

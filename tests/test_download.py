@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_fedfleet
+from conftest import MNIST_ENV, image_data_dir, run_fedfleet
 from fedfleet.errors import TaskError
 from fedfleet.tasks.download import download, verified
 from fedfleet.tasks.mnist import FILES, MNIST, load_images
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+def mnist_dir() -> Path:
+    return image_data_dir(MNIST_ENV)
 
 
 class Mirror:
@@ -53,7 +55,7 @@ def good(tmp_path: Path) -> Iterator[Mirror]:
     root = tmp_path / "good-root"
     (root / "data").mkdir(parents=True)
     for stem in FILES:
-        (root / "data" / f"{stem}.gz").symlink_to(MNIST_DIR / f"{stem}.gz")
+        (root / "data" / f"{stem}.gz").symlink_to(mnist_dir() / f"{stem}.gz")
     mirror = Mirror(root)
     yield mirror
     mirror.close()
@@ -77,7 +79,7 @@ def test_downloads_verifies_and_the_loader_reads_them(tmp_path: Path, good: Mirr
     assert [f.stem for f in got] == list(FILES) and seen == got
     assert all(f.url == f"{good.url}{f.stem}.gz" and f.path == folder / f"{f.stem}.gz" for f in got)
     for stem in FILES:
-        assert (folder / f"{stem}.gz").read_bytes() == (MNIST_DIR / f"{stem}.gz").read_bytes()
+        assert (folder / f"{stem}.gz").read_bytes() == (mnist_dir() / f"{stem}.gz").read_bytes()
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp files left
     images = load_images(MNIST, str(folder))
     assert images.train_x.shape == (60_000, 28, 28) and len(images.test_y) == 10_000
@@ -116,7 +118,7 @@ def test_no_mirror_serving_a_file_is_an_error_naming_each(tmp_path: Path, bad: M
 
     # The labels file the bad mirror does serve hashes wrong: named with both digests.
     for stem in FILES[:3]:
-        (folder / f"{stem}.gz").symlink_to(MNIST_DIR / f"{stem}.gz")
+        (folder / f"{stem}.gz").symlink_to(mnist_dir() / f"{stem}.gz")
     with pytest.raises(TaskError, match=r"t10k-labels-idx1-ubyte.gz: its uncompressed SHA-256 is [0-9a-f]{64}, "
                                         + f"expected {MNIST.sha256['t10k-labels-idx1-ubyte']}"):
         download(MNIST, folder, [bad.url])

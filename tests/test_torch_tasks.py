@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FASHION_MNIST_ENV, MNIST_ENV, image_data_dir
 from fedfleet.errors import TaskError
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks import load_task, torch_common
@@ -32,9 +33,9 @@ from fedfleet.tasks.mnist import (
 )
 from fedfleet.tasks.songs_mlp import SongsMlpTask
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_DIR = SHARED_DATA / "mnist"
-FASHION_DIR = SHARED_DATA / "fashion-mnist"
+
+def mnist_dir() -> Path:
+    return image_data_dir(MNIST_ENV)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -50,7 +51,7 @@ def subset(data: Dataset, n: int) -> Dataset:
 
 @pytest.fixture(scope="module")
 def mlp_task() -> MnistTask:
-    return MnistTask(data_dir=str(MNIST_DIR), model="mlp", examples="2000")
+    return MnistTask(data_dir=str(mnist_dir()), model="mlp", examples="2000")
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +134,9 @@ def test_data_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
         FashionMnistTask().load_test()
 
 
-@pytest.mark.parametrize("source,folder", [(MNIST, MNIST_DIR), (FASHION_MNIST, FASHION_DIR)])
-def test_the_shared_copies_verify_and_parse(source: object, folder: Path) -> None:
-    images = load_images(source, str(folder))  # type: ignore[arg-type]
+@pytest.mark.parametrize("source,env", [(MNIST, MNIST_ENV), (FASHION_MNIST, FASHION_MNIST_ENV)])
+def test_the_shared_copies_verify_and_parse(source: object, env: str) -> None:
+    images = load_images(source, str(image_data_dir(env)))  # type: ignore[arg-type]
     assert images.train_x.shape == (60000, 28, 28) and images.test_x.shape == (10000, 28, 28)
     assert images.train_x.dtype == np.uint8 and images.train_x.max() == 255
     assert np.bincount(images.train_y).tolist() == np.bincount(images.train_y, minlength=10).tolist()
@@ -170,9 +171,9 @@ def test_the_cnn_is_the_fedavg_papers() -> None:
         (200, 784), (200,), (200, 200), (200,), (10, 200), (10,)]
     assert torch_common.num_parameters(mlp) == 199_210
     with pytest.raises(TaskError, match=r"'model' task option must be one of cnn, mlp\. Got 'resnet'"):
-        MnistTask(data_dir=str(MNIST_DIR), model="resnet")
+        MnistTask(model="resnet")
     with pytest.raises(TaskError, match=r"'examples' task option must be an int >= 1\. Got '0'"):
-        MnistTask(data_dir=str(MNIST_DIR), examples="0")
+        MnistTask(examples="0")
 
 
 def test_weights_round_trip_through_state_dict_with_buffers() -> None:
@@ -239,14 +240,14 @@ def test_logical_workers_train_side_by_side_in_threads(mlp_task: MnistTask) -> N
 
 def test_the_coordinator_may_evaluate_on_more_threads(mnist_test: Dataset) -> None:
     # Workers train on one thread each; the coordinator, evaluating while they wait, uses its cores.
-    task = MnistTask(data_dir=str(MNIST_DIR), model="cnn")
+    task = MnistTask(data_dir=str(mnist_dir()), model="cnn")
     weights, test = task.init_weights(3), subset(mnist_test, 300)
     assert torch.get_num_threads() == 1
     one = task.evaluate(weights, test)
     try:
         torch_common.use_threads(2)
         assert torch.get_num_threads() == 2
-        MnistTask(data_dir=str(MNIST_DIR), model="mlp")  # a task loaded later keeps the setting
+        MnistTask(data_dir=str(mnist_dir()), model="mlp")  # a task loaded later keeps the setting
         assert torch.get_num_threads() == 2
         two = task.evaluate(weights, test)
     finally:
@@ -273,7 +274,7 @@ def test_usable_cpus_heeds_a_containers_cpu_quota(tmp_path: Path) -> None:
 
 
 def test_cnn_fit_improves_accuracy(mnist_test: Dataset) -> None:
-    task = MnistTask(data_dir=str(MNIST_DIR), model="cnn", examples="600")
+    task = MnistTask(data_dir=str(mnist_dir()), model="cnn", examples="600")
     init = task.init_weights(1)
     test = subset(mnist_test, 500)
     before = task.evaluate(init, test)["accuracy"]
@@ -306,12 +307,12 @@ def test_partitions_of_the_training_pool(mlp_task: MnistTask) -> None:
             assert min(labels) == 10
         if spec.scheme == "natural":  # two label-sorted shards each: a couple of digits per worker
             assert max(labels) <= 4 and np.mean(labels) <= 3, labels
-    one = MnistTask(data_dir=str(MNIST_DIR), model="mlp", examples="2000", shards="1")
+    one = MnistTask(data_dir=str(mnist_dir()), model="mlp", examples="2000", shards="1")
     labels = [len(np.unique(one.load_partition(PartitionSpec("natural"), i, 10, 4).y)) for i in range(10)]
     assert max(labels) <= 3 and np.mean(labels) <= 2.5, labels  # one shard: one digit or two, rarely three
     # Every worker computes the same split on its own.
     assert np.array_equal(mlp_task.load_partition(PartitionSpec("natural"), 3, 10, 4).x,
-                          MnistTask(data_dir=str(MNIST_DIR), model="mlp", examples="2000")
+                          MnistTask(data_dir=str(mnist_dir()), model="mlp", examples="2000")
                           .load_partition(PartitionSpec("natural"), 3, 10, 4).x)
 
 
@@ -359,7 +360,7 @@ def test_core_works_without_torch() -> None:
 def test_federated_mnist_run(tmp_path: Path) -> None:
     out = tmp_path / "mnist"
     r = subprocess.run([sys.executable, "-m", "fedfleet", "run", "--task", "mnist", "--task-option", "model=mlp",
-                        "--task-option", "examples=3000", "--task-option", f"data_dir={MNIST_DIR}",
+                        "--task-option", "examples=3000", "--task-option", f"data_dir={mnist_dir()}",
                         "--workers", "3", "--rounds", "3", "--lr", "0.1", "--batch-size", "10", "--local-epochs", "2",
                         "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=300)
