@@ -10,16 +10,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedfleet import log
 from fedfleet.asgi import JSON_BODY_LIMIT
 from fedfleet.config import OPTIONS, RunConfig, load_toml
 from fedfleet.coordinator.limits import HEADER_LIMIT, HEADER_TIMEOUT, IDLE_TIMEOUT
 from fedfleet.errors import ConfigError, FedfleetError
+from fedfleet.options import Option
 from fedfleet.protocol.client import check_url
+from fedfleet.tasks import BUILTIN, TRAINING, declared_options, find_task, task_arguments, training_defaults
+
+ERROR = "fedfleet: error: "
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -27,10 +32,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE", type=Path, help="TOML file with run options; flags win")
     for opt in OPTIONS:
         default = opt.default_text or opt.default
+        if opt.name in TRAINING:
+            default = f"{default}, or the task's own (below)"
         g.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
                        help=f"{opt.help} [{opt.allowed()}; default {default}]")
     g.add_argument("--task-option", dest="task_options", action="append", default=None, metavar="KEY=VALUE",
-                   help="option passed to the task, e.g. data_dir=/path (repeatable)")
+                   help="option passed to the task, e.g. data_dir=/path (repeatable); the built-in tasks' "
+                        "are listed below [default: the task's defaults]")
     g.add_argument("--strategy-option", dest="strategy_options", action="append", default=None,
                    metavar="KEY=VALUE", help="option of the strategy, e.g. server_lr=0.5 (repeatable)")
 
@@ -51,7 +59,46 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                                       option=field)
                 merged[key] = value
             values[field] = merged
-    return RunConfig.from_mapping(values)
+    config = RunConfig.from_mapping(values)
+    # The task is checked here, before anything is started or written: a bad name or task option is one
+    # line now, not a coordinator that fails seconds later.
+    task = find_task(config.task)
+    task_arguments(task, config.task, config.task_options_dict)
+    # The task's recommended training settings, for those the user did not set (by flag or file). The
+    # config records the values used, so the same command later resumes the same run.
+    defaults = training_defaults(task, config.task)
+    return RunConfig.from_mapping({**defaults, **values}) if defaults else config
+
+
+def _tasks_help() -> str:
+    """The built-in tasks with their options and recommended training settings, for ``--help``."""
+    lines = ["built-in tasks (--task NAME), the training settings they use unless given, and their options",
+             "(--task-option KEY=VALUE):"]
+    first: dict[tuple[Option, ...], str] = {}  # a subclass's options, shown once under the first task
+    for name in BUILTIN:
+        task = find_task(name)
+        declared = declared_options(task, name) or ()
+        training = "".join(f" --{k.replace('_', '-')} {v}" for k, v in training_defaults(task, name).items())
+        same = first.setdefault(declared, name)
+        lines.append(f"  {name}{training}" + (f"  (options as {same})" if same != name else ""))
+        for opt in declared if same == name else ():
+            default = opt.default_text or opt.default
+            lines.append(textwrap.fill(f"{opt.name}: {opt.help} [{opt.allowed()}; default {default}]", width=100,
+                                       initial_indent=" " * 6, subsequent_indent=" " * 8))
+    lines.append("  module.path:Class  a task of your own (README: Your own task)")
+    return "\n".join(lines)
+
+
+def _default_out(config: RunConfig) -> Path:
+    """runs/TASK-PARTITION, without the colons of module:Class and dirichlet:ALPHA (not allowed in folder
+    names on Windows, and taken as a host by scp and rsync)."""
+    return Path("runs") / f"{config.task.replace(':', '.')}-{config.partition.replace(':', '')}"
+
+
+def _fail(parser: argparse.ArgumentParser, status: int, exc: Exception) -> NoReturn:
+    # A child's error quoted in this one (the runner quotes the coordinator's last lines) has the prefix already.
+    text = "\n".join(line.removeprefix(ERROR) for line in str(exc).splitlines())
+    parser.exit(status, f"{ERROR}{text}\n")
 
 
 def _port(text: str) -> int:
@@ -116,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level (default INFO for coordinator and worker, WARNING for run)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="a whole federated run on this machine: coordinator + worker processes")
+    run = sub.add_parser("run", help="a whole federated run on this machine: coordinator + worker processes",
+                         epilog=_tasks_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(run)
     run.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
     run.add_argument("--processes", type=_positive_int, default=None,
@@ -124,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
-    coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts")
+    coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(coord)
     coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     coord.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
@@ -270,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedfleet.web.serve import serve_run
 
             return serve_run(args.run, args.host, args.port, allowed_tasks=tuple(args.allowed_tasks))
+        if args.command == "run" and os.getcwd() not in sys.path:
+            # The coordinator and workers it starts are `python -m fedfleet` here, which imports a task's
+            # module from this folder: look here too when checking the task.
+            sys.path.append(os.getcwd())
         config = run_config(args)
         if args.command == "coordinator":
             from fedfleet.coordinator.limits import Limits
@@ -287,12 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          allowed_hosts=parse_allowed_hosts(args.allowed_hosts))
         from fedfleet.runner import run_local
 
-        out = args.out or Path("runs") / f"{config.task}-{config.partition.replace(':', '')}"
+        out = args.out or _default_out(config)
         return run_local(config, out, processes=args.processes, overwrite=args.overwrite, quiet=args.quiet)
     except ConfigError as exc:
-        parser.exit(2, f"fedfleet: error: {exc}\n")
+        _fail(parser, 2, exc)
     except FedfleetError as exc:
-        parser.exit(1, f"fedfleet: error: {exc}\n")
+        _fail(parser, 1, exc)
     except KeyboardInterrupt:
         return 130
 

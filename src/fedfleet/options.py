@@ -1,7 +1,8 @@
 """Declared options: a type, a default, allowed values as data, and one error template for all.
 
-Run options (``fedfleet.config``) and strategy options (``fedfleet.strategies``) are declared this
-way, so every bad value anywhere gets the same kind of message and tests can generate bad values.
+Run options (``fedfleet.config``), strategy options (``fedfleet.strategies``) and the options of the
+built-in tasks (their ``OPTIONS``) are declared this way, so every bad value anywhere gets the same
+kind of message and tests can generate bad values.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ class Option:
         high = "inf)" if self.high is None else f"{_num(self.high)}{')' if self.high_open else ']'}"
         return f"{kind} in the range {left}{_num(self.low)}, {high}"
 
-    def check(self, value: Any) -> Any:
-        """Return ``value`` converted to this option's type, or raise ConfigError naming the option."""
+    def check(self, value: Any, noun: str = "option") -> Any:
+        """Return ``value`` converted to this option's type, or raise ConfigError naming the option
+        (``noun`` says what kind: "task option" for a task's)."""
         if value is None and self.optional:
             return None
         converted = _convert(self.kind, value)
         if converted is None or not self._in_range(converted):
             raise ConfigError(
-                f"The '{self.name}' option must be {self.allowed()}. Got {value!r} instead.",
+                f"The '{self.name}' {noun} must be {self.allowed()}. Got {value!r} instead.",
                 option=self.name,
             )
         return converted

@@ -30,7 +30,7 @@ from fedfleet.protocol.messages import API, Status
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.storage.records import RunSummary
 from fedfleet.storage.run_dir import RunDir
-from fedfleet.tasks import BUILTIN
+from fedfleet.tasks import BUILTIN, find_task, score_name
 
 START_TIMEOUT = 120.0
 
@@ -156,8 +156,9 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
 
 def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, run_dir: RunDir) -> None:
     """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
+    score = score_name(find_task(config.task))  # the status calls any task's score "accuracy"
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-               TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[phase]}"),
+               TextColumn(f"{score} {{task.fields[acc]}}  loss {{task.fields[loss]}}  {{task.fields[phase]}}"),
                TimeElapsedColumn())
     with httpx.Client(base_url=url, timeout=5.0) as http, \
             Progress(*columns, console=console, disable=console.quiet) as progress:
@@ -188,7 +189,7 @@ def _print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> N
     rows = [
         ("task", s.task), ("partition", s.partition), ("workers", s.workers),
         ("rounds", f"{s.rounds} of {s.rounds_planned}"),
-        ("final accuracy", _fmt(s.final_accuracy)), ("final loss", _fmt(s.final_loss)),
+        (f"final {score_name(find_task(s.task))}", _fmt(s.final_accuracy)), ("final loss", _fmt(s.final_loss)),
         ("seconds (coordinator)", _fmt(s.seconds, 1)), ("seconds (wall)", f"{wall:.1f}"),
         ("median round (s)", _fmt(sorted(timings)[len(timings) // 2] if timings else None, 3)),
         ("outputs", str(out)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -69,6 +70,13 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
         raise ConfigError(f"refusing to serve on {host} without a join token: anyone who can reach it could join "
                           "the run and send updates. Set FEDFLEET_JOIN_TOKEN or --join-token-file (and "
                           "--admin-token-file), or pass --insecure on a network you trust", option="host")
+    # Bound before anything is written: a port in use is one line, and leaves no half-made data dir.
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"port {port} on {host} is in use: choose another with --port (--port 0 picks a free one)"
+                          if exc.errno == errno.EADDRINUSE else f"cannot listen on {host} port {port}: "
+                          f"{exc.strerror or exc}", option="port") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
     access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")
     if not is_loopback(host) and tls is None and (admin_token or join_token):
@@ -78,7 +86,6 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
     torch_common.use_threads(torch_common.usable_cpus())
     task = load_task(config.task, config.task_options_dict)
     engine = Engine.open(config, task, data_dir, linger=linger)
-    sock = bind(host, port)
     actual = sock.getsockname()[1]
     server: uvicorn.Server | None = None
 

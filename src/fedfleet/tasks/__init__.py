@@ -3,15 +3,30 @@
 ``load_task`` checks a task against the ``Task`` protocol when it is loaded, so that a missing method
 is a clear error at start rather than an AttributeError in the middle of a run, and fills in the
 optional statistics members a task leaves out (see ``fedfleet.tasks.base``).
+
+A task class may declare, as class attributes (the built-in ones all do):
+
+- ``OPTIONS``, a tuple of ``fedfleet.options.Option``: the task options it takes, checked and converted
+  to their types (defaults filled in) before the class is called, with the same messages as the run
+  options. Without it the options go to the constructor as the strings they are.
+- ``TRAINING_DEFAULTS``, e.g. ``{"lr": 0.1}``: the local training settings (``local_epochs``,
+  ``batch_size``, ``lr``) it is best trained with, used by a run that does not set them itself.
+- ``score_name``: what the score its ``evaluate`` returns is (default ``accuracy``), e.g. ``mean``
+  for a task whose ``evaluate`` returns ``{"loss": ..., "mean": ...}``. Runs show it under that name.
+
+The parent of a run (``fedfleet run``, ``fedfleet coordinator``) checks a task's name and options with
+``find_task`` and ``task_arguments`` before it starts anything.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
 
-from fedfleet.errors import TaskError
+from fedfleet.errors import ConfigError, TaskError
+from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks.base import Dataset, FitResult, NoStats, Task, TrainParams
 from fedfleet.types import Schema, Weights
@@ -25,6 +40,8 @@ BUILTIN = {
 }
 REQUIRED = ("init_weights", "load_test", "load_partition", "fit", "evaluate")
 STATISTICS = ("stats_schema", "local_stats", "apply_stats")  # all or none; check_stats is optional either way
+TRAINING = ("local_epochs", "batch_size", "lr")  # the settings a task may recommend (TRAINING_DEFAULTS)
+SCORE = "accuracy"  # the score's name unless a task names its own (score_name)
 
 
 def check_allowed(name: str, allowed: Collection[str], refusal: str) -> None:
@@ -40,22 +57,72 @@ def check_allowed(name: str, allowed: Collection[str], refusal: str) -> None:
                     f"pass --allow-task {name} to load it, if you trust its code")
 
 
-def load_task(name: str, options: Mapping[str, str] | None = None) -> Task:
-    """Instantiate the task called ``name`` with its string options; TaskError says what went wrong."""
+def find_task(name: str) -> Callable[..., object]:
+    """The class (or factory) the task ``name`` refers to, imported but not called; TaskError if none."""
     target = BUILTIN.get(name, name)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
+        close = difflib.get_close_matches(name, BUILTIN, n=1)
         raise TaskError(f"unknown task {name!r}: use one of {', '.join(sorted(BUILTIN))}, "
-                        "or module.path:Class for your own")
+                        "or module.path:Class for your own" + (f" (did you mean {close[0]!r}?)" if close else ""))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise TaskError(f"cannot import task module {module_name!r}: {exc}") from exc
-    cls = getattr(module, attr, None)
-    if cls is None:
+    factory = getattr(module, attr, None)
+    if factory is None:
         raise TaskError(f"task module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise TaskError(f"task {name!r} is not a class: {factory!r}")
+    return cast(Callable[..., object], factory)
+
+
+def declared_options(factory: Callable[..., object], name: str) -> tuple[Option, ...] | None:
+    """The task's ``OPTIONS``, or None if it declares none (its options then go to it unchecked)."""
+    declared = getattr(factory, "OPTIONS", None)
+    if declared is None:
+        return None
+    if not isinstance(declared, tuple) or not all(isinstance(o, Option) for o in declared):
+        raise TaskError(f"task {name!r} has OPTIONS that are not a tuple of fedfleet.options.Option")
+    return declared
+
+
+def task_arguments(factory: Callable[..., object], name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``factory`` is called with: ``options`` checked against its ``OPTIONS``,
+    converted, defaults filled in; ConfigError names a bad option. Without ``OPTIONS``, ``options`` as given."""
+    declared = declared_options(factory, name)
+    if declared is None:
+        return dict(options)
+    known = {o.name: o for o in declared}
+    for key in options:
+        if key not in known:
+            takes = f"the options {', '.join(known)}" if known else "no options"
+            raise ConfigError(f"The task {name!r} takes {takes}. Got {key!r} instead.", option="task_options")
+    return {k: o.check(options[k], "task option") if k in options else o.default for k, o in known.items()}
+
+
+def training_defaults(factory: Callable[..., object], name: str) -> dict[str, Any]:
+    """The training settings the task recommends (its ``TRAINING_DEFAULTS``), to use where a run sets none."""
+    declared = getattr(factory, "TRAINING_DEFAULTS", {})
+    if not isinstance(declared, Mapping) or not set(declared) <= set(TRAINING):
+        raise TaskError(f"task {name!r} has TRAINING_DEFAULTS that are not a mapping with keys among "
+                        f"{', '.join(TRAINING)}: {declared!r}")
+    return dict(declared)
+
+
+def score_name(factory: object) -> str:
+    """What the task's score is called (its ``score_name``; ``accuracy`` by default)."""
+    name = getattr(factory, "score_name", SCORE)
+    return name if isinstance(name, str) and name else SCORE
+
+
+def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
+    """Instantiate the task called ``name`` with its options (strings, or values of its ``OPTIONS``' types):
+    TaskError says what went wrong with the task, ConfigError which option is bad."""
+    factory = find_task(name)
+    kwargs = task_arguments(factory, name, options or {})
     try:
-        task = cls(**dict(options or {}))
+        task = factory(**kwargs)
     except TypeError as exc:
         raise TaskError(f"task {name!r} does not accept options {dict(options or {})}: {exc}") from exc
     return complete(task, name)
@@ -64,8 +131,9 @@ def load_task(name: str, options: Mapping[str, str] | None = None) -> Task:
 def complete(task: object, name: str) -> Task:
     """``task`` checked against the Task protocol, with defaults for the optional members it lacks.
 
-    A task with every member is returned as it is (its class still matters, e.g. to the predict
-    page); one without statistics members or ``check_stats`` is wrapped in ``TaskWithDefaults``.
+    A task with every member and the default score is returned as it is (its class still matters,
+    e.g. to the predict page); one without statistics members or ``check_stats``, or with a
+    ``score_name`` of its own, is wrapped in ``TaskWithDefaults``.
     """
     missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
     if not isinstance(getattr(task, "name", None), str):
@@ -82,15 +150,16 @@ def complete(task: object, name: str) -> Task:
     check = getattr(task, "check_stats", None)
     if check is not None and not callable(check):
         raise TaskError(f"task {name!r} has a check_stats that is not a method")
-    if has and check is not None:
+    if has and check is not None and score_name(task) == SCORE:
         return cast(Task, task)
     return TaskWithDefaults(task, statistics=bool(has))
 
 
 class TaskWithDefaults:
     """A task lacking optional members, completed: without statistics members it gets ``NoStats``'s
-    (no statistics round); without ``check_stats``, one that accepts every report. Every other
-    attribute is the task's own."""
+    (no statistics round); without ``check_stats``, one that accepts every report. A score of its own
+    (``score_name``) is also reported as ``accuracy``, the name the coordinator and workers read. Every
+    other attribute is the task's own."""
 
     def __init__(self, task: object, *, statistics: bool) -> None:
         self.inner = cast(Task, task)
@@ -98,6 +167,7 @@ class TaskWithDefaults:
         self._stats: Task | NoStats = self.inner if statistics else NoStats()
         own_check = getattr(task, "check_stats", None)
         self._check = own_check if callable(own_check) else NoStats().check_stats
+        self._score = score_name(task)
 
     def init_weights(self, seed: int) -> Weights:
         return self.inner.init_weights(seed)
@@ -125,7 +195,13 @@ class TaskWithDefaults:
         return self.inner.fit(weights, data, params)
 
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
-        return self.inner.evaluate(weights, data)
+        metrics = self.inner.evaluate(weights, data)
+        if self._score == SCORE:
+            return metrics
+        if self._score not in metrics:
+            raise TaskError(f"task {self.name!r} names its score {self._score!r}, but its evaluate returned only "
+                            f"{', '.join(sorted(metrics))}")
+        return {**metrics, SCORE: metrics[self._score]}
 
     def __getattr__(self, attr: str) -> Any:
         # Only reached for what this class lacks: the task's own extras. "inner" itself is guarded, so
@@ -139,4 +215,5 @@ class TaskWithDefaults:
 
 
 __all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TaskWithDefaults", "TrainParams",
-           "check_allowed", "complete", "load_task"]
+           "check_allowed", "complete", "declared_options", "find_task", "load_task", "score_name",
+           "task_arguments", "training_defaults"]

@@ -90,7 +90,8 @@ class Task(Protocol):
         ...
 
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
-        """At least ``loss`` and ``accuracy`` of ``weights`` on ``data``."""
+        """At least ``loss`` and the score of ``weights`` on ``data``: ``accuracy``, unless the task names
+        its score otherwise with a ``score_name`` class attribute (see ``fedfleet.tasks``)."""
         ...
 
 

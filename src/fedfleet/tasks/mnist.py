@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from fedfleet.errors import TaskError
+from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec, split
 from fedfleet.tasks import torch_common
 from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
@@ -200,7 +201,7 @@ def build_model(kind: str) -> torch.nn.Module:
     raise TaskError(f"The 'model' task option must be one of {', '.join(MODELS)}. Got {kind!r} instead.")
 
 
-def _positive_int(option: str, value: str | None) -> int | None:
+def _positive_int(option: str, value: int | str | None) -> int | None:
     if value is None:
         return None
     try:
@@ -217,10 +218,20 @@ class MnistTask(NoStats):
 
     name = "mnist"
     source: ClassVar[Source] = MNIST
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("data_dir", str, None, "folder holding the four IDX files", optional=True,
+               default_text="$FEDFLEET_MNIST_DIR or $FEDFLEET_FASHION_MNIST_DIR, else ~/.cache/fedfleet/TASK"),
+        Option("model", str, "cnn", "the FedAvg paper's CNN or its 2-layer MLP (2 x 200)", choices=MODELS),
+        Option("examples", int, None, "train on a fixed random subset of this many training images", low=1,
+               optional=True, default_text="all 60000"),
+        Option("shards", int, 2, "label-sorted shards each worker gets with --partition natural",
+               low=1, high=60_000),
+    )
 
-    def __init__(self, data_dir: str | None = None, model: str = "cnn", examples: str | None = None,
-                 shards: str = "2") -> None:
+    def __init__(self, data_dir: str | None = None, model: str = "cnn", examples: int | str | None = None,
+                 shards: int | str = 2) -> None:
         torch_common.require_torch(self.name)
+        # load_task checked these against OPTIONS already; code that calls the class itself may pass strings.
         if model not in MODELS:
             raise TaskError(f"The 'model' task option must be one of {', '.join(MODELS)}. Got {model!r} instead.")
         self.data_dir = data_dir

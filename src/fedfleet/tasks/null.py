@@ -6,8 +6,11 @@ The model is one float32 tensor of ``params`` values; ``fit`` returns it plus a 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
+from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
 from fedfleet.types import Weights
@@ -15,10 +18,14 @@ from fedfleet.types import Weights
 
 class NullTask(NoStats):
     name = "null"
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("params", int, 100_000, "float32 values in the model", low=0, high=1_000_000_000),
+        Option("examples", int, 100, "examples each worker and the coordinator hold", low=1, high=10_000_000),
+    )
 
-    def __init__(self, params: str = "100000", examples: str = "100") -> None:
-        self.params = int(params)
-        self.examples = int(examples)
+    def __init__(self, params: int = 100_000, examples: int = 100) -> None:
+        self.params = params
+        self.examples = examples
 
     def init_weights(self, seed: int) -> Weights:
         return {"w": np.zeros(self.params, dtype=np.float32)}

@@ -16,10 +16,12 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from fedfleet.errors import TaskError
+from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec, split
 from fedfleet.tasks.base import Dataset, FitResult, TrainParams
 from fedfleet.types import Schema, TensorSpec, Weights
@@ -126,6 +128,10 @@ class SongsTask:
     name = "songs"
     classes = ERAS
     features = FEATURES
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("data_dir", str, None, "folder holding the song CSVs", optional=True,
+               default_text="$FEDFLEET_SONGS_DIR, else the copy shipped with fedfleet"),
+    )
 
     def __init__(self, data_dir: str | None = None) -> None:
         self.data_dir = data_dir

@@ -8,6 +8,7 @@ routes answer 409 saying why the task is not loaded.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -15,13 +16,21 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from fedfleet.asgi import JSON_BODY_LIMIT, BodyLimit, bind
-from fedfleet.errors import FedfleetError
+from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.messages import API, Status
 from fedfleet.tasks import check_allowed, load_task
 from fedfleet.web.routes import create_router
 from fedfleet.web.sources import FinishedRun
+
+
+class Health(BaseModel):
+    """/v1/health, as a coordinator answers it: ``ok`` while this server serves; ``state`` is the run's."""
+
+    ok: bool
+    state: str
 
 
 def create_app(run: FinishedRun, task_problem: str | None = None) -> FastAPI:
@@ -31,6 +40,10 @@ def create_app(run: FinishedRun, task_problem: str | None = None) -> FastAPI:
                   description=f"The finished run in {run.directory}: its dashboard and its final model's "
                               "predictions.")
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
+
+    @app.get(f"{API}/health", response_model=Health, tags=["run"])
+    async def health() -> Health:
+        return Health(ok=True, state=run.status.state)
 
     @app.get(f"{API}/status", response_model=Status, tags=["run"])
     async def status() -> Status:
@@ -71,9 +84,14 @@ def task_problem(run: FinishedRun, allowed_tasks: Collection[str]) -> str | None
 def serve_run(directory: Path, host: str = "127.0.0.1", port: int = 8080,
               allowed_tasks: Collection[str] = ()) -> int:
     """Serve until interrupted; the first line on stdout gives the URL (with port 0, the port picked)."""
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"port {port} on {host} is in use: choose another with --port (--port 0 picks a free one)"
+                          if exc.errno == errno.EADDRINUSE else f"cannot listen on {host} port {port}: "
+                          f"{exc.strerror or exc}", option="port") from exc
     run = FinishedRun.load(directory, allowed_tasks)
     problem = task_problem(run, allowed_tasks)
-    sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     s = run.status
