@@ -1,10 +1,12 @@
 """The network side of a worker: register, long-poll for tasks, fetch the model, send updates.
 
 One process can host many logical workers (``--clients K``), each a thread with its own stable id
-(kept in ``--state-dir``), its own partition and its own connection. They share what can be shared:
-the task, the data set in memory, and one download of each model version. A heartbeat thread tells
-the coordinator that workers busy training are still alive. Connection errors are retried with
-exponential backoff; SIGTERM or SIGINT stops the process cleanly.
+(kept in ``--state-dir``, a folder the process holds locked: see ``statedir``), its own partition
+and its own connection. They share what can be shared: the task, the data set in memory, and one
+download of each model version. A heartbeat thread tells the coordinator that workers busy training
+are still alive. Connection errors are retried with exponential backoff for ``--give-up`` seconds,
+told once (what for, which URL) and then every ``WAIT_LOG_EVERY`` seconds; SIGTERM or SIGINT stops
+the process cleanly.
 
 What ends a worker: a stop instruction, a signal, giving up on an unreachable coordinator, or a
 failure to join (registration, a task it may not or cannot load, its partition). What does not: one
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import socket
 import ssl
@@ -50,6 +53,7 @@ from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import Task, check_allowed, load_task
 from fedfleet.types import Weights
 from fedfleet.worker.metrics import WorkerMetrics
+from fedfleet.worker.statedir import claim
 from fedfleet.worker.trainer import Trainer, finite_metrics, nonfinite_tensors
 
 T = TypeVar("T")
@@ -57,6 +61,61 @@ UPLOAD_TRIES = 3
 Outcome = Literal["accepted", "not_accepted", "undelivered"]
 # Seconds between asks while the coordinator repeats an instruction this worker has done what it can with.
 REPEAT_WAIT = 0.5
+# While the coordinator does not answer: silence for a blip shorter than WAIT_QUIET (a restart, a dropped
+# connection), then one line saying what the worker waits for, then one every WAIT_LOG_EVERY seconds.
+WAIT_QUIET = 1.0
+WAIT_LOG_EVERY = 30.0
+
+
+def default_name() -> str:
+    """``HOST-PID``: tells apart the worker processes of one host (the agents add ``/K``)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Waiting:
+    """What a worker process says while its coordinator does not answer.
+
+    One account for all the logical workers of the process (K of them retrying print one line, not K):
+    ``worker.waiting`` once the coordinator has not answered for ``WAIT_QUIET`` seconds, with the URL
+    and what for; ``worker.still_waiting`` every ``every`` seconds with how long so far and how long
+    until the worker gives up; ``worker.reconnected`` when it answers again.
+    """
+
+    def __init__(self, url: str, give_up: float, every: float = WAIT_LOG_EVERY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.give_up = give_up
+        self.every = every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._since: float | None = None  # when the oldest retry still going started
+        self._next_line: float | None = None  # when the next line is due; None until the first is said
+
+    def failed(self, what: str, error: Exception, since: float) -> None:
+        """A retry of ``what`` that started failing at ``since`` (a ``clock`` time) failed again."""
+        now = self._clock()
+        with self._lock:
+            self._since = since if self._since is None else min(self._since, since)
+            waited = now - self._since
+            if waited < WAIT_QUIET or (self._next_line is not None and now < self._next_line):
+                return
+            left = f"{max(0.0, self.give_up - waited):.0f}s"
+            if self._next_line is None:
+                log.event("worker.waiting", logging.WARNING, coordinator=self.url, waiting_for=what,
+                          error=str(error), gives_up_in=left, next_line_in=f"{self.every:g}s")
+            else:
+                log.event("worker.still_waiting", logging.WARNING, coordinator=self.url, waiting_for=what,
+                          waited=f"{waited:.0f}s", gives_up_in=left, error=str(error))
+            self._next_line = now + self.every
+
+    def answered(self) -> None:
+        """The coordinator answered a request: any wait is over."""
+        with self._lock:
+            if self._since is None:
+                return
+            if self._next_line is not None:
+                log.event("worker.reconnected", coordinator=self.url, after=f"{self._clock() - self._since:.1f}s")
+            self._since = self._next_line = None
 
 
 class WorkerProcess:
@@ -70,9 +129,10 @@ class WorkerProcess:
         self.join_token = join_token
         self.verify = verify
         self.clients = clients
-        self.state_dir = state_dir
-        self.name = name or socket.gethostname()
+        self.state_dir = state_dir  # the folder asked for; run() replaces it with the slot it locks
+        self.name = name or default_name()
         self.give_up = give_up
+        self.waiting = Waiting(url, give_up)
         self.stop = threading.Event()
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -115,20 +175,29 @@ class WorkerProcess:
 
     # --- threads ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run every logical worker until the coordinator says stop, ``stop`` is set, or all fail."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        threads = [threading.Thread(target=Agent(self, slot).run, name=f"worker-{slot}", daemon=True)
-                   for slot in range(self.clients)]
-        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-        for t in threads:
-            t.start()
-        beat.start()
-        while any(t.is_alive() for t in threads) and not self.stop.is_set():
-            time.sleep(0.1)
-        self.stop.set()
-        for t in threads:
-            t.join(timeout=2.0)  # a long-poll in flight may hold a thread; it is a daemon
-        return 1 if self.errors else 0
+        """Run every logical worker until the coordinator says stop, ``stop`` is set, or all fail.
+
+        Raises ``StorageError`` if no slot of the state dir can be locked."""
+        slot = claim(self.state_dir)
+        if slot.number:
+            log.event("worker.state_dir", path=slot.path, slot=slot.number, passed_over="; ".join(slot.passed),
+                      hint="another worker process uses the folder before it; --state-dir picks the folder")
+        self.state_dir = slot.path
+        try:
+            threads = [threading.Thread(target=Agent(self, i).run, name=f"worker-{i}", daemon=True)
+                       for i in range(self.clients)]
+            beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+            for t in threads:
+                t.start()
+            beat.start()
+            while any(t.is_alive() for t in threads) and not self.stop.is_set():
+                time.sleep(0.1)
+            self.stop.set()
+            for t in threads:
+                t.join(timeout=2.0)  # a long-poll in flight may hold a thread; it is a daemon
+            return 1 if self.errors else 0
+        finally:
+            slot.release()
 
     def _heartbeat(self) -> None:
         client = self.client(timeout=10.0)
@@ -170,8 +239,16 @@ class Agent:
         finally:
             client.close()
 
+    def _who(self) -> dict[str, str]:
+        """The id once registered; before that, the name this worker registers with."""
+        return {"worker": self.worker_id} if self.worker_id else {"name": self.name}
+
+    @property
+    def name(self) -> str:
+        return f"{self.proc.name}/{self.slot}"
+
     def _fail(self, message: str) -> None:
-        log.event("worker.failed", logging.ERROR, worker=self.worker_id, message=message)
+        log.event("worker.failed", logging.ERROR, **self._who(), message=message)
         with self.proc._lock:
             self.proc.errors.append(message)
 
@@ -185,15 +262,16 @@ class Agent:
             return None, None
 
     def _register(self, client: CoordinatorClient) -> tuple[RegisterResponse, Trainer]:
-        name = f"{self.proc.name}/{self.slot}"
         worker_id, token = self._stored()
-        reg = self._retry(lambda: client.register(worker_id, name, token), "register")
+        reg = self._retry(lambda: client.register(worker_id, self.name, token), "register")
         self.worker_id = reg.worker_id
         # The worker token is a credential: the file is readable by this user only.
         write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url,
                                                     "token": reg.token}), mode=0o600)
         self.proc.joined(reg.worker_id, reg.poll_seconds, reg.token)
-        log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.name, run=reg.run_id)
+        # The partition's index, spelt as the coordinator's worker.registered line spells it.
+        log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.index, name=self.name,
+                  run=reg.run_id)
         trainer = Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
         # Loaded now, so that data that is missing or malformed ends the worker at once with its error,
         # rather than failing every round it is sampled in.
@@ -321,14 +399,18 @@ class Agent:
         delay = 0.1
         while True:
             try:
-                return fn()
+                result = fn()
             except TransportError as exc:
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.proc.give_up:
-                    raise CoordinatorUnreachable(f"{what}: no answer for {self.proc.give_up:g} s ({exc})") from exc
-                if delay >= 0.8:
-                    log.event("worker.retry", logging.WARNING, worker=self.worker_id, what=what, error=str(exc))
+                    raise CoordinatorUnreachable(
+                        f"no answer from {self.proc.url} for {self.proc.give_up:g} s ({exc}); "
+                        "--give-up sets how long a worker waits") from exc
+                self.proc.waiting.failed(what, exc, first_failure)
                 if self.proc.stop.wait(delay * random.uniform(0.5, 1.0)):
                     raise CoordinatorUnreachable(f"{what}: stopped while retrying") from exc
                 delay = min(delay * 2, 5.0)
+            else:
+                self.proc.waiting.answered()
+                return result
