@@ -95,6 +95,14 @@ def _default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{config.task.replace(':', '.')}-{config.partition.replace(':', '')}"
 
 
+def _given_options(args: argparse.Namespace) -> set[str]:
+    """The run options this command line sets, by flag or in --config (not the defaults): with
+    ``run --resume`` they must agree with the run's saved config."""
+    given = set(load_toml(args.config)) if args.config else set()
+    given |= {opt.name for opt in OPTIONS if getattr(args, opt.name) is not None}
+    return given | {name for name in ("task_options", "strategy_options") if getattr(args, name)}
+
+
 def _fail(parser: argparse.ArgumentParser, status: int, exc: Exception) -> NoReturn:
     # A child's error quoted in this one (the runner quotes the coordinator's last lines) has the prefix already.
     text = "\n".join(line.removeprefix(ERROR) for line in str(exc).splitlines())
@@ -169,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
     run.add_argument("--processes", type=_positive_int, default=None,
                      help="worker processes to spread --workers over (default: min(workers, 8))")
-    run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run already in --out and start over [default: refuse an existing run]")
+    run.add_argument("--resume", action="store_true",
+                     help="carry on the run in --out (stopped or crashed) from its last completed round, with the "
+                          "config saved there; run options given too must agree with it [default: off]")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
     coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
@@ -341,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedfleet.runner import run_local
 
         out = args.out or _default_out(config)
-        return run_local(config, out, processes=args.processes, overwrite=args.overwrite, quiet=args.quiet)
+        return run_local(config, out, processes=args.processes, overwrite=args.overwrite, quiet=args.quiet,
+                         resume=args.resume, given=_given_options(args))
     except ConfigError as exc:
         _fail(parser, 2, exc)
     except FedfleetError as exc:

@@ -2,11 +2,13 @@
 
 The loop: wait for enough live workers → (statistics round, if the task has one) → for each round:
 sample workers, open the round, wait until every sampled worker answered or the deadline passed,
-aggregate, check, evaluate, checkpoint, record → finish and tell the workers to stop.
+aggregate, check, evaluate, checkpoint, record → finish and tell the workers to stop. ``stop`` ends it
+early instead (a signal to the coordinator), resumable: the workers are not told to stop, since a
+coordinator started again on the same data dir carries the run on with them.
 
 What the outside may do: ``Engine.open`` (all the start-up I/O: the run folder, the state database, the
 checkpoint to resume from), the worker commands (``register``, ``heartbeat``, ``next_instruction``,
-``model_download``/``model_sent``), updates through ``intake`` (coordinator.intake, the only way into a
+``model_download``/``model_sent``), ``stop``, updates through ``intake`` (coordinator.intake, the only way into a
 round), and views: ``snapshot()``, ``status()``, ``workers_view()``, ``rounds()``, ``model()``,
 ``progress_event()``. The round state, the registry and the history are the engine's own.
 
@@ -60,7 +62,8 @@ from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_t
 from fedfleet.tasks import Dataset, Task
 from fedfleet.types import Schema, Weights, num_parameters, schema_of
 
-State = Literal["waiting", "running", "finished", "failed"]
+State = Literal["waiting", "running", "finished", "failed", "stopped"]
+ENDED: tuple[State, ...] = ("finished", "failed", "stopped")
 OUTLIER = 10.0  # an update whose norm is this many times the round's median is named when a round fails
 
 
@@ -132,6 +135,7 @@ class Engine:
         self._current: RoundState | None = None
         self._dropped = 0
         self._started = time.monotonic()
+        self._loop: asyncio.Task[None] | None = None  # the task running ``run``, which ``stop`` cancels
         self.done = asyncio.Event()  # set when the run is over and the workers had time to hear it
         # Two broadcast events, so that N workers parked in long-polls are woken only when there may be
         # work for them (a round opens, the run ends), not by each of the N answers of a round: that
@@ -271,7 +275,8 @@ class Engine:
             while True:
                 msg = self._instruction_for(w)
                 remaining = end - time.monotonic()
-                if not isinstance(msg, WaitInstruction) or remaining <= 0:
+                # A stopped coordinator is about to go: let the poll end so the server can close at once.
+                if not isinstance(msg, WaitInstruction) or remaining <= 0 or self.state == "stopped":
                     break
                 await self._wait_change(remaining, work=True)
         finally:
@@ -348,6 +353,7 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
+        self._loop = asyncio.current_task()
         try:
             if not self._stats_done and self.task.stats_schema() is not None:
                 await self._statistics()
@@ -534,11 +540,44 @@ class Engine:
                   run=self.run_id, message=message, accuracy=self.accuracy)
         self._notify(work=True)
 
+    def stop(self, reason: str) -> bool:
+        """End the run now, resumable: the loop is cancelled, the model and the history go back to the last
+        recorded round (what a coordinator started again on this data dir carries on from), model.safetensors
+        and a summary with state "stopped" are written; state.sqlite keeps the run open, so it is resumed and
+        not refused. The round in progress, if any, is lost and runs again on resume. Returns False, doing
+        nothing, if the run had already ended."""
+        if self.state in ENDED:
+            return False
+        if self._loop is not None:
+            self._loop.cancel()
+        last = self._history[-1] if self._history else None
+        recorded = last.round if last else 0
+        if self.round != recorded:
+            # The model in memory is of a round that was aggregated but not recorded: not part of the run.
+            self.round = recorded
+            self.accuracy, self.loss = (last.accuracy, last.loss) if last else (None, None)
+            model, version = (self._checkpoints.load(last.round)[0], last.model_version) if last \
+                else (self.task.init_weights(self.config.seed), 0)
+            self._set_model(model, version)
+        self.state = "stopped"
+        self.phase = "done"
+        self.message = f"{reason} after round {recorded} of {self.config.rounds}; resumable"
+        self._current = None
+        self.intake.round = None
+        self.run_dir.write_model([self._model_bytes])
+        self.run_dir.write_summary(self.summary())
+        self._store.checkpoint_wal()
+        log.event("run.stopped", logging.WARNING, run=self.run_id, round=recorded, reason=reason,
+                  accuracy=self.accuracy)
+        self._notify(work=True)
+        self.done.set()
+        return True
+
     def summary(self) -> RunSummary:
-        if self.state not in ("finished", "failed"):
+        if self.state == "waiting" or self.state == "running":
             raise RoundError(f"run {self.run_id} is {self.state}: it has no summary yet")
         return RunSummary(
-            run_id=self.run_id, state="finished" if self.state == "finished" else "failed", message=self.message,
+            run_id=self.run_id, state=self.state, message=self.message,
             task=self.config.task, partition=self.config.partition, workers=self.config.workers,
             rounds=self.round, rounds_planned=self.config.rounds, final_accuracy=self.accuracy,
             final_loss=self.loss, seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),

@@ -167,7 +167,8 @@ class WorkerView(Message):
 
 class Status(Message):
     run_id: str
-    state: Literal["waiting", "running", "finished", "failed"]
+    state: Literal["waiting", "running", "finished", "failed", "stopped"] = Field(
+        description="stopped: ended early by a signal to the coordinator; started again on its data dir, it resumes")
     phase: str
     task: str
     round: int = Field(description="last completed training round (0 before the first)")

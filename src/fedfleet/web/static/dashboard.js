@@ -92,11 +92,13 @@ const source = new EventSource("v1/events");
 source.addEventListener("state", (e) => {
   const state = JSON.parse(e.data);
   render(state);
-  const over = state.status.state === "finished" || state.status.state === "failed";
+  const over = ["finished", "failed", "stopped"].includes(state.status.state);
   if (over) {
     // Nothing more will come: stop listening, or the browser would reconnect forever.
     source.close();
-    setConn("", state.live ? `run ${state.status.state}` : `finished run (from its files)`);
+    // A stopped run is not over for good: its coordinator, started again on its data dir, resumes it.
+    const live = state.status.state === "stopped" ? "run stopped (resumable)" : `run ${state.status.state}`;
+    setConn("", state.live ? live : `finished run (from its files)`);
   } else {
     setConn("live", "live");
   }
