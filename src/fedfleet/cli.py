@@ -29,7 +29,7 @@ ERROR = "fedfleet: error: "
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run options (also settable in --config FILE)")
-    g.add_argument("--config", metavar="FILE", type=Path, help="TOML file with run options; flags win")
+    g.add_argument("--config", metavar="FILE", type=Path, help="TOML file with run options; flags win [default none]")
     for opt in OPTIONS:
         default = opt.default_text or opt.default
         if opt.name in TRAINING:
@@ -40,7 +40,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="option passed to the task, e.g. data_dir=/path (repeatable); the built-in tasks' "
                         "are listed below [default: the task's defaults]")
     g.add_argument("--strategy-option", dest="strategy_options", action="append", default=None,
-                   metavar="KEY=VALUE", help="option of the strategy, e.g. server_lr=0.5 (repeatable)")
+                   metavar="KEY=VALUE",
+                   help="option of the strategy, e.g. server_lr=0.5 (repeatable) [default: the strategy's defaults]")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -163,9 +164,19 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedfleet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfleet", description="Federated learning: a coordinator and workers "
                                      "that train one model without moving their data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--log-level", default=os.environ.get("FEDFLEET_LOG_LEVEL"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level (default INFO for coordinator and worker, WARNING for run)")
@@ -187,21 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(coord)
-    coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    coord.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
+    coord.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 for all) [default 127.0.0.1]")
+    coord.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one) [default 8080]")
     coord.add_argument("--data-dir", type=Path, default=Path("runs/coordinator"),
-                       help="state, checkpoints and outputs; restart with the same one to resume")
+                       help="state, checkpoints and outputs; restart with the same one to resume "
+                            "[default runs/coordinator]")
     coord.add_argument("--linger", type=_seconds, default=10.0,
-                       help="seconds to keep serving after the run so workers hear it is over")
+                       help="seconds to keep serving after the run so workers hear it is over [default 10]")
     sec = coord.add_argument_group("security and limits (see docs/reliability.md)")
     sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
                      help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for status, "
-                          "metrics, dashboard and control endpoints")
+                          "metrics, dashboard and control endpoints [default none: $FEDFLEET_ADMIN_TOKEN if set, else "
+                          "these are open]")
     sec.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
                      help="file holding the join token (or env FEDFLEET_JOIN_TOKEN): needed to register; each "
-                          "worker then gets its own token")
-    sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="PEM certificate: serve https")
-    sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key of --tls-cert")
+                          "worker then gets its own token [default none: $FEDFLEET_JOIN_TOKEN if set, else anyone "
+                          "may join]")
+    sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                     help="PEM certificate: serve https [default none: http]")
+    sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                     help="PEM private key of --tls-cert [default none]")
     sec.add_argument("--insecure", action="store_true",
                      help="allow a non-loopback --host without a join token (trusted networks only)")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=JSON_BODY_LIMIT, metavar="N",
@@ -231,21 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
     worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
     worker.add_argument("--clients", type=_positive_int, default=1,
-                        help="logical workers in this process, each with its own id and partition")
-    worker.add_argument("--state-dir", type=Path, default=Path(".fedfleet-worker"),
-                        help="where worker ids are kept, so a restarted worker keeps its partition")
-    worker.add_argument("--name", default="", help="name shown by the coordinator (default: host name)")
+                        help="logical workers in this process, each with its own id and partition [default 1]")
+    worker.add_argument("--state-dir", type=Path, default=Path(".fedfleet-worker"), metavar="DIR",
+                        help="where worker ids are kept, so a restarted worker keeps its partition; a process "
+                             "locks it, and one started while it is locked takes DIR/1, DIR/2, ... "
+                             "[default .fedfleet-worker]")
+    worker.add_argument("--name", default="",
+                        help="name shown by the coordinator, /K added for each of --clients [default HOST-PID]")
     worker.add_argument("--give-up", type=_seconds, default=300.0,
-                        help="seconds of failed retries before a worker gives up on the coordinator")
+                        help="seconds without an answer from the coordinator before a worker gives up [default 300]")
     worker.add_argument("--metrics-port", type=_port, default=0,
                         help="serve Prometheus metrics of this process on this port (default 0: off)")
     worker.add_argument("--metrics-host", default="127.0.0.1",
-                        help="address the metrics are served on (0.0.0.0 for a Prometheus on another host)")
+                        help="address the metrics are served on (0.0.0.0 for a Prometheus on another host) "
+                             "[default 127.0.0.1]")
     worker.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
-                        help="file holding the coordinator's join token (or env FEDFLEET_JOIN_TOKEN)")
+                        help="file holding the coordinator's join token (or env FEDFLEET_JOIN_TOKEN) "
+                             "[default none: $FEDFLEET_JOIN_TOKEN if set, else join an open coordinator]")
     worker.add_argument("--allow-task", dest="allowed_tasks", action="append", default=[], metavar="MODULE:CLASS",
                         help="a task of your own this worker may run when the coordinator asks (repeatable); "
-                             "built-in tasks are always allowed, nothing else is")
+                             "built-in tasks are always allowed, nothing else is [default none]")
     worker.add_argument("--ca", type=Path, default=None, metavar="FILE",
                         help="PEM certificate(s) of the CA to trust for an https coordinator (default: the system's)")
 
@@ -254,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--host", dest="hosts", action="append", default=None, metavar="NAME",
                        help="host name or IP address the coordinator is reached at (repeatable) "
                             "[default localhost and 127.0.0.1]")
-    certs.add_argument("--days", type=_positive_int, default=365, help="days the certificates are valid [365]")
+    certs.add_argument("--days", type=_positive_int, default=365, help="days the certificates are valid [default 365]")
     certs.add_argument("--force", action="store_true", help="replace certificates already in --out")
 
     report = sub.add_parser("report", help="PNG plots and report.md of a run, or of several side by side")
@@ -266,11 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the dashboard and the predict page of a finished run, from its files")
     serve.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
                        help="the run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 for all) [default 127.0.0.1]")
+    serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one) [default 8080]")
     serve.add_argument("--allow-task", dest="allowed_tasks", action="append", default=[], metavar="MODULE:CLASS",
                        help="a task of your own to load for the predict page if the run names it (repeatable); "
-                            "built-in tasks are always allowed, nothing else is: loading a task runs its code")
+                            "built-in tasks are always allowed, nothing else is: loading a task runs its code "
+                            "[default none]")
 
     data = sub.add_parser("data", help="fetch a data set's files from their official locations")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -280,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder to fill [default $FEDFLEET_MNIST_DIR / $FEDFLEET_FASHION_MNIST_DIR, "
                             "else ~/.cache/fedfleet/DATASET: where the task looks]")
     fetch.add_argument("--mirror", dest="mirrors", action="append", default=None, type=_url, metavar="URL",
-                       help="base URL serving the .gz files, tried instead of the official ones (repeatable)")
-    fetch.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request [60]")
+                       help="base URL serving the .gz files, tried instead of the official ones (repeatable) "
+                            "[default none: the official ones]")
+    fetch.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request [default 60]")
 
     from fedfleet.deploy.cli import add_aws_parser  # no boto3 until `fedfleet aws` runs
 

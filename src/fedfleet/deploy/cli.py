@@ -24,11 +24,13 @@ def add_aws_parser(sub: Any) -> None:
     up = cmds.add_parser("up", help="store tokens, create the stack, wait, print the coordinator URL")
     up.add_argument("--stack", required=True, help="stack name (also names the tokens and the S3 prefix)")
     up.add_argument("--admin-cidr", required=True, help="the network allowed to reach the coordinator, e.g. 1.2.3.4/32")
-    up.add_argument("--alarm-email", default="", help="address subscribed to the alarms' SNS topic")
+    up.add_argument("--alarm-email", default="", help="address subscribed to the alarms' SNS topic [default none]")
     up.add_argument("--param", dest="params", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                    help="a template parameter, e.g. WorkerDesiredCapacity=4 (repeatable; deploy/aws/fedfleet.yaml)")
+                    help="a template parameter, e.g. WorkerDesiredCapacity=4 (repeatable; deploy/aws/fedfleet.yaml) "
+                         "[default none: the template's defaults]")
     up.add_argument("--wheel", type=Path, default=None,
-                    help="a fedfleet wheel (python -m build) for the instances to install from the stack's bucket")
+                    help="a fedfleet wheel (python -m build) for the instances to install from the stack's bucket "
+                         "[default none: they pip install fedfleet]")
     up.add_argument("--no-wait", action="store_true", help="return once CloudFormation has the request")
 
     status = cmds.add_parser("status", help="the stack, its outputs, workers in service and alarms")
