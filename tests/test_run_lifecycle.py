@@ -254,7 +254,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("extra", [(), ("--task", "null"), ("--rounds", "5")])
+@pytest.mark.parametrize("extra", [(), ("--task", "null", "--rounds", "5")])
 def test_an_existing_run_without_resume_or_overwrite_is_one_line_naming_both(
         finished_run: Path, extra: tuple[str, ...]) -> None:
     before = files(finished_run)

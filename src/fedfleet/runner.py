@@ -340,7 +340,8 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         summary = None  # the coordinator wrote none this time
     if interrupted is not None and (summary is None or summary.state == "stopped"):
         # Said even with --quiet: a stopped run is not what the user asked for, and how to resume it matters.
-        _print_stopped(Console(), interrupted, summary, run_dir, len(procs.procs), processes)
+        _print_stopped(Console(), interrupted, summary, run_dir, len(procs.procs), processes,
+                       score_name(find_task(config.task)))
         return 128 + interrupted.value
     if summary is None:
         console.print(f"[red]the coordinator ended without a summary[/red]:\n{_tail(out / 'logs' / 'coordinator.log')}")
@@ -370,7 +371,7 @@ def resume_command(out: Path, processes: int | None = None) -> str:
 
 
 def _print_stopped(console: Console, sig: signal.Signals, summary: RunSummary | None, run_dir: RunDir,
-                   started: int, processes: int | None) -> None:
+                   started: int, processes: int | None, score: str) -> None:
     workers = started - 1
     what = ("nothing had started yet" if started == 0 else "the coordinator ended (no worker had started)"
             if workers == 0 else f"the coordinator and {workers} worker process{'es' if workers > 1 else ''} ended")
@@ -387,7 +388,7 @@ def _print_stopped(console: Console, sig: signal.Signals, summary: RunSummary | 
         accuracy = records[-1].accuracy if records else None
         planned = _planned(run_dir)
     if last:
-        console.print(f"Last completed round: {last} of {planned}, test accuracy {_fmt(accuracy)}.", soft_wrap=True)
+        console.print(f"Last completed round: {last} of {planned}, test {score} {_fmt(accuracy)}.", soft_wrap=True)
     else:
         console.print("No round was completed.")
     if run_dir.config_path.exists():
