@@ -124,7 +124,7 @@ def test_defaults_match_the_option_table() -> None:
     for opt in OPTIONS:
         assert getattr(config, opt.name) == opt.default
     assert config.task_options == ()
-    assert config.needed_workers == config.workers
+    assert config.needed_workers(0) == config.workers
 
 
 def test_option_table_and_dataclass_fields_agree() -> None:
@@ -158,8 +158,18 @@ def test_min_workers_above_workers_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"'min_workers'.*at most 'workers' \(4\).*Got 5") as info:
         RunConfig.from_mapping({"workers": 4, "min_workers": 5})
     assert info.value.option == "min_workers"
-    assert RunConfig.from_mapping({"workers": 4, "min_workers": 4}).needed_workers == 4
-    assert RunConfig.from_mapping({"workers": 4, "min_workers": 2}).needed_workers == 2
+    assert RunConfig.from_mapping({"workers": 4, "min_workers": 4}).needed_workers(5) == 4
+    assert RunConfig.from_mapping({"workers": 4, "min_workers": 2}).needed_workers(0) == 2
+
+
+@pytest.mark.parametrize("workers,fraction,quorum,after_first", [
+    (3, 1.0, 0.5, 2), (8, 1.0, 0.5, 4), (100, 0.1, 0.5, 5), (100, 0.07, 1.0, 7), (1, 1.0, 0.5, 1), (10, 1.0, 1.0, 10),
+])
+def test_without_min_workers_the_first_round_waits_for_all_then_for_a_quorum(
+        workers: int, fraction: float, quorum: float, after_first: int) -> None:
+    config = RunConfig.from_mapping({"workers": workers, "fraction": fraction, "quorum": quorum})
+    assert config.needed_workers(0) == workers
+    assert config.needed_workers(1) == config.needed_workers(40) == after_first
 
 
 def test_partition_error_names_the_option() -> None:

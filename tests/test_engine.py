@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -249,3 +250,50 @@ def test_an_aggregate_that_is_not_finite_is_not_applied_and_the_round_runs_witho
     assert [(r.attempts, r.participants) for r in records] == [(2, 2), (2, 2)]
     text = engine.metrics.render(None)[0].decode()
     assert 'fedfleet_rounds_not_applied_total{kind="train"} 2.0' in text
+
+
+def test_while_workers_are_missing_status_says_for_whom_and_until_when(tmp_path: Path) -> None:
+    engine = open_engine(tmp_path, wait_timeout=60.0)
+
+    async def scenario() -> None:
+        engine.register("w0", "host-a/0")
+        engine.register("w1", "host-b/0")
+        loop = asyncio.create_task(engine.run())
+        await asyncio.sleep(0.1)
+        waiting = engine.status().waiting
+        assert waiting is not None
+        assert (waiting.live, waiting.needed) == (2, 3)  # the first round waits for every partition
+        assert waiting.waiting_for == ["1 partition with no worker yet"]
+        assert 50 < waiting.fails_at - time.time() <= 60
+        loop.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
+
+
+def test_after_the_first_round_a_dead_worker_does_not_stall_the_run(tmp_path: Path) -> None:
+    # quorum 0.5 of 3 workers: after round 1, two live workers are enough to open a round.
+    engine = open_engine(tmp_path, rounds=3, worker_timeout=1.0, wait_timeout=600.0)
+
+    async def scenario() -> None:
+        ids = [engine.register(f"w{i}", "").worker_id for i in range(3)]
+        loop = asyncio.create_task(engine.run())
+
+        async def worker(wid: str) -> None:
+            while (msg := await engine.next_instruction(wid, 0.5)).kind != "stop":
+                if isinstance(msg, TrainInstruction):
+                    await send(engine, wid, msg, plus(engine, 1.0))
+                    if wid == "w2":
+                        return  # dies after its first update: no more polls
+
+        await asyncio.wait_for(asyncio.gather(loop, *(worker(w) for w in ids)), 60)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.state == "finished"
+    records = RunDir(tmp_path / "run").read_rounds()
+    assert [r.participants for r in records][0] == 3 and records[-1].participants == 2

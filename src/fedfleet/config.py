@@ -14,6 +14,7 @@ A run's config comes from defaults, then a TOML file (``--config run.toml``), th
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +32,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", int, 8, "data partitions, one per worker; `run` starts this many workers",
            low=1, high=100_000),
     Option("min_workers", int, None, "live workers needed to start a round; also the fewest sampled in one",
-           low=1, high=100_000, optional=True, default_text="all --workers to start, 1 to sample"),
+           low=1, high=100_000, optional=True,
+           default_text="all --workers for the first round, then the quorum of a round's sample "
+                        "(ceil(quorum x ceil(fraction x workers))); 1 to sample"),
     Option("fraction", float, 1.0, "share of live workers sampled each round", low=0, high=1, low_open=True),
     Option("quorum", float, 0.5, "share of sampled workers that must answer by the deadline",
            low=0, high=1, low_open=True),
@@ -114,10 +117,22 @@ class RunConfig:
         make_strategy(checked["strategy"], dict(checked["strategy_options"]))
         return cls(**checked)
 
-    @property
-    def needed_workers(self) -> int:
-        """Live workers needed before a round starts."""
-        return self.workers if self.min_workers is None else self.min_workers
+    def needed_workers(self, rounds_done: int) -> int:
+        """Live workers needed before a round starts, after ``rounds_done`` completed training rounds.
+
+        ``--min-workers`` when set; else every partition's worker for the first round (so that the
+        statistics and the first model see all the data), and from then on the quorum of the sample a
+        round would draw: one dead worker of three does not stall a run that needs only two answers.
+
+        >>> cfg = RunConfig(workers=3, quorum=0.5)
+        >>> cfg.needed_workers(0), cfg.needed_workers(1)
+        (3, 2)
+        """
+        if self.min_workers is not None:
+            return self.min_workers
+        if rounds_done == 0:
+            return self.workers
+        return max(1, math.ceil(self.quorum * math.ceil(self.fraction * self.workers - 1e-9) - 1e-9))
 
     @property
     def task_options_dict(self) -> dict[str, str]:

@@ -49,6 +49,7 @@ from fedfleet.protocol.messages import (
     StopInstruction,
     TrainInstruction,
     TrainParamsMsg,
+    Waiting,
     WaitInstruction,
     WorkerView,
 )
@@ -64,6 +65,7 @@ from fedfleet.types import Schema, Weights, num_parameters, schema_of
 
 State = Literal["waiting", "running", "finished", "failed", "stopped"]
 ENDED: tuple[State, ...] = ("finished", "failed", "stopped")
+WAIT_LOG_S = 10.0  # a round waiting for workers says so this often
 OUTLIER = 10.0  # an update whose norm is this many times the round's median is named when a round fails
 
 
@@ -99,6 +101,7 @@ class Snapshot:
     open_round: OpenRound | None
     last_participants: int | None
     dropped: int  # sampled workers silent in the last round attempt that closed
+    waiting: Waiting | None  # set while the next round waits for workers
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Engine:
         self.loss = history[-1].loss if history else None
         self._stats_done = bool(history)
         self._current: RoundState | None = None
+        self._waiting: Waiting | None = None
         self._dropped = 0
         self._started = time.monotonic()
         self._loop: asyncio.Task[None] | None = None  # the task running ``run``, which ``stop`` cancels
@@ -316,13 +320,14 @@ class Engine:
             accuracy=last.accuracy if last else None, loss=last.loss if last else None,
             workers_registered=len(self._registry.workers), workers_live=len(self._registry.live()),
             open_round=open_round, last_participants=last.participants if last else None,
-            dropped=self._dropped)
+            dropped=self._dropped, waiting=self._waiting)
 
     def status(self) -> Status:
         s = self.snapshot()
         return Status(run_id=s.run_id, state=s.state, phase=s.phase, task=s.task, round=s.round,
                       rounds=s.rounds_planned, model_version=s.model_version, workers_registered=s.workers_registered,
-                      workers_live=s.workers_live, accuracy=s.accuracy, loss=s.loss, message=s.message)
+                      workers_live=s.workers_live, accuracy=s.accuracy, loss=s.loss, message=s.message,
+                      waiting=s.waiting)
 
     def workers_view(self) -> list[WorkerView]:
         now = time.monotonic()
@@ -375,19 +380,45 @@ class Engine:
         return target is not None and self.accuracy is not None and self.accuracy >= target
 
     async def _wait_for_workers(self, excluded: set[str]) -> list[str]:
-        needed = self.config.needed_workers
-        deadline = time.monotonic() + self.config.wait_timeout
-        while True:
-            live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded]
-            # Workers excluded from this round (their update made the aggregate non-finite) are not waited for.
-            if len(live) >= max(1, needed - len(excluded)):
-                return live
-            if time.monotonic() >= deadline:
-                raise RoundError(f"only {len(live)} of the {needed} workers needed were alive after waiting "
-                                 f"{self.config.wait_timeout:g} s (--wait-timeout); run failed",
-                                 round=self.round + 1)
-            self.phase = f"waiting for workers ({len(live)}/{needed} live)"
-            await self._wait_change(min(1.0, deadline - time.monotonic()))
+        """The live workers, once there are enough of them (``RunConfig.needed_workers``) to open a round;
+        while waiting, ``snapshot().waiting`` says for whom, and a log line every ``WAIT_LOG_S``."""
+        # Workers excluded from this round (their update made the aggregate non-finite) are not waited for.
+        needed = max(1, self.config.needed_workers(self.round) - len(excluded))
+        start = time.monotonic()
+        deadline = start + self.config.wait_timeout
+        fails_at = time.time() + self.config.wait_timeout
+        next_log = start + WAIT_LOG_S
+        try:
+            while True:
+                live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded]
+                if len(live) >= needed:
+                    return live
+                missing = self._missing(excluded)
+                now = time.monotonic()
+                if now >= deadline:
+                    raise RoundError(f"only {len(live)} of the {needed} workers needed were alive after waiting "
+                                     f"{self.config.wait_timeout:g} s (--wait-timeout); run failed. Missing: "
+                                     f"{', '.join(missing)}", round=self.round + 1)
+                self._waiting = Waiting(waiting_for=missing, live=len(live), needed=needed, fails_at=fails_at)
+                self.phase = f"waiting for workers ({len(live)}/{needed} live)"
+                if now >= next_log:
+                    log.event("round.waiting", logging.WARNING, run=self.run_id, round=self.round + 1,
+                              live=len(live), needed=needed, missing="; ".join(missing),
+                              fails_in_s=round(deadline - now))
+                    next_log = now + WAIT_LOG_S
+                await self._wait_change(min(1.0, deadline - now))
+        finally:
+            self._waiting = None
+
+    def _missing(self, excluded: set[str]) -> list[str]:
+        """Who a round waits for: registered workers gone quiet, and partitions nobody has joined for."""
+        out = [f"{w.worker_id} ({w.name})" if w.name else w.worker_id
+               for w in sorted(self._registry.workers.values(), key=lambda w: w.partition)
+               if w.worker_id not in excluded and not self._registry.alive(w)]
+        unjoined = self.config.workers - len(self._registry.workers)
+        if unjoined > 0:
+            out.append(f"{unjoined} partition{'s' if unjoined > 1 else ''} with no worker yet")
+        return out
 
     async def _open_and_wait(self, kind: Kind, rnd: int, first_attempt: int, excluded: set[str]) -> RoundState:
         """Run attempts of round ``rnd`` until one reaches its quorum; raise after too many misses."""

@@ -165,6 +165,17 @@ class WorkerView(Message):
     last_train_s: float | None = Field(None, description="seconds its last update took to train locally")
 
 
+class Waiting(Message):
+    """Why the next round has not opened: too few live workers. The run fails at ``fails_at``."""
+
+    waiting_for: list[str] = Field(description="registered workers not heard from within --worker-timeout "
+                                               "(id and name), and how many partitions have no worker yet")
+    live: int
+    needed: int = Field(description="live workers the round needs: --min-workers, else all for the first round "
+                                    "and the quorum of a round's sample after it")
+    fails_at: float = Field(description="Unix time at which the wait fails the run (--wait-timeout)")
+
+
 class Status(Message):
     run_id: str
     state: Literal["waiting", "running", "finished", "failed", "stopped"] = Field(
@@ -179,6 +190,7 @@ class Status(Message):
     accuracy: float | None
     loss: float | None
     message: str = ""
+    waiting: Waiting | None = Field(default=None, description="set while the next round waits for workers")
 
 
 def one_line(exc: Exception) -> str:
