@@ -32,7 +32,7 @@ REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_bo
 REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited")
 UPDATE_KINDS = ("stats", "train")
 WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
-RUN_STATES = ("waiting", "running", "finished", "failed")
+RUN_STATES = ("waiting", "running", "finished", "failed", "stopped")
 
 # Rounds take from milliseconds (a small model on loopback) to many minutes (deadlines of real fleets).
 ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)

@@ -148,7 +148,7 @@ async def _stream(run: RunSource) -> AsyncIterator[str]:
         start = sent if sent <= len(rounds) else 0
         yield f"event: state\ndata: {_dumps({**snap, 'rounds_from': start, 'rounds': rounds[start:]})}\n\n"
         sent = len(rounds)
-        if snap["status"]["state"] in ("finished", "failed"):
+        if snap["status"]["state"] in ("finished", "failed", "stopped"):
             return  # nothing more will come; the page stops listening when it sees the state
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), REFRESH_S)

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from fedfleet.config import RunConfig
 from fedfleet.errors import ConfigError, FedfleetError, StorageError
@@ -94,11 +94,8 @@ class FinishedRun:
         if summary is None:  # removed since it was there a moment ago
             raise missing(run_dir.summary_path, "written when a run ends")
         version = meta.get("version", "")
-        # A run stopped before its last round is over without having finished: its status says failed,
-        # and the summary's message, shown with it, says why.
-        state: Literal["finished", "failed"] = "finished" if summary.state == "finished" else "failed"
         status = Status(
-            run_id=summary.run_id, state=state, phase="done", task=config.task,
+            run_id=summary.run_id, state=summary.state, phase="done", task=config.task,
             round=summary.rounds, rounds=config.rounds,
             model_version=int(version) if version.isdecimal() else summary.model_version,
             workers_registered=0, workers_live=0, accuracy=summary.final_accuracy, loss=summary.final_loss,
