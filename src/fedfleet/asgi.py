@@ -5,13 +5,26 @@ Neutral ground, so that the web layer (``fedfleet.web``) needs nothing from the 
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from fedfleet.errors import ConfigError
+
 JSON_BODY_LIMIT = 1024 * 1024  # default limit of a JSON request body
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """``bind``, with a port in use (or any other refusal) as a ConfigError of one line naming it."""
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"port {port} on {host} is in use: choose another with --port (--port 0 picks a free one)"
+                          if exc.errno == errno.EADDRINUSE else f"cannot listen on {host} port {port}: "
+                          f"{exc.strerror or exc}", option="port") from exc
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -8,7 +8,6 @@ address a local runner reads, exists only while this process serves: it is remov
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
 import logging
@@ -21,7 +20,7 @@ from types import FrameType
 import uvicorn
 
 from fedfleet import log
-from fedfleet.asgi import ASGIApp, bind
+from fedfleet.asgi import ASGIApp, listen
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
 from fedfleet.coordinator.engine import Engine
@@ -113,12 +112,7 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
                           "the run and send updates. Set FEDFLEET_JOIN_TOKEN or --join-token-file (and "
                           "--admin-token-file), or pass --insecure on a network you trust", option="host")
     # Bound before anything is written: a port in use is one line, and leaves no half-made data dir.
-    try:
-        sock = bind(host, port)
-    except OSError as exc:
-        raise ConfigError(f"port {port} on {host} is in use: choose another with --port (--port 0 picks a free one)"
-                          if exc.errno == errno.EADDRINUSE else f"cannot listen on {host} port {port}: "
-                          f"{exc.strerror or exc}", option="port") from exc
+    sock = listen(host, port)
     data_dir.mkdir(parents=True, exist_ok=True)
     access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")
     if not is_loopback(host) and tls is None and (admin_token or join_token):

@@ -8,7 +8,6 @@ routes answer 409 saying why the task is not loaded.
 
 from __future__ import annotations
 
-import errno
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -18,8 +17,8 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from fedfleet.asgi import JSON_BODY_LIMIT, BodyLimit, bind
-from fedfleet.errors import ConfigError, FedfleetError
+from fedfleet.asgi import JSON_BODY_LIMIT, BodyLimit, listen
+from fedfleet.errors import FedfleetError
 from fedfleet.protocol.messages import API, Status
 from fedfleet.tasks import check_allowed, load_task
 from fedfleet.web.routes import create_router
@@ -84,12 +83,7 @@ def task_problem(run: FinishedRun, allowed_tasks: Collection[str]) -> str | None
 def serve_run(directory: Path, host: str = "127.0.0.1", port: int = 8080,
               allowed_tasks: Collection[str] = ()) -> int:
     """Serve until interrupted; the first line on stdout gives the URL (with port 0, the port picked)."""
-    try:
-        sock = bind(host, port)
-    except OSError as exc:
-        raise ConfigError(f"port {port} on {host} is in use: choose another with --port (--port 0 picks a free one)"
-                          if exc.errno == errno.EADDRINUSE else f"cannot listen on {host} port {port}: "
-                          f"{exc.strerror or exc}", option="port") from exc
+    sock = listen(host, port)
     run = FinishedRun.load(directory, allowed_tasks)
     problem = task_problem(run, allowed_tasks)
     shown = f"[{host}]" if ":" in host else host
