@@ -296,14 +296,18 @@ def make_certs(folder: Path) -> Path:
     return folder
 
 
+ROUNDS = 60
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 def test_2000_idle_sockets_against_1024_fds_never_fail_the_run(fleet: Fleet, many_fds: None, tls: bool,
                                                                tmp_path: Path) -> None:
     # Under TLS the idle sockets never start a handshake: they must be counted (and refused) all the same.
     certs = make_certs(tmp_path / "certs") if tls else None
     tls_args = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem")) if certs else ()
-    # Long header timeout: the idle sockets stay for as long as the rounds below take.
-    coord = start_limited_coordinator(fleet, FD_LIMIT, "--task", "songs", "--workers", "2", "--rounds", "8",
+    # Long header timeout: the idle sockets stay for as long as the rounds below take. Enough rounds that
+    # the run is still going while the sockets are opened and counted (8 rounds once ended in 1.8 s first).
+    coord = start_limited_coordinator(fleet, FD_LIMIT, "--task", "songs", "--workers", "2", "--rounds", str(ROUNDS),
                                       "--local-epochs", "3", "--linger", "1", "--header-timeout", "20", *tls_args)
     pid = coord.proc.pid
     cap = int(next(f for f in coord.log_text().split() if f.startswith("max_open_connections=")).split("=")[1])
@@ -345,7 +349,7 @@ def test_2000_idle_sockets_against_1024_fds_never_fail_the_run(fleet: Fleet, man
         for s in idle:
             s.close()
         admin.close()
-    assert summary["rounds"] == 8
+    assert summary["rounds"] == ROUNDS
     assert during - before < 100, (before, during)
     assert "coordinator.connections_refused" in coord.log_text()
     assert "Too many open files" not in coord.log_text()
