@@ -50,8 +50,12 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, de
 def coord(module_fleet: Fleet) -> Iterator[Coordinator]:
     # Fuzzed registrations take partitions and may open rounds with workers that never answer: they
     # are dead after WORKER_TIMEOUT, so such a round closes early and the next attempt samples others.
+    # --min-workers 2: every round waits for both partitions, so the real workers of the last test both
+    # take part (by default a round after the first needs only a quorum, and a worker turned away while
+    # a fuzzer's registration still looked alive could miss the whole run and retry until --give-up).
     yield module_fleet.coordinator(
-        "--task", "null", "--task-option", f"params={PARAMS}", "--workers", "2", "--rounds", str(ROUNDS),
+        "--task", "null", "--task-option", f"params={PARAMS}", "--workers", "2", "--min-workers", "2",
+        "--rounds", str(ROUNDS),
         "--worker-timeout", str(WORKER_TIMEOUT), "--round-timeout", "60", "--wait-timeout", "600",
         "--max-round-retries", "1000", "--linger", "5")
 
