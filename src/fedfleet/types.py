@@ -33,3 +33,29 @@ def schema_of(weights: Weights) -> Schema:
 
 def num_parameters(weights: Weights) -> int:
     return int(sum(v.size for v in weights.values()))
+
+
+FINITE_BLOCK = 1 << 16  # elements checked at a time: the mask stays small and in cache
+
+
+def is_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in ``array`` (True for integer arrays), checked a block at a time into a small
+    buffer: ``np.isfinite(a).all()`` would allocate a mask as large as a model, page faults and all."""
+    values = np.asarray(array)
+    if values.dtype.kind not in "fc":
+        return True
+    flat = values.reshape(-1)
+    mask = np.empty(min(FINITE_BLOCK, flat.size), dtype=bool)
+    for pos in range(0, flat.size, FINITE_BLOCK):
+        end = min(pos + FINITE_BLOCK, flat.size)
+        if not np.isfinite(flat[pos:end], out=mask[: end - pos]).all():
+            return False
+    return True
+
+
+def all_finite(weights: Weights) -> str | None:
+    """The first floating tensor of ``weights`` holding NaN or Inf, or None if all are finite."""
+    for name, array in weights.items():
+        if not is_finite(array):
+            return name
+    return None

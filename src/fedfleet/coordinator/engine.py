@@ -58,10 +58,10 @@ from fedfleet.storage.records import RoundRecord, RoundTiming, RoundTimings, Run
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import Strategy, make_strategy
-from fedfleet.strategies.accumulate import WeightedSum, all_finite
+from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
 from fedfleet.tasks import Dataset, Task
-from fedfleet.types import Schema, Weights, num_parameters, schema_of
+from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_of
 
 State = Literal["waiting", "running", "finished", "failed", "stopped"]
 ENDED: tuple[State, ...] = ("finished", "failed", "stopped")

@@ -39,7 +39,7 @@ from fedfleet.protocol.codec import Header
 from fedfleet.protocol.messages import UpdateAck, UpdateMeta
 from fedfleet.storage.records import clean_worker_metrics
 from fedfleet.storage.sqlite import Store
-from fedfleet.strategies.accumulate import Stack, WeightedSum, all_finite, delta_norm
+from fedfleet.strategies.accumulate import Stack, WeightedSum, delta_norm
 from fedfleet.tasks import Task
 from fedfleet.types import Schema, Weights
 
@@ -155,12 +155,11 @@ class UpdateIntake:
         rs, meta = slot.round, slot.meta
         if rs.kind == "train" and self.max_update_norm is not None:
             norm, bad = delta_norm(weights, rs.accumulator.base)
-        else:
-            norm, bad = None, all_finite(weights)
-        if bad is not None:
-            raise ProtocolError(f"tensor {bad!r} contains NaN or Inf values", status=422, reason="non_finite")
-        if norm is not None:
+            if bad is not None:
+                codec.check_finite({bad: weights[bad]})  # raises the same 422 as the plain check
             self._check_norm(norm)
+        else:
+            codec.check_finite(weights)
         if rs.kind == "stats":
             problem = self.task.check_stats(weights, meta.num_examples)
             if problem is not None:
@@ -313,14 +312,10 @@ def scan_file(path: Path, header: Header, base: Weights | None, with_norm: bool)
         for name, start, values in _pieces(fd, header, bytearray(PIECE)):
             if values.dtype.kind != "f":
                 continue
+            codec.check_finite({name: values})
             if with_norm:
                 ref = None if base is None else {name: base[name].reshape(-1)[start:start + values.size]}
-                norm, bad = delta_norm({name: values}, ref)
-                total += norm * norm
-            else:
-                bad = all_finite({name: values})
-            if bad is not None:
-                raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422, reason="non_finite")
+                total += delta_norm({name: values}, ref)[0] ** 2
     finally:
         os.close(fd)
     return float(np.sqrt(total)) if with_norm else None

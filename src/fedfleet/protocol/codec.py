@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedfleet.errors import ProtocolError
-from fedfleet.types import Schema, TensorSpec, Weights
+from fedfleet.types import Schema, TensorSpec, Weights, all_finite
 
 # safetensors dtype codes <-> numpy little-endian dtypes (bfloat16 has no numpy dtype).
 _TO_NUMPY = {
@@ -177,6 +177,6 @@ def decode(body: bytes | bytearray | memoryview) -> tuple[Weights, dict[str, str
 
 def check_finite(weights: Weights) -> None:
     """Raise ProtocolError (422) naming the first floating tensor holding NaN or Inf."""
-    for name, array in weights.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422, reason="non_finite")
+    name = all_finite(weights)
+    if name is not None:
+        raise ProtocolError(f"tensor {name!r} contains NaN or Inf values", status=422, reason="non_finite")

@@ -13,7 +13,6 @@ runner read through one. Constructing a RunDir does no I/O.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 
@@ -145,8 +144,3 @@ def _first_error(exc: ValidationError) -> str:
     if err["type"] == "json_invalid":
         return f"not valid JSON ({err['msg']})"
     return f"'{where}' {err['msg'].lower()}" if where else err["msg"]
-
-
-def dumps_strict(obj: object) -> str:
-    """JSON without NaN or Infinity: a ValueError names the first non-finite value instead."""
-    return json.dumps(obj, allow_nan=False)

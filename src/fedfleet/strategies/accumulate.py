@@ -62,29 +62,6 @@ def sum_of_squares(block: np.ndarray) -> float:
     return float(np.einsum("i,i->", block, block))
 
 
-def is_finite(array: np.ndarray) -> bool:
-    """No NaN or Inf in ``array`` (True for integer arrays), checked a block at a time into a small
-    buffer: ``np.isfinite(a).all()`` would allocate a mask as large as a model, page faults and all."""
-    values = np.asarray(array)
-    if values.dtype.kind not in "fc":
-        return True
-    flat = values.reshape(-1)
-    mask = np.empty(min(BLOCK, flat.size), dtype=bool)
-    for pos in range(0, flat.size, BLOCK):
-        end = min(pos + BLOCK, flat.size)
-        if not np.isfinite(flat[pos:end], out=mask[: end - pos]).all():
-            return False
-    return True
-
-
-def all_finite(weights: Weights) -> str | None:
-    """The first floating tensor of ``weights`` holding NaN or Inf, or None if all are finite."""
-    for name, array in weights.items():
-        if not is_finite(array):
-            return name
-    return None
-
-
 class WeightedSum:
     """Σ weightᵢ · (updateᵢ − base) over the updates added so far.
 

@@ -16,9 +16,8 @@ import numpy as np
 
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import PartitionInfo, TrainParamsMsg
-from fedfleet.strategies.accumulate import is_finite
 from fedfleet.tasks import Dataset, FitResult, Task, TrainParams
-from fedfleet.types import Weights
+from fedfleet.types import Weights, is_finite
 
 
 class Trainer:
