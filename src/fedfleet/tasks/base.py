@@ -7,12 +7,30 @@ with these methods and passing ``--task your.module:YourTask`` (see the README).
 The statistics members (``stats_schema``, ``local_stats``, ``apply_stats`` and ``check_stats``) are
 optional: ``load_task`` fills in the defaults of ``NoStats`` (no statistics round, every report
 accepted) for a task that has none of them. A task with statistics needs the first three.
+
+Two more optional groups of members, in ``SiteTask``:
+
+- ``load_site``: the task can train on a site's own files (``fedfleet worker --data PATH``) instead
+  of a partition of one shared data set; the coordinator's ``--test-data`` is read with it too.
+- ``describe``, ``check_description``, ``make_plan``, ``with_plan``: before the first round the task
+  agrees a *plan* from every site's description of its data (aggregates only: column names and types,
+  counts, sums, category values and their counts; never rows). The plan fixes what a central pipeline
+  would compute from all the data (label classes, vocabularies, means and scales): the model's shape
+  follows from it, so ``init_weights``, ``fit``, ``evaluate`` and ``load_test`` are called only on the
+  task ``with_plan`` returns. Descriptions and plans are JSON objects (dicts of str, numbers, lists).
+
+Data a task loads (``load_partition``, ``load_site``, ``load_test``) is opaque to fedfleet: it is
+passed back to the same task's methods and only ``len()`` of it is taken. ``Dataset`` (arrays in
+memory) is what the built-in array tasks use; a task may return anything with ``__len__`` (e.g. a
+stream over files larger than memory).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -93,6 +111,60 @@ class Task(Protocol):
         """At least ``loss`` and the score of ``weights`` on ``data``: ``accuracy``, unless the task names
         its score otherwise with a ``score_name`` class attribute (see ``fedfleet.tasks``)."""
         ...
+
+
+Description = dict[str, Any]  # JSON-able: what one site reports of its data for the plan
+Plan = dict[str, Any]  # JSON-able: what every site and the coordinator use, agreed from the descriptions
+
+
+@runtime_checkable
+class SiteTask(Protocol):
+    """The optional members of a task that trains on each site's own files and agrees a plan first.
+
+    ``load_site`` alone is enough for ``--data``; the four plan members come together (all or none).
+    """
+
+    def load_site(self, paths: Sequence[Path], val_fraction: float, seed: int) -> tuple[Any, Any | None]:
+        """This site's own files (each a file or a folder), as (training data, validation data or None).
+
+        ``val_fraction`` of the examples (chosen with ``seed``, reproducibly) is kept apart to score the
+        global model on (federated evaluation); 0 keeps none. TaskError names the file and what was
+        wrong with it (missing, empty, not a format the task reads).
+        """
+        ...
+
+    def describe(self, data: Any) -> Description:
+        """Aggregates of this site's ``data`` that the plan is made from: never rows."""
+        ...
+
+    def check_description(self, description: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str | None:
+        """Why ``description`` (sent by a worker: untrusted) cannot be part of the run, or None.
+
+        Malformed, out of range, or (given the ``reference``, the first description the run accepted)
+        data that differs from the other sites': the message names the columns and types that differ.
+        """
+        ...
+
+    def make_plan(self, descriptions: Sequence[Mapping[str, Any]]) -> Plan:
+        """The plan, from the accepted descriptions of all the sites (each checked already)."""
+        ...
+
+    def with_plan(self, plan: Mapping[str, Any]) -> Task:
+        """A new task set up with ``plan``; ``self`` is left as it was."""
+        ...
+
+
+def has_plan(task: object) -> bool:
+    """Whether ``task`` agrees a plan from the sites' descriptions before training."""
+    return all(callable(getattr(task, m, None)) for m in PLAN_MEMBERS)
+
+
+def loads_sites(task: object) -> bool:
+    """Whether ``task`` can train on a site's own files (``fedfleet worker --data``)."""
+    return callable(getattr(task, "load_site", None))
+
+
+PLAN_MEMBERS = ("describe", "check_description", "make_plan", "with_plan")
 
 
 class NoStats:
