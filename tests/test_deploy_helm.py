@@ -19,6 +19,12 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "fedfleet"
 ALL_ON = ["--set", "worker.hpa.enabled=true", "--set", "serviceMonitor.enabled=true",
           "--set", "tls.enabled=true", "--set", "tls.secretName=fedfleet-tls"]
+# Site mode: the example values file (an existing claim and a host folder), plus a third site on any
+# volume source and the coordinator's held-out set, so every kind of data volume is rendered.
+SITES_EXAMPLE = CHART.parent / "values-sites.yaml"
+SITES = ["-f", str(SITES_EXAMPLE), "--set", "sites[2].name=lab-c", "--set", "sites[2].volume.nfs.server=nas.lab-c",
+         "--set", "sites[2].volume.nfs.path=/export/fl", "--set", "run.testData.existingClaim=held-out",
+         "--set", "tls.enabled=true", "--set", "tls.secretName=fedfleet-tls"]
 
 
 HELM_HOME = Path("/nonexistent")
@@ -56,7 +62,7 @@ def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {doc["kind"]: doc for doc in docs}
 
 
-@pytest.mark.parametrize("values", [[], ALL_ON], ids=["defaults", "hpa-servicemonitor-tls"])
+@pytest.mark.parametrize("values", [[], ALL_ON, SITES], ids=["defaults", "hpa-servicemonitor-tls", "sites"])
 def test_helm_lint(helm: Path, values: list[str]) -> None:
     out = _run(helm, "lint", str(CHART), *values)
     assert "0 chart(s) failed" in out
@@ -71,7 +77,7 @@ def test_lint_fails_on_a_broken_chart(helm: Path, tmp_path: Path) -> None:
     assert done.returncode != 0
 
 
-@pytest.mark.parametrize("values", [[], ALL_ON], ids=["defaults", "hpa-servicemonitor-tls"])
+@pytest.mark.parametrize("values", [[], ALL_ON, SITES], ids=["defaults", "hpa-servicemonitor-tls", "sites"])
 def test_rendered_objects_match_the_kubernetes_schemas(helm: Path, values: list[str]) -> None:
     docs = render(helm, *values)
     checked = 0
@@ -80,7 +86,7 @@ def test_rendered_objects_match_the_kubernetes_schemas(helm: Path, values: list[
             continue  # a CRD of the Prometheus Operator: no schema in kubernetes-validate; see below
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
         checked += 1
-    assert checked == len(docs) - (1 if values else 0)
+    assert checked == len(docs) - (1 if "serviceMonitor.enabled=true" in values else 0)
 
 
 def test_strict_validation_catches_a_wrong_field(helm: Path) -> None:
@@ -159,3 +165,95 @@ def test_existing_secret_replaces_the_generated_one(helm: Path) -> None:
     assert "Secret" not in by_kind(docs)
     env = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"my-tokens"}
+
+
+# --- each site's own data --------------------------------------------------------------------------
+
+def _pod(statefulset: dict[str, Any]) -> dict[str, Any]:
+    return dict(statefulset["spec"]["template"]["spec"])
+
+
+def test_sites_render_one_worker_per_site_each_with_only_its_own_data(helm: Path) -> None:
+    docs = render(helm, *SITES)
+    kinds = [d["kind"] for d in docs]
+    assert "HorizontalPodAutoscaler" not in kinds
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    # No partition workers beside the sites: the coordinator would turn them away.
+    assert set(sets) == {"ff-fedfleet-site-hospital-a", "ff-fedfleet-site-hospital-b", "ff-fedfleet-site-lab-c"}
+
+    sources = {}
+    for name, sts in sets.items():
+        site = name.removeprefix("ff-fedfleet-site-")
+        assert sts["spec"]["replicas"] == 1
+        assert sts["spec"]["selector"]["matchLabels"]["fedfleet/site"] == site
+        assert sts["spec"]["template"]["metadata"]["labels"]["fedfleet/site"] == site
+        pod = _pod(sts)
+        (container,) = pod["containers"]
+        args = container["args"]
+        assert args[0] == "worker" and "--data=/data" in args and f"--name={site}" in args
+        assert "--state-dir=/state" in args and "--ca=/tls/ca.crt" in args
+        assert not any(a.startswith("--clients") for a in args)  # one site's data is one worker
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        source = {k: v for k, v in volume.items() if k != "name"}
+        sources[site] = source
+        # Its own state volume too, so a rescheduled pod keeps its worker id and its place in the run.
+        assert [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]] == ["state"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert sources == {
+        "hospital-a": {"persistentVolumeClaim": {"claimName": "hospital-a-data", "readOnly": True}},
+        "hospital-b": {"hostPath": {"path": "/srv/fedfleet/data", "type": "Directory"}},
+        "lab-c": {"nfs": {"server": "nas.lab-c", "path": "/export/fl"}},
+    }
+    assert _pod(sets["ff-fedfleet-site-hospital-b"])["nodeSelector"] == {"kubernetes.io/hostname": "node-b"}
+    assert "nodeSelector" not in _pod(sets["ff-fedfleet-site-hospital-a"])
+
+    # No pod is claimed by two StatefulSets, and the headless Service still finds every site's pod.
+    selectors = [sts["spec"]["selector"]["matchLabels"] for sts in sets.values()]
+    for sts in sets.values():
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert sum(all(labels.get(k) == v for k, v in sel.items()) for sel in selectors) == 1
+    (headless,) = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    assert all(all(sts["spec"]["template"]["metadata"]["labels"].get(k) == v
+                   for k, v in headless["spec"]["selector"].items()) for sts in sets.values())
+
+    coordinator = next(d for d in docs if d["kind"] == "Deployment")
+    (cc,) = coordinator["spec"]["template"]["spec"]["containers"]
+    assert {"--task=tabular", "--data-source=sites", "--workers=3", "--min-workers=2",
+            "--task-option=label=era", "--test-data=/test-data"} <= set(cc["args"])
+    (test_mount,) = [m for m in cc["volumeMounts"] if m["mountPath"] == "/test-data"]
+    assert test_mount["readOnly"] is True
+    (test_volume,) = [v for v in coordinator["spec"]["template"]["spec"]["volumes"] if v["name"] == test_mount["name"]]
+    assert test_volume["persistentVolumeClaim"] == {"claimName": "held-out", "readOnly": True}
+
+
+def test_partition_mode_is_unchanged_by_the_site_settings(helm: Path) -> None:
+    docs = render(helm, "--set", "run.taskOptions.data_dir=/d")
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["metadata"]["name"] == "ff-fedfleet-worker"
+    assert "fedfleet/site" not in sts["spec"]["selector"]["matchLabels"]
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--clients=1" in args and "--name=$(POD_NAME)" in args and not any(a.startswith("--data=") for a in args)
+    cc = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"--workers=8", "--min-workers=8", "--task-option=data_dir=/d"} <= set(cc["args"])
+    assert not any(a.startswith(("--data-source", "--test-data")) for a in cc["args"])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (["--set", "sites[0].name=a"], "sites[a]: give exactly one of existingClaim, hostPath or volume (got none)"),
+    (["--set", "sites[0].name=a", "--set", "sites[0].hostPath=/x", "--set", "sites[0].existingClaim=c"],
+     "give exactly one of existingClaim, hostPath or volume (got existingClaim, hostPath)"),
+    (["--set", "sites[0].hostPath=/x"], "every entry of sites needs a name"),
+    (["--set", "sites[0].name=Site_A", "--set", "sites[0].hostPath=/x"], "is not a DNS label"),
+    (["--set", "sites[0].name=a", "--set", "sites[0].hostPath=/x", "--set", "sites[1].name=a",
+      "--set", "sites[1].hostPath=/y"], '"a" is listed twice'),
+    (["-f", str(SITES_EXAMPLE), "--set", "worker.hpa.enabled=true"], "worker.hpa.enabled cannot be used with sites"),
+    (["--set", "run.testData.hostPath=/t", "--set", "run.testData.volume.emptyDir.medium=Memory"],
+     "run.testData: give exactly one of"),
+], ids=["no-data", "two-sources", "no-name", "bad-name", "twice", "hpa", "test-data-two-sources"])
+def test_bad_site_values_fail_with_a_message(helm: Path, values: list[str], message: str) -> None:
+    done = subprocess.run([str(helm), "template", "ff", str(CHART), *values], capture_output=True, text=True,
+                          timeout=120, env=_env(HELM_HOME), check=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
