@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -29,6 +29,10 @@ from fedfleet.types import Weights
 
 if TYPE_CHECKING:
     import torch
+
+    Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one mini-batch
+    LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> the batch's mean loss
+    MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]  # (outputs, targets) -> named scores
 
 INSTALL_HINT = "pip install 'fedfleet[torch]'"
 
@@ -133,45 +137,70 @@ def _tensors(data: Dataset, transform: Callable[[np.ndarray], np.ndarray] | None
 
 def fit(model: torch.nn.Module, weights: Weights, data: Dataset, params: TrainParams,
         transform: Callable[[np.ndarray], np.ndarray] | None = None) -> FitResult:
-    """Local mini-batch SGD from ``weights``: ``params.local_epochs`` passes, shuffled by ``params.seed``.
+    """Local mini-batch SGD from ``weights`` with the cross-entropy loss (``train``), on arrays in memory.
 
-    With ``params.prox_mu`` > 0 the loss gets FedProx's μ/2·‖w − w_global‖² over the trainable
-    parameters. Buffers (none in the built-in models) are returned as the model leaves them.
     ``transform`` maps raw features to model inputs (e.g. standardisation) before training.
     """
     import torch
     import torch.nn.functional as F
 
+    x, y = _tensors(data, transform)
+
+    def batches(order: np.ndarray) -> Iterator[Batch]:
+        idx = torch.from_numpy(order)
+        for start in range(0, len(idx), params.batch_size):
+            rows = idx[start:start + params.batch_size]
+            yield x[rows], y[rows]
+
+    return train(model, weights, params, len(y), batches, F.cross_entropy, accuracy)
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The share of ``outputs`` (logits, one row per example) whose largest entry is at the target class."""
+    return {"accuracy": float((outputs.argmax(dim=1) == targets).sum()) / max(len(targets), 1)}
+
+
+def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_examples: int,
+          batches: Callable[[np.ndarray], Iterable[Batch]], loss: LossFn, metrics: MetricsFn) -> FitResult:
+    """Local mini-batch SGD from ``weights``: ``params.local_epochs`` passes over ``num_examples`` examples,
+    each in the order of a permutation drawn with ``params.seed``, which ``batches`` turns into (inputs,
+    targets) mini-batches.
+
+    With ``params.prox_mu`` > 0 the loss gets FedProx's μ/2·‖w − w_global‖² over the trainable
+    parameters. Buffers (none in the built-in models) are returned as the model leaves them. The
+    result's metrics are ``train_loss`` and ``train_`` + each of ``metrics``, means over the examples of
+    the last epoch (each batch's value weighted by its size).
+    """
+    import torch
+
     torch.manual_seed(params.seed)
     load_weights(model, weights)
-    x, y = _tensors(data, transform)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     anchors = [p.detach().clone() for _, p in trainable]
     mu = float(params.prox_mu)
     opt = torch.optim.SGD([p for _, p in trainable], lr=params.lr)
     rng = np.random.default_rng(params.seed)
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    sums: dict[str, float] = {"loss": 0.0}
+    seen = 0
     for _ in range(params.local_epochs):
-        order = torch.from_numpy(rng.permutation(len(y)))
-        loss_sum, correct, seen = 0.0, 0, 0  # report the last epoch, as the numpy tasks do
-        for start in range(0, len(y), params.batch_size):
-            idx = order[start:start + params.batch_size]
-            xb, yb = x[idx], y[idx]
+        sums, seen = {"loss": 0.0}, 0  # report the last epoch, as the numpy tasks do
+        for xb, yb in batches(rng.permutation(num_examples)):
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            total = loss
+            outputs = model(xb)
+            batch_loss = loss(outputs, yb)
+            total = batch_loss
             if mu > 0:
                 prox = sum((p - a).square().sum() for (_, p), a in zip(trainable, anchors, strict=True))
-                total = loss + 0.5 * mu * prox
+                total = batch_loss + 0.5 * mu * prox
             torch.autograd.backward(total)
             opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(dim=1) == yb).sum())
-            seen += len(idx)
-    return FitResult(weights_of(model), len(y), {"train_loss": loss_sum / max(seen, 1),
-                                                  "train_accuracy": correct / max(seen, 1)})
+            n = len(yb)
+            sums["loss"] += float(batch_loss.detach()) * n
+            for name, value in metrics(outputs.detach(), yb).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            seen += n
+    return FitResult(weights_of(model), num_examples, {f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
 
 
 def predict_logits(model: torch.nn.Module, weights: Weights, x: np.ndarray, batch_size: int = 100,
