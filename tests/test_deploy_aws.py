@@ -5,7 +5,10 @@ and IAM policies are checked, and a real run folder is synced to the stack's buc
 from __future__ import annotations
 
 import ast
+import base64
+import fnmatch
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from fedfleet.cli import main as cli_main  # noqa: E402
 from fedfleet.deploy import aws  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "aws" / "fedfleet.yaml"
+SITE_TEMPLATE = Path(__file__).resolve().parents[1] / "src" / "fedfleet" / "deploy" / "fedfleet-site.yaml"
 ADMIN_CIDR = "203.0.113.7/32"
 STACK = "fl-test"
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")  # installed with the dev extra
@@ -54,6 +58,11 @@ def template() -> dict[str, Any]:
     return dict(yaml.load(TEMPLATE.read_text(), Loader=_CfnLoader))
 
 
+@pytest.fixture(scope="module")
+def site_template() -> dict[str, Any]:
+    return dict(yaml.load(SITE_TEMPLATE.read_text(), Loader=_CfnLoader))
+
+
 def resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
 
@@ -71,8 +80,9 @@ def as_list(value: Any) -> list[Any]:
 
 # --- the template, statically ----------------------------------------------------------------------
 
-def test_cfn_lint_is_clean() -> None:
-    done = subprocess.run([str(CFN_LINT), str(TEMPLATE)], capture_output=True, text=True,
+@pytest.mark.parametrize("path", [TEMPLATE, SITE_TEMPLATE], ids=["stack", "site"])
+def test_cfn_lint_is_clean(path: Path) -> None:
+    done = subprocess.run([str(CFN_LINT), str(path)], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -85,9 +95,10 @@ def test_cfn_lint_catches_a_broken_template(tmp_path: Path) -> None:
     assert done.returncode != 0 and "Vpcc" in done.stdout
 
 
-def test_iam_allows_no_s3_wildcards_and_no_star_resource_where_a_name_is_known(template: dict[str, Any]) -> None:
+def test_iam_allows_no_s3_wildcards_and_no_star_resource_where_a_name_is_known(
+        template: dict[str, Any], site_template: dict[str, Any]) -> None:
     seen = 0
-    for role, st in statements(template):
+    for role, st in [*statements(template), *statements(site_template)]:
         assert st["Effect"] == "Allow", role
         actions = as_list(st["Action"])
         assert all("*" not in a for a in actions), f"{role}: wildcard action in {actions}"
@@ -100,7 +111,7 @@ def test_iam_allows_no_s3_wildcards_and_no_star_resource_where_a_name_is_known(t
             for r in res:
                 assert "ArtefactBucket" in json.dumps(r), f"{role}: S3 access outside the stack's bucket: {r}"
         seen += 1
-    assert seen >= 6
+    assert seen >= 10
 
 
 def test_workers_get_only_the_join_token_the_ca_and_the_package(template: dict[str, Any]) -> None:
@@ -110,6 +121,59 @@ def test_workers_get_only_the_join_token_the_ca_and_the_package(template: dict[s
     text = json.dumps(worker)
     assert "join-token" in text and "admin-token" not in text
     assert "runs/" not in text  # workers cannot read or write the run's artefacts
+
+
+def test_no_role_of_the_stack_reads_the_sites_data(template: dict[str, Any]) -> None:
+    # The sites' files (sites/SITE/) are for each site's own worker (fedfleet-site.yaml) alone.
+    assert "sites/" not in json.dumps([st for _, st in statements(template)])
+
+
+def test_site_role_reads_its_own_prefix_and_what_any_worker_reads(site_template: dict[str, Any]) -> None:
+    assert set(resources(site_template, "AWS::IAM::Role")) == {"SiteRole"}
+    by_sid = {st["Sid"]: st for _, st in statements(site_template)}
+    assert set(by_sid) == {"ReadJoinToken", "ReadCaAndPackage", "ReadOwnSiteData", "ListOwnSitePrefix"}
+    assert by_sid["ReadOwnSiteData"]["Action"] == "s3:GetObject"
+    assert by_sid["ReadOwnSiteData"]["Resource"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:s3:::${ArtefactBucket}/sites/${Site}/*"}
+    listing = by_sid["ListOwnSitePrefix"]
+    assert listing["Action"] == "s3:ListBucket"
+    assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ArtefactBucket}"}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [{"Fn::Sub": "sites/${Site}/"},
+                                                                 {"Fn::Sub": "sites/${Site}/*"}]}}
+    text = json.dumps(by_sid)
+    assert "join-token" in text and "admin-token" not in text and "runs/" not in text
+    assert "s3:PutObject" not in text  # a site's worker writes nothing to the bucket
+
+
+def test_site_instance_copies_its_data_before_every_start_and_trains_on_it(site_template: dict[str, Any]) -> None:
+    (lt,) = resources(site_template, "AWS::EC2::LaunchTemplate").values()
+    data = lt["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert all(b["Ebs"]["Encrypted"] for b in data["BlockDeviceMappings"])
+    script = data["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert 'aws s3 sync "s3://$BUCKET/sites/$SITE/" /var/lib/fedfleet/data --delete' in script
+    assert "ExecStartPre=+/usr/local/bin/fedfleet-site-data" in script
+    (start,) = [line.strip() for line in script.splitlines() if line.strip().startswith("ExecStart=")]
+    assert "fedfleet worker --coordinator ${CoordinatorUrl} --ca /etc/fedfleet/ca.pem" in start
+    assert "--data /var/lib/fedfleet/data --name $SITE" in start and "--clients" not in start
+    # The worker may write only its state; the data is root's and read-only to it (ProtectSystem=strict).
+    assert "ReadWritePaths=/var/lib/fedfleet/state\n" in script and "ProtectSystem=strict" in script
+    (group,) = resources(site_template, "AWS::AutoScaling::AutoScalingGroup").values()
+    p = group["Properties"]
+    assert (p["MinSize"], p["MaxSize"], p["DesiredCapacity"]) == ("1", "1", "1")
+    assert p["VPCZoneIdentifier"] == {"Ref": "PrivateSubnets"}
+    assert site_template["Parameters"]["Site"]["AllowedPattern"] == "^" + aws.SITE_NAME.pattern + "$"
+
+
+def test_coordinator_options_cannot_break_out_of_the_command_line(template: dict[str, Any]) -> None:
+    param = template["Parameters"]["CoordinatorOptions"]
+    pattern = re.compile(param["AllowedPattern"])
+    assert pattern.fullmatch("--task-option label=era --data-source sites --test-data /srv/t.csv")
+    for bad in ("; rm -rf /", "$(id)", "`id`", "a\nExecStartPre=/bin/sh", "%n", "'x'", "a|b", "a&b"):
+        assert not pattern.fullmatch(bad), bad
+    script = template["Resources"]["CoordinatorInstance"]["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    (start,) = [line.strip() for line in script.splitlines() if line.strip().startswith("ExecStart=")]
+    assert start.endswith(" ${CoordinatorOptions}")
 
 
 def test_security_groups_open_only_the_coordinator_port_to_workers_and_admin(template: dict[str, Any]) -> None:
@@ -329,3 +393,151 @@ def test_down_deletes_the_stack_and_its_tokens(session: aws.Session, tmp_path: P
 
 def test_the_template_is_what_the_module_uses() -> None:
     assert aws.template_path().read_text() == TEMPLATE.read_text()
+    assert aws.site_template_path() == SITE_TEMPLATE
+
+
+# --- each site's own data: a stack per site, in moto ---------------------------------------------
+
+def _allowed(doc: dict[str, Any], action: str, resource: str, prefix: str | None = None) -> bool:
+    """Whether an identity policy of Allow statements grants ``action`` on ``resource`` (IAM's * and ?
+    wildcards, a StringLike condition on s3:prefix): enough to check what a site's role may read."""
+    for st in doc["Statement"]:
+        if st["Effect"] != "Allow" or action not in as_list(st["Action"]):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, pattern) for pattern in as_list(st["Resource"])):
+            continue
+        condition = st.get("Condition", {})
+        assert set(condition) <= {"StringLike"}, condition  # anything else: extend this evaluator first
+        wanted = as_list(condition.get("StringLike", {}).get("s3:prefix", []))
+        if wanted and (prefix is None or not any(fnmatch.fnmatchcase(prefix, p) for p in wanted)):
+            continue
+        return True
+    return False
+
+
+def _role_policy(session: aws.Session, stack: str) -> dict[str, Any]:
+    iam = session.client("iam")
+    (role,) = [r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(f"{stack}-")]
+    (name,) = iam.list_role_policies(RoleName=role)["PolicyNames"]
+    return _policy(iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"])
+
+
+def test_site_up_gives_each_site_a_worker_that_reads_only_its_own_prefix(session: aws.Session) -> None:
+    outs = aws.up(session, STACK, ADMIN_CIDR, poll=0.01, timeout=30, parameters={
+        "Task": "tabular", "Partitions": "2", "MinWorkers": "2", "WorkerMinSize": "0", "WorkerDesiredCapacity": "0",
+        "CoordinatorOptions": "--task-option label=era --data-source sites"})
+    bucket = outs["ArtefactBucketName"]
+    # Two sites whose names share a beginning: "a" must not read "ab"'s files.
+    site_outs = {site: aws.site_up(session, STACK, site, poll=0.01, timeout=30) for site in ("a", "ab")}
+    assert {s: o["SiteDataUri"] for s, o in site_outs.items()} == {
+        "a": f"s3://{bucket}/sites/a/", "ab": f"s3://{bucket}/sites/ab/"}
+    assert aws.site_data_uri(bucket, "a") == site_outs["a"]["SiteDataUri"]
+    assert aws.sites(session, STACK) == {"a": "CREATE_COMPLETE", "ab": "CREATE_COMPLETE"}
+
+    account = "123456789012"
+    for site, other in (("a", "ab"), ("ab", "a")):
+        doc = _role_policy(session, aws.site_stack_name(STACK, site))
+        obj = f"arn:aws:s3:::{bucket}/sites/{{}}/visits.csv"
+        assert _allowed(doc, "s3:GetObject", obj.format(site))
+        assert _allowed(doc, "s3:GetObject", f"arn:aws:s3:::{bucket}/sites/{site}/2026/part-0.parquet")
+        assert not _allowed(doc, "s3:GetObject", obj.format(other))
+        assert not _allowed(doc, "s3:GetObject", f"arn:aws:s3:::{bucket}/runs/{STACK}/state.sqlite")
+        assert not _allowed(doc, "s3:PutObject", obj.format(site))
+        assert _allowed(doc, "s3:ListBucket", f"arn:aws:s3:::{bucket}", prefix=f"sites/{site}/")
+        for prefix in (f"sites/{other}/", "sites/", "", None):
+            assert not _allowed(doc, "s3:ListBucket", f"arn:aws:s3:::{bucket}", prefix=prefix), prefix
+        assert _allowed(doc, "s3:GetObject", f"arn:aws:s3:::{bucket}/tls/ca.pem")
+        token = f"arn:aws:ssm:us-east-1:{account}:parameter/fedfleet/{STACK}/{{}}"
+        assert _allowed(doc, "ssm:GetParameter", token.format("join-token"))
+        assert not _allowed(doc, "ssm:GetParameter", token.format("admin-token"))
+    # Neither the coordinator nor the stack's own workers may read any site's files.
+    iam = session.client("iam")
+    for role in iam.list_roles()["Roles"]:
+        name = role["RoleName"]
+        if name.startswith(f"{STACK}-") and "-site-" not in name:
+            for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+                doc = _policy(iam.get_role_policy(RoleName=name, PolicyName=policy)["PolicyDocument"])
+                assert not _allowed(doc, "s3:GetObject", f"arn:aws:s3:::{bucket}/sites/a/visits.csv"), name
+
+    # Each site: one instance in the stack's private subnets, with its worker set up for its prefix.
+    groups = session.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
+    main_group = next(g for g in groups if g["AutoScalingGroupName"] == outs["WorkerGroupName"])
+    assert main_group["DesiredCapacity"] == 0  # no partition workers in a run on the sites' data
+    ec2 = session.client("ec2")
+    for site, site_out in site_outs.items():
+        (group,) = [g for g in groups if g["AutoScalingGroupName"] == site_out["SiteGroupName"]]
+        assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == (1, 1, 1)
+        assert set(group["VPCZoneIdentifier"].split(",")) == set(outs["PrivateSubnetIds"].split(","))
+        assert ("fedfleet:site", site) in [(t["Key"], t["Value"]) for t in group["Tags"]]
+        template_id = group["LaunchTemplate"]["LaunchTemplateId"]
+        (version,) = ec2.describe_launch_template_versions(LaunchTemplateId=template_id)["LaunchTemplateVersions"]
+        data = version["LaunchTemplateData"]
+        assert data["SecurityGroupIds"] == [outs["WorkerSecurityGroupId"]]
+        script = base64.b64decode(data["UserData"]).decode()
+        assert f"SITE='{site}'" in script and f"BUCKET='{bucket}'" in script
+        assert f"--coordinator {outs['CoordinatorPrivateUrl']} " in script
+
+    status = aws.status(session, STACK)
+    assert status.sites == {"a": "CREATE_COMPLETE", "ab": "CREATE_COMPLETE"}
+    assert "site        a: CREATE_COMPLETE" in status.lines()
+
+    with pytest.raises(aws.DeployError, match="already exists"):
+        aws.site_up(session, STACK, "a", poll=0.01, timeout=30)
+    with pytest.raises(aws.DeployError, match="must be a-z"):
+        aws.site_up(session, STACK, "Site_A", poll=0.01, timeout=30)
+    with pytest.raises(aws.DeployError, match="no stack named nope"):
+        aws.site_up(session, "nope", "a", poll=0.01, timeout=30)
+
+    aws.site_down(session, STACK, "ab", poll=0.01, timeout=30)
+    assert aws.sites(session, STACK) == {"a": "CREATE_COMPLETE"}
+    with pytest.raises(aws.DeployError, match="has no site ab"):
+        aws.site_down(session, STACK, "ab", poll=0.01, timeout=30)
+
+
+def test_site_up_through_the_cli(session: aws.Session, capsys: pytest.CaptureFixture[str]) -> None:
+    aws.up(session, STACK, ADMIN_CIDR, poll=0.01, timeout=30)
+    assert cli_main(["aws", "--region", "us-east-1", "site-up", "--stack", STACK, "--site", "lab-c",
+                     "--param", "InstanceType=t3.small", "--no-wait"]) == 0
+    assert "creating" in capsys.readouterr().out
+    params = session.client("cloudformation").describe_stacks(
+        StackName=aws.site_stack_name(STACK, "lab-c"))["Stacks"][0]["Parameters"]
+    given = {p["ParameterKey"]: p["ParameterValue"] for p in params}
+    assert given["InstanceType"] == "t3.small" and given["Site"] == "lab-c" and given["MainStack"] == STACK
+    assert cli_main(["aws", "--region", "us-east-1", "site-down", "--stack", STACK, "--site", "lab-c"]) == 0
+    assert "files stay in the bucket under sites/lab-c/" in capsys.readouterr().out
+
+
+def test_down_deletes_the_sites_first(session: aws.Session, tmp_path: Path) -> None:
+    # Small stand-ins, as in test_down_deletes_the_stack_and_its_tokens (moto cannot delete a whole VPC):
+    # a main stack with the outputs a site needs, and sites of just their role.
+    main = tmp_path / "main.yaml"
+    main.write_text(yaml.safe_dump({
+        "Parameters": {k: {"Type": "String", "Default": ""} for k in ("AdminCidr", "AlarmEmail",
+                                                                      "TokenParameterPrefix")},
+        "Resources": {"ArtefactBucket": {"Type": "AWS::S3::Bucket"}},
+        "Outputs": {"ArtefactBucketName": {"Value": {"Ref": "ArtefactBucket"}},
+                    **{k: {"Value": v} for k, v in (("CoordinatorPrivateUrl", "https://10.42.0.9:8080"),
+                                                    ("PrivateSubnetIds", "subnet-1,subnet-2"),
+                                                    ("WorkerSecurityGroupId", "sg-1"))}},
+    }))
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({
+        "Parameters": {k: {"Type": "String", "Default": ""} for k in (
+            "Site", "MainStack", "ArtefactBucket", "CoordinatorUrl", "PrivateSubnets", "WorkerSecurityGroup",
+            "TokenParameterPrefix")},
+        "Resources": {"SiteRole": {"Type": "AWS::IAM::Role", "Properties": {"AssumeRolePolicyDocument": {
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}}}},
+    }))
+    aws.up(session, STACK, ADMIN_CIDR, template=main, poll=0.01, timeout=30)
+    for name in ("a", "b"):
+        aws.site_up(session, STACK, name, template=site, poll=0.01, timeout=30)
+    aws.up(session, "other", ADMIN_CIDR, template=main, poll=0.01, timeout=30)
+    aws.site_up(session, "other", "a", template=site, poll=0.01, timeout=30)
+    assert set(aws.sites(session, STACK)) == {"a", "b"}
+
+    aws.down(session, STACK, poll=0.01, timeout=30)
+    assert aws.sites(session, STACK) == {}
+    assert aws.sites(session, "other") == {"a": "CREATE_COMPLETE"}  # another stack's site is left alone
+    names = [s["StackName"] for s in session.client("cloudformation").describe_stacks()["Stacks"]]
+    assert sorted(names) == ["other", "other-site-a"]

@@ -3,9 +3,14 @@
 ``up`` stores a random join token and admin token as SSM SecureString parameters (the instances read
 them with their own narrow IAM roles; they never pass through the template or its parameters),
 creates the stack, optionally uploads a wheel for the instances to install, waits and returns the
-stack's outputs (the coordinator URL among them). ``status`` reports the stack, the workers and the
-alarms; ``down`` deletes the stack and the tokens (the bucket is retained with the run's files);
-``sync`` uploads a run folder's artefacts to the stack's bucket.
+stack's outputs (the coordinator URL among them). ``status`` reports the stack, the workers, its
+sites and the alarms; ``down`` deletes the stack, its sites' stacks and the tokens (the bucket is
+retained with the run's files); ``sync`` uploads a run folder's artefacts to the stack's bucket.
+
+``site_up`` adds a site's worker for a run on each site's own data: a small stack of its own (the
+template ``fedfleet-site.yaml`` beside this module) whose instance copies ``s3://BUCKET/sites/SITE/``
+before every start and trains on it (``fedfleet worker --data``), with a role that may read that prefix
+and no other site's; ``site_down`` removes it (the site's files stay in the bucket).
 
 Needs the ``aws`` extra (``pip install 'fedfleet[aws]'``, boto3) and AWS credentials as boto3 finds
 them (environment, ``~/.aws``, an instance role).
@@ -13,6 +18,8 @@ them (environment, ``~/.aws``, an instance role).
 
 from __future__ import annotations
 
+import functools
+import re
 import secrets
 import tempfile
 import time
@@ -27,6 +34,15 @@ from fedfleet.errors import FedfleetError
 from fedfleet.storage.sqlite import Store
 
 TEMPLATE_NAME = "fedfleet.yaml"
+# Packaged inside fedfleet.deploy itself (not force-included from deploy/aws/ like the main template).
+SITE_TEMPLATE_NAME = "fedfleet-site.yaml"
+# The site template's AllowedPattern: a name that is also an S3 prefix, a stack-name suffix and a --name.
+SITE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,28}[a-z0-9])?")
+# What a site's stack takes from the main stack's outputs, as (output, site template parameter).
+SITE_FROM_OUTPUTS = (("ArtefactBucketName", "ArtefactBucket"), ("CoordinatorPrivateUrl", "CoordinatorUrl"),
+                     ("PrivateSubnetIds", "PrivateSubnets"), ("WorkerSecurityGroupId", "WorkerSecurityGroup"))
+# ... and from its parameters, so that a site's worker installs and authenticates as the stack's do.
+SITE_FROM_PARAMETERS = ("TokenParameterPrefix", "FedfleetPackage")
 DEFAULT_TOKEN_PREFIX = "/fedfleet"
 TOKENS = ("join-token", "admin-token")
 # SQLite's side files of a live database: the consistent copy made by _sqlite_snapshot replaces them.
@@ -54,6 +70,23 @@ def template_path() -> Path:
     if checkout.is_file():
         return checkout
     raise DeployError(f"the CloudFormation template {TEMPLATE_NAME} is neither in the package nor in deploy/aws/")
+
+
+def site_template_path() -> Path:
+    """The CloudFormation template of one site's worker (``fedfleet-site.yaml``, in this package)."""
+    packaged = resources.files("fedfleet.deploy").joinpath(SITE_TEMPLATE_NAME)
+    if not packaged.is_file():
+        raise DeployError(f"the CloudFormation template {SITE_TEMPLATE_NAME} is missing from fedfleet.deploy")
+    return Path(str(packaged))
+
+
+def site_stack_name(stack: str, site: str) -> str:
+    return f"{stack}-site-{site}"
+
+
+def site_data_uri(bucket: str, site: str) -> str:
+    """Where site ``site``'s files go, and the only data its worker's role may read."""
+    return f"s3://{bucket}/sites/{site}/"
 
 
 def token_names(stack: str, prefix: str = DEFAULT_TOKEN_PREFIX) -> dict[str, str]:
@@ -213,6 +246,84 @@ def _final_status(session: Session, stack: str) -> str | None:
     return None if status.endswith("_IN_PROGRESS") else status
 
 
+def site_up(session: Session, stack: str, site: str, *, parameters: Mapping[str, str] | None = None,
+            wait: bool = True, timeout: float = 1800.0, poll: float = 15.0,
+            template: Path | None = None) -> dict[str, str]:
+    """Add site ``site``'s worker to ``stack`` (a complete stack of the main template): a stack of its own,
+    named by ``site_stack_name``; with ``wait``, return its outputs (``SiteDataUri`` among them) once complete."""
+    if not SITE_NAME.fullmatch(site):
+        raise DeployError(f"site name {site!r} must be a-z, 0-9 and - (not first or last), at most 30 characters")
+    main = _stack(session, stack)
+    if main is None:
+        raise DeployError(f"no stack named {stack} in {session.region}: `fedfleet aws up --stack {stack}` first")
+    if main["StackStatus"] not in ("CREATE_COMPLETE", "UPDATE_COMPLETE"):
+        raise DeployError(f"stack {stack} is {main['StackStatus']}: a site joins a complete stack")
+    name = site_stack_name(stack, site)
+    if _stack(session, name) is not None:
+        raise DeployError(f"site {site} of stack {stack} already exists (stack {name})")
+    outs = {o["OutputKey"]: o["OutputValue"] for o in main.get("Outputs", [])}
+    missing = [key for key, _ in SITE_FROM_OUTPUTS if key not in outs]
+    if missing:
+        raise DeployError(f"stack {stack} has no output {', '.join(missing)}: it was made from an older template; "
+                          "create it again with this version of fedfleet")
+    given = {p["ParameterKey"]: p["ParameterValue"] for p in main.get("Parameters", [])}
+    values = {"Site": site, "MainStack": stack} | {param: outs[key] for key, param in SITE_FROM_OUTPUTS}
+    values |= {key: given[key] for key in SITE_FROM_PARAMETERS if key in given}
+    values |= dict(parameters or {})
+    try:
+        session.client("cloudformation").create_stack(
+            StackName=name, TemplateBody=(template or site_template_path()).read_text(),
+            Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in values.items()],
+            Capabilities=["CAPABILITY_IAM"], OnFailure="ROLLBACK",
+            Tags=[{"Key": "fedfleet:stack", "Value": stack}, {"Key": "fedfleet:site", "Value": site}])
+    except _client_error() as exc:
+        raise DeployError(f"CloudFormation refused stack {name}: {exc}") from exc
+    if not wait:
+        return {}
+    final = _wait(lambda: _final_status(session, name), f"stack {name}", timeout, poll)
+    if final != "CREATE_COMPLETE":
+        raise DeployError(f"stack {name} ended in {final}; see its events in the CloudFormation console")
+    return outputs(session, name)
+
+
+def sites(session: Session, stack: str) -> dict[str, str]:
+    """The sites of ``stack`` (their stacks carry its name and theirs as tags): site name -> stack status."""
+    found: dict[str, str] = {}
+    try:
+        for page in session.client("cloudformation").get_paginator("describe_stacks").paginate():
+            for st in page["Stacks"]:
+                tags = {t["Key"]: t["Value"] for t in st.get("Tags", [])}
+                if tags.get("fedfleet:stack") == stack and "fedfleet:site" in tags:
+                    found[tags["fedfleet:site"]] = str(st["StackStatus"])
+    except _client_error() as exc:
+        raise DeployError(f"cannot list the stacks in {session.region}: {exc}") from exc
+    return found
+
+
+def site_down(session: Session, stack: str, site: str, *, wait: bool = True, timeout: float = 1800.0,
+              poll: float = 15.0) -> None:
+    """Delete site ``site``'s stack (its worker and role); its files stay in the bucket."""
+    name = site_stack_name(stack, site)
+    if _stack(session, name) is None:
+        raise DeployError(f"stack {stack} has no site {site} (no stack {name} in {session.region})")
+    _delete_stacks(session, [name], wait, timeout, poll)
+
+
+def _delete_stacks(session: Session, names: list[str], wait: bool, timeout: float, poll: float) -> None:
+    cfn = session.client("cloudformation")
+    for name in names:
+        try:
+            cfn.delete_stack(StackName=name)
+        except _client_error() as exc:
+            raise DeployError(f"CloudFormation refused to delete stack {name}: {exc}") from exc
+    if not wait:
+        return
+    for name in names:
+        final = _wait(functools.partial(_final_status, session, name), f"deletion of stack {name}", timeout, poll)
+        if final != "DELETE_COMPLETE":
+            raise DeployError(f"stack {name} could not be deleted: {final}")
+
+
 @dataclass(frozen=True)
 class StackStatus:
     stack: str
@@ -221,11 +332,13 @@ class StackStatus:
     workers_in_service: int
     workers_desired: int
     alarms: dict[str, str]
+    sites: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"stack       {self.stack}: {self.status}"]
         out += [f"{key:<11} {value}" for key, value in sorted(self.outputs.items())]
         out.append(f"workers     {self.workers_in_service} in service of {self.workers_desired} desired")
+        out += [f"site        {name}: {state}" for name, state in sorted(self.sites.items())]
         out += [f"alarm       {name}: {state}" for name, state in sorted(self.alarms.items())]
         return out
 
@@ -249,26 +362,23 @@ def status(session: Session, stack: str) -> StackStatus:
     if names:
         for alarm in session.client("cloudwatch").describe_alarms(AlarmNames=names)["MetricAlarms"]:
             alarms[alarm["AlarmName"]] = alarm["StateValue"]
-    return StackStatus(stack, str(found["StackStatus"]), outs, in_service, desired, alarms)
+    return StackStatus(stack, str(found["StackStatus"]), outs, in_service, desired, alarms, sites(session, stack))
 
 
 def down(session: Session, stack: str, *, token_prefix: str = DEFAULT_TOKEN_PREFIX, keep_tokens: bool = False,
          wait: bool = True, timeout: float = 1800.0, poll: float = 15.0) -> str | None:
-    """Delete the stack (and its tokens); return the retained bucket's name, if the stack had one."""
+    """Delete the stack, its sites' stacks first (and its tokens); return the retained bucket's name, if
+    the stack had one."""
     if _stack(session, stack) is None:
         raise DeployError(f"no stack named {stack} in {session.region}")
     try:
         bucket: str | None = bucket_of(session, stack)
     except DeployError:
         bucket = None
-    try:
-        session.client("cloudformation").delete_stack(StackName=stack)
-    except _client_error() as exc:
-        raise DeployError(f"CloudFormation refused to delete stack {stack}: {exc}") from exc
-    if wait:
-        final = _wait(lambda: _final_status(session, stack), f"deletion of stack {stack}", timeout, poll)
-        if final != "DELETE_COMPLETE":
-            raise DeployError(f"stack {stack} could not be deleted: {final}")
+    # The sites' instances sit in this stack's subnets and security group, which cannot go while they run:
+    # the sites go first, and are waited for even without ``wait``.
+    _delete_stacks(session, [site_stack_name(stack, site) for site in sites(session, stack)], True, timeout, poll)
+    _delete_stacks(session, [stack], wait, timeout, poll)
     if not keep_tokens:
         session.client("ssm").delete_parameters(Names=list(token_names(stack, token_prefix).values()))
     return bucket

@@ -40,6 +40,21 @@ def add_aws_parser(sub: Any) -> None:
     down.add_argument("--stack", required=True)
     down.add_argument("--keep-tokens", action="store_true", help="keep the SSM token parameters")
 
+    site_up = cmds.add_parser("site-up", help="add a site's worker to a stack: it trains on the site's own files, "
+                                              "copied from s3://BUCKET/sites/SITE/, and may read nothing else")
+    site_up.add_argument("--stack", required=True, help="the stack (fedfleet aws up) whose coordinator the site joins")
+    site_up.add_argument("--site", required=True,
+                         help="the site's name: its S3 prefix sites/SITE/, its worker's --name and its stack "
+                              "STACK-site-SITE (a-z, 0-9, -)")
+    site_up.add_argument("--param", dest="params", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                         help="a parameter of the site template, e.g. InstanceType=c6i.xlarge (repeatable; "
+                              "src/fedfleet/deploy/fedfleet-site.yaml) [default none: from the stack and the template]")
+    site_up.add_argument("--no-wait", action="store_true", help="return once CloudFormation has the request")
+
+    site_down = cmds.add_parser("site-down", help="remove a site's worker and role (its files stay in the bucket)")
+    site_down.add_argument("--stack", required=True)
+    site_down.add_argument("--site", required=True)
+
     sync = cmds.add_parser("sync", help="upload a run folder's artefacts to the stack's S3 bucket")
     sync.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="fedfleet run --out or coordinator --data-dir")
     target = sync.add_mutually_exclusive_group(required=True)
@@ -80,6 +95,20 @@ def run_aws(args: argparse.Namespace) -> int:
     if args.aws_command == "down":
         bucket = aws.down(session, args.stack, keep_tokens=args.keep_tokens)
         print(f"stack {args.stack}: deleted" + (f"; its artefacts stay in s3://{bucket}" if bucket else ""))
+        return 0
+    if args.aws_command == "site-up":
+        outs = aws.site_up(session, args.stack, args.site, parameters=dict(args.params), wait=not args.no_wait)
+        name = aws.site_stack_name(args.stack, args.site)
+        if not outs:
+            print(f"stack {name}: creating; `fedfleet aws status --stack {args.stack}` lists its sites")
+            return 0
+        for key, value in sorted(outs.items()):
+            print(f"{key:<22} {value}")
+        print(f"the site's files: aws s3 sync DIR {outs['SiteDataUri']} (the worker copies them before it starts)")
+        return 0
+    if args.aws_command == "site-down":
+        aws.site_down(session, args.stack, args.site)
+        print(f"site {args.site} of stack {args.stack}: deleted; its files stay in the bucket under sites/{args.site}/")
         return 0
     bucket = args.bucket or aws.bucket_of(session, args.stack)
     prefix = args.prefix if args.prefix is not None else f"runs/{args.run_dir.resolve().name}"
