@@ -24,7 +24,8 @@ def test_parse_partition_good_values(text: str, spec: PartitionSpec) -> None:
     assert parse_partition(text) == spec
 
 
-@pytest.mark.parametrize("text", ["iid", "natural", "dirichlet:0.5", "dirichlet:100", "dirichlet:0.001"])
+@pytest.mark.parametrize("text", ["iid", "natural", "dirichlet:0.5", "dirichlet:100", "dirichlet:0.001",
+                                  "natural:region", "natural:2"])
 def test_partition_spec_str_parses_back(text: str) -> None:
     spec = parse_partition(text)
     assert str(spec) == text
@@ -32,7 +33,7 @@ def test_partition_spec_str_parses_back(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "", "IID", "Natural", " iid", "iid ", "iid:1", "natural:", "natural:2", "random", "dirichlet",
+    "", "IID", "Natural", " iid", "iid ", "iid:1", "natural:", "random", "dirichlet",
     "dirichlet:", "dirichlet:0", "dirichlet:-1", "dirichlet:nan", "dirichlet:inf", "dirichlet:abc",
     "dirichlet:1:2", "dirichlet=0.5", ":0.5",
 ])

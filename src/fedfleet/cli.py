@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="carry on the run in --out (stopped or crashed) from its last completed round, with the "
                           "config saved there; run options given too must agree with it [default: off]")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    run.add_argument("--data-split", type=Path, default=None, metavar="FILE",
+                     help="split FILE into one file per worker (by --partition: iid, dirichlet:ALPHA or "
+                          "natural:COLUMN) in OUT/sites, and start each worker on its own file with --data, as "
+                          "sites of a real deployment would run [default none: partitions of the task's data set]")
 
     coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
     worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
+    worker.add_argument("--data", dest="data", action="append", type=Path, default=[], metavar="PATH",
+                        help="this site's own data, a file or folder (repeatable): train and validate on it "
+                             "instead of a partition the coordinator assigns; the data never leaves this host "
+                             "[default none: a partition of the task's shared data set]")
     worker.add_argument("--clients", type=_positive_int, default=1,
                         help="logical workers in this process, each with its own id and partition [default 1]")
     worker.add_argument("--state-dir", type=Path, default=Path(".fedfleet-worker"), metavar="DIR",
@@ -325,9 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedfleet.worker.agent import WorkerProcess
             from fedfleet.worker.signals import stop_on_signals
 
+            for path in args.data:
+                if not path.exists():
+                    raise ConfigError(f"--data {path}: no such file or folder", option="data")
+            if args.data and args.clients > 1:
+                raise ConfigError(f"--data with --clients {args.clients}: one site's data is one worker; start a "
+                                  "worker process per site, each with its own --data", option="data")
             proc = WorkerProcess(args.coordinator, args.clients, args.state_dir, args.name, args.give_up,
                                  join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
-                                 verify=tls_context(args.ca), allowed_tasks=tuple(args.allowed_tasks))
+                                 verify=tls_context(args.ca), allowed_tasks=tuple(args.allowed_tasks),
+                                 data=tuple(args.data))
             stop_on_signals(proc.stop)
             if args.metrics_port:
                 from fedfleet.worker.metrics import serve as serve_metrics
@@ -379,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         out = args.out or _default_out(config)
         return run_local(config, out, processes=args.processes, overwrite=args.overwrite, quiet=args.quiet,
-                         resume=args.resume, given=_given_options(args))
+                         resume=args.resume, given=_given_options(args), data_split=args.data_split)
     except ConfigError as exc:
         _fail(parser, 2, exc)
     except FedfleetError as exc:

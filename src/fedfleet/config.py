@@ -38,7 +38,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("fraction", float, 1.0, "share of live workers sampled each round", low=0, high=1, low_open=True),
     Option("quorum", float, 0.5, "share of sampled workers that must answer by the deadline",
            low=0, high=1, low_open=True),
-    Option("partition", str, "iid", "how data is split: iid, dirichlet:ALPHA or natural"),
+    Option("partition", str, "iid", "how data is split: iid, dirichlet:ALPHA or natural (natural:COLUMN for "
+           "--data-split)"),
+    Option("data_source", str, None, "where workers' data comes from: partitions of the task's shared data set, "
+           "or each site's own files (workers started with --data)", choices=("partitions", "sites"),
+           optional=True, default_text="sites for a task that has no shared data set (tabular, images), "
+                                       "else partitions"),
+    Option("test_data", str, None, "a file or folder of held-out examples the coordinator scores each round's "
+           "model on, for a run on the sites' own data", optional=True,
+           default_text="none: a site-data run is scored by federated evaluation only"),
     Option("seed", int, 0, "seed for the split, the model init and the sampling", low=0, high=2**32 - 1),
     Option("local_epochs", int, 1, "passes over its data each worker makes per round", low=1, high=10_000),
     Option("batch_size", int, 32, "mini-batch size of local SGD", low=1, high=10_000_000),
@@ -75,6 +83,8 @@ class RunConfig:
     fraction: float = 1.0
     quorum: float = 0.5
     partition: str = "iid"
+    data_source: str | None = None
+    test_data: str | None = None
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 32

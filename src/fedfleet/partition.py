@@ -12,24 +12,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMES = ("iid", "dirichlet:ALPHA", "natural")
+SCHEMES = ("iid", "dirichlet:ALPHA", "natural", "natural:COLUMN")
 
 
 @dataclass(frozen=True)
 class PartitionSpec:
     scheme: str  # "iid", "dirichlet" or "natural"
     alpha: float | None = None
+    column: str | None = None  # natural:COLUMN: the groups are a column's values (fedfleet run --data-split)
 
     def __str__(self) -> str:
-        return f"dirichlet:{self.alpha:g}" if self.scheme == "dirichlet" else self.scheme
+        if self.scheme == "dirichlet":
+            return f"dirichlet:{self.alpha:g}"
+        return f"natural:{self.column}" if self.column else self.scheme
 
 
 def parse_partition(text: str) -> PartitionSpec:
-    """Parse ``iid``, ``dirichlet:ALPHA`` or ``natural``; ValueError says what is allowed."""
+    """Parse ``iid``, ``dirichlet:ALPHA``, ``natural`` or ``natural:COLUMN``; ValueError says what is allowed.
+
+    >>> parse_partition("natural:region")
+    PartitionSpec(scheme='natural', alpha=None, column='region')
+    """
     allowed = f"must be one of {', '.join(SCHEMES)} (ALPHA a number > 0). Got {text!r} instead."
     scheme, sep, arg = text.partition(":")
     if scheme in ("iid", "natural") and not sep:
         return PartitionSpec(scheme)
+    if scheme == "natural" and arg:
+        return PartitionSpec(scheme, column=arg)
     if scheme == "dirichlet" and sep:
         try:
             alpha = float(arg)

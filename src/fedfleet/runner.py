@@ -18,6 +18,7 @@ in it (flags that contradict that config are refused), ``--overwrite`` deletes i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -42,11 +43,12 @@ from fedfleet.coordinator.security import new_token
 from fedfleet.coordinator.server import ADDRESS_FILE, SIGNAL_NAMES
 from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.parent import PARENT_ENV
+from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import API, Status
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.storage.records import RunSummary
 from fedfleet.storage.run_dir import RunDir
-from fedfleet.tasks import BUILTIN, find_task, score_name
+from fedfleet.tasks import BUILTIN, find_task, load_task, score_name
 
 START_TIMEOUT = 120.0
 STOP_GRACE = 15.0  # seconds the processes have to end after a Ctrl-C or SIGTERM before they are killed
@@ -292,15 +294,24 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_local(config: RunConfig, out: Path, processes: int | None = None, overwrite: bool = False,
-              quiet: bool = False, resume: bool = False, given: Collection[str] = ()) -> int:
+              quiet: bool = False, resume: bool = False, given: Collection[str] = (),
+              data_split: Path | None = None) -> int:
     """Run a whole federated job on this machine; returns 0 if it finished, 1 if it failed, 128 + the
     signal's number if SIGINT or SIGTERM stopped it. With ``resume`` the run in ``out`` is carried on
-    with its saved config (``given`` names the options the user set, which must agree with it)."""
+    with its saved config (``given`` names the options the user set, which must agree with it).
+
+    With ``data_split`` the file is split into one file per worker in ``OUT/sites`` and each worker is
+    its own process started with ``--data`` on its file: the path a real deployment's sites take."""
     _check_out(out, overwrite, resume)
     if resume:
         config = resume_config(out, config, given)
+        if data_split is None and RunDir(out).sites_path.is_dir():
+            data_split = RunDir(out).sites_path  # the sites' files were split when the run started
+    if data_split is not None:
+        config = _site_config(config)
     _make_out(out, overwrite)
     run_dir = RunDir(out)
+    sites = _site_files(config, data_split, run_dir, resume) if data_split is not None else None
     before = _read_summary(run_dir)  # a resumed run's summary stays until the run ends again
     console = Console(stderr=False, quiet=quiet)
     request = out / ".run-config.toml"
@@ -315,12 +326,16 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
                                  str(out), "--host", "127.0.0.1", "--port", "0", "--linger", "5"],
                                 out / "logs" / "coordinator.log")
             url = _wait_address(out, coord)
-            counts = spread(config.workers, processes or default_processes(config.workers))
             allow = [] if config.task in BUILTIN else ["--allow-task", config.task]  # the user named it: theirs
+            if sites is not None:
+                counts = [1] * len(sites)  # one process per site: each holds its own file, as a real site would
+            else:
+                counts = spread(config.workers, processes or default_processes(config.workers))
             for i, k in enumerate(counts):
+                data = ["--data", str(sites[i])] if sites is not None else []
                 procs.spawn(["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
                              "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}",
-                             "--give-up", "30", *allow], out / "logs" / f"worker-{i}.log")
+                             "--give-up", "30", *data, *allow], out / "logs" / f"worker-{i}.log")
             console.print(f"fedfleet: {'resuming ' if resume else ''}{config.task} on {config.workers} workers in "
                           f"{len(counts)} processes, {config.rounds} rounds, partition {config.partition}; "
                           f"coordinator {url}")
@@ -355,6 +370,38 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
     if summary.state == "stopped":
         console.print(f"resume it with: {escape(resume_command(run_dir.path, processes))}", soft_wrap=True)
     return 1
+
+
+def _site_config(config: RunConfig) -> RunConfig:
+    """The config of a run on split files: its workers bring their own data."""
+    if config.data_source == "partitions":
+        raise ConfigError("--data-split starts every worker with its own file (--data), which a run with "
+                          "--data-source partitions refuses: leave --data-source out", option="data_source")
+    return dataclasses.replace(config, data_source="sites")
+
+
+def _site_files(config: RunConfig, source: Path, run_dir: RunDir, resume: bool) -> list[Path]:
+    """One file per worker in OUT/sites, split from ``source`` by the task (its ``split_data``); on resume,
+    the files split when the run started."""
+    if resume and source == run_dir.sites_path:
+        files = sorted(p for p in source.iterdir() if p.is_file())
+        if len(files) != config.workers:
+            raise ConfigError(f"{source} holds {len(files)} site files, not one per worker ({config.workers}); "
+                              "start a new run", option="data_split")
+        return files
+    if not source.is_file():
+        raise ConfigError(f"--data-split {source}: no such file", option="data_split")
+    task = load_task(config.task, config.task_options_dict)
+    split_data = getattr(task, "split_data", None)
+    if not callable(split_data):
+        raise ConfigError(f"task {config.task!r} cannot split a file into sites' files (it has no split_data); "
+                          "--data-split is for tasks such as tabular", option="data_split")
+    try:
+        spec = parse_partition(config.partition)
+    except ValueError as exc:
+        raise ConfigError(f"The 'partition' option {exc}", option="partition") from exc
+    written: list[Path] = split_data(source, run_dir.sites_path, config.workers, spec, config.seed)
+    return written
 
 
 def _read_summary(run_dir: RunDir) -> RunSummary | None:

@@ -34,8 +34,11 @@ from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_uplo
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
 from fedfleet.protocol.messages import (
     API,
+    DescriptionAck,
+    DescriptionBody,
     EvalResult,
     Instruction,
+    PlanResponse,
     RegisterRequest,
     RegisterResponse,
     Status,
@@ -146,7 +149,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
                                      f"retry in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
         if req.worker_id is not None and engine.is_registered(req.worker_id):
             check_reclaim(access, req.worker_id, x_fedfleet_worker_token)
-        reply = engine.register(req.worker_id, req.name)
+        reply = engine.register(req.worker_id, req.name, req.data_source)
         return reply.model_copy(update={"token": access.worker_token(reply.worker_id)})
 
     @app.get(f"{API}/workers", response_model=list[WorkerView], tags=["workers"])
@@ -164,6 +167,18 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
              summary="Long-poll for the next instruction: held open until there is work or `wait` seconds pass")
     async def next_instruction(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300)) -> Instruction:
         return await engine.next_instruction(worker_id, wait)
+
+    @app.post(f"{API}/workers/{{worker_id}}/description", response_model=DescriptionAck, tags=["workers"],
+              summary="Describe this worker's data (aggregates the task's plan is agreed from; never rows)")
+    async def describe(worker_id: WorkerId, body: DescriptionBody, request: Request) -> DescriptionAck:
+        require_worker(request.scope, worker_id)
+        return DescriptionAck(accepted=True, described=engine.describe(worker_id, body.description))
+
+    @app.get(f"{API}/plan", response_model=PlanResponse, tags=["run"],
+             summary="The plan the run agreed from the sites' descriptions (null until it has one, or if its "
+                     "task agrees none)")
+    async def plan() -> PlanResponse:
+        return PlanResponse(plan=engine.plan_view())
 
     @app.get(f"{API}/model", tags=["tensors"], response_class=Response,
              responses={200: {"content": {MODEL_MEDIA_TYPE: {}},

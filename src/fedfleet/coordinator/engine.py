@@ -1,6 +1,7 @@
 """The coordinator's round loop, and the narrow API the HTTP layer drives it with.
 
-The loop: wait for enough live workers → (statistics round, if the task has one) → for each round:
+The loop: wait for enough live workers → (the plan, agreed from every site's description of its data,
+if the task has one: ``tasks.base.SiteTask``) → (statistics round, if the task has one) → for each round:
 sample workers, open the round, wait until every sampled worker answered or the deadline passed,
 aggregate, check, evaluate, checkpoint, record → finish and tell the workers to stop. ``stop`` ends it
 early instead (a signal to the coordinator), resumable: the workers are not told to stop, since a
@@ -24,9 +25,10 @@ import logging
 import time
 import tomllib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,10 +38,11 @@ from fedfleet.coordinator.intake import UpdateIntake
 from fedfleet.coordinator.metrics import CoordinatorMetrics
 from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
-from fedfleet.errors import ConfigError, FedfleetError, RoundError, TaskError
+from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
+    DescribeInstruction,
     EvalResult,
     Instruction,
     PartitionInfo,
@@ -54,13 +57,21 @@ from fedfleet.protocol.messages import (
     WorkerView,
 )
 from fedfleet.storage.checkpoints import Checkpoints
-from fedfleet.storage.records import RoundRecord, RoundTiming, RoundTimings, RunSummary, finite_or_none
+from fedfleet.storage.records import (
+    RoundRecord,
+    RoundTiming,
+    RoundTimings,
+    RunSummary,
+    clean_worker_metrics,
+    finite_or_none,
+)
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import Strategy, make_strategy
 from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
-from fedfleet.tasks import Dataset, Task
+from fedfleet.tasks import Task, with_plan
+from fedfleet.tasks.base import Plan, has_plan, loads_sites, site_task
 from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_of
 
 State = Literal["waiting", "running", "finished", "failed", "stopped"]
@@ -115,10 +126,15 @@ class Engine:
     """Build with ``Engine.open``; the constructor only assembles what ``open`` read."""
 
     def __init__(self, *, config: RunConfig, task: Task, run_dir: RunDir, store: Store, run_id: str,
-                 registry: Registry, history: list[RoundRecord], test: Dataset, model: Weights, model_version: int,
-                 strategy: Strategy, strategy_state: OptState | None, linger: float) -> None:
+                 registry: Registry, history: list[RoundRecord], test: Any | None, model: Weights, model_version: int,
+                 strategy: Strategy, strategy_state: OptState | None, linger: float,
+                 plan: Plan | None = None, descriptions: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.config = config
         self.task = task
+        # Where the workers' data comes from, and whether the run agrees a plan (and which, once it has).
+        self.data_source = data_source(config, task)
+        self.plan = plan
+        self._descriptions: dict[str, dict[str, Any]] = dict(descriptions or {})
         self.run_dir = run_dir
         self.run_id = run_id
         self.linger = linger
@@ -126,7 +142,6 @@ class Engine:
         self._checkpoints: Checkpoints = run_dir.checkpoints()
         self._registry = registry
         self._history = history
-        self._test = test
         self._strategy = strategy
         self.state: State = "running" if history else "waiting"
         self.phase = "starting"
@@ -149,6 +164,13 @@ class Engine:
         self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
         self._set_model(model, model_version)
         self._strategy_state = strategy_state if strategy_state is not None else strategy.init(self._model)
+        # The reference a site's description is checked against before there is a first accepted one: the
+        # coordinator's own test data, described the same way (it never goes into the plan).
+        unplanned = has_plan(task) and plan is None
+        self._test_description = site_task(task).describe(test) if unplanned and test is not None else None
+        if unplanned:
+            test = None  # read again with the plan: what its columns mean is only known then
+        self._test = test
         self.metrics = CoordinatorMetrics(self.snapshot)
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
                                    model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
@@ -169,6 +191,10 @@ class Engine:
         strategy = make_strategy(config.strategy, config.strategy_options_dict)
         checkpoints = run_dir.checkpoints()
         state: OptState | None = None
+        unplanned = task
+        plan = store.plan() if has_plan(task) else None
+        if plan is not None:
+            task = with_plan(task, plan)
         if history:
             # A round's checkpoint is written before its record, so the recorded round always has one;
             # a checkpoint newer than the last record belongs to a round that is simply run again.
@@ -180,12 +206,19 @@ class Engine:
             # metrics.jsonl is a view of the records: rewrite it so that it matches them exactly.
             run_dir.write_rounds(history)
             log.event("run.resumed", run=run_id, round=last.round, version=version)
+        elif has_plan(task) and plan is None:
+            model, version = {}, 0  # the model's shape follows from the plan, agreed once the workers described
         else:
             model, version = task.init_weights(config.seed), 0
         registry = Registry(store, config.workers, config.worker_timeout, store.workers())
+        # A task that agrees a plan reads its own test set only once it has one; --test-data is read now,
+        # to check the sites' descriptions against.
+        test = load_test(config, unplanned if plan is None else task) \
+            if plan is not None or not has_plan(task) or config.test_data is not None else None
         return cls(config=config, task=task, run_dir=run_dir, store=store, run_id=run_id, registry=registry,
-                   history=history, test=task.load_test(), model=model, model_version=version, strategy=strategy,
-                   strategy_state=state, linger=linger)
+                   history=history, test=test, model=model, model_version=version, strategy=strategy,
+                   strategy_state=state, linger=linger, plan=plan,
+                   descriptions=store.descriptions() if has_plan(task) else None)
 
     def close(self) -> None:
         self._store.close()
@@ -234,7 +267,11 @@ class Engine:
     def is_registered(self, worker_id: str) -> bool:
         return worker_id in self._registry.workers
 
-    def register(self, worker_id: str | None, name: str) -> RegisterResponse:
+    def register(self, worker_id: str | None, name: str, source: str = "partitions") -> RegisterResponse:
+        if source != self.data_source:
+            self.metrics.request_refused("data_source")
+            raise ProtocolError(_mixed_message(self.data_source, self.config.task), status=409,
+                                reason="data_source")
         w = self._registry.register(worker_id, name)
         spec = parse_partition(self.config.partition)
         log.event("worker.registered", run=self.run_id, worker=w.worker_id, partition=w.partition, name=name)
@@ -256,9 +293,52 @@ class Engine:
                 known += 1
         return known
 
+    def describe(self, worker_id: str, description: dict[str, Any]) -> int:
+        """Take a worker's description of its data (checked by the task; 422 naming what is wrong), and
+        return how many workers have described theirs. The first accepted one (or the coordinator's own
+        test data) is what the others are checked against, so every site's data has the same columns.
+        Once the plan is agreed, a worker that joins later is still checked, and never changes it."""
+        if not has_plan(self.task):
+            raise RequestRejected(f"task {self.config.task!r} agrees no plan: nothing to describe", status=409)
+        if worker_id not in self._registry.workers:
+            raise RequestRejected(f"unknown worker {worker_id!r}: register first", status=404)
+        reference = self._test_description if self._test_description is not None \
+            else next((d for wid, d in self._descriptions.items() if wid != worker_id), None)
+        try:
+            problem = site_task(self.task).check_description(description, reference)
+        except (TaskError, ValueError, TypeError, KeyError) as exc:  # a task's checker must not 500 on bad input
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None and self.plan is not None:
+            problem = self._check_against_plan(description)
+        if problem is not None:
+            self.metrics.request_refused("bad_description")
+            log.event("worker.refused", logging.WARNING, run=self.run_id, worker=worker_id, reason=problem)
+            raise ProtocolError(f"the description of {worker_id}'s data was refused: {problem}", status=422,
+                                reason="bad_description")
+        self._store.put_description(worker_id, description)
+        self._descriptions[worker_id] = description
+        self._registry.touch(worker_id)
+        log.event("worker.described", run=self.run_id, worker=worker_id, described=len(self._descriptions))
+        self._notify()
+        return len(self._descriptions)
+
+    def _check_against_plan(self, description: dict[str, Any]) -> str | None:
+        """A late site's description, checked by setting up a plan with it in: if the task cannot, the
+        data does not fit the run. The run's plan itself stays as agreed."""
+        try:
+            site_task(self.task).make_plan([*self._descriptions.values(), description])
+        except TaskError as exc:
+            return str(exc)
+        return None
+
+    def plan_view(self) -> Plan | None:
+        return self.plan
+
     def _instruction_for(self, w: WorkerState) -> Instruction:
         if self.state in ("finished", "failed"):
             return StopInstruction(reason=self.message or f"run {self.state}")
+        if has_plan(self.task) and w.worker_id not in self._descriptions:
+            return DescribeInstruction()
         rs = self._current
         if rs is None or rs.closed or w.worker_id not in rs.sampled or w.worker_id in rs.answered \
                 or w.worker_id in rs.in_flight:
@@ -351,15 +431,21 @@ class Engine:
         return Model(self._model, self.model_version, self.round)
 
     async def evaluate(self) -> EvalResult:
-        model, version, rnd = self._model, self.model_version, self.round
-        metrics = await asyncio.to_thread(self.task.evaluate, model, self._test)
+        model, version, rnd, test = self._model, self.model_version, self.round, self._test
+        if test is None:
+            raise RequestRejected("this run has no held-out test set (a site-data run without --test-data, or "
+                                  "one still agreeing its plan): it is scored by federated evaluation only",
+                                  status=409)
+        metrics = await asyncio.to_thread(self.task.evaluate, model, test)
         return EvalResult(round=rnd, model_version=version, loss=metrics["loss"], accuracy=metrics["accuracy"],
-                          examples=len(self._test))
+                          examples=len(test))
 
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         self._loop = asyncio.current_task()
         try:
+            if has_plan(self.task) and self.plan is None:
+                await self._agree_plan()
             if not self._stats_done and self.task.stats_schema() is not None:
                 await self._statistics()
             while self.round < self.config.rounds and not self._target_reached():
@@ -381,7 +467,10 @@ class Engine:
 
     async def _wait_for_workers(self, excluded: set[str]) -> list[str]:
         """The live workers, once there are enough of them (``RunConfig.needed_workers``) to open a round;
-        while waiting, ``snapshot().waiting`` says for whom, and a log line every ``WAIT_LOG_S``."""
+        while waiting, ``snapshot().waiting`` says for whom, and a log line every ``WAIT_LOG_S``.
+
+        In a run that agrees a plan, only workers whose description was accepted count: one that has
+        not described its data yet (or was refused) cannot be sampled."""
         # Workers excluded from this round (their update made the aggregate non-finite) are not waited for.
         needed = max(1, self.config.needed_workers(self.round) - len(excluded))
         start = time.monotonic()
@@ -390,7 +479,8 @@ class Engine:
         next_log = start + WAIT_LOG_S
         try:
             while True:
-                live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded]
+                live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded
+                        and self._ready(w.worker_id)]
                 if len(live) >= needed:
                     return live
                 missing = self._missing(excluded)
@@ -410,11 +500,16 @@ class Engine:
         finally:
             self._waiting = None
 
+    def _ready(self, worker_id: str) -> bool:
+        return not has_plan(self.task) or worker_id in self._descriptions
+
     def _missing(self, excluded: set[str]) -> list[str]:
-        """Who a round waits for: registered workers gone quiet, and partitions nobody has joined for."""
-        out = [f"{w.worker_id} ({w.name})" if w.name else w.worker_id
+        """Who a round waits for: registered workers gone quiet (or, in a run that agrees a plan, yet to
+        describe their data), and partitions nobody has joined for."""
+        out = [(f"{w.worker_id} ({w.name})" if w.name else w.worker_id)
+               + (" (no description of its data yet)" if self._registry.alive(w) else "")
                for w in sorted(self._registry.workers.values(), key=lambda w: w.partition)
-               if w.worker_id not in excluded and not self._registry.alive(w)]
+               if w.worker_id not in excluded and (not self._registry.alive(w) or not self._ready(w.worker_id))]
         unjoined = self.config.workers - len(self._registry.workers)
         if unjoined > 0:
             out.append(f"{unjoined} partition{'s' if unjoined > 1 else ''} with no worker yet")
@@ -470,6 +565,25 @@ class Engine:
         finally:
             rs.closed = True
             self._notify()
+
+    async def _agree_plan(self) -> None:
+        """Wait until enough workers described their data, then agree the plan from their descriptions,
+        store it, and set up the task, the model and the test set with it. A plan the task cannot make
+        (e.g. a label with one class over every site) ends the run with the task's message."""
+        self.phase = "describing the data"
+        live = await self._wait_for_workers(set())
+        descriptions = [self._descriptions[w] for w in live]
+        plan = await asyncio.to_thread(site_task(self.task).make_plan, descriptions)
+        planned = with_plan(self.task, plan)
+        model = planned.init_weights(self.config.seed)
+        test = load_test(self.config, planned)
+        self._store.set_plan(plan)
+        self.run_dir.write_plan(plan)
+        self.plan, self.task, self.intake.task, self._test = plan, planned, planned, test
+        self._set_model(model, self.model_version)
+        self._strategy_state = self._strategy.init(self._model)
+        log.event("plan.agreed", run=self.run_id, sites=len(descriptions), parameters=num_parameters(model))
+        self._notify(work=True)
 
     async def _statistics(self) -> None:
         excluded: set[str] = set()
@@ -533,16 +647,17 @@ class Engine:
         del new
         t_agg = time.monotonic()
         self.phase = "evaluating"
-        metrics = await asyncio.to_thread(self.task.evaluate, self._model, self._test)
-        self.accuracy = finite_or_none(float(metrics["accuracy"]))
-        self.loss = finite_or_none(float(metrics["loss"]))
+        metrics = await asyncio.to_thread(self.task.evaluate, self._model, self._test) \
+            if self._test is not None else {}
+        self.accuracy = finite_or_none(float(metrics["accuracy"])) if metrics else None
+        self.loss = finite_or_none(float(metrics["loss"])) if metrics else None
         t_eval = time.monotonic()
         self.phase = "checkpointing"
         saved_state = state_to_tensors(self._strategy_state)
         state_parts = codec.encode_parts(*saved_state) if saved_state is not None else None
         await asyncio.to_thread(self._checkpoints.save, rnd, [self._model_bytes], state_parts)
         t_ckpt = time.monotonic()
-        record = _record(rs, rnd, self.accuracy, self.loss, self.model_version,
+        record = _record(rs, rnd, self.accuracy, self.loss, metrics, self.model_version,
                          RoundTimings(wait_workers=rs.started - t0, open=t_closed - rs.started,
                                       aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
                                       checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0)
@@ -588,7 +703,8 @@ class Engine:
             self.round = recorded
             self.accuracy, self.loss = (last.accuracy, last.loss) if last else (None, None)
             model, version = (self._checkpoints.load(last.round)[0], last.model_version) if last \
-                else (self.task.init_weights(self.config.seed), 0)
+                else (self.task.init_weights(self.config.seed) if self.plan is not None or not has_plan(self.task)
+                      else {}, 0)
             self._set_model(model, version)
         self.state = "stopped"
         self.phase = "done"
@@ -611,7 +727,10 @@ class Engine:
             run_id=self.run_id, state=self.state, message=self.message,
             task=self.config.task, partition=self.config.partition, workers=self.config.workers,
             rounds=self.round, rounds_planned=self.config.rounds, final_accuracy=self.accuracy,
-            final_loss=self.loss, seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),
+            final_loss=self.loss, evaluation="test" if self._test is not None or not self._history else "federated",
+            data_source="sites" if self.data_source == "sites" else "partitions",
+            final_fed_accuracy=self._history[-1].fed_accuracy if self._history else None,
+            seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),
             model_version=self.model_version, config=self.config.to_dict(),
             round_timings=[RoundTiming(round=r.round, seconds=r.seconds, **r.timings.model_dump())
                            for r in self._history])
@@ -624,6 +743,36 @@ class Engine:
                 break
             await self._wait_change(min(0.5, end - time.monotonic()))
         self.done.set()
+
+
+def data_source(config: RunConfig, task: object) -> str:
+    """``--data-source``, else ``sites`` for a task that has no shared data set to partition (its class
+    says so with ``data_at_sites = True``), else ``partitions``."""
+    if config.data_source is not None:
+        return config.data_source
+    return "sites" if getattr(task, "data_at_sites", False) else "partitions"
+
+
+def load_test(config: RunConfig, task: Task) -> Any | None:
+    """The coordinator's held-out set: ``--test-data`` read like a site's files; the task's own test set in
+    a partitions run; None in a site-data run without ``--test-data`` (federated evaluation only)."""
+    if config.test_data is not None:
+        if not loads_sites(task):
+            raise TaskError(f"task {config.task!r} cannot read files of its own (it has no load_site), so "
+                            "--test-data cannot be used with it")
+        train, _ = site_task(task).load_site([Path(config.test_data)], 0.0, config.seed)
+        return train
+    if data_source(config, task) == "sites":
+        return None
+    return task.load_test()
+
+
+def _mixed_message(source: str, task: str) -> str:
+    if source == "partitions":
+        return (f"this run trains on partitions of task {task!r}'s shared data set, but this worker brought its "
+                "own data (--data): start it without --data, or start the coordinator with --data-source sites")
+    return (f"this run trains on each site's own data, but this worker brought none: start it with "
+            f"--data PATH (a file or folder of task {task!r}'s data)")
 
 
 def _open_run(store: Store, run_dir: RunDir, config: RunConfig) -> str:
@@ -647,9 +796,12 @@ def _open_run(store: Store, run_dir: RunDir, config: RunConfig) -> str:
     return row.id
 
 
-def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None, version: int,
-            timings: RoundTimings, seconds: float) -> RoundRecord:
+def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None, metrics: Mapping[str, Any],
+            version: int, timings: RoundTimings, seconds: float) -> RoundRecord:
     fed = rs.federated_eval()
+    # The task's other scores, held to what a record may hold (names, finite values) like workers' metrics.
+    extra, _ = clean_worker_metrics({k: float(v) for k, v in metrics.items() if k not in ("accuracy", "loss")
+                                     and isinstance(v, int | float | np.number)})
     return RoundRecord(
         round=rnd, accuracy=accuracy, loss=loss, participants=len(rs.answered), sampled=len(rs.sampled),
         attempts=rs.attempt + 1, seconds=seconds, bytes_in=rs.bytes_in, bytes_out=rs.bytes_out,
@@ -657,7 +809,8 @@ def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None
         fed_accuracy=fed.accuracy if fed else None, fed_loss=finite_or_none(fed.loss) if fed else None,
         fed_accuracy_std=fed.accuracy_std if fed else None, fed_accuracy_min=fed.accuracy_min if fed else None,
         fed_accuracy_max=fed.accuracy_max if fed else None, fed_examples=fed.examples if fed else None,
-        worker_metrics=rs.worker_metrics(), updates_rejected=rs.rejected, metrics_dropped=rs.metrics_dropped)
+        worker_metrics=rs.worker_metrics(), test_metrics=extra, updates_rejected=rs.rejected,
+        metrics_dropped=rs.metrics_dropped)
 
 
 def _outliers(rs: RoundState) -> set[str]:

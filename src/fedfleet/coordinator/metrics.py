@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # A fixed set, so that a flood of odd uploads cannot mint new time series; anything else is "other".
 REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_body", "bad_metadata",
                   "bad_schema", "non_finite", "norm", "bad_stats", "too_large", "forbidden", "other")
-REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited")
+REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited", "bad_description", "data_source")
 UPDATE_KINDS = ("stats", "train")
 WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
 RUN_STATES = ("waiting", "running", "finished", "failed", "stopped")

@@ -139,10 +139,10 @@ def scope_of(method: str, path: str) -> Scope:
         return "public"
     if path == f"{API}/workers" and method == "POST":
         return "join"
-    if path == f"{API}/model":
-        return "model"  # a worker's, or the admin's to fetch the model by hand
+    if path in (f"{API}/model", f"{API}/plan"):
+        return "model"  # a worker's, or the admin's to fetch the model (and what it means) by hand
     if path in (f"{API}/heartbeat", f"{API}/updates") or path.startswith(f"{API}/uploads") \
-            or (path.startswith(_WORKER_PATH) and path.endswith("/task")):
+            or (path.startswith(_WORKER_PATH) and path.endswith(("/task", "/description"))):
         return "worker"
     return "admin"
 

@@ -14,7 +14,7 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,7 +28,10 @@ from fedfleet.protocol.messages import (
     API,
     INSTRUCTION,
     UPDATE_META_KEY,
+    DescriptionAck,
+    DescriptionBody,
     Instruction,
+    PlanResponse,
     RegisterRequest,
     RegisterResponse,
     Status,
@@ -139,11 +142,12 @@ class CoordinatorClient:
         _raise_for(r.status_code, r.content, what)
         return r.json()
 
-    def register(self, worker_id: str | None, name: str, worker_token: str | None = None) -> RegisterResponse:
+    def register(self, worker_id: str | None, name: str, worker_token: str | None = None,
+                 data_source: Literal["partitions", "sites"] = "partitions") -> RegisterResponse:
         """Join the run (with the join token); a known ``worker_id`` is taken back with its ``worker_token``.
 
         The worker token in the reply is kept and sent on this client's later calls."""
-        req = RegisterRequest(worker_id=worker_id, name=name)
+        req = RegisterRequest(worker_id=worker_id, name=name, data_source=data_source)
         extra = {"X-Fedfleet-Worker-Token": worker_token} if worker_token and worker_id else {}
         reply = RegisterResponse.model_validate(self._call(
             "POST", "/workers", "register", token=self.join_token or "", headers=extra,
@@ -168,6 +172,16 @@ class CoordinatorClient:
         if tokens:
             body["tokens"] = tokens
         return int(self._call("POST", "/heartbeat", "heartbeat", json=body)["known"])
+
+    def describe(self, worker_id: str, description: dict[str, Any]) -> DescriptionAck:
+        """Send this worker's description of its data; a refusal (422) says what did not fit the run."""
+        return DescriptionAck.model_validate(self._call(
+            "POST", f"/workers/{worker_id}/description", "describe the data",
+            json=DescriptionBody(description=description).model_dump()))
+
+    def plan(self) -> dict[str, Any] | None:
+        """The run's plan, or None while it is still being agreed."""
+        return PlanResponse.model_validate(self._call("GET", "/plan", "plan")).plan
 
     def status(self, admin_token: str | None = None) -> Status:
         return Status.model_validate(self._call("GET", "/status", "status", token=admin_token))

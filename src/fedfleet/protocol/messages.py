@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -22,6 +22,9 @@ class RegisterRequest(Message):
     worker_id: WorkerId | None = Field(None, description="stable id from the worker's state dir; "
                                                          "omit to be given one")
     name: str = Field("", max_length=200, description="free text shown on the dashboard, e.g. the host")
+    data_source: Literal["partitions", "sites"] = Field(
+        "partitions", description="sites: this worker brings its own data (fedfleet worker --data); partitions: "
+                                  "it trains on the partition of the task's shared data set it is given")
 
 
 class PartitionInfo(Message):
@@ -70,6 +73,13 @@ class StatsInstruction(Message):
     attempt: int = Field(ge=0)
 
 
+class DescribeInstruction(Message):
+    """Describe your data (the task's ``describe``: aggregates, never rows) and POST it to
+    ``/v1/workers/{id}/description``: the run agrees its plan from the sites' descriptions."""
+
+    kind: Literal["describe"] = "describe"
+
+
 class WaitInstruction(Message):
     """Nothing for you yet: ask again."""
 
@@ -84,8 +94,8 @@ class StopInstruction(Message):
 
 
 # What a worker is told to do next. Not called a "task": that word means the ML task (data + model).
-Instruction = Annotated[TrainInstruction | StatsInstruction | WaitInstruction | StopInstruction,
-                        Field(discriminator="kind")]
+Instruction = Annotated[TrainInstruction | StatsInstruction | DescribeInstruction | WaitInstruction
+                        | StopInstruction, Field(discriminator="kind")]
 INSTRUCTION = TypeAdapter(Instruction)
 
 
@@ -116,6 +126,23 @@ class UpdateMeta(Message):
         except RecursionError as exc:
             raise ProtocolError("update metadata is invalid: JSON nested too deeply", status=422,
                                 reason="bad_metadata") from exc
+
+
+class DescriptionBody(Message):
+    """A worker's description of its data (``POST /v1/workers/{id}/description``), checked by the task."""
+
+    description: dict[str, Any]
+
+
+class DescriptionAck(Message):
+    accepted: bool
+    described: int = Field(description="workers whose description the run has accepted")
+
+
+class PlanResponse(Message):
+    """The run's plan (``GET /v1/plan``): None until the sites' descriptions are in and it is agreed."""
+
+    plan: dict[str, Any] | None
 
 
 class UpdateAck(Message):

@@ -64,6 +64,9 @@ class RoundRecord(Record):
     worker_metrics: dict[str, float] = Field(
         default_factory=dict, description="example-weighted means of what the workers reported (train_loss, "
                                           "train_s, ...), only names and values that passed validation")
+    test_metrics: dict[str, float] = Field(
+        default_factory=dict, description="the task's other scores of the new model on the held-out set "
+                                          "(per-class recall, RMSE, R², ...)")
     updates_rejected: int = Field(0, ge=0, description="uploads for this round refused with a 4xx")
     metrics_dropped: int = Field(0, ge=0, description="worker-sent metrics dropped as invalid in this round")
 
@@ -89,8 +92,15 @@ class RunSummary(Record):
     workers: int
     rounds: int = Field(description="training rounds completed")
     rounds_planned: int
-    final_accuracy: float | None
+    final_accuracy: float | None = Field(description="the final model's score on the held-out set; None "
+                                                     "when the run had none (evaluation 'federated')")
     final_loss: float | None
+    evaluation: Literal["test", "federated"] = Field(
+        "test", description="test: scored on the coordinator's held-out set; federated: only on the workers' "
+                            "own validation splits (a site-data run without --test-data)")
+    data_source: Literal["partitions", "sites"] = "partitions"
+    final_fed_accuracy: float | None = Field(None, description="the last round's federated evaluation: the "
+                                                               "global model on the workers' validation splits")
     seconds: float
     parameters: int
     model_version: int

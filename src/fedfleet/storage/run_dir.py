@@ -6,6 +6,9 @@
     DIR/metrics.jsonl        one RoundRecord per completed round: a view of state.sqlite's rounds
     DIR/summary.json         the RunSummary, written when the run ends
     DIR/model.safetensors    the final model, written when the run ends
+    DIR/plan.json            the plan agreed from the sites' descriptions (tasks that have one): what the
+                             model's inputs and outputs mean, e.g. label classes and vocabularies
+    DIR/sites/               site-NNN.* files fedfleet run --data-split wrote, one per worker
 
 The coordinator writes through a ``RunDir``; the report, the dashboard of a finished run and the
 runner read through one. Constructing a RunDir does no I/O.
@@ -13,8 +16,10 @@ runner read through one. Constructing a RunDir does no I/O.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,6 +38,8 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
+PLAN = "plan.json"
+SITES = "sites"
 
 
 class RunDir:
@@ -85,6 +92,13 @@ class RunDir:
     def write_model(self, parts: list[bytes | memoryview]) -> None:
         write_atomic(self.model_path, parts)
 
+    def write_plan(self, plan: dict[str, Any]) -> None:
+        write_text_atomic(self.path / PLAN, json.dumps(plan, indent=1, allow_nan=False) + "\n")
+
+    @property
+    def sites_path(self) -> Path:
+        return self.path / SITES
+
     # --- readers ---------------------------------------------------------------------------------
     def read_config(self) -> RunConfig:
         try:
@@ -132,6 +146,18 @@ class RunDir:
             return codec.decode(self.model_path.read_bytes())
         except (OSError, ProtocolError) as exc:
             raise StorageError(f"cannot read model {self.model_path}: {exc}") from exc
+
+    def read_plan(self) -> dict[str, Any] | None:
+        """The run's plan, or None if its task agrees none (or has not yet)."""
+        try:
+            plan = json.loads((self.path / PLAN).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read {self.path / PLAN}: {exc}") from exc
+        if not isinstance(plan, dict):
+            raise StorageError(f"{self.path / PLAN} is not a JSON object")
+        return plan
 
     def read_store(self) -> Store | None:
         """state.sqlite opened read-only, or None when the folder has none."""

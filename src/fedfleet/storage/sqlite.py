@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL, metrics TEXT NOT NULL, received REAL NOT NULL,
     PRIMARY KEY (round, attempt, worker_id)
 );
+CREATE TABLE IF NOT EXISTS descriptions (
+    worker_id TEXT PRIMARY KEY, description TEXT NOT NULL, received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plan (
+    id INTEGER PRIMARY KEY CHECK (id = 0), plan TEXT NOT NULL, created REAL NOT NULL
+);
 """
 
 
@@ -158,6 +164,40 @@ class Store:
             db.execute("INSERT INTO workers (worker_id, partition, name, registered) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name",
                        (worker_id, partition, name, time.time()))
+
+    # --- the plan (tasks that agree one from the sites' descriptions) ----------------------------
+    def descriptions(self) -> dict[str, dict[str, Any]]:
+        """Each worker's accepted description of its data, in the order they were accepted."""
+        out: dict[str, dict[str, Any]] = {}
+        for wid, text in self._query("SELECT worker_id, description FROM descriptions ORDER BY received, rowid"):
+            try:
+                out[str(wid)] = json.loads(text)
+            except ValueError as exc:
+                raise StorageError(f"state database {self.path} holds a description of {wid} that is not "
+                                   f"JSON: {exc}") from exc
+        return out
+
+    def put_description(self, worker_id: str, description: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO descriptions VALUES (?, ?, ?)",
+                       (worker_id, json.dumps(description, allow_nan=False), time.time()))
+
+    def plan(self) -> dict[str, Any] | None:
+        rows = self._query("SELECT plan FROM plan")
+        if not rows:
+            return None
+        try:
+            plan = json.loads(rows[0][0])
+        except ValueError as exc:
+            raise StorageError(f"state database {self.path} holds a plan that is not JSON: {exc}") from exc
+        if not isinstance(plan, dict):
+            raise StorageError(f"state database {self.path} holds a plan that is not a JSON object")
+        return plan
+
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        """The run's plan, once: every side uses it for the rest of the run (and a resumed run too)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO plan VALUES (0, ?, ?)", (json.dumps(plan, allow_nan=False), time.time()))
 
     # --- rounds and updates --------------------------------------------------------------------
     def record_update(self, round: int, attempt: int, worker_id: str, num_examples: int,

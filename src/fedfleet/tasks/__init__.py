@@ -28,7 +28,7 @@ from typing import Any, cast
 from fedfleet.errors import ConfigError, TaskError
 from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec
-from fedfleet.tasks.base import Dataset, FitResult, NoStats, Task, TrainParams
+from fedfleet.tasks.base import Dataset, FitResult, NoStats, Task, TrainParams, site_task
 from fedfleet.types import Schema, Weights
 
 BUILTIN = {
@@ -37,6 +37,8 @@ BUILTIN = {
     "mnist": "fedfleet.tasks.mnist:MnistTask",
     "fashion-mnist": "fedfleet.tasks.mnist:FashionMnistTask",
     "null": "fedfleet.tasks.null:NullTask",
+    "images": "fedfleet.tasks.images:ImagesTask",
+    "tabular": "fedfleet.tasks.tabular:TabularTask",
 }
 REQUIRED = ("init_weights", "load_test", "load_partition", "fit", "evaluate")
 STATISTICS = ("stats_schema", "local_stats", "apply_stats")  # all or none; check_stats is optional either way
@@ -155,6 +157,11 @@ def complete(task: object, name: str) -> Task:
     return TaskWithDefaults(task, statistics=bool(has))
 
 
+def with_plan(task: Task, plan: Mapping[str, Any]) -> Task:
+    """``task`` set up with the run's ``plan`` (its ``with_plan``), checked and completed like a loaded task."""
+    return complete(site_task(task).with_plan(plan), task.name)
+
+
 class TaskWithDefaults:
     """A task lacking optional members, completed: without statistics members it gets ``NoStats``'s
     (no statistics round); without ``check_stats``, one that accepts every report. A score of its own
@@ -216,4 +223,4 @@ class TaskWithDefaults:
 
 __all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TaskWithDefaults", "TrainParams",
            "check_allowed", "complete", "declared_options", "find_task", "load_task", "score_name",
-           "task_arguments", "training_defaults"]
+           "task_arguments", "training_defaults", "with_plan"]

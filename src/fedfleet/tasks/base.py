@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -165,6 +165,11 @@ def loads_sites(task: object) -> bool:
 
 
 PLAN_MEMBERS = ("describe", "check_description", "make_plan", "with_plan")
+
+
+def site_task(task: object) -> SiteTask:
+    """``task`` seen through its SiteTask members (check ``has_plan`` or ``loads_sites`` first)."""
+    return cast(SiteTask, task)
 
 
 class NoStats:

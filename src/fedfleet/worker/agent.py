@@ -42,6 +42,7 @@ from fedfleet.errors import (
 )
 from fedfleet.protocol.client import CoordinatorClient
 from fedfleet.protocol.messages import (
+    DescribeInstruction,
     RegisterResponse,
     StatsInstruction,
     StopInstruction,
@@ -123,8 +124,9 @@ class WorkerProcess:
 
     def __init__(self, url: str, clients: int, state_dir: Path, name: str = "", give_up: float = 300.0,
                  join_token: str | None = None, verify: ssl.SSLContext | bool = True,
-                 allowed_tasks: tuple[str, ...] = ()) -> None:
+                 allowed_tasks: tuple[str, ...] = (), data: tuple[Path, ...] = ()) -> None:
         self.url = url
+        self.data = data  # the site's own files (--data); empty: train on the partition the coordinator gives
         self.allowed_tasks = allowed_tasks
         self.join_token = join_token
         self.verify = verify
@@ -263,7 +265,8 @@ class Agent:
 
     def _register(self, client: CoordinatorClient) -> tuple[RegisterResponse, Trainer]:
         worker_id, token = self._stored()
-        reg = self._retry(lambda: client.register(worker_id, self.name, token), "register")
+        source: Literal["partitions", "sites"] = "sites" if self.proc.data else "partitions"
+        reg = self._retry(lambda: client.register(worker_id, self.name, token, source), "register")
         self.worker_id = reg.worker_id
         # The worker token is a credential: the file is readable by this user only.
         write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url,
@@ -272,7 +275,7 @@ class Agent:
         # The partition's index, spelt as the coordinator's worker.registered line spells it.
         log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.index, name=self.name,
                   run=reg.run_id)
-        trainer = Trainer(self.proc.task(reg.task, reg.task_options), reg.partition)
+        trainer = Trainer(self.proc.task(reg.task, reg.task_options), reg.partition, self.proc.data)
         # Loaded now, so that data that is missing or malformed ends the worker at once with its error,
         # rather than failing every round it is sampled in.
         trainer.data  # noqa: B018
@@ -297,6 +300,9 @@ class Agent:
                 return
             if isinstance(msg, WaitInstruction) or self.proc.stop.is_set():
                 continue
+            if isinstance(msg, DescribeInstruction):
+                self._describe(client, reg, trainer)
+                continue
             key = (msg.kind, msg.round, msg.attempt)
             if key == done:
                 # The coordinator hands out an instruction until an update for it is accepted. Ours diverged,
@@ -315,10 +321,34 @@ class Agent:
                 self._update_failed(reg.worker_id, msg, exc)
                 done = key
 
+    def _describe(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer) -> None:
+        """Send the description of this worker's data. A refusal (its columns differ from the run's, say)
+        ends the worker with the coordinator's message: no round of this run could use its data."""
+        description = trainer.describe()
+        try:
+            ack = self._retry(lambda: client.describe(reg.worker_id, description), "describe the data")
+        except RequestRejected:
+            raise
+        except ProtocolError as exc:
+            if exc.status == 422:
+                raise FedfleetError(f"the coordinator refused this worker's data: {exc}") from exc
+            raise
+        log.event("worker.described", worker=reg.worker_id, described=ack.described)
+
+    def _planned(self, client: CoordinatorClient, trainer: Trainer) -> None:
+        """Set the trainer up with the run's plan, fetched once: the coordinator sends work only once it has one."""
+        plan = self._retry(client.plan, "fetch the plan")
+        if plan is None:
+            raise ProtocolError("the coordinator sent work before it agreed the run's plan")
+        trainer.set_plan(plan)
+        log.event("worker.planned", worker=self.worker_id)
+
     def _work(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer,
               msg: TrainInstruction | StatsInstruction) -> Outcome:
         """Answer ``msg``: accepted; not_accepted (diverged, refused: a repeat would give the same); or
         undelivered (it did not get through, and a repeat of ``msg`` is worth doing)."""
+        if trainer.needs_plan:
+            self._planned(client, trainer)
         t0 = time.perf_counter()
         if isinstance(msg, StatsInstruction):
             weights, n = trainer.stats()

@@ -1,7 +1,10 @@
-"""The compute side of a worker: its partition of the data, local statistics, training and evaluation.
+"""The compute side of a worker: its data, local statistics, training and evaluation.
 
-A seeded ``val_fraction`` of the partition is kept aside: each round the worker scores the global
-model it received on it before training (federated evaluation), and trains on the rest.
+Its data is either its partition of the task's shared data set or, with ``fedfleet worker --data``, the
+site's own files (the task's ``load_site``). A seeded ``val_fraction`` of it is kept aside: each round
+the worker scores the global model it received on it before training (federated evaluation), and
+trains on the rest. A task that agrees a plan (``tasks.base.SiteTask``) describes the data first, and
+trains and evaluates only once it is set up with the run's plan (``set_plan``).
 ``nonfinite_tensors`` and ``finite_metrics`` tell what of a fit's result can be sent: a model that
 diverged gives NaN or Inf, which the coordinator refuses in weights and JSON cannot carry in metrics.
 """
@@ -10,24 +13,37 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from fedfleet.errors import TaskError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import PartitionInfo, TrainParamsMsg
-from fedfleet.tasks import Dataset, FitResult, Task, TrainParams
+from fedfleet.tasks import Dataset, FitResult, Task, TrainParams, with_plan
+from fedfleet.tasks.base import Description, has_plan, loads_sites, site_task
 from fedfleet.types import Weights, is_finite
 
 
 class Trainer:
-    def __init__(self, task: Task, partition: PartitionInfo) -> None:
-        self.task = task
+    def __init__(self, task: Task, partition: PartitionInfo, data: Sequence[Path] = ()) -> None:
+        self.task = task  # replaced by the task set up with the plan, for a task that agrees one
+        self._unplanned = task
         self.partition = partition
+        self.paths = tuple(data)
+        self.needs_plan = has_plan(task)
 
     @functools.cached_property
-    def _split(self) -> tuple[Dataset, Dataset | None]:
+    def _split(self) -> tuple[Any, Any | None]:
         p = self.partition
+        if self.paths:
+            if not loads_sites(self.task):
+                raise TaskError(f"task {self.task.name!r} cannot train on files of its own (it has no load_site): "
+                                "start the worker without --data, on a partition of the task's data set")
+            train, val = site_task(self.task).load_site(self.paths, p.val_fraction, p.seed)
+            return train, val
         data = self.task.load_partition(parse_partition(p.scheme), p.index, p.count, p.seed)
         n_val = round(p.val_fraction * len(data))
         if n_val < 1 or n_val >= len(data):
@@ -37,13 +53,21 @@ class Trainer:
         return Dataset(data.x[train], data.y[train]), Dataset(data.x[val], data.y[val])
 
     @property
-    def data(self) -> Dataset:
-        """The examples this worker trains on (its partition less the validation split)."""
+    def data(self) -> Any:
+        """The examples this worker trains on (its partition or files, less the validation split)."""
         return self._split[0]
 
     @property
-    def validation(self) -> Dataset | None:
+    def validation(self) -> Any | None:
         return self._split[1]
+
+    def describe(self) -> Description:
+        """What the run's plan is agreed from: the task's aggregates of this worker's training data."""
+        return site_task(self._unplanned).describe(self.data)
+
+    def set_plan(self, plan: Mapping[str, Any]) -> None:
+        self.task = with_plan(self._unplanned, plan)
+        self.needs_plan = False
 
     def stats(self) -> tuple[Weights, int]:
         return self.task.local_stats(self.data), len(self.data)
