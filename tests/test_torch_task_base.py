@@ -120,7 +120,7 @@ def test_the_example_loads_as_it_is_a_task_on_sites_files_without_a_plan(example
     task = load_task(TASK)
     assert isinstance(task, example.BlobsTask) and task.name == "blobs"
     assert loads_sites(task) and not has_plan(task)
-    assert task.data_at_sites  # type: ignore[attr-defined]
+    assert task.data_at_sites
     assert not load_task(TASK, {"data": "all.npz"}).data_at_sites  # type: ignore[attr-defined]
 
 
@@ -173,7 +173,7 @@ def test_fedprox_pulls_toward_the_global_weights(example: Any, sites: list[Path]
 def test_a_loss_and_score_of_ones_own(sites: list[Path]) -> None:
     task = load_task("test_torch_task_base:Regression")
     assert isinstance(task, TaskWithDefaults)  # its score is reported under "accuracy" too
-    train, val = task.load_site([sites[0]], 0.2, seed=0)  # type: ignore[attr-defined]
+    train, val = task.load_site([sites[0]], 0.2, seed=0)
     fit = task.fit(task.init_weights(0), train, TrainParams(2, 16, 0.05, 0))
     assert set(fit.metrics) == {"train_loss", "train_mae"}
     scores = task.evaluate(fit.weights, val)
