@@ -556,10 +556,15 @@ def test_compose_sites_run_each_worker_on_its_own_csv_file(
         summary = json.loads(_copy_out(coordinator, "/data/summary.json", tmp_path / "summary.json", docker_env))
         assert summary["state"] == "finished" and summary["rounds"] == 3, summary
         metrics = _copy_out(coordinator, "/data/metrics.jsonl", tmp_path / "metrics.jsonl", docker_env)
-        assert [json.loads(line)["participants"] for line in metrics.splitlines()] == [2, 2, 2]
+        rounds = [json.loads(line) for line in metrics.splitlines()]
+        assert [r["participants"] for r in rounds] == [2, 2, 2]
+        # No --test-data: each round's model was scored on the sites' own validation splits.
+        assert all(r["fed_examples"] and r["fed_accuracy"] is not None for r in rounds), rounds
         assert re.search(r"plan\.agreed .*sites=2\b", logs), logs[-3000:]
-        registered = dict(re.findall(r"worker\.registered .*?worker=(\S+).*? name=(\S+)", logs))
+        # Two workers, each under its site's --name (the worker adds /K, its client number).
+        registered = dict(re.findall(r"worker\.registered .*?worker=(\S+).*? name=([^/\s]+)", logs))
         assert sorted(registered.values()) == ["site-a", "site-b"], logs[-3000:]
+        assert len(re.findall(r"worker\.described ", logs)) == 2, logs[-3000:]
 
         assert _containers(project, "worker", docker_env) == []  # the partition workers stayed off
         for service, folder in folders.items():
