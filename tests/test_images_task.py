@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import Fleet
 from fedfleet.errors import ConfigError, TaskError
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks import load_task
@@ -245,3 +247,20 @@ def test_images_of_a_class_no_site_described_cannot_be_scored(sites: dict[str, P
     with pytest.raises(TaskError, match="these images include the class 'purple', which is not one of the run's 3 "
                                         "classes \\(agreed from the sites' descriptions\\): blue, green, red"):
         p.evaluate(p.init_weights(0), p.load_site([other], 0.0, 0)[0])
+
+
+def test_two_sites_agree_the_classes_and_train(fleet: Fleet, sites: dict[str, Path]) -> None:
+    # Three rounds: the sites' classes differ, and the averaged model of the second is not always right yet
+    # (0.67 on some seeds); by the third it is, on every seed tried. A round takes a tenth of a second here.
+    c = fleet.coordinator("--task", "images", "--task-option", f"size={SIZE}", "--workers", "2", "--rounds", "3",
+                          "--local-epochs", "2", "--batch-size", "8", "--test-data", str(sites["test"]),
+                          "--linger", "1")
+    workers = [fleet.worker(c.url, "--data", str(sites[s])) for s in ("a", "b")]
+    for w in workers:
+        assert w.proc.wait(timeout=120) == 0, fleet.logs()
+    assert c.proc.wait(timeout=30) == 0, fleet.logs()
+    # Neither site holds all three classes; the plan has them all, and the model an output for each.
+    assert json.loads((c.data_dir / "plan.json").read_text()) == {"classes": ["blue", "green", "red"]}
+    summary = json.loads((c.data_dir / "summary.json").read_text())
+    assert summary["state"] == "finished" and summary["data_source"] == "sites" and summary["evaluation"] == "test"
+    assert summary["final_accuracy"] > 0.8, summary  # on the test folder's 30 images; chance is a third

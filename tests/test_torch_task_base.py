@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_fedfleet
+from conftest import Fleet, run_fedfleet
 from fedfleet.errors import TaskError
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks import TaskWithDefaults, load_task
@@ -218,11 +218,29 @@ def test_what_is_missing_or_wrong_is_a_task_error_naming_it(example: Any, sites:
         ModelLess().load_site([sites[0]], 0.1, 0)
 
 
-def test_a_run_on_partitions_of_a_shared_file(sites: list[Path], tmp_path: Path) -> None:
+def test_a_run_on_partitions_of_a_shared_file(example: Any, sites: list[Path], tmp_path: Path) -> None:
+    shared = example.write_sites(tmp_path / "shared", 0, per_site=400, seed=1)[-1]  # all three blobs alike
     out = tmp_path / "run"
-    r = run_fedfleet("run", "--task", TASK, "--task-option", f"data={sites[0]}", "--task-option", f"test={sites[-1]}",
+    r = run_fedfleet("run", "--task", TASK, "--task-option", f"data={shared}", "--task-option", f"test={sites[-1]}",
                      "--workers", "2", "--rounds", "2", "--lr", "0.1", "--out", str(out), "--quiet", cwd=EXAMPLES)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"] == "finished" and summary["task"] == TASK and summary["rounds"] == 2
-    assert summary["final_accuracy"] > 0.6, summary
+    assert summary["data_source"] == "partitions" and summary["final_accuracy"] > 0.75, summary
+
+
+def test_three_sites_train_the_example_on_their_own_files(fleet: Fleet, sites: list[Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES))  # the user's module, for the coordinator and the workers
+    c = fleet.coordinator("--task", TASK, "--workers", "3", "--rounds", "2", "--lr", "0.1", "--test-data",
+                          str(sites[-1]), "--linger", "1")
+    workers = [fleet.worker(c.url, "--allow-task", TASK, "--data", str(path)) for path in sites[:3]]
+    for w in workers:
+        assert w.proc.wait(timeout=120) == 0, fleet.logs()
+    assert c.proc.wait(timeout=30) == 0, fleet.logs()
+    summary = json.loads((c.data_dir / "summary.json").read_text())
+    assert summary["state"] == "finished" and summary["data_source"] == "sites" and summary["evaluation"] == "test"
+    assert summary["final_accuracy"] > 0.6, summary  # chance is a third
+    rounds = [json.loads(line) for line in (c.data_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["participants"] for r in rounds] == [3, 3]
+    assert rounds[-1]["fed_examples"] == 60  # each site kept 10% of its 200 points to score the global model on
