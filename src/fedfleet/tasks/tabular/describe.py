@@ -232,7 +232,7 @@ def problem_of(exc: ValidationError, raw: object) -> str:
         name = _raw_name(raw, str(loc[0]), loc[1])
         where.append(f"column {name!r}" if name else f"{loc[0]}[{loc[1]}]")
         loc = loc[2:]
-    where += [str(part) for part in loc]
+    where += [str(part) if len(str(part)) <= 40 else f"{str(part)[:40]!r}..." for part in loc]  # a key is any size
     message = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     if isinstance(got, bool | int | float | str):  # not a list or an object: those can be any size

@@ -26,7 +26,10 @@ from fedfleet.errors import TaskError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet"}
 NUMBER, STRING, EMPTY = "number", "string", "empty"  # a column's type in a file; EMPTY: no value seen
-SCAN_BLOCK = 1 << 22  # bytes of CSV parsed at a time while scanning: rows longer than this cannot be read
+# pyarrow's streaming CSV reader reads up to 32 blocks ahead of the one it hands over: memory is about
+# 32 blocks, whatever the file's size. Blocks are kept small for that, yet no line may be longer than one.
+SCAN_BLOCK = 1 << 20  # bytes of a block while scanning: a line longer than this cannot be read
+MAX_BLOCK = 1 << 22  # bytes of a block while reading, unless the file's longest line needs more
 ARROW_ERRORS = (pa.ArrowException, OSError)
 
 
@@ -131,6 +134,9 @@ def _scan_csv(path: Path) -> SourceFile:
                 if len(lengths):
                     row_bytes = max(row_bytes, int(lengths.max()))
     except ARROW_ERRORS as exc:
+        if "straddl" in str(exc):
+            raise TaskError(f"{path}: a line is longer than {SCAN_BLOCK >> 20} MiB: expected CSV rows of at most "
+                            "that") from exc
         raise TaskError(f"{path}: cannot read it as CSV: {_first_line(exc)}") from exc
     types = {n: EMPTY if not seen[n] else NUMBER if number[n] else STRING for n in names}
     return SourceFile(path, "csv", rows, types, row_bytes, path.stat().st_size)
@@ -279,13 +285,19 @@ def _read_file(f: SourceFile, columns: Mapping[str, str], chunk_rows: int) -> It
 
 
 def csv_blocks(f: SourceFile, chunk_rows: int) -> pa_csv.ReadOptions:
-    """Blocks of about ``chunk_rows`` rows of ``f``, never less than two of its longest line (pyarrow cannot
-    parse a line that straddles two blocks)."""
+    """Blocks of about ``chunk_rows`` rows of ``f`` (fewer if that is over ``MAX_BLOCK``), never less than two of
+    its longest line (pyarrow cannot parse a line that straddles two blocks)."""
     per_row = f.size / max(f.rows, 1)
-    return pa_csv.ReadOptions(block_size=max(int(chunk_rows * per_row), 2 * f.row_bytes, 64))
+    return pa_csv.ReadOptions(block_size=max(min(int(chunk_rows * per_row), MAX_BLOCK), 2 * f.row_bytes, 64))
 
 
 def _cast(column: pa.Array, kind: pa.DataType) -> pa.Array:
+    """A Parquet column as the CSV reader gives it: float64 (an int64 id beyond 2**53 rounded, not refused),
+    or strings with "" missing."""
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    return column if column.type == kind else pc.cast(column, kind)
+    if column.type != kind:
+        column = pc.cast(column, kind, safe=False)
+    if kind == pa.string():
+        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+    return column
