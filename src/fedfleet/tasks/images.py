@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import numpy as np
 
@@ -212,10 +212,10 @@ class ImagesTask(TorchTask):
         train, val = validation_split(len(images), val_fraction, seed)
         return (images, None) if val is None else (images.take(train), images.take(val))
 
-    def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Any:
+    def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> NoReturn:
         raise TaskError(NO_SHARED_DATA)
 
-    def load_test(self) -> Any:
+    def load_test(self) -> NoReturn:
         raise TaskError(f"{NO_SHARED_DATA}; the coordinator's held-out images are --test-data PATH")
 
     def torch_dataset(self, data: Any) -> Examples:

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 # Evaluation batches: small ones keep a CNN's activations in cache (see torch_common.predict_logits).
 EVAL_BATCH = 100
-VAL_STREAM = 0x7A1  # the worker's validation split of a partition draws from the same stream (Trainer)
+VAL_STREAM = 0x7A1  # the validation split's own random stream, the constant the worker splits partitions with
 
 
 class Examples(Protocol):
