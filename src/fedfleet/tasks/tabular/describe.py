@@ -297,6 +297,10 @@ def site_columns(data: SiteData, settings: Settings) -> list[Use]:
                                 "name the columns to use with features=, or leave some out with ignore=")
     if not features:
         raise TaskError(f"{first.path}: no feature columns: expected columns besides the label {label!r}")
+    odd = next((n for n in features if not 1 <= len(n) <= MAX_NAME), None)
+    if odd is not None:
+        raise TaskError(f"{first.path}: a column name of {len(odd)} characters: expected 1 to {MAX_NAME} (name the "
+                        "columns to use with features=)")
     if len(features) > MAX_COLUMNS:
         raise TaskError(f"{first.path}: {len(features)} feature columns, more than {MAX_COLUMNS}: name the ones "
                         "to use with features=")

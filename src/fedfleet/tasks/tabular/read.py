@@ -69,11 +69,14 @@ class SiteData:
 
 
 def find_files(paths: Sequence[Path]) -> list[Path]:
-    """The data files ``paths`` name: each a file, or a folder whose *.csv and *.parquet files are taken, sorted."""
+    """The data files ``paths`` name: each a file, or a folder whose *.csv and *.parquet files are taken, sorted
+    by name."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+            # Hidden files are left out: macOS's ._x.csv and editors' lock files are not data.
+            inside = sorted(p for p in path.iterdir()
+                            if p.is_file() and p.suffix.lower() in FORMATS and not p.name.startswith("."))
             if not inside:
                 raise TaskError(f"{path}: a folder without .csv or .parquet files: expected the site's data in it")
             found += inside

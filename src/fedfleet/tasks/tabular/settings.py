@@ -107,6 +107,9 @@ class Settings:
                        hidden=tuple(int(n) for n in parse_list(checked["hidden"], sizes=True) or ()),
                        min_count=checked["min_count"], chunk_rows=checked["chunk_rows"])
         label = settings.label
+        if label is not None and not 1 <= len(label) <= MAX_NAME:
+            raise ConfigError(f"The 'label' task option must be a column name of 1 to {MAX_NAME} characters. Got "
+                              f"{len(label)} characters instead.", option="label")
         for key in ("features", "ignore", "categorical"):
             if label is not None and label in (getattr(settings, key) or ()):
                 raise ConfigError(f"The '{key}' task option names the label column {label!r}: the label is never "
