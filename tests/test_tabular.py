@@ -455,22 +455,33 @@ def test_the_mlp_trains(files: dict[str, Path]) -> None:
 @pytest.mark.parametrize(("source", "spec", "group"), [
     ("union", PartitionSpec("iid"), None),
     ("union", PartitionSpec("dirichlet", alpha=0.5), None),
-    ("s2", PartitionSpec("natural"), "colour"),
+    ("s2", PartitionSpec("natural", column="colour"), "colour"),
 ])
 def test_split_file_writes_each_row_to_one_site_file(tmp_path: Path, files: dict[str, Path], source: str,
                                                      spec: PartitionSpec, group: str | None) -> None:
     path = files[source]
-    out = split_file(path, tmp_path / "sites", 3, spec, "y", seed=0, group_column=group)
+    out = task().split_data(path, tmp_path / "sites", 3, spec, seed=0)
     assert [p.name for p in out] == [f"site-00{i}{path.suffix}" for i in range(3)]
     read = pa_csv.read_csv if path.suffix == ".csv" else pq.read_table
     original, parts = read(path), [read(p) for p in out]
     assert all(p.num_rows for p in parts) and sum(p.num_rows for p in parts) == original.num_rows
     assert sorted(i for p in parts for i in p.column("id").to_pylist()) == sorted(original.column("id").to_pylist())
     assert all(p.schema == original.schema for p in parts) or path.suffix == ".csv"
-    if group:  # natural: sorted by group, so each group lies in one or two neighbouring sites
-        assert sum(len(set(p.column(group).to_pylist())) for p in parts) <= 3 + 2 + 2
+    if group:  # natural: each colour (red, green, blue, teal, plum) whole at one site
+        assert sum(len(set(p.column(group).to_pylist())) for p in parts) == 5
     t = task()
     assert t.load_site(out[:1], 0.0, 0)[0].files[0].types == t.load_site([path], 0.0, 0)[0].files[0].types
+
+
+def test_natural_cuts_groups_only_when_there_are_fewer_than_sites(tmp_path: Path) -> None:
+    rows = pa.table({"g": ["a"] * 50 + ["b"] * 30 + ["c"] * 20, "y": ["p", "q"] * 50})
+    path = write(rows, tmp_path / "groups.csv")
+    spec = PartitionSpec("natural", column="g")
+    two = [set(pa_csv.read_csv(p).column("g").to_pylist()) for p in split_file(path, tmp_path / "two", 2, spec, "y",
+                                                                                seed=0, group_column="g")]
+    assert two == [{"a"}, {"b", "c"}]  # a (50) to one site, then b and c to the lighter one
+    four = split_file(path, tmp_path / "four", 4, spec, "y", seed=0, group_column="g")
+    assert sum(pa_csv.read_csv(p).num_rows for p in four) == 100
 
 
 def test_split_file_refuses_what_it_cannot_split(tmp_path: Path, files: dict[str, Path]) -> None:

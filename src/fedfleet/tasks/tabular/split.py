@@ -1,8 +1,12 @@
 """One data file cut into per-site files (``fedfleet run --data-split FILE``), to try the tabular task on
 one machine: ``site-000.csv``, ``site-001.csv``, ... in the input's format, each holding the rows
-``fedfleet.partition.split`` gives that site (iid, dirichlet:ALPHA label skew, or natural groups of a
-column's values), in the file's order. A CSV file's cells are copied as the text they are (the writer
-quotes every text cell, which CSV readers undo); a Parquet file's columns keep their types.
+``fedfleet.partition.split`` gives that site (iid, or dirichlet:ALPHA label skew), in the file's order.
+``natural:COLUMN`` keeps each of the column's values (a hospital, a region) whole at one site, the
+values spread so that the sites' rows are as even as whole groups allow; only with fewer values than
+sites are groups cut, into ``fedfleet.partition.split``'s contiguous shards of the rows sorted by group.
+
+A CSV file's cells are copied as the text they are (the writer quotes every text cell, which CSV
+readers undo); a Parquet file's columns keep their types.
 
 Only the label and group columns are held in memory (to split by); the rows are streamed through.
 """
@@ -43,19 +47,38 @@ def split_file(path: Path, out_dir: Path, count: int, spec: PartitionSpec, label
     if spec.scheme == "dirichlet" and classes > CLASS_LIMIT:
         raise TaskError(f"{source.path}: label {label!r} has {classes} distinct values, and dirichlet splits "
                         f"by class (at most {CLASS_LIMIT}): use iid or natural:COLUMN")
-    groups = _codes(source, group_column)[0] if group_column is not None else None
-    try:
-        parts = split(labels, groups, spec, count, seed)
-    except ValueError as exc:
-        raise TaskError(f"{source.path}: {exc}") from exc
-    site = np.empty(source.rows, dtype=np.int64)
-    for i, part in enumerate(parts):
-        site[part] = i
+    groups, values = _codes(source, group_column) if group_column is not None else (None, 0)
+    if groups is not None and values >= count:
+        site = whole_groups(groups, count)
+    else:
+        try:
+            parts = split(labels, groups, spec, count, seed)
+        except ValueError as exc:
+            raise TaskError(f"{source.path}: {exc}") from exc
+        site = np.empty(source.rows, dtype=np.int64)
+        for i, part in enumerate(parts):
+            site[part] = i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [out_dir / f"site-{i:03d}.{source.format}" for i in range(count)]
     _write(source, site, outputs)
     return outputs
+
+
+def whole_groups(groups: np.ndarray, count: int) -> np.ndarray:
+    """Each row's site, keeping every group (code) at one site: the largest group first to the site with
+    the fewest rows so far (ties to the lower code and site), so every site gets one when there are at
+    least ``count`` groups."""
+    codes, sizes = np.unique(groups, return_counts=True)
+    load = np.zeros(count, dtype=np.int64)
+    site_of: dict[int, int] = {}
+    for j in np.lexsort((codes, -sizes)):
+        target = int(np.argmin(load))
+        site_of[int(codes[j])] = target
+        load[target] += sizes[j]
+    lookup = np.array([site_of[int(c)] for c in codes], dtype=np.int64)
+    site: np.ndarray = lookup[np.searchsorted(codes, groups)]
+    return site
 
 
 def _tables(source: SourceFile, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -27,6 +27,7 @@ from fedfleet.tasks.tabular.metrics import ClassScores, RegressionScores, log_so
 from fedfleet.tasks.tabular.models import LogReg, Mlp, Model, train
 from fedfleet.tasks.tabular.read import SiteData, check_types, load, read_chunks
 from fedfleet.tasks.tabular.settings import OPTIONS, Settings
+from fedfleet.tasks.tabular.split import split_file
 from fedfleet.types import Weights
 
 
@@ -107,6 +108,12 @@ class TabularTask(NoStats):
     def load_test(self) -> Dataset:
         raise TaskError("the tabular task has no test set of its own: no --test-data was given (pass the "
                         "coordinator --test-data FILE to score the global model on held-out rows)")
+
+    def split_data(self, source: Path, out_dir: Path, count: int, spec: PartitionSpec, seed: int) -> list[Path]:
+        """``source`` cut into ``count`` site files in ``out_dir`` as ``spec`` says, for ``fedfleet run
+        --data-split`` (``natural:COLUMN`` keeps each value of COLUMN at one site): see ``split.split_file``."""
+        return split_file(source, out_dir, count, spec, desc.required_label(self.settings), seed,
+                          group_column=spec.column)
 
     # --- the plan -------------------------------------------------------------------------------------
 
