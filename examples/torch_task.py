@@ -1,11 +1,13 @@
 """Your own PyTorch model in a few lines: a small MLP on each site's NPZ files of points ``x`` and labels ``y``.
 
 Make some sites' files (three blobs of 2-D points, a different mix at each site), then train across them,
-from this folder::
+from this folder (PYTHONPATH: where the coordinator and the workers find this module)::
 
     python torch_task.py sites 3
+    export PYTHONPATH=$PWD
     fedfleet coordinator --task torch_task:BlobsTask --workers 3 --rounds 5 --test-data sites/test.npz &
-    fedfleet worker --allow-task torch_task:BlobsTask --data sites/site-0.npz   # and site-1, site-2
+    fedfleet worker --coordinator http://127.0.0.1:8080 --allow-task torch_task:BlobsTask \
+        --data sites/site-0.npz    # and a worker each for site-1.npz and site-2.npz
 
 ``TorchTask`` (``fedfleet.tasks.torch_task``) does the rest: initial weights, local SGD (and FedProx),
 evaluation (loss and accuracy), the validation split, the weights on the wire.
