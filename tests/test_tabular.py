@@ -293,7 +293,7 @@ def test_the_task_needs_a_label_its_own_files_and_a_plan(files: dict[str, Path])
         TabularTask(label="y", features="a,y")
     loaded = load_task("tabular", {"label": "y", "min_count": "3"})
     assert isinstance(loaded, TabularTask) and loaded.settings.min_count == 3
-    assert has_plan(loaded) and loads_sites(loaded)
+    assert has_plan(loaded) and loads_sites(loaded) and loaded.data_at_sites
 
 
 BAD_DESCRIPTIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [

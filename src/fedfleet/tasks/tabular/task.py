@@ -43,6 +43,7 @@ class TabularTask(NoStats):
 
     name = "tabular"
     OPTIONS: ClassVar[tuple[Option, ...]] = OPTIONS
+    data_at_sites = True  # no shared data set to partition: a run's workers bring their files (--data)
     score_name: str = "accuracy"  # "r2" once planned for a regression label
     classes: tuple[str, ...] = ()  # the plan's classes, once planned for a class label
 
