@@ -418,6 +418,9 @@ def test_the_planned_task_predicts_rows_of_a_form(files: dict[str, Path]) -> Non
     assert [(f["name"], f["kind"]) for f in schema] == [("age", "number"), ("colour", "category"),
                                                         ("income", "number")]
     assert schema[0]["min"] < schema[0]["mean"] < schema[0]["max"] and "teal" in schema[1]["values"]
+    assert schema[0]["integer"] is False and planned.target_name == "y"
+    with pytest.raises(TaskError, match="with_plan"):
+        t.feature_schema()
     weights = fedavg(planned, [t.load_site([files["s1"]], 0.0, 0)[0]], rounds=2, lr=0.1)
     p = planned.predict_rows(weights, [{"age": 70, "colour": "red", "income": 60000},
                                        {"age": "15", "colour": "never-seen", "income": ""}, {}])

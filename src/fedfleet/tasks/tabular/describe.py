@@ -174,6 +174,7 @@ class NumberFeature(BaseModel):
     min: Real
     max: Real
     missing: bool  # some rows miss it: the model gets a missing-indicator input besides the (imputed) value
+    integer: bool  # every value at every site a whole number (a hint for a form)
 
 
 class CategoryFeature(BaseModel):
@@ -564,7 +565,7 @@ def make_plan(raws: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str
         else:
             mean, scale = m.mean_scale()
             features.append({"name": name, "kind": "number", "mean": mean, "scale": scale, "min": m.min,
-                             "max": m.max, "missing": m.missing > 0})
+                             "max": m.max, "missing": m.missing > 0, "integer": m.integer})
     plan = {"format": FORMAT, "label": label, "label_type": y.first.type, "problem": problem, "classes": classes,
             "target": target, "rows": rows, "features": features}
     parse_plan(plan)

@@ -131,6 +131,11 @@ class TabularTask(NoStats):
         return TabularTask(**self.settings.options(), plan=plan)
 
     @property
+    def target_name(self) -> str | None:
+        """What the task predicts: the label column (for the predict page)."""
+        return self.settings.label
+
+    @property
     def plan(self) -> dict[str, Any]:
         """The run's plan, as JSON (see ``describe.Plan``)."""
         return self._ready().plan.model_dump(mode="json")
@@ -183,11 +188,13 @@ class TabularTask(NoStats):
 
     def feature_schema(self) -> list[dict[str, Any]]:
         """The features a prediction takes, in the plan's order: ``name``, ``kind`` (number or category), and
-        ``min``, ``max`` and ``mean`` of a number, or the ``values`` of a category (any other is "other")."""
+        ``min``, ``max``, ``mean`` and ``integer`` (whole numbers only, at every site) of a number, or the
+        ``values`` of a category (any other is "other"). See ``fedfleet.tasks.predict``."""
         out: list[dict[str, Any]] = []
         for f in self._ready().plan.features:
             if isinstance(f, desc.NumberFeature):
-                out.append({"name": f.name, "kind": "number", "min": f.min, "max": f.max, "mean": f.mean})
+                out.append({"name": f.name, "kind": "number", "min": f.min, "max": f.max, "mean": f.mean,
+                            "integer": f.integer})
             else:
                 out.append({"name": f.name, "kind": "category", "values": list(f.values)})
         return out
