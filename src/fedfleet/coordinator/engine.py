@@ -313,6 +313,10 @@ class Engine:
         if problem is not None:
             self.metrics.request_refused("bad_description")
             log.event("worker.refused", logging.WARNING, run=self.run_id, worker=worker_id, reason=problem)
+            # The run cannot use this worker's data: it gives its partition back, for a site whose data fits.
+            self._descriptions.pop(worker_id, None)
+            self._registry.remove(worker_id)
+            self._notify()
             raise ProtocolError(f"the description of {worker_id}'s data was refused: {problem}", status=422,
                                 reason="bad_description")
         self._store.put_description(worker_id, description)

@@ -71,6 +71,11 @@ class Registry:
         self.workers[worker_id] = w
         return w
 
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker the run cannot use (its data was refused): its partition is free for another."""
+        if self.workers.pop(worker_id, None) is not None:
+            self.store.delete_worker(worker_id)
+
     def get(self, worker_id: str) -> WorkerState:
         w = self.workers.get(worker_id)
         if w is None:

@@ -165,6 +165,11 @@ class Store:
                        "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name",
                        (worker_id, partition, name, time.time()))
 
+    def delete_worker(self, worker_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+            db.execute("DELETE FROM descriptions WHERE worker_id = ?", (worker_id,))
+
     # --- the plan (tasks that agree one from the sites' descriptions) ----------------------------
     def descriptions(self) -> dict[str, dict[str, Any]]:
         """Each worker's accepted description of its data, in the order they were accepted."""
