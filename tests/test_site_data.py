@@ -194,3 +194,10 @@ def test_fedfleet_run_splits_one_file_into_sites_and_resumes_on_them(tmp_path: P
     assert s["state"] == "finished" and s["data_source"] == "sites"
     worker_logs = "".join(p.read_text() for p in (out / "logs").glob("worker-*.log"))
     assert worker_logs.count("worker.described") == 3
+
+
+def test_a_tabular_coordinator_without_a_label_refuses_to_start_and_writes_nothing(tmp_path: Path) -> None:
+    r = run_fedfleet("coordinator", "--task", "tabular", "--data-dir", str(tmp_path / "c"), "--port", "0", timeout=60)
+    assert r.returncode == 1
+    assert "needs to know the column to predict: --task-option label=COLUMN" in r.stderr
+    assert not (tmp_path / "c").exists()

@@ -19,6 +19,9 @@ Two more optional groups of members, in ``SiteTask``:
   follows from it, so ``init_weights``, ``fit``, ``evaluate`` and ``load_test`` are called only on the
   task ``with_plan`` returns. Descriptions and plans are JSON objects (dicts of str, numbers, lists).
 
+A task may also have ``check_ready()``: the coordinator calls it before it creates a run, and a
+TaskError from it (e.g. "needs --task-option label=COLUMN") ends the start with that message.
+
 Data a task loads (``load_partition``, ``load_site``, ``load_test``) is opaque to fedfleet: it is
 passed back to the same task's methods and only ``len()`` of it is taken. ``Dataset`` (arrays in
 memory) is what the built-in array tasks use; a task may return anything with ``__len__`` (e.g. a

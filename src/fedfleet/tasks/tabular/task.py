@@ -85,6 +85,10 @@ class TabularTask(NoStats):
                             "description: use the task with_plan returns")
         return self._planned
 
+    def check_ready(self) -> None:
+        """TaskError unless the options can make a run: the coordinator asks before it starts one."""
+        desc.required_label(self.settings)
+
     @staticmethod
     def _site(data: object) -> SiteData:
         if not isinstance(data, SiteData):
