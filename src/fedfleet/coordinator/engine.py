@@ -70,7 +70,7 @@ from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import Strategy, make_strategy
 from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
-from fedfleet.tasks import Task, with_plan
+from fedfleet.tasks import Task, check_ready, with_plan
 from fedfleet.tasks.base import Plan, has_plan, loads_sites, site_task
 from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_of
 
@@ -181,11 +181,7 @@ class Engine:
     def open(cls, config: RunConfig, task: Task, data_dir: Path, linger: float = 10.0) -> Engine:
         """Create the run in ``data_dir``, or pick up the one there (its config must match) from the last
         round recorded in its state database, which is the truth after a crash."""
-        # A task may say, before anything is written, that its options cannot make a run (the tabular
-        # task without the column to predict): a task built with its defaults is still a valid object.
-        ready = getattr(task, "check_ready", None)
-        if callable(ready):
-            ready()
+        check_ready(task)
         run_dir = RunDir(data_dir)
         store = run_dir.open_store()
         run_id = _open_run(store, run_dir, config)

@@ -30,7 +30,7 @@ from fedfleet.coordinator.security import Access, HostCheck, load_secret
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.parent import follow_parent
 from fedfleet.storage.files import write_text_atomic
-from fedfleet.tasks import load_task, torch_common
+from fedfleet.tasks import check_ready, load_task, torch_common
 
 ADDRESS_FILE = "coordinator.json"
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
@@ -111,8 +111,11 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
         raise ConfigError(f"refusing to serve on {host} without a join token: anyone who can reach it could join "
                           "the run and send updates. Set FEDFLEET_JOIN_TOKEN or --join-token-file (and "
                           "--admin-token-file), or pass --insecure on a network you trust", option="host")
-    # Bound before anything is written: a port in use is one line, and leaves no half-made data dir.
+    # Bound, and the task loaded, before anything is written: a port in use or a task that cannot run is
+    # one line, and leaves no half-made data dir.
     sock = listen(host, port)
+    task = load_task(config.task, config.task_options_dict)
+    check_ready(task)
     data_dir.mkdir(parents=True, exist_ok=True)
     access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")
     if not is_loopback(host) and tls is None and (admin_token or join_token):
@@ -120,7 +123,6 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
                   message="tokens will cross the network in clear text; use --tls-cert/--tls-key")
     # Evaluation runs between rounds, while the workers wait: give it every core this process may use.
     torch_common.use_threads(torch_common.usable_cpus())
-    task = load_task(config.task, config.task_options_dict)
     engine = Engine.open(config, task, data_dir, linger=linger)
     actual = sock.getsockname()[1]
     server: _Server | None = None

@@ -157,6 +157,15 @@ def complete(task: object, name: str) -> Task:
     return TaskWithDefaults(task, statistics=bool(has))
 
 
+def check_ready(task: object) -> None:
+    """TaskError if the task says its options cannot make a run (its ``check_ready``), e.g. the tabular
+    task without the column to predict. A task built with its defaults is still a valid object, so this is
+    asked where a run starts, not at load."""
+    ready = getattr(task, "check_ready", None)
+    if callable(ready):
+        ready()
+
+
 def with_plan(task: Task, plan: Mapping[str, Any]) -> Task:
     """``task`` set up with the run's ``plan`` (its ``with_plan``), checked and completed like a loaded task."""
     return complete(site_task(task).with_plan(plan), task.name)
@@ -222,5 +231,5 @@ class TaskWithDefaults:
 
 
 __all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TaskWithDefaults", "TrainParams",
-           "check_allowed", "complete", "declared_options", "find_task", "load_task", "score_name",
+           "check_allowed", "check_ready", "complete", "declared_options", "find_task", "load_task", "score_name",
            "task_arguments", "training_defaults", "with_plan"]
