@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -264,3 +266,22 @@ def test_two_sites_agree_the_classes_and_train(fleet: Fleet, sites: dict[str, Pa
     summary = json.loads((c.data_dir / "summary.json").read_text())
     assert summary["state"] == "finished" and summary["data_source"] == "sites" and summary["evaluation"] == "test"
     assert summary["final_accuracy"] > 0.8, summary  # on the test folder's 30 images; chance is a third
+
+
+def test_a_site_that_joins_after_the_plan_with_a_class_it_lacks_is_refused(fleet: Fleet, sites: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    # The model's outputs are fixed once the plan is agreed: a late site with a new class cannot train under it.
+    c = fleet.coordinator("--task", "images", "--task-option", f"size={SIZE}", "--workers", "3", "--min-workers", "2",
+                          "--rounds", "200", "--linger", "1")
+    early = [fleet.worker(c.url, "--data", str(sites[s])) for s in ("a", "b")]
+    with httpx.Client(base_url=c.url) as client:
+        end = time.monotonic() + 60
+        while client.get("/v1/plan").json()["plan"] is None:
+            assert time.monotonic() < end, fleet.logs()
+            time.sleep(0.1)
+        late = fleet.worker(c.url, "--data", str(write_site(tmp_path / "late", {"red": 4, "purple": 4}, seed=4)))
+        assert late.proc.wait(timeout=60) == 1, fleet.logs()
+        assert "class 'purple' is not one of the run's 3 classes" in late.log_text()
+        assert client.get("/v1/plan").json()["plan"] == {"classes": ["blue", "green", "red"]}
+        assert len(client.get("/v1/workers").json()) == 2  # its slot is free again
+    assert all(w.proc.poll() is None for w in early)  # the run goes on without it

@@ -328,9 +328,15 @@ class Engine:
         return len(self._descriptions)
 
     def _check_against_plan(self, description: dict[str, Any]) -> str | None:
-        """A late site's description, checked by setting up a plan with it in: if the task cannot, the
-        data does not fit the run. The run's plan itself stays as agreed."""
+        """A late site's description, checked against the agreed plan: by the task's ``check_against_plan``
+        if it has one (e.g. a class the model has no output for), and by making a plan with it in (if the
+        task cannot, the data does not fit the run). The run's plan itself stays as agreed."""
+        against = getattr(self.task, "check_against_plan", None)
         try:
+            if callable(against) and self.plan is not None:
+                problem: str | None = against(description, self.plan)
+                if problem is not None:
+                    return problem
             site_task(self.task).make_plan([*self._descriptions.values(), description])
         except TaskError as exc:
             return str(exc)

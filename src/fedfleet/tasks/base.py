@@ -19,6 +19,10 @@ Two more optional groups of members, in ``SiteTask``:
   follows from it, so ``init_weights``, ``fit``, ``evaluate`` and ``load_test`` are called only on the
   task ``with_plan`` returns. Descriptions and plans are JSON objects (dicts of str, numbers, lists).
 
+A task that agrees a plan may also have ``check_against_plan(description, plan) -> str | None``: why a
+site that joins after the plan was agreed cannot train under it (e.g. an image class the model has no
+output for); the coordinator refuses it with that message.
+
 A task may also have ``check_ready()``: the coordinator calls it before it creates a run, and a
 TaskError from it (e.g. "needs --task-option label=COLUMN") ends the start with that message.
 

@@ -278,6 +278,16 @@ class ImagesTask(TorchTask):
                 return f"'{key}' must be [smallest, largest], pixels from 1 to {MAX_SIDE}, not {_short(low_high)}"
         return None
 
+    def check_against_plan(self, description: Mapping[str, Any], plan: Mapping[str, Any]) -> str | None:
+        """Why a site that describes its images after the plan was agreed cannot train on it: a class the
+        plan has no output for (the model's shape is fixed by then)."""
+        known = set(plan.get("classes") or ())
+        new = sorted(name for name in description.get("classes", {}) if name not in known)
+        if new:
+            return (f"class {new[0]!r} is not one of the run's {len(known)} classes, agreed before this site "
+                    f"joined: {', '.join(sorted(known)) if len(known) <= 20 else 'see GET /v1/plan'}")
+        return None
+
     def make_plan(self, descriptions: Sequence[Mapping[str, Any]]) -> Plan:
         classes = sorted({name for d in descriptions for name in d["classes"]})
         if len(classes) < 2:
