@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -117,7 +118,10 @@ def load_weights(model: torch.nn.Module, weights: Weights) -> None:
         missing = [k for k in state if k not in weights]
         extra = [k for k in weights if k not in state]
         raise TaskError(f"weights do not match the model: missing {missing}, unexpected {extra}")
-    with torch.no_grad():
+    # Weights decoded from the wire are read-only views of the received bytes; torch warns that a tensor
+    # made from one could write to it, but this one is only read from (copied into the model).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, target in state.items():
             value = np.asarray(weights[name])
             if tuple(value.shape) != tuple(target.shape):
