@@ -1,4 +1,4 @@
-"""The dashboard and prediction API: /v1/predict, /v1/songs, /v1/dashboard, /v1/events, `fedfleet serve`.
+"""The dashboard and prediction API (the songs task's): /v1/predict, /v1/songs, /v1/dashboard, /v1/events, `serve`.
 
 Most tests read one finished run (``fedfleet run --workers 2 --rounds 2``) served by a real
 ``fedfleet serve`` process; the others start coordinators and workers.
@@ -21,11 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import safetensors.numpy
-from pydantic import TypeAdapter
 
 from conftest import Coordinator
-from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs
-from fedfleet.web.predict import SongFeatures
+from fedfleet.errors import TaskError
+from fedfleet.tasks.predict import predictor
+from fedfleet.tasks.songs import ERAS, FEATURES, LIMITS, SongsTask, load_songs
 from fedfleet.web.routes import ASSETS
 
 TIMEOUT = 30.0
@@ -110,11 +110,11 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
 def test_predict_matches_the_task_on_the_final_model(client: httpx.Client, run_dir: Path) -> None:
     indices = [0, 7, 123, 4567, 40_000]
     x, songs = song_rows(indices)
-    r = client.post("/v1/predict", json={"songs": songs})
+    r = client.post("/v1/predict", json={"rows": songs})
     assert r.status_code == 200, r.text
     body = r.json()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert body["classes"] == list(ERAS)
+    assert body["classes"] == list(ERAS) and body["problem"] == "classification" and body["task"] == "songs"
     assert body["round"] == 2 and body["model_version"] == summary["model_version"]
 
     expected = SongsTask().predict_proba(safetensors.numpy.load_file(run_dir / "model.safetensors"), x)
@@ -123,37 +123,58 @@ def test_predict_matches_the_task_on_the_final_model(client: httpx.Client, run_d
         got = np.array([pred["probabilities"][era] for era in ERAS])
         assert math.isclose(got.sum(), 1.0, abs_tol=1e-9)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        assert pred["era"] == ERAS[int(want.argmax())]
+        assert pred["class"] == ERAS[int(want.argmax())] and pred["value"] is None
+        assert pred["missing"] == [] and pred["other"] == {}
     # A trained model does not answer the same for every song.
     assert len({tuple(round(p, 6) for p in pred["probabilities"].values()) for pred in body["predictions"]}) > 1
 
 
 BAD_SONGS = [
-    pytest.param([a_song(), a_song(tempo=...)], ["song 1", "'tempo'", "missing"], id="missing"),
-    pytest.param([a_song(tempo=..., key=...)], ["song 0", "'key', 'tempo' are missing"], id="two-missing"),
-    pytest.param([a_song(danceability=1.5)], ["song 0", "'danceability' = 1.5", "plausible range [0, 1]"],
+    pytest.param([a_song(), a_song(tempo=...)], ["row 1", "'tempo'", "missing"], id="missing"),
+    pytest.param([a_song(tempo=None)], ["row 0: feature 'tempo' is missing"], id="null"),
+    pytest.param([a_song(tempo=..., key=...)], ["row 0", "'key', 'tempo' are missing"], id="two-missing"),
+    pytest.param([a_song(danceability=1.5)], ["row 0", "'danceability' = 1.5", "plausible range [0, 1]"],
                  id="ratio-over-1"),
     pytest.param([a_song(), a_song(), a_song(duration_ms=215)],
-                 ["song 2: 'duration_ms' = 215 is outside its plausible range [1,000, 10,800,000] ms"],
+                 ["row 2: 'duration_ms' = 215 is outside its plausible range [1,000, 10,800,000] ms"],
                  id="seconds-for-ms"),
-    pytest.param([a_song(loudness=-1e9)], ["song 0", "'loudness'", "dB"], id="loudness"),
-    pytest.param([a_song(tempo="fast")], ["song 0: 'tempo' must be a number, got 'fast'"], id="not-a-number"),
-    pytest.param([a_song(key=5.5)], ["song 0: 'key' must be a whole number, got 5.5"], id="fractional-key"),
-    pytest.param([a_song(year=1999)], ["song 0", "'year' is not a feature"], id="unknown-feature"),
-    pytest.param([a_song(chorus_hit=500.0, duration_ms=200_000)], ["song 0", "'chorus_hit' (500 s)", "after the end"],
+    pytest.param([a_song(loudness=-1e9)], ["row 0", "'loudness'", "dB"], id="loudness"),
+    pytest.param([a_song(tempo="fast")], ["row 0: 'tempo' must be a number, got 'fast'"], id="not-a-number"),
+    pytest.param([a_song(tempo=True)], ["row 0: 'tempo' must be a number, got true"], id="a-boolean"),
+    pytest.param([a_song(key=5.5)], ["row 0: 'key' must be a whole number, got 5.5"], id="fractional-key"),
+    pytest.param([a_song(year=1999)], ["row 0", "'year' is not a feature"], id="unknown-feature"),
+    pytest.param([a_song(chorus_hit=500.0, duration_ms=200_000)], ["row 0", "'chorus_hit' (500 s)", "after the end"],
                  id="chorus-after-end"),
-    pytest.param([], ["songs", "at least 1"], id="empty-batch"),
+    pytest.param([], ["rows", "at least 1"], id="empty-batch"),
+    pytest.param([a_song(), [1, 2]], ["row 1: must be an object"], id="not-an-object"),
 ]
 
 
 @pytest.mark.parametrize(("songs", "words"), BAD_SONGS)
-def test_predict_rejects_bad_songs_naming_song_and_feature(client: httpx.Client, songs: list[dict[str, Any]],
-                                                           words: list[str]) -> None:
-    r = client.post("/v1/predict", json={"songs": songs})
+def test_predict_rejects_bad_songs_naming_row_and_feature(client: httpx.Client, songs: list[Any],
+                                                          words: list[str]) -> None:
+    r = client.post("/v1/predict", json={"rows": songs})
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     for word in words:
         assert word in detail, detail
+
+
+def test_a_422_lists_each_problem_with_its_row_and_features(client: httpx.Client) -> None:
+    r = client.post("/v1/predict", json={"rows": [a_song(tempo=900, key=...), a_song(year=1999, decade=90)]})
+    assert r.status_code == 422
+    assert r.json()["problems"] == [
+        {"row": 0, "features": ["tempo"], "message": "'tempo' = 900 is outside its plausible range [0, 300] BPM "
+                                                     "(estimated tempo in beats per minute)"},
+        {"row": 0, "features": ["key"], "message": "feature 'key' is missing"},
+        {"row": 1, "features": ["year", "decade"], "message": "'year', 'decade' are not features; the features are "
+                                                              + ", ".join(FEATURES)}]
+
+
+def test_songs_is_another_name_of_rows(client: httpx.Client) -> None:
+    """The request of the songs-only API before prediction was generic still works."""
+    r = client.post("/v1/predict", json={"songs": [a_song()]})
+    assert r.status_code == 200 and r.json()["predictions"][0]["class"] in ERAS
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -161,28 +182,40 @@ def test_predict_rejects_non_finite_values(client: httpx.Client, literal: str) -
     # Python's and Starlette's JSON parsers accept these literals, so the request must be checked for them.
     good = json.dumps(a_song())
     bad = json.dumps(a_song(valence=0.123456)).replace("0.123456", literal)
-    r = client.post("/v1/predict", content=f'{{"songs": [{good}, {bad}]}}',
+    r = client.post("/v1/predict", content=f'{{"rows": [{good}, {bad}]}}',
                     headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
-    assert "song 1: 'valence' must be a finite number" in r.json()["detail"]
+    assert "row 1: 'valence' must be a finite number" in r.json()["detail"]
 
 
 def test_predict_rejects_malformed_and_oversized_bodies(client: httpx.Client) -> None:
-    r = client.post("/v1/predict", content=b'{"songs": [', headers={"Content-Type": "application/json"})
+    r = client.post("/v1/predict", content=b'{"rows": [', headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
-    r = client.post("/v1/predict", json={"songs": [a_song()] * 1001})
+    r = client.post("/v1/predict", json={"rows": [a_song()] * 1001})
     assert r.status_code == 422 and "at most 1000" in r.json()["detail"]
-    # Many broken songs still give a message a person can read.
-    r = client.post("/v1/predict", json={"songs": [{}] * 500})
+    # Many broken songs still give a message a person can read, and a body of bounded size.
+    r = client.post("/v1/predict", json={"rows": [{}] * 500})
     detail = r.json()["detail"]
     assert r.status_code == 422 and "and 490 more problems" in detail and len(detail) < 4000
+    assert len(r.json()["problems"]) == 100
 
 
 def test_every_song_of_the_data_set_is_plausible() -> None:
-    """The feature ranges reject typos, never a real song."""
-    _, songs = song_rows(list(range(len(load_songs().x))))
-    TypeAdapter(list[SongFeatures]).validate_python(songs)
-    assert tuple(SongFeatures.model_fields) == FEATURES  # the order the model's weights expect
+    """The feature limits reject typos, never a real song; whole-number features hold whole numbers."""
+    songs = load_songs()
+    schema = SongsTask().feature_schema()
+    assert [f["name"] for f in schema] == list(FEATURES)  # the order the model's weights expect
+    for j, f in enumerate(schema):
+        low, high = f["limits"]
+        assert (low, high) == (LIMITS[f["name"]].low, LIMITS[f["name"]].high)
+        assert low <= songs.x[:, j].min() and songs.x[:, j].max() <= high, f["name"]
+        assert not f["integer"] or np.all(songs.x[:, j] == np.round(songs.x[:, j])), f["name"]
+    weights = SongsTask().init_weights(0)
+    _, rows = song_rows(list(range(len(songs.x))))
+    assert SongsTask().predict_rows(weights, rows).shape == (len(rows), len(ERAS))  # no chorus after its song
+    with pytest.raises(TaskError, match="row 1: feature 'tempo' is missing"):
+        SongsTask().predict_rows(weights, [a_song(), a_song(tempo=...)])
+    assert predictor(SongsTask()) is not None
 
 
 # --- GET /v1/songs and GET /v1/predict ------------------------------------------------------------------
@@ -211,10 +244,14 @@ def test_song_search_finds_title_and_artist(client: httpx.Client) -> None:
 
 def test_predict_info_lists_eras_and_feature_ranges(client: httpx.Client) -> None:
     info = client.get("/v1/predict").json()
-    assert info["classes"] == list(ERAS) and info["round"] == 2
+    assert info["classes"] == list(ERAS) and info["round"] == 2 and info["problem"] == "classification"
+    assert info["target"] == "era" and info["song_search"] is True and info["max_rows"] == 1000
     assert [f["name"] for f in info["features"]] == list(FEATURES)
     tempo = next(f for f in info["features"] if f["name"] == "tempo")
-    assert (tempo["minimum"], tempo["maximum"], tempo["unit"], tempo["integer"]) == (0, 300, "BPM", False)
+    assert (tempo["kind"], tempo["limits"], tempo["unit"], tempo["integer"], tempo["required"]) == (
+        "number", [0, 300], "BPM", False, True)
+    pool = SongsTask().train_pool().x[:, FEATURES.index("tempo")]
+    assert (tempo["min"], tempo["max"]) == (pool.min(), pool.max()) and tempo["mean"] == pytest.approx(pool.mean())
 
 
 # --- the pages and the finished run's dashboard ------------------------------------------------------
@@ -274,8 +311,8 @@ def test_fedfleet_serve_serves_a_finished_run(run_dir: Path) -> None:
             status = http.get("/v1/status").json()
             assert status["state"] == "finished" and status["round"] == 2
             _, songs = song_rows([11, 22])
-            preds = http.post("/v1/predict", json={"songs": songs}).json()["predictions"]
-            assert len(preds) == 2 and all(p["era"] in ERAS for p in preds)
+            preds = http.post("/v1/predict", json={"rows": songs}).json()["predictions"]
+            assert len(preds) == 2 and all(p["class"] in ERAS for p in preds)
             found = http.get("/v1/songs", params={"q": "billie jean"}).json()
             assert [(s["title"], s["artist"]) for s in found["songs"]] == [("Billie Jean", "Michael Jackson")]
     finally:
@@ -319,14 +356,16 @@ def test_live_events_push_rounds_and_worker_train_times(coordinator: Any, worker
         assert w["rounds_served"] == 3 and w["last_train_s"] > 0 and w["last_seen_s"] >= 0
 
 
-def test_predict_needs_the_songs_task(coordinator: Any) -> None:
+def test_predict_needs_a_task_that_predicts(coordinator: Any) -> None:
     coord: Coordinator = coordinator("--task", "null", "--workers", "1", "--rounds", "1")
     with httpx.Client(base_url=coord.url, timeout=TIMEOUT) as http:
-        for r in (http.get("/v1/predict"), http.post("/v1/predict", json={"songs": [a_song()]}),
-                  http.get("/v1/songs", params={"q": "yesterday"})):
+        for r in (http.get("/v1/predict"), http.post("/v1/predict", json={"rows": [a_song()]})):
             assert r.status_code == 409, r.text
-            assert r.json()["detail"] == ("prediction needs the songs task; this run's task 'null' does not "
-                                          "predict song eras")
+            assert r.json()["detail"] == ("this run's task 'null' offers no prediction (a task predicts when it has "
+                                          "feature_schema and predict_rows: see fedfleet.tasks.predict)")
+        r = http.get("/v1/songs", params={"q": "yesterday"})
+        assert r.status_code == 409
+        assert r.json()["detail"] == "this run's task 'null' offers no song search (the songs task does)"
         # The dashboard itself works for any task.
         assert http.get("/").status_code == 200
         assert http.get("/v1/dashboard").json()["status"]["task"] == "null"

@@ -141,10 +141,13 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 def pick_song(page: Any, url: str, query: str, title: str, artist: str) -> None:
     page.goto(url + "/predict")
-    page.locator("#song-search").press_sequentially(query, delay=30)  # typed, as a person would
+    search = page.locator("#song-search")
+    search.wait_for(state="visible")  # shown once the page knows the run's task offers a song search
+    search.press_sequentially(query, delay=30)  # typed, as a person would
     match = page.locator("#song-results li", has_text=artist).filter(has_text=title).first
     match.click()
     page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 3")
+    assert page.is_visible("#search-panel")  # the songs task offers its search
 
 
 def test_predict_page_gives_an_era_for_a_chosen_song(page: Any, served_run: tuple[str, Path],
@@ -152,19 +155,19 @@ def test_predict_page_gives_an_era_for_a_chosen_song(page: Any, served_run: tupl
     url, run_dir = served_run
     pick_song(page, url, "yesterday beat", "Yesterday", "The Beatles")
 
-    era = page.text_content("#era")
+    era = page.text_content("#predicted")
     assert era in ERAS
     # The era shown is the final model's prediction for this song's features.
     songs = load_songs()
     i = next(k for k in range(len(songs.uri)) if (songs.track[k], songs.artist[k]) == ("Yesterday", "The Beatles"))
     proba = SongsTask().predict_proba(safetensors.numpy.load_file(run_dir / "model.safetensors"), songs.x[i:i + 1])[0]
     assert era == ERAS[int(proba.argmax())]
-    shown = {row.get_attribute("data-era"): float(row.locator(".pct").text_content().rstrip("%"))
+    shown = {row.get_attribute("data-class"): float(row.locator(".pct").text_content().rstrip("%"))
              for row in page.locator("#probabilities .prob").all()}
     assert list(shown) == list(ERAS)
     for e, p in zip(ERAS, proba, strict=True):
         assert abs(shown[e] - 100 * p) <= 0.051  # shown to one decimal
-    assert page.locator("#probabilities .prob.best").get_attribute("data-era") == era
+    assert page.locator("#probabilities .prob.best").get_attribute("data-class") == era
     # The form holds the song's features, and the page says what the data set says.
     for name, value in zip(FEATURES, songs.x[i], strict=True):
         assert float(page.input_value(f"#f-{name}")) == value
@@ -182,9 +185,14 @@ def test_predict_page_explains_an_invalid_feature(page: Any, served_run: tuple[s
     page.click("#predict-button")
     page.wait_for_selector("#error:not(:empty)")
     message = page.text_content("#error")
-    assert "song 0: 'tempo' = 900 is outside its plausible range [0, 300] BPM" in message
+    # In words for a person: no "invalid request" or row index, which the API says for its clients.
+    assert message == ("These values cannot be predicted from. 'tempo' = 900 is outside its plausible range [0, 300] "
+                       "BPM (estimated tempo in beats per minute).")
     assert page.get_attribute("#f-tempo", "class") == "invalid"
+    # The answer for the song's own values is gone: it would not be the answer for these.
+    assert page.text_content("#predicted") == "No prediction yet."
+    assert page.locator("#probabilities .prob").count() == 0 and page.text_content("#truth") == ""
     page.fill("#f-tempo", "")
     page.click("#predict-button")
     page.wait_for_function("document.getElementById('error').textContent.includes('missing')")
-    assert "song 0: feature 'tempo' is missing" in page.text_content("#error")
+    assert "Feature 'tempo' is missing" in page.text_content("#error")

@@ -7,16 +7,25 @@ coordinator as the test set; the rest is split across workers.
 
 Model: multinomial logistic regression in numpy, behind a standardisation layer whose mean and
 scale are computed federatedly: workers report count, sum and sum of squares, never rows.
+
+Prediction (``fedfleet.tasks.predict``): the task predicts a song's era from its features, and offers
+the predict page a search of the data set's songs by title and artist. The features' limits are what
+Spotify's audio analysis can produce (its API documents 0..1 for the ratios, -1..11 for ``key``,
+roughly -60..0 dB for ``loudness``), widened just enough that every song of the shipped data set
+passes (a test checks that): a value outside them is a typo or a unit mix-up (seconds for
+``duration_ms``, percent for a ratio), and a prediction from it would be noise, so it is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import heapq
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,6 +48,36 @@ TEST_SEED = 20_260_001  # fixed, so every run of every seed is scored on the sam
 # Bounds of one worker's statistics report (check_stats): far beyond any real partition or feature value.
 MAX_STATS_COUNT = 1e9
 MAX_FEATURE_ABS = 1e9
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one audio feature can be at all (see the module's docstring), and what it is."""
+
+    low: float
+    high: float
+    integer: bool
+    unit: str
+    description: str
+
+
+LIMITS = {
+    "danceability": Limits(0, 1, False, "", "how suitable for dancing, 0 to 1"),
+    "energy": Limits(0, 1, False, "", "intensity and activity, 0 to 1"),
+    "key": Limits(-1, 11, True, "", "pitch class, 0 = C … 11 = B; -1 if no key was detected"),
+    "loudness": Limits(-60, 5, False, "dB", "average loudness in decibels, usually -60 to 0"),
+    "mode": Limits(0, 1, True, "", "1 = major, 0 = minor"),
+    "speechiness": Limits(0, 1, False, "", "presence of spoken words, 0 to 1"),
+    "acousticness": Limits(0, 1, False, "", "confidence the track is acoustic, 0 to 1"),
+    "instrumentalness": Limits(0, 1, False, "", "likelihood of no vocals, 0 to 1"),
+    "liveness": Limits(0, 1, False, "", "presence of an audience, 0 to 1"),
+    "valence": Limits(0, 1, False, "", "musical positiveness, 0 to 1"),
+    "tempo": Limits(0, 300, False, "BPM", "estimated tempo in beats per minute"),
+    "duration_ms": Limits(1_000, 3 * 3_600_000, False, "ms", "length in milliseconds"),
+    "time_signature": Limits(0, 7, True, "", "estimated beats per bar (0 or 1 when none was detected)"),
+    "chorus_hit": Limits(0, 3 * 3_600, False, "s", "when the chorus starts, in seconds from the beginning"),
+    "sections": Limits(0, 1_000, True, "", "number of sections the track divides into"),
+}
 
 
 @dataclass(frozen=True)
@@ -128,6 +167,7 @@ class SongsTask:
     name = "songs"
     classes = ERAS
     features = FEATURES
+    target_name = "era"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("data_dir", str, None, "folder holding the song CSVs", optional=True,
                default_text="$FEDFLEET_SONGS_DIR, else the copy shipped with fedfleet"),
@@ -271,3 +311,61 @@ class SongsTask:
         p = self.predict_proba(weights, data.x)
         loss = float(-np.log(p[np.arange(len(data)), data.y] + 1e-12).mean())
         return {"loss": loss, "accuracy": float((p.argmax(axis=1) == data.y).mean())}
+
+    # --- prediction (fedfleet.tasks.predict) -----------------------------------------------------------
+
+    def feature_schema(self) -> list[dict[str, Any]]:
+        """The 15 audio features: the training songs' min, max and mean, and each feature's ``LIMITS``.
+        Every feature is required: the era is predicted from a whole song, never a guessed part of one."""
+        low, high, mean = _pool_ranges(self.data_dir)
+        return [{"name": f, "kind": "number", "min": low[j], "max": high[j], "mean": mean[j],
+                 "integer": LIMITS[f].integer, "unit": LIMITS[f].unit, "description": LIMITS[f].description,
+                 "limits": [LIMITS[f].low, LIMITS[f].high], "required": True} for j, f in enumerate(FEATURES)]
+
+    def predict_rows(self, weights: Weights, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
+        """Each era's probability for each row of feature name → value (rows × 3, in ``ERAS`` order)."""
+        x = np.zeros((len(rows), len(FEATURES)), dtype=np.float64)
+        for i, row in enumerate(rows):
+            for j, feature in enumerate(FEATURES):
+                value = row.get(feature)
+                if value is None:
+                    raise TaskError(f"row {i}: feature {feature!r} is missing")
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise TaskError(f"row {i}: feature {feature!r} takes a number, not {type(value).__name__}")
+                x[i, j] = value
+            chorus, duration = x[i, FEATURES.index("chorus_hit")], x[i, FEATURES.index("duration_ms")]
+            if chorus > duration / 1000:
+                raise TaskError(f"row {i}: 'chorus_hit' ({chorus:g} s) is after the end of the song "
+                                f"('duration_ms' {duration:g} = {duration / 1000:g} s)")
+        return self.predict_proba(weights, x).astype(np.float64)
+
+    def search_songs(self, query: str, limit: int) -> dict[str, Any]:
+        """The songs whose title or artist holds every word of ``query``, best matches first: titles that are
+        the query, then titles that start with it, then the rest, each alphabetical."""
+        songs = self._songs()
+        haystack, held_out = _index(self.data_dir)
+        words = query.casefold().split()
+        hits = [i for i, text in enumerate(haystack) if all(w in text for w in words)]
+        q = query.casefold().strip()
+        best = heapq.nsmallest(limit, hits, key=lambda i: (
+            songs.track[i].casefold() != q, not songs.track[i].casefold().startswith(q),
+            songs.track[i].casefold(), songs.artist[i].casefold()))
+        return {"query": query, "total": len(hits), "songs": [
+            {"uri": songs.uri[i], "title": songs.track[i], "artist": songs.artist[i], "era": ERAS[songs.era[i]],
+             "held_out": bool(held_out[i]), "features": dict(zip(FEATURES, songs.x[i].tolist(), strict=True))}
+            for i in best]}
+
+
+@functools.cache
+def _pool_ranges(directory: str | None) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Each feature's min, max and mean over the training songs (the coordinator's test set left out)."""
+    pool = SongsTask(directory).train_pool().x
+    return tuple(pool.min(axis=0).tolist()), tuple(pool.max(axis=0).tolist()), tuple(pool.mean(axis=0).tolist())
+
+
+@functools.cache
+def _index(directory: str | None) -> tuple[list[str], np.ndarray]:
+    """Per song: its title and artist case-folded for search, and whether it is in the test set."""
+    s = load_songs(directory)
+    text = [f"{t}\n{a}".casefold() for t, a in zip(s.track, s.artist, strict=True)]
+    return text, test_mask(s.era)

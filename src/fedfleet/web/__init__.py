@@ -1,4 +1,7 @@
-"""The web side of a run: a live dashboard (``/``), a song-era prediction page (``/predict``) and their API.
+"""The web side of a run: a live dashboard (``/``), a prediction page (``/predict``) and their API.
+
+Prediction is a capability a task offers (``fedfleet.tasks.predict``): the page and ``/v1/predict`` work
+for any task that has it (songs, a planned tabular task, one's own) and know no task by name.
 
 ``create_router(run)`` is included by the coordinator's app (with ``coordinator.live.LiveRun``), so
 every coordinator serves both pages while it runs; ``fedfleet serve --run DIR`` serves the same pages

@@ -1,100 +1,110 @@
-"""Song-era prediction: the request and answer of ``POST /v1/predict``, and the song search of the page.
+"""Prediction for any task that offers it (``fedfleet.tasks.predict``): ``/v1/predict``'s request and answer.
 
-Feature ranges are what Spotify's audio analysis can produce (its API documents 0..1 for the
-ratios, -1..11 for ``key``, roughly -60..0 dB for ``loudness``), widened just enough that every song
-of the shipped data set passes (a test checks that): a value outside them is a typo or a unit
-mix-up (seconds for ``duration_ms``, percent for a ratio), and a prediction from it would be noise.
+A row is an object of feature name → value, checked here against the task's feature schema before the
+task sees it, so that every task's client gets the same messages, each naming the row and feature:
+a name that is no feature, a value of the wrong type, a number that is not finite, not whole where the
+feature takes whole numbers, or outside the feature's ``limits`` (where the task declares them; other
+numbers are predicted from as they are, however far from the training data's range, since a model's
+answer there is the client's to judge). A feature left out, null or "" is missing: imputed with the
+mean (a number) or none of its values (a category), and reported, unless the feature is ``required``.
+A category value the model does not know is taken as "other", and reported.
 """
 
 from __future__ import annotations
 
-import functools
-import heapq
-from collections.abc import Sequence
-from typing import Any, Self
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs, test_mask
-from fedfleet.types import Weights
+from fedfleet.tasks.predict import Predictor, is_regression, target_name
 
 MAX_BATCH = 1000
+MOST = 10  # problems named in one message; past it they are counted
+MOST_LISTED = 100  # problems listed one by one in a 422's body
+NAME_SHOWN = 40  # characters of a name or value sent by a client that a message repeats
 
 
-def _spec(low: float, high: float, unit: str, help: str) -> Any:
-    return Field(ge=low, le=high, description=help, json_schema_extra={"unit": unit})
+class NumberFeature(BaseModel):
+    """A number feature: its range and mean in the training data, and what it can be at all (``limits``)."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1)
+    kind: Literal["number"]
+    min: float = Field(description="the smallest value in the training data")
+    max: float = Field(description="the largest value in the training data")
+    mean: float = Field(description="the training data's mean: what a missing value is imputed with")
+    integer: bool = Field(False, description="only whole numbers")
+    unit: str = ""
+    description: str = ""
+    limits: tuple[float, float] | None = Field(None, description="[low, high]: a value outside is refused")
+    required: bool = Field(False, description="a missing value is refused rather than imputed")
 
 
-class SongFeatures(BaseModel):
-    """One song's audio features, in the order and units of the data set (Spotify's audio features)."""
+class CategoryFeature(BaseModel):
+    """A category feature: the values the model knows; any other is taken as "other"."""
 
-    # allow_inf_nan: Starlette's JSON parser accepts NaN and Infinity, which would poison the softmax.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)
 
-    danceability: float = _spec(0, 1, "", "how suitable for dancing, 0 to 1")
-    energy: float = _spec(0, 1, "", "intensity and activity, 0 to 1")
-    key: int = _spec(-1, 11, "", "pitch class, 0 = C … 11 = B; -1 if no key was detected")
-    loudness: float = _spec(-60, 5, "dB", "average loudness in decibels, usually -60 to 0")
-    mode: int = _spec(0, 1, "", "1 = major, 0 = minor")
-    speechiness: float = _spec(0, 1, "", "presence of spoken words, 0 to 1")
-    acousticness: float = _spec(0, 1, "", "confidence the track is acoustic, 0 to 1")
-    instrumentalness: float = _spec(0, 1, "", "likelihood of no vocals, 0 to 1")
-    liveness: float = _spec(0, 1, "", "presence of an audience, 0 to 1")
-    valence: float = _spec(0, 1, "", "musical positiveness, 0 to 1")
-    tempo: float = _spec(0, 300, "BPM", "estimated tempo in beats per minute")
-    duration_ms: float = _spec(1_000, 3 * 3_600_000, "ms", "length in milliseconds")
-    time_signature: int = _spec(0, 7, "", "estimated beats per bar (0 or 1 when none was detected)")
-    chorus_hit: float = _spec(0, 3 * 3_600, "s", "when the chorus starts, in seconds from the beginning")
-    sections: int = _spec(0, 1_000, "", "number of sections the track divides into")
-
-    @model_validator(mode="after")
-    def _chorus_inside(self) -> Self:
-        if self.chorus_hit > self.duration_ms / 1000:
-            raise ValueError(f"'chorus_hit' ({self.chorus_hit:g} s) is after the end of the song "
-                             f"('duration_ms' {self.duration_ms:g} = {self.duration_ms / 1000:g} s)")
-        return self
-
-    def vector(self) -> list[float]:
-        return [float(getattr(self, f)) for f in FEATURES]
+    name: str = Field(min_length=1)
+    kind: Literal["category"]
+    values: list[str]
+    description: str = ""
+    required: bool = Field(False, description="a missing value is refused rather than taken as none of the values")
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    songs: list[SongFeatures] = Field(min_length=1, max_length=MAX_BATCH,
-                                      description=f"1 to {MAX_BATCH} songs to predict the era of")
-
-
-class Prediction(BaseModel):
-    era: str = Field(description="the most probable era")
-    probabilities: dict[str, float] = Field(description="probability of each era; they sum to 1")
-
-
-class PredictResponse(BaseModel):
-    model_version: int
-    round: int = Field(description="training rounds the model has been through (0: not trained yet)")
-    classes: list[str]
-    predictions: list[Prediction]
-
-
-class FeatureInfo(BaseModel):
-    name: str
-    minimum: float
-    maximum: float
-    integer: bool
-    unit: str
-    description: str
+Feature = Annotated[NumberFeature | CategoryFeature, Field(discriminator="kind")]
+FEATURES = TypeAdapter(list[Feature])
+Problem = Literal["classification", "regression"]
 
 
 class PredictInfo(BaseModel):
     """What the prediction page needs to draw its form."""
 
     task: str
+    problem: Problem
+    target: str | None = Field(description="what the model predicts, if the task says")
+    classes: list[str] = Field(description="the classes, in the order of the model's outputs; [] for a regression")
+    model_version: int
+    round: int = Field(description="training rounds the model has been through (0: not trained yet)")
+    features: list[Feature]
+    max_rows: int = Field(description="the most rows one POST /v1/predict takes")
+    song_search: bool = Field(description="whether GET /v1/songs searches the run's data set (the songs task)")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "songs" is the name this list had when only the songs task predicted; clients written then still work.
+    rows: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_BATCH, validation_alias=AliasChoices("rows", "songs"),
+        description=f"1 to {MAX_BATCH} rows, each an object of feature name → value (a number, or a category's "
+                    "value as text); a feature left out, null or \"\" is missing")
+
+
+class Prediction(BaseModel):
+    predicted_class: str | None = Field(default=None, serialization_alias="class",
+                                        description="the most probable class (classification)")
+    probabilities: dict[str, float] | None = Field(default=None, description="each class's probability; they sum to 1")
+    value: float | None = Field(default=None, description="the predicted value (regression)")
+    missing: list[str] = Field(description="features not given: a number's is the mean, a category's none of its "
+                                           "values")
+    other: dict[str, str] = Field(description="category features whose value the model does not know, with the "
+                                              "value: taken as \"other\"")
+
+
+class PredictResponse(BaseModel):
+    task: str
+    problem: Problem
     model_version: int
     round: int
     classes: list[str]
-    features: list[FeatureInfo]
+    predictions: list[Prediction]
 
 
 class SongMatch(BaseModel):
@@ -112,98 +122,201 @@ class SongSearch(BaseModel):
     songs: list[SongMatch]
 
 
-def feature_infos() -> list[FeatureInfo]:
-    props = SongFeatures.model_json_schema()["properties"]
-    return [FeatureInfo(name=name, minimum=props[name]["minimum"], maximum=props[name]["maximum"],
-                        integer=props[name]["type"] == "integer", unit=props[name]["unit"],
-                        description=props[name]["description"]) for name in FEATURES]
+@dataclass(frozen=True)
+class RowProblem:
+    """What is wrong with one row: ``message`` names the features but not the row (the page shows one row)."""
+
+    row: int | None  # None: the task's refusal names no row
+    features: list[str]
+    message: str
+
+    def line(self) -> str:
+        return self.message if self.row is None else f"row {self.row}: {self.message}"
 
 
-def predict(task: SongsTask, weights: Weights, songs: Sequence[SongFeatures]) -> list[Prediction]:
-    x = np.array([s.vector() for s in songs], dtype=np.float64)
-    probs = task.predict_proba(weights, x).astype(np.float64)
-    # float32 softmax rows sum to 1 within ~1e-7; renormalising in float64 makes the JSON sum exactly so.
-    probs /= probs.sum(axis=1, keepdims=True)
-    return [Prediction(era=ERAS[int(row.argmax())], probabilities=dict(zip(ERAS, row.tolist(), strict=True)))
-            for row in probs]
+class RowsRejected(Exception):
+    """Rows that cannot be predicted from; the client gets a 422 listing ``problems``."""
+
+    def __init__(self, problems: list[RowProblem]) -> None:
+        super().__init__(problems[0].line())
+        self.problems = problems
+
+    def body(self) -> dict[str, Any]:
+        more = f"; and {len(self.problems) - MOST} more problems" if len(self.problems) > MOST else ""
+        return {"detail": "invalid request: " + "; ".join(p.line() for p in self.problems[:MOST]) + more,
+                "problems": [{"row": p.row, "features": p.features, "message": p.message}
+                             for p in self.problems[:MOST_LISTED]]}
 
 
-def explain(errors: Sequence[Any], most: int = 10) -> str:
-    """Validation errors as one line; for a song, it names the song (by index) and the feature.
+@dataclass(frozen=True)
+class Checked:
+    """Rows that passed the checks, with what each lacked (``missing``) and its unknown categories (``other``)."""
 
-    A song's missing features are listed together, and past ``most`` problems the rest are counted,
-    so that a batch of a thousand empty songs still gets a message a person can read.
-    """
-    parts: list[str] = []
-    missing: dict[str, list[str]] = {}
-    for err in errors:
-        loc = [p for p in err["loc"] if p != "body"]
-        kind, got = err["type"], err.get("input")
-        ctx = err.get("ctx") or {}
-        if len(loc) >= 2 and loc[0] == "songs" and isinstance(loc[1], int):
-            where = f"song {loc[1]}"
-            feature = str(loc[2]) if len(loc) > 2 else None
-        else:
-            where, feature = ".".join(str(p) for p in loc) or "body", None
-        if kind == "json_invalid":
-            parts.append(f"body is not valid JSON ({ctx.get('error', err['msg'])})")
-        elif feature is None:
-            text = str(ctx.get("error", err["msg"])) if kind == "value_error" else err["msg"]
-            parts.append(f"{where}: {text}")
-        elif kind == "missing":
-            if where not in missing:
-                missing[where] = []
-                parts.append(where)  # a placeholder, filled in below once all its features are known
-            missing[where].append(feature)
-        elif kind == "extra_forbidden":
-            parts.append(f"{where}: '{feature}' is not a feature; the features are {', '.join(FEATURES)}")
-        elif kind == "finite_number":
-            parts.append(f"{where}: '{feature}' must be a finite number, got {got!r}")
-        elif kind in ("greater_than_equal", "less_than_equal"):
-            props = SongFeatures.model_json_schema()["properties"][feature]
-            unit = f" {props['unit']}" if props["unit"] else ""
-            parts.append(f"{where}: '{feature}' = {got!r} is outside its plausible range "
-                         f"[{_num(props['minimum'])}, {_num(props['maximum'])}]{unit} ({props['description']})")
-        elif kind.startswith("int_"):
-            parts.append(f"{where}: '{feature}' must be a whole number, got {got!r}")
-        elif kind.startswith("float_"):
-            parts.append(f"{where}: '{feature}' must be a number, got {got!r}")
-        else:
-            parts.append(f"{where}: '{feature}' {err['msg'][:1].lower()}{err['msg'][1:]}, got {got!r}")
-    for n, part in enumerate(parts):
-        if part in missing:
-            names = ", ".join(f"'{f}'" for f in missing[part])
-            parts[n] = f"{part}: feature {names} is missing" if len(missing[part]) == 1 \
-                else f"{part}: features {names} are missing"
-    more = f"; and {len(parts) - most} more problems" if len(parts) > most else ""
-    return "invalid request: " + "; ".join(parts[:most]) + more
+    rows: list[dict[str, object]]
+    missing: list[list[str]]
+    other: list[dict[str, str]]
+
+
+class Schema:
+    """A task's features, parsed once, and the checks of rows against them."""
+
+    def __init__(self, task: Predictor, raw: object) -> None:
+        self.task = task
+        self.features: list[NumberFeature | CategoryFeature] = FEATURES.validate_python(raw)
+        self.by_name = {f.name: f for f in self.features}
+        if len(self.by_name) < len(self.features):
+            raise ValueError("feature names repeat")
+        self._known = {f.name: frozenset(f.values) for f in self.features if isinstance(f, CategoryFeature)}
+
+    @property
+    def problem(self) -> Problem:
+        return "regression" if is_regression(self.task) else "classification"
+
+    def info(self, task_name: str, model_version: int, round: int, song_search: bool) -> PredictInfo:
+        return PredictInfo(task=task_name, problem=self.problem, target=target_name(self.task),
+                           classes=list(self.task.classes), model_version=model_version, round=round,
+                           features=self.features, max_rows=MAX_BATCH, song_search=song_search)
+
+    def check(self, rows: Sequence[Mapping[str, Any]]) -> Checked:
+        """``rows`` without their missing values; RowsRejected lists every problem of every row."""
+        problems: list[RowProblem] = []
+        checked = Checked([], [], [])
+        for i, row in enumerate(rows):
+            unknown = [k for k in row if k not in self.by_name]
+            if unknown:
+                problems.append(RowProblem(i, unknown, self._unknown(unknown)))
+            clean: dict[str, object] = {}
+            missing: list[str] = []
+            other: dict[str, str] = {}
+            for f in self.features:
+                value = row.get(f.name)
+                if value is None or value == "":
+                    missing.append(f.name)
+                    continue
+                problem = _number_problem(f, value) if isinstance(f, NumberFeature) else _category_problem(f, value)
+                if problem:
+                    problems.append(RowProblem(i, [f.name], problem))
+                    continue
+                clean[f.name] = value
+                if isinstance(f, CategoryFeature) and value not in self._known[f.name]:
+                    other[f.name] = str(value)
+            required = [name for name in missing if self.by_name[name].required]
+            if required:
+                names = ", ".join(f"'{_shown(n)}'" for n in required)
+                problems.append(RowProblem(i, required, f"feature {names} is missing" if len(required) == 1
+                                           else f"features {names} are missing"))
+            checked.rows.append(clean)
+            checked.missing.append(missing)
+            checked.other.append(other)
+        if problems:
+            raise RowsRejected(problems)
+        return checked
+
+    def _unknown(self, names: list[str]) -> str:
+        listed = ", ".join(f"'{_shown(n)}'" for n in names[:MOST])
+        verb = "is not a feature" if len(names) == 1 else "are not features"
+        features = ", ".join(self.by_name)
+        if len(features) > 300:  # a table of many columns: the page lists them; a message names a few
+            features = features[:300].rsplit(", ", 1)[0] + ", …"
+        return f"{listed} {verb}; the features are {features}"
+
+    def answer(self, task_name: str, model_version: int, round: int, checked: Checked,
+               output: np.ndarray) -> PredictResponse:
+        """The task's ``output`` for ``checked`` rows as the API's answer; RowsRejected for a row whose output
+        is not finite, and ValueError if the output is not the shape the task's classes make."""
+        n, classes = len(checked.rows), list(self.task.classes)
+        out = np.asarray(output, dtype=np.float64)
+        expected = (n,) if not classes else (n, len(classes))
+        if out.shape != expected:
+            raise ValueError(f"predict_rows answered {n} rows with an array of shape {out.shape}, not {expected}")
+        bad = [i for i in range(n) if not np.isfinite(out[i]).all()]
+        if bad:
+            raise RowsRejected([RowProblem(i, [], "the model's answer for this row is not finite: a value is far "
+                                                  "outside the training data's range, or the model diverged")
+                                for i in bad])
+        predictions = []
+        for i in range(n):
+            if classes:
+                # A float32 softmax row sums to 1 within ~1e-7; renormalised in float64 the JSON sums to 1.
+                p = np.clip(out[i], 0.0, None)
+                p /= p.sum()
+                predictions.append(Prediction(predicted_class=classes[int(p.argmax())],
+                                              probabilities=dict(zip(classes, p.tolist(), strict=True)),
+                                              missing=checked.missing[i], other=checked.other[i]))
+            else:
+                predictions.append(Prediction(value=float(out[i]), missing=checked.missing[i], other=checked.other[i]))
+        return PredictResponse(task=task_name, problem=self.problem, model_version=model_version, round=round,
+                               classes=classes, predictions=predictions)
+
+
+def _number_problem(f: NumberFeature, value: object) -> str | None:
+    name = _shown(f.name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"'{name}' must be a number, got {_got(value)}"
+    if not math.isfinite(value):
+        return f"'{name}' must be a finite number, got {value!r}"
+    if f.integer and not float(value).is_integer():
+        return f"'{name}' must be a whole number, got {value!r}"
+    if f.limits is not None and not f.limits[0] <= value <= f.limits[1]:
+        unit = f" {f.unit}" if f.unit else ""
+        about = f" ({f.description})" if f.description else ""
+        return (f"'{name}' = {value!r} is outside its plausible range "
+                f"[{_num(f.limits[0])}, {_num(f.limits[1])}]{unit}{about}")
+    return None
+
+
+def _category_problem(f: CategoryFeature, value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"'{_shown(f.name)}' takes a value as text (e.g. {_example(f)}), got {_got(value)}"
+    return None
+
+
+def _example(f: CategoryFeature) -> str:
+    return json.dumps(_shown(f.values[0])) if f.values else '"a"'
+
+
+def _got(value: object) -> str:
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return repr(_shown(value))
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= NAME_SHOWN else text[:NAME_SHOWN] + "…"
 
 
 def _num(x: float) -> str:
     return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
 
 
-def search_songs(task: SongsTask, query: str, limit: int) -> SongSearch:
-    """Songs of the data set whose title or artist holds every word of ``query``, best matches first."""
-    songs = load_songs(task.data_dir)
-    haystack, held_out = _index(task.data_dir)
-    words = query.casefold().split()
-    hits = [i for i, text in enumerate(haystack) if all(w in text for w in words)]
-    q = query.casefold().strip()
-    # Titles that are the query, then titles that start with it, then the rest, each alphabetical.
-    best = heapq.nsmallest(limit, hits, key=lambda i: (
-        songs.track[i].casefold() != q, not songs.track[i].casefold().startswith(q),
-        songs.track[i].casefold(), songs.artist[i].casefold()))
-    out = [SongMatch(uri=songs.uri[i], title=songs.track[i], artist=songs.artist[i], era=ERAS[songs.era[i]],
-                     held_out=bool(held_out[i]),
-                     features={f: float(v) for f, v in zip(FEATURES, songs.x[i].tolist(), strict=True)})
-           for i in best]
-    return SongSearch(query=query, total=len(hits), songs=out)
+def schema_problem(exc: ValidationError | ValueError) -> str:
+    """Why a task's feature schema cannot be used, in one line."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
 
 
-@functools.cache
-def _index(data_dir: str | None) -> tuple[list[str], np.ndarray]:
-    """Per song: its title and artist case-folded for search, and whether it is in the test set."""
-    s = load_songs(data_dir)
-    text = [f"{t}\n{a}".casefold() for t, a in zip(s.track, s.artist, strict=True)]
-    return text, test_mask(s.era)
+def explain(errors: Sequence[Any]) -> str:
+    """Errors of a request's shape (not JSON, no rows, too many, a row that is not an object) as one line."""
+    parts: list[str] = []
+    for err in errors:
+        loc = [p for p in err["loc"] if p != "body"]
+        ctx = err.get("ctx") or {}
+        if err["type"] == "json_invalid":
+            parts.append(f"body is not valid JSON ({ctx.get('error', err['msg'])})")
+        elif len(loc) >= 2 and loc[0] in ("rows", "songs") and isinstance(loc[1], int):
+            text = "must be an object of feature name → value" if err["type"] == "dict_type" else err["msg"]
+            parts.append(f"row {loc[1]}: {text}")
+        else:
+            text = str(ctx.get("error", err["msg"])) if err["type"] == "value_error" else err["msg"]
+            parts.append(f"{'.'.join(str(p) for p in loc) or 'body'}: {text}")
+    more = f"; and {len(parts) - MOST} more problems" if len(parts) > MOST else ""
+    return "invalid request: " + "; ".join(parts[:MOST]) + more

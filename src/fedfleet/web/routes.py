@@ -21,19 +21,23 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 
-from fedfleet.tasks.songs import ERAS, SongsTask
+from fedfleet.errors import TaskError
+from fedfleet.tasks.base import has_plan
+from fedfleet.tasks.predict import Predictor, predictor, song_search
 from fedfleet.web.predict import (
     PredictInfo,
     PredictRequest,
     PredictResponse,
+    RowProblem,
+    RowsRejected,
+    Schema,
     SongSearch,
     explain,
-    feature_infos,
-    predict,
-    search_songs,
+    schema_problem,
 )
-from fedfleet.web.sources import RunSource
+from fedfleet.web.sources import Model, RunSource
 
 API = "/v1"
 REFRESH_S = 5.0  # longest silence on the stream: refreshes "dead" workers and keeps proxies from closing it
@@ -45,7 +49,7 @@ ASSETS = {"dashboard.html": "text/html", "predict.html": "text/html", "style.css
 
 
 class _ExplainedRoute(APIRoute):
-    """Answers a request that fails validation with one line naming the song and feature at fault.
+    """Answers a request that fails validation with one line naming the row (or parameter) at fault.
 
     Done in the route rather than with an app-wide exception handler, so that the message is the same
     in every app that includes the router (the coordinator's and ``fedfleet serve``'s).
@@ -68,13 +72,36 @@ def create_router(run: RunSource) -> APIRouter:
     assets = _load_assets()
     router = APIRouter(route_class=_ExplainedRoute)
 
-    def songs_task() -> SongsTask:
+    def run_task_name() -> str:
+        return str(run.snapshot()["status"]["task"])
+
+    def loaded() -> object:
         task = run.task
-        if isinstance(task, SongsTask):
-            return task
-        name = run.snapshot()["status"]["task"]
-        why = "could not be loaded here" if task is None else "does not predict song eras"
-        raise HTTPException(409, f"prediction needs the songs task; this run's task {name!r} {why}")
+        if task is None:
+            raise HTTPException(409, f"prediction needs this run's task {run_task_name()!r}, which could not be "
+                                     "loaded here")
+        return task
+
+    # The parsed schema of the task last asked, kept while the run's task is that object (a live run's
+    # task changes once, when its plan is agreed).
+    parsed: list[Schema] = []
+
+    def prediction() -> tuple[Schema, Model]:
+        """The run's task as a predictor, its schema, and the model, read together (a live run's task and
+        model change together, between two awaits)."""
+        task = loaded()
+        offered = predictor(task)
+        if offered is None:
+            raise HTTPException(409, f"this run's task {run_task_name()!r} offers no prediction (a task predicts "
+                                     "when it has feature_schema and predict_rows: see fedfleet.tasks.predict)")
+        model = run.model()
+        if has_plan(task) and not model.weights:
+            raise HTTPException(409, f"this run's task {run_task_name()!r} predicts with the plan the run agrees "
+                                     "from the sites' descriptions of their data, and the run has no plan yet: it "
+                                     "is agreed once enough sites have described theirs")
+        if not parsed or parsed[0].task is not offered:
+            parsed[:] = [_schema(offered, run_task_name)]
+        return parsed[0], model
 
     def page(name: str) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         async def serve(request: Request) -> Response:
@@ -105,35 +132,74 @@ def create_router(run: RunSource) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get(f"{API}/predict", response_model=PredictInfo, tags=["predict"],
-                summary="What the model predicts (the eras) and from what (the features, with their ranges)",
-                responses={409: {"description": "the run's task does not predict song eras"}})
+                summary="What the model predicts (the classes, or a value) and from what (the features: ranges, "
+                        "means, categories' values)",
+                responses={409: {"description": "the run's task offers no prediction, or has no plan yet"}})
     async def predict_info() -> PredictInfo:
-        task = songs_task()
-        model = run.model()
-        return PredictInfo(task=task.name, model_version=model.version, round=model.round, classes=list(ERAS),
-                           features=feature_infos())
+        schema, model = prediction()
+        return schema.info(_name(schema.task), model.version, model.round, song_search(schema.task) is not None)
 
     @router.post(f"{API}/predict", response_model=PredictResponse, tags=["predict"],
-                 summary="Predict the era of a batch of songs from their audio features with the current model",
-                 responses={409: {"description": "the run's task does not predict song eras"},
-                            422: {"description": "a feature is missing, not finite or out of its range; the "
-                                                 "message names the song (by index) and the feature"}})
-    async def predict_batch(req: PredictRequest) -> PredictResponse:
-        task = songs_task()
-        model = run.model()
-        return PredictResponse(model_version=model.version, round=model.round, classes=list(ERAS),
-                               predictions=predict(task, model.weights, req.songs))
+                 summary="Predict a batch of rows (feature name → value) with the current model: each class's "
+                         "probability and the most probable class, or the predicted value",
+                 responses={409: {"description": "the run's task offers no prediction, or has no plan yet"},
+                            422: {"description": "a row has a feature that is not one, a value of the wrong type, "
+                                                 "not finite or outside the feature's limits: `detail` names the "
+                                                 "row (by index) and the feature; `problems` lists them"}})
+    async def predict_batch(req: PredictRequest) -> Response | PredictResponse:
+        schema, model = prediction()
+        try:
+            checked = schema.check(req.rows)
+            # Off the event loop: a batch of a thousand rows must not hold up the run's transfers. The model's
+            # arrays are read-only views the engine replaces, never changes, so the thread reads one model.
+            output = await asyncio.to_thread(schema.task.predict_rows, model.weights, checked.rows)
+            return schema.answer(_name(schema.task), model.version, model.round, checked, output)
+        except RowsRejected as exc:
+            return JSONResponse(exc.body(), status_code=422)
+        except TaskError as exc:  # a row the task itself refuses, e.g. a song whose chorus starts after its end
+            return JSONResponse(_refused(exc).body(), status_code=422)
+        except ValueError as exc:
+            raise HTTPException(500, f"task {_name(schema.task)!r} cannot predict: {exc}") from exc
 
     @router.get(f"{API}/songs", response_model=SongSearch, tags=["predict"],
-                summary="Songs of the data set whose title or artist contains every word of `q`",
-                responses={409: {"description": "the run's task is not the songs task"}})
+                summary="Songs of the data set whose title or artist contains every word of `q` (the songs task)",
+                responses={409: {"description": "the run's task offers no song search"}})
     async def songs(q: str = Query(min_length=1, max_length=200),
                     limit: int = Query(10, ge=1, le=50)) -> SongSearch:
-        task = songs_task()
+        search = song_search(loaded())
+        if search is None:
+            raise HTTPException(409, f"this run's task {run_task_name()!r} offers no song search (the songs "
+                                     "task does)")
         # A search scans 40,000 titles in Python: off the event loop, so transfers keep flowing.
-        return await asyncio.to_thread(search_songs, task, q, limit)
+        return SongSearch.model_validate(await asyncio.to_thread(search.search_songs, q, limit))
 
     return router
+
+
+def _name(task: object) -> str:
+    return str(getattr(task, "name", ""))
+
+
+def _refused(exc: TaskError) -> RowsRejected:
+    """The task's refusal of a row ("row 2: ..." by the protocol) as the checks' own problems are sent."""
+    head, _, message = str(exc).partition(": ")
+    index = head.removeprefix("row ")
+    if head.startswith("row ") and index.isdecimal() and message:
+        return RowsRejected([RowProblem(int(index), [], message)])
+    return RowsRejected([RowProblem(None, [], str(exc))])
+
+
+def _schema(task: Predictor, run_task_name: Callable[[], str]) -> Schema:
+    """``task``'s feature schema, parsed; 409 if the task cannot say it now, 500 if it is malformed."""
+    try:
+        raw = task.feature_schema()
+    except TaskError as exc:
+        raise HTTPException(409, f"this run's task {run_task_name()!r} cannot predict yet: {exc}") from exc
+    try:
+        return Schema(task, raw)
+    except (ValidationError, ValueError) as exc:
+        raise HTTPException(500, f"this run's task {run_task_name()!r} gave a feature schema that cannot be "
+                                 f"used: {schema_problem(exc)}") from exc
 
 
 async def _stream(run: RunSource) -> AsyncIterator[str]:

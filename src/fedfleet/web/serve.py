@@ -18,9 +18,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from fedfleet.asgi import JSON_BODY_LIMIT, BodyLimit, listen
-from fedfleet.errors import FedfleetError
 from fedfleet.protocol.messages import API, Status
-from fedfleet.tasks import check_allowed, load_task
 from fedfleet.web.routes import create_router
 from fedfleet.web.sources import FinishedRun
 
@@ -66,26 +64,12 @@ def _refuse_prediction(app: FastAPI, router: APIRouter, why: str) -> None:
             app.add_api_route(route.path, refuse, methods=sorted(route.methods), include_in_schema=False)
 
 
-def task_problem(run: FinishedRun, allowed_tasks: Collection[str]) -> str | None:
-    """Why ``run``'s task is not loaded here, naming what to do about it; None if it is loaded."""
-    if run.task is not None:
-        return None
-    name = run.status.task
-    try:
-        check_allowed(name, allowed_tasks, f"prediction needs this run's task {name!r}, which fedfleet serve "
-                                           "does not load unless allowed (loading a task runs its code)")
-        load_task(name, run.config.task_options_dict)  # allowed, and failed before: for its error message
-    except FedfleetError as exc:
-        return str(exc)
-    return f"prediction needs this run's task {name!r}, which could not be loaded"
-
-
 def serve_run(directory: Path, host: str = "127.0.0.1", port: int = 8080,
               allowed_tasks: Collection[str] = ()) -> int:
     """Serve until interrupted; the first line on stdout gives the URL (with port 0, the port picked)."""
     sock = listen(host, port)
     run = FinishedRun.load(directory, allowed_tasks)
-    problem = task_problem(run, allowed_tasks)
+    problem = run.task_problem
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     s = run.status

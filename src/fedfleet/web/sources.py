@@ -20,7 +20,8 @@ from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
 from fedfleet.protocol.messages import Status
 from fedfleet.storage.run_dir import RunDir
-from fedfleet.tasks import Task, check_allowed, load_task
+from fedfleet.tasks import Task, check_allowed, load_task, with_plan
+from fedfleet.tasks.base import has_plan
 from fedfleet.types import Weights
 
 
@@ -63,6 +64,7 @@ class FinishedRun:
     weights: Model
     workers: list[dict[str, Any]]
     loaded_task: Task | None
+    task_problem: str | None = None  # why the task is not loaded, when it is not
     _never: asyncio.Event = field(default_factory=asyncio.Event)  # a finished run does not change
 
     @classmethod
@@ -70,7 +72,8 @@ class FinishedRun:
         """Read a run folder (``--out`` of ``fedfleet run``, ``--data-dir`` of ``fedfleet coordinator``).
 
         Its task is loaded only if it is built in or in ``allowed_tasks``: loading a task runs its code,
-        and the folder's config.toml may name any module (``os:system``).
+        and the folder's config.toml may name any module (``os:system``). A task that agrees a plan is set
+        up with the run's (plan.json), as the coordinator had it; without one it cannot predict.
         """
         run_dir = RunDir(directory)
 
@@ -103,13 +106,9 @@ class FinishedRun:
         workers = _workers(run_dir, config.workers)
         status = status.model_copy(update={"workers_registered": len(workers)})
         history = [r.model_dump() for r in records]
-        try:
-            check_allowed(config.task, allowed_tasks, f"this run's task {config.task!r} is not allowed")
-            task: Task | None = load_task(config.task, config.task_options_dict)
-        except FedfleetError:
-            task = None  # the dashboard still works; predict says the task cannot be loaded
+        task, problem = _load_task(run_dir, config, allowed_tasks)
         return cls(directory, status, config, history, Model(weights, status.model_version, status.round),
-                   workers, task)
+                   workers, task, problem)
 
     @property
     def task(self) -> Task | None:
@@ -127,6 +126,20 @@ class FinishedRun:
 
     def changed(self) -> asyncio.Event:
         return self._never
+
+
+def _load_task(run_dir: RunDir, config: RunConfig, allowed_tasks: Collection[str]) -> tuple[Task | None, str | None]:
+    """The run's task with its plan, or None and why not (the dashboard still works; prediction says why)."""
+    name = config.task
+    try:
+        check_allowed(name, allowed_tasks, f"prediction needs this run's task {name!r}, which fedfleet serve does "
+                                           "not load unless allowed (loading a task runs its code)")
+        task = load_task(name, config.task_options_dict)
+        plan = run_dir.read_plan() if has_plan(task) else None
+        # No plan: the run ended before its sites agreed one; the task is kept, and prediction says so.
+        return (task if plan is None else with_plan(task, plan)), None
+    except FedfleetError as exc:
+        return None, str(exc)
 
 
 def _workers(run_dir: RunDir, partitions: int) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-// fetch JSON; a non-2xx answer throws an Error carrying the server's `detail` and the status.
+// fetch JSON; a non-2xx answer throws an Error carrying the server's `detail`, the status and the body.
 async function getJSON(url, options = {}) {
   const res = await fetch(url, options);
   let body = null;
@@ -36,6 +36,7 @@ async function getJSON(url, options = {}) {
   if (!res.ok) {
     const err = new Error((body && body.detail) || `${res.status} ${res.statusText}`);
     err.status = res.status;
+    err.body = body;
     throw err;
   }
   return body;
