@@ -201,3 +201,30 @@ def test_a_tabular_coordinator_without_a_label_refuses_to_start_and_writes_nothi
     assert r.returncode == 1
     assert "needs to know the column to predict: --task-option label=COLUMN" in r.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_data_source_the_task_cannot_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    a, _, test = write_sites(tmp_path / "data")
+    cases = [
+        (["run", "--task", "tabular", "--task-option", "label=churned"], "give fedfleet run --data-split FILE"),
+        (["run", "--task", "songs", "--data-source", "sites"], "'songs' cannot read a site's own files"),
+        (["coordinator", "--task", "songs", "--data-source", "sites", "--port", "0"],
+         "'songs' cannot read a site's own files"),
+        (["coordinator", "--task", "songs", "--test-data", str(test), "--port", "0"], "--test-data cannot be used"),
+        (["run", "--task", "songs", "--data-split", str(a)], "--data-split is for tasks such as tabular"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        where = ["--out" if args[0] == "run" else "--data-dir", str(tmp_path / f"out-{i}")]
+        r = run_fedfleet(*args, *where, "--workers", "2", "--rounds", "1", timeout=60)
+        assert r.returncode in (1, 2) and message in r.stderr, (args, r.stderr)
+        assert not (tmp_path / f"out-{i}" / "state.sqlite").exists()
+
+
+def test_fedfleet_run_says_why_when_every_worker_failed_instead_of_waiting(tmp_path: Path) -> None:
+    a, _, _ = write_sites(tmp_path / "data")
+    # The split needs only the label; each worker then finds its file lacks the feature it was told to use.
+    r = run_fedfleet("run", "--task", "tabular", "--task-option", "label=churned", "--task-option", "features=height",
+                     "--workers", "2", "--rounds", "1", "--data-split", str(a), "--out", str(tmp_path / "run"),
+                     "--quiet", "--wait-timeout", "120", timeout=90)
+    assert r.returncode == 1
+    assert "every worker process ended before the run did" in r.stderr and "'height'" in r.stderr, r.stderr

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -39,9 +39,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedfleet.config import OPTIONS_BY_NAME, RunConfig
+from fedfleet.coordinator.engine import check_data_source
 from fedfleet.coordinator.security import new_token
 from fedfleet.coordinator.server import ADDRESS_FILE, SIGNAL_NAMES
-from fedfleet.errors import ConfigError, FedfleetError, StorageError
+from fedfleet.errors import ConfigError, FedfleetError, StorageError, TaskError
 from fedfleet.parent import PARENT_ENV
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import API, Status
@@ -307,8 +308,14 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         config = resume_config(out, config, given)
         if data_split is None and RunDir(out).sites_path.is_dir():
             data_split = RunDir(out).sites_path  # the sites' files were split when the run started
+    if config.data_source == "sites" or config.test_data is not None:
+        check_data_source(config, load_task(config.task, config.task_options_dict))
     if data_split is not None:
         config = _site_config(config)
+    elif _sites_run(config):
+        raise ConfigError(f"a run of task {config.task!r} trains on each site's own files: give fedfleet run "
+                          "--data-split FILE (one file cut into a file per worker, each worker on its own), or start "
+                          "a coordinator and a fedfleet worker --data PATH per site", option="data_split")
     _make_out(out, overwrite)
     run_dir = RunDir(out)
     sites = _site_files(config, data_split, run_dir, resume) if data_split is not None else None
@@ -331,15 +338,17 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
                 counts = [1] * len(sites)  # one process per site: each holds its own file, as a real site would
             else:
                 counts = spread(config.workers, processes or default_processes(config.workers))
+            workers: list[tuple[subprocess.Popen[bytes], Path]] = []
             for i, k in enumerate(counts):
                 data = ["--data", str(sites[i])] if sites is not None else []
-                procs.spawn(["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
-                             "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}",
-                             "--give-up", "30", *data, *allow], out / "logs" / f"worker-{i}.log")
+                log_path = out / "logs" / f"worker-{i}.log"
+                workers.append((procs.spawn(["--log-level", "INFO", "worker", "--coordinator", url, "--clients", str(k),
+                                             "--state-dir", str(out / "workers" / f"proc-{i}"), "--name", f"local-{i}",
+                                             "--give-up", "30", *data, *allow], log_path), log_path))
             console.print(f"fedfleet: {'resuming ' if resume else ''}{config.task} on {config.workers} workers in "
                           f"{len(counts)} processes, {config.rounds} rounds, partition {config.partition}; "
                           f"coordinator {url}")
-            _watch(url, config, coord, console, run_dir)
+            _watch(url, config, coord, console, run_dir, workers)
             procs.stop(grace=10.0, sig=None)
         except _Interrupted as exc:
             interrupted = exc.sig
@@ -370,6 +379,17 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
     if summary.state == "stopped":
         console.print(f"resume it with: {escape(resume_command(run_dir.path, processes))}", soft_wrap=True)
     return 1
+
+
+def _sites_run(config: RunConfig) -> bool:
+    """Whether the run's workers must bring their own data (``--data-source``, else the task's default)."""
+    if config.data_source is not None:
+        return config.data_source == "sites"
+    default = getattr(find_task(config.task), "data_at_sites", False)
+    if isinstance(default, bool):
+        return default
+    # A property: the task decides from its options (a TorchTask without a shared data set).
+    return bool(getattr(load_task(config.task, config.task_options_dict), "data_at_sites", False))
 
 
 def _site_config(config: RunConfig) -> RunConfig:
@@ -450,8 +470,11 @@ def _planned(run_dir: RunDir) -> int | str:
         return "?"
 
 
-def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, run_dir: RunDir) -> None:
-    """Draw a progress bar from /v1/status until the run is over or the coordinator is gone."""
+def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console: Console, run_dir: RunDir,
+           workers: Sequence[tuple[subprocess.Popen[bytes], Path]] = ()) -> None:
+    """Draw a progress bar from /v1/status until the run is over or the coordinator is gone. If every worker
+    process ends first (none could join, or their data could not be read), say why instead of waiting out
+    --wait-timeout: the first failure a worker logged."""
     score = score_name(find_task(config.task))  # the status calls any task's score "accuracy"
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                TextColumn(f"{score} {{task.fields[acc]}}  loss {{task.fields[loss]}}  {{task.fields[phase]}}"),
@@ -470,6 +493,10 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
                             loss="-" if status.loss is None else f"{status.loss:.4f}")
             if status.state in ("finished", "failed", "stopped"):
                 break
+            if workers and all(w.poll() is not None for w, _ in workers) and coord.poll() is None:
+                raise TaskError("every worker process ended before the run did; "
+                                + (_worker_failure([path for _, path in workers]) or "see their logs in "
+                                   f"{run_dir.path / 'logs'}"))
             time.sleep(0.2)
         # The coordinator may end between two polls: the last word is its summary.
         coord.wait(timeout=60)
@@ -477,6 +504,19 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
         if final is not None:
             progress.update(bar, completed=final.rounds, phase=final.state,
                             acc=_fmt(final.final_accuracy), loss=_fmt(final.final_loss))
+
+
+def _worker_failure(logs: Sequence[Path]) -> str | None:
+    """The message of the first ``worker.failed`` line in the workers' logs, if one failed."""
+    for path in logs:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if " worker.failed " in line and "message=" in line:
+                return "the first said: " + line.split("message=", 1)[1].strip("'\"")
+    return None
 
 
 def _print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> None:

@@ -182,6 +182,7 @@ class Engine:
         """Create the run in ``data_dir``, or pick up the one there (its config must match) from the last
         round recorded in its state database, which is the truth after a crash."""
         check_ready(task)
+        check_data_source(config, task)
         run_dir = RunDir(data_dir)
         store = run_dir.open_store()
         run_id = _open_run(store, run_dir, config)
@@ -762,6 +763,19 @@ def data_source(config: RunConfig, task: object) -> str:
     if config.data_source is not None:
         return config.data_source
     return "sites" if getattr(task, "data_at_sites", False) else "partitions"
+
+
+def check_data_source(config: RunConfig, task: object) -> None:
+    """ConfigError if the run's data source is one its task cannot train on."""
+    source = data_source(config, task)
+    if source == "sites" and not loads_sites(task):
+        raise ConfigError(f"task {config.task!r} cannot read a site's own files (it has no load_site): "
+                          "leave --data-source sites out, and its workers train on partitions of its data set",
+                          option="data_source")
+    if config.test_data is not None and not loads_sites(task):
+        raise ConfigError(f"task {config.task!r} cannot read files of its own (it has no load_site), so "
+                          "--test-data cannot be used with it; it is scored on its own test set",
+                          option="test_data")
 
 
 def load_test(config: RunConfig, task: Task) -> Any | None:

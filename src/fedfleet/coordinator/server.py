@@ -23,7 +23,7 @@ from fedfleet import log
 from fedfleet.asgi import ASGIApp, listen
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.app import create_app
-from fedfleet.coordinator.engine import Engine
+from fedfleet.coordinator.engine import Engine, check_data_source
 from fedfleet.coordinator.http_limits import Wire, connection_cap, open_fds, protocol_class, raise_fd_limit
 from fedfleet.coordinator.limits import Limits
 from fedfleet.coordinator.security import Access, HostCheck, load_secret
@@ -116,6 +116,7 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
     sock = listen(host, port)
     task = load_task(config.task, config.task_options_dict)
     check_ready(task)
+    check_data_source(config, task)
     data_dir.mkdir(parents=True, exist_ok=True)
     access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")
     if not is_loopback(host) and tls is None and (admin_token or join_token):
