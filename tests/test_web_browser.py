@@ -12,6 +12,7 @@ from; a plain test run never writes into the source tree.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import safetensors.numpy
 
 from conftest import Coordinator
 from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs
+from test_predict_tabular import planned_task, write_sites
 from test_web import TIMEOUT, fedfleet, start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -196,3 +198,79 @@ def test_predict_page_explains_an_invalid_feature(page: Any, served_run: tuple[s
     page.click("#predict-button")
     page.wait_for_function("document.getElementById('error').textContent.includes('missing')")
     assert "Feature 'tempo' is missing" in page.text_content("#error")
+
+
+@pytest.fixture(scope="module")
+def served_tabular(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A finished tabular run (two sites split from one file, 2 rounds) and the URL of `fedfleet serve` serving it."""
+    folder = tmp_path_factory.mktemp("tabular")
+    a, _, test = write_sites(folder / "data")
+    run_dir = folder / "run"
+    r = fedfleet("run", "--task", "tabular", "--task-option", "label=churned", "--workers", "2", "--rounds", "2",
+                 "--lr", "0.1", "--data-split", str(a), "--test-data", str(test), "--out", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc, url = start_serve(run_dir)
+    try:
+        yield url, run_dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+
+
+def test_predict_page_builds_its_form_from_a_tabular_plan(page: Any, served_tabular: tuple[str, Path],
+                                                          tmp_path: Path) -> None:
+    url, run_dir = served_tabular
+    plan = json.loads((run_dir / "plan.json").read_text())
+    page.goto(url + "/predict")
+    page.wait_for_selector("#fields .field")
+    assert page.text_content("h1") == "Predict churned"
+    assert not page.is_visible("#search-panel")  # no song search: the tabular task offers none
+    # A number input per number feature (the plan's mean as placeholder, its range under it), a select per
+    # category feature holding its values.
+    for f in plan["features"]:
+        if f["kind"] == "number":
+            assert page.get_attribute(f"#f-{f['name']}", "placeholder") == page.evaluate("number", f["mean"])
+            assert page.text_content(f"#f-{f['name']} ~ .range").startswith(page.evaluate("number", f["min"]))
+        else:
+            options = page.locator(f"#f-{f['name']} option").all_text_contents()
+            assert options == ["— not given —", *f["values"]]
+
+    page.fill("#f-age", "35")
+    page.select_option("#f-city", "Oslo")
+    page.select_option("#f-plan", "pro")
+    page.click("#predict-button")
+    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 2")
+    weights = safetensors.numpy.load_file(run_dir / "model.safetensors")
+    want = planned_task(run_dir).predict_rows(weights, [{"age": 35, "city": "Oslo", "plan": "pro"}])[0]
+    assert page.text_content("#predicted") == plan["classes"][int(want.argmax())]
+    shown = [float(pct.rstrip("%")) for pct in page.locator("#probabilities .pct").all_text_contents()]
+    assert shown == pytest.approx([100 * p for p in want], abs=0.051)
+    assert "took the training data's mean: income" in page.text_content("#notes")
+    screenshot(page, tmp_path, "predict-tabular.png")
+
+    # A value that is not a number: said in words, the field marked, the answer for other values gone.
+    page.fill("#f-age", "forty")
+    page.click("#predict-button")
+    page.wait_for_selector("#error:not(:empty)")
+    assert page.text_content("#error") == "These values cannot be predicted from. 'age' must be a number, got 'forty'."
+    assert page.get_attribute("#f-age", "class") == "invalid"
+    assert page.text_content("#predicted") == "No prediction yet." and page.locator("#probabilities .prob").count() == 0
+
+
+@pytest.mark.parametrize("width", [360, 390])
+def test_no_page_is_wider_than_a_phone(browser: Any, served_run: tuple[str, Path], served_tabular: tuple[str, Path],
+                                       width: int) -> None:
+    context = browser.new_context(viewport={"width": width, "height": 800})
+    try:
+        pg = context.new_page()
+        pg.goto(served_run[0] + "/")
+        pg.wait_for_selector("#workers tbody tr")
+        assert pg.evaluate("document.documentElement.scrollWidth") <= width  # the table scrolls in its panel
+        for url in (served_run[0], served_tabular[0]):
+            pg.goto(url + "/predict")
+            pg.wait_for_selector("#fields .field")
+            pg.click("#predict-button")  # the answer, or the message, is on the page too
+            pg.wait_for_selector("#error:not(:empty), #probabilities .prob")
+            assert pg.evaluate("document.documentElement.scrollWidth") <= width, url
+    finally:
+        context.close()
