@@ -7,6 +7,7 @@ The browser drives the pages in test_web_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -21,12 +22,14 @@ import httpx
 import numpy as np
 import pytest
 import safetensors.numpy
+from fastapi import FastAPI
 
 from conftest import Coordinator
 from fedfleet.errors import TaskError
 from fedfleet.tasks.predict import predictor
 from fedfleet.tasks.songs import ERAS, FEATURES, LIMITS, SongsTask, load_songs
-from fedfleet.web.routes import ASSETS
+from fedfleet.web.routes import ASSETS, create_router
+from fedfleet.web.sources import Model
 
 TIMEOUT = 30.0
 
@@ -369,3 +372,94 @@ def test_predict_needs_a_task_that_predicts(coordinator: Any) -> None:
         # The dashboard itself works for any task.
         assert http.get("/").status_code == 200
         assert http.get("/v1/dashboard").json()["status"]["task"] == "null"
+
+
+# --- a task of one's own that predicts, served in process -------------------------------------------------
+
+class OwnTask:
+    """A predicting task whose schema and answers a test chooses: ``answer`` maps the rows to the output."""
+
+    name = "own"
+
+    def __init__(self, classes: tuple[str, ...], schema: Any, answer: Any) -> None:
+        self.classes, self._schema, self._answer = classes, schema, answer
+
+    def feature_schema(self) -> list[dict[str, Any]]:
+        if isinstance(self._schema, Exception):
+            raise self._schema
+        schema: list[dict[str, Any]] = self._schema
+        return schema
+
+    def predict_rows(self, weights: Any, rows: Any) -> np.ndarray:
+        out: np.ndarray = self._answer(rows)
+        return out
+
+
+class OwnRun:
+    """A RunSource of an OwnTask, so that the routes run in this process."""
+
+    def __init__(self, task: OwnTask) -> None:
+        self.task = task
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"status": {"task": "own_module:OwnTask"}}
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return []
+
+    def model(self) -> Model:
+        return Model({"w": np.zeros(1, np.float32)}, version=3, round=2)
+
+    def changed(self) -> asyncio.Event:
+        return asyncio.Event()
+
+
+SIZE = [{"name": "size", "kind": "number", "min": 0, "max": 10, "mean": 4}]
+
+
+def own(task: OwnTask, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One request to the routes serving ``task``, in this process."""
+    async def send() -> httpx.Response:
+        app = FastAPI()
+        app.include_router(create_router(OwnRun(task)))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://own") as http:
+            return await http.request(method, path, **kwargs)
+    return asyncio.run(send())
+
+
+def test_a_task_of_one_s_own_predicts_through_the_protocol() -> None:
+    classes = OwnTask(("small", "big"), SIZE, lambda rows: np.array([[0.3, 0.9]] * len(rows)))
+    body = own(classes, "POST", "/v1/predict", json={"rows": [{"size": 2}, {}]}).json()
+    assert body["task"] == "own" and body["problem"] == "classification" and body["round"] == 2
+    assert [p["probabilities"] for p in body["predictions"]] == [{"small": 0.25, "big": 0.75}] * 2
+    assert [p["missing"] for p in body["predictions"]] == [[], ["size"]]
+    values = OwnTask((), SIZE, lambda rows: np.arange(len(rows), dtype=float))
+    assert own(values, "GET", "/v1/predict").json()["problem"] == "regression"
+    body = own(values, "POST", "/v1/predict", json={"rows": [{}] * 3}).json()
+    assert [p["value"] for p in body["predictions"]] == [0, 1, 2]
+
+
+def refuse(message: str) -> Any:
+    def answer(rows: Any) -> np.ndarray:
+        raise TaskError(message)
+    return answer
+
+
+@pytest.mark.parametrize(("task", "status", "words"), [
+    pytest.param(OwnTask(("a", "b"), TaskError("no plan here"), None), 409,
+                 "this run's task 'own_module:OwnTask' cannot predict yet: no plan here", id="schema-not-yet"),
+    pytest.param(OwnTask(("a", "b"), [{"name": "size", "kind": "text"}], None), 500,
+                 "this run's task 'own_module:OwnTask' gave a feature schema that cannot be used: 0: Input tag 'text'",
+                 id="schema-malformed"),
+    pytest.param(OwnTask(("a", "b"), SIZE * 2, None), 500, "feature names repeat", id="schema-repeats"),
+    pytest.param(OwnTask(("a", "b"), SIZE, lambda rows: np.zeros(len(rows))), 500,
+                 "task 'own' cannot predict: predict_rows answered 1 rows with an array of shape (1,), not (1, 2)",
+                 id="wrong-shape"),
+    pytest.param(OwnTask(("a", "b"), SIZE, refuse("row 0: 'size' is odd")), 422,
+                 "invalid request: row 0: 'size' is odd", id="the-task-refuses-a-row"),
+    pytest.param(OwnTask(("a", "b"), SIZE, refuse("the weights do not fit")), 500,
+                 "task 'own' cannot predict: the weights do not fit", id="the-task-fails"),
+])
+def test_a_task_that_cannot_predict_says_why(task: OwnTask, status: int, words: str) -> None:
+    r = own(task, "POST", "/v1/predict", json={"rows": [{"size": 1}]})
+    assert r.status_code == status and words in r.json()["detail"], r.text

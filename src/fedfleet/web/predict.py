@@ -126,12 +126,12 @@ class SongSearch(BaseModel):
 class RowProblem:
     """What is wrong with one row: ``message`` names the features but not the row (the page shows one row)."""
 
-    row: int | None  # None: the task's refusal names no row
+    row: int
     features: list[str]
     message: str
 
     def line(self) -> str:
-        return self.message if self.row is None else f"row {self.row}: {self.message}"
+        return f"row {self.row}: {self.message}"
 
 
 class RowsRejected(Exception):

@@ -156,8 +156,11 @@ def create_router(run: RunSource) -> APIRouter:
             return schema.answer(_name(schema.task), model.version, model.round, checked, output)
         except RowsRejected as exc:
             return JSONResponse(exc.body(), status_code=422)
-        except TaskError as exc:  # a row the task itself refuses, e.g. a song whose chorus starts after its end
-            return JSONResponse(_refused(exc).body(), status_code=422)
+        except TaskError as exc:
+            refused = _refused(exc)
+            if refused is None:  # not about a row the client sent: the run's task or model is at fault
+                raise HTTPException(500, f"task {_name(schema.task)!r} cannot predict: {exc}") from exc
+            return JSONResponse(refused.body(), status_code=422)
         except ValueError as exc:
             raise HTTPException(500, f"task {_name(schema.task)!r} cannot predict: {exc}") from exc
 
@@ -180,13 +183,14 @@ def _name(task: object) -> str:
     return str(getattr(task, "name", ""))
 
 
-def _refused(exc: TaskError) -> RowsRejected:
-    """The task's refusal of a row ("row 2: ..." by the protocol) as the checks' own problems are sent."""
+def _refused(exc: TaskError) -> RowsRejected | None:
+    """The task's refusal of a row (its message starts "row 2: ", by the protocol) as the checks' own
+    refusals are sent; None if the message names no row."""
     head, _, message = str(exc).partition(": ")
     index = head.removeprefix("row ")
     if head.startswith("row ") and index.isdecimal() and message:
         return RowsRejected([RowProblem(int(index), [], message)])
-    return RowsRejected([RowProblem(None, [], str(exc))])
+    return None
 
 
 def _schema(task: Predictor, run_task_name: Callable[[], str]) -> Schema:
