@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,7 @@ from fedfleet.errors import TaskError
 from fedfleet.tasks.base import has_plan
 from fedfleet.tasks.predict import Predictor, predictor, song_search
 from fedfleet.web.predict import (
+    Checked,
     PredictInfo,
     PredictRequest,
     PredictResponse,
@@ -148,11 +150,15 @@ def create_router(run: RunSource) -> APIRouter:
                                                  "row (by index) and the feature; `problems` lists them"}})
     async def predict_batch(req: PredictRequest) -> Response | PredictResponse:
         schema, model = prediction()
-        try:
+
+        def checked_and_predicted() -> tuple[Checked, np.ndarray]:
             checked = schema.check(req.rows)
-            # Off the event loop: a batch of a thousand rows must not hold up the run's transfers. The model's
-            # arrays are read-only views the engine replaces, never changes, so the thread reads one model.
-            output = await asyncio.to_thread(schema.task.predict_rows, model.weights, checked.rows)
+            return checked, schema.task.predict_rows(model.weights, checked.rows)
+
+        try:
+            # Off the event loop: a thousand rows of many features must not hold up the run's transfers. The
+            # model's arrays are read-only views the engine replaces, never changes, so the thread reads one model.
+            checked, output = await asyncio.to_thread(checked_and_predicted)
             return schema.answer(_name(schema.task), model.version, model.round, checked, output)
         except RowsRejected as exc:
             return JSONResponse(exc.body(), status_code=422)
