@@ -66,7 +66,7 @@ COORDINATOR_FIELDS = {"round", "accuracy", "loss", "participants", "sampled", "a
                       "bytes_out", "model_version", "timings", "worker_metrics"}
 TIMINGS = {"open", "wait_workers", "aggregate", "evaluate", "checkpoint"}
 # Optional fields the coordinator may add about a round (counts of what it refused or dropped).
-OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped"}
+OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped", "test_metrics"}
 FED_FIELDS = {"fed_accuracy", "fed_loss", "fed_accuracy_std", "fed_accuracy_min", "fed_accuracy_max",
               "fed_examples"}
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
