@@ -167,7 +167,8 @@ def test_an_incomplete_task_fails_at_load_naming_what_it_lacks(cls: str, message
 
 
 def test_unknown_and_malformed_names_are_task_errors() -> None:
-    with pytest.raises(TaskError, match="unknown task 'nope': use one of fashion-mnist, images, mnist, null, songs, songs-mlp, tabular"):
+    with pytest.raises(TaskError, match="unknown task 'nope': use one of fashion-mnist, images, mnist, null, "
+                                        "songs, songs-mlp, tabular"):
         load_task("nope")
     with pytest.raises(TaskError, match="cannot import task module 'no_such_module_here'"):
         load_task("no_such_module_here:Task")
@@ -186,5 +187,6 @@ def test_built_in_and_allowed_tasks_are_allowed(name: str) -> None:
 def test_other_tasks_are_refused_naming_allow_task(name: str) -> None:
     with pytest.raises(TaskError) as info:
         check_allowed(name, ("mine:Task",), f"this run's task {name!r} is not loaded")
-    assert str(info.value) == (f"this run's task {name!r} is not loaded: built-in tasks are fashion-mnist, images, "
-                               f"mnist, null, songs, songs-mlp, tabular; pass --allow-task {name} to load it, if you trust its code")
+    assert str(info.value) == (f"this run's task {name!r} is not loaded: built-in tasks are fashion-mnist, "
+                               "images, mnist, null, songs, songs-mlp, tabular; pass --allow-task "
+                               f"{name} to load it, if you trust its code")
