@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedfleet.config import OPTIONS, OPTIONS_BY_NAME, Option, RunConfig, load_toml
+from fedfleet.config import DP_OPTIONS, OPTIONS, OPTIONS_BY_NAME, Option, RunConfig, load_toml
 from fedfleet.errors import ConfigError
 
 
@@ -104,11 +104,21 @@ GOOD_EXTRA = {"partition": ["natural", "dirichlet:0.3"], "task": ["null", "my.mo
 GOOD += [pytest.param(OPTIONS_BY_NAME[name], v, id=f"{name}-{v}") for name, vs in GOOD_EXTRA.items() for v in vs]
 
 
+def _context(name: str, value: Any) -> dict[str, Any]:
+    """The other options a good value of ``name`` needs beside it: min_workers may not exceed workers; a
+    differential-privacy option applies only with --dp central, which needs a clip norm and one of sigma or a
+    target epsilon (and one worker, so that any dp_delta below 1 is below 1/workers)."""
+    if name == "min_workers":
+        return {"workers": 100_000}
+    if (name == "dp" and value == "central") or (name in DP_OPTIONS and value is not None):
+        sigma = {} if name in ("dp_noise_multiplier", "dp_target_epsilon") else {"dp_noise_multiplier": 1.0}
+        return {"dp": "central", "dp_clip": 1.0, "workers": 1, **sigma}
+    return {}
+
+
 @pytest.mark.parametrize(("opt", "value"), GOOD)
 def test_every_option_accepts_good_values(opt: Option, value: Any) -> None:
-    values = {opt.name: value}
-    if opt.name == "min_workers":
-        values["workers"] = 100_000  # min_workers may not exceed workers
+    values = {**_context(opt.name, value), opt.name: value}
     config = RunConfig.from_mapping(values)
     got = getattr(config, opt.name)
     if value is None:

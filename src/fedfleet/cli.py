@@ -22,7 +22,15 @@ from fedfleet.coordinator.limits import HEADER_LIMIT, HEADER_TIMEOUT, IDLE_TIMEO
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.options import Option
 from fedfleet.protocol.client import check_url
-from fedfleet.tasks import BUILTIN, TRAINING, declared_options, find_task, task_arguments, training_defaults
+from fedfleet.tasks import (
+    BUILTIN,
+    TRAINING,
+    declared_options,
+    find_task,
+    load_task,
+    task_arguments,
+    training_defaults,
+)
 
 ERROR = "fedfleet: error: "
 
@@ -68,7 +76,14 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     # The task's recommended training settings, for those the user did not set (by flag or file). The
     # config records the values used, so the same command later resumes the same run.
     defaults = training_defaults(task, config.task)
-    return RunConfig.from_mapping({**defaults, **values}) if defaults else config
+    config = RunConfig.from_mapping({**defaults, **values}) if defaults else config
+    if config.dp != "none":
+        # Also before anything starts: the accountant library is there, the task can be trained privately,
+        # sigma can be solved for --dp-target-epsilon and one round fits in --dp-max-epsilon.
+        from fedfleet.coordinator.privacy import plan_privacy
+
+        plan_privacy(config, load_task(config.task, config.task_options_dict))
+    return config
 
 
 def _tasks_help() -> str:

@@ -68,7 +68,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_update_norm", float, None, "refuse a training update whose delta from the global model has a "
            "larger L2 norm (the defence of FedAvg-family strategies against scaled updates)",
            low=0, high=1e12, low_open=True, optional=True, default_text="none: no bound"),
+    # Differential privacy (docs/privacy.md, fedfleet.strategies.privacy).
+    Option("dp", str, "none", "differential privacy: central is DP-FedAvg with a trusted coordinator (each "
+           "worker's update delta clipped to --dp-clip, Gaussian noise added to their sum, an (epsilon, delta) "
+           "accounted per round); needs pip install 'fedfleet[privacy]'", choices=("none", "central")),
+    Option("dp_clip", float, None, "L2 norm C that each sampled worker's update delta is clipped to",
+           low=0, high=1e6, low_open=True, optional=True, default_text="none: required with --dp central"),
+    Option("dp_noise_multiplier", float, None, "sigma: the noise added to the sum of clipped deltas has standard "
+           "deviation sigma x C", low=0, high=1e4, low_open=True, optional=True,
+           default_text="none: give this or --dp-target-epsilon with --dp central"),
+    Option("dp_target_epsilon", float, None, "epsilon that all --rounds may spend: sigma is solved for it before "
+           "the run, at sampling rate --fraction", low=0, high=1e4, low_open=True, optional=True,
+           default_text="none: give this or --dp-noise-multiplier with --dp central"),
+    Option("dp_delta", float, None, "delta of the (epsilon, delta) guarantee; below 1/--workers",
+           low=0, high=0.1, low_open=True, optional=True, default_text="1e-5, or 1/workers^2 when that is smaller"),
+    Option("dp_max_epsilon", float, None, "end the run (finished) before a round that would take the epsilon "
+           "spent over this", low=0, high=1e4, low_open=True, optional=True, default_text="none: run all --rounds"),
+    Option("dp_seed", int, None, "seed of the DP sampling and noise, for reproducible tests only: whoever knows it "
+           "can subtract the noise", low=0, high=2**32 - 1, optional=True,
+           default_text="none: fresh randomness from the OS (secrets) every round"),
 )
+DP_OPTIONS = ("dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_epsilon", "dp_seed")
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -97,6 +117,13 @@ class RunConfig:
     max_round_retries: int = 3
     target_accuracy: float | None = None
     max_update_norm: float | None = None
+    dp: str = "none"
+    dp_clip: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_max_epsilon: float | None = None
+    dp_seed: int | None = None
     task_options: tuple[tuple[str, str], ...] = field(default=())
     strategy_options: tuple[tuple[str, str], ...] = field(default=())
 
@@ -125,6 +152,7 @@ class RunConfig:
         checked["task_options"] = _task_options(values.get("task_options", {}))
         checked["strategy_options"] = _task_options(values.get("strategy_options", {}), "strategy_options")
         make_strategy(checked["strategy"], dict(checked["strategy_options"]))
+        _check_privacy(checked)
         return cls(**checked)
 
     def needed_workers(self, rounds_done: int) -> int:
@@ -175,6 +203,38 @@ class RunConfig:
     def differences(self, other: RunConfig) -> list[str]:
         """Names of the fields whose values differ between two configs."""
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _check_privacy(c: Mapping[str, Any]) -> None:
+    """ConfigError for differential-privacy options that do not fit together (or with the rest)."""
+    if c["dp"] == "none":
+        given = next((name for name in DP_OPTIONS if c[name] is not None), None)
+        if given is not None:
+            raise ConfigError(f"The '{given}' option applies only with --dp central; differential privacy is off "
+                              "(--dp none).", option=given)
+        return
+    if c["dp_clip"] is None:
+        raise ConfigError("The 'dp_clip' option is required with --dp central: the L2 norm C each update's delta "
+                          "is clipped to, which the noise is sized for.", option="dp_clip")
+    if (c["dp_noise_multiplier"] is None) == (c["dp_target_epsilon"] is None):
+        raise ConfigError("--dp central takes exactly one of 'dp_noise_multiplier' (sigma) and 'dp_target_epsilon' "
+                          "(sigma solved for it).", option="dp_noise_multiplier")
+    if STRATEGIES[c["strategy"]][0] != "mean":
+        raise ConfigError(f"The 'strategy' option {c['strategy']!r} cannot be used with --dp central: it picks among "
+                          "the updates (a median, trimmed values, Krum's choice), so one worker's influence is not "
+                          "bounded by clipping its update; use a mean-based one (fedavg, fedavgm, fedprox, "
+                          "fedadagrad, fedadam, fedyogi).", option="strategy")
+    bound = c["max_update_norm"]
+    if bound is not None and bound < c["dp_clip"]:
+        raise ConfigError(f"The 'max_update_norm' option ({bound:g}) must be at least 'dp_clip' ({c['dp_clip']:g}) "
+                          "with --dp central: updates are clipped to dp_clip, so a smaller bound refuses updates "
+                          "that clipping would keep while the noise is still sized for dp_clip. Lower --dp-clip "
+                          "instead.", option="max_update_norm")
+    delta = c["dp_delta"]
+    if delta is not None and not delta < 1 / c["workers"]:
+        raise ConfigError(f"The 'dp_delta' option must be below 1/workers ({1 / c['workers']:g}): at that delta, "
+                          f"publishing one random worker's data whole would count as private. Got {delta!r} "
+                          "instead.", option="dp_delta")
 
 
 def _toml(value: object) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import tomllib
@@ -36,6 +37,7 @@ from fedfleet import log
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.intake import UpdateIntake
 from fedfleet.coordinator.metrics import CoordinatorMetrics
+from fedfleet.coordinator.privacy import PrivacyPlan, initial_model, plan_privacy
 from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
 from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
@@ -69,6 +71,7 @@ from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import Strategy, make_strategy
 from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.strategies.privacy import poisson_sample, round_rng
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
 from fedfleet.tasks import Task, check_ready, with_plan
 from fedfleet.tasks.base import Plan, has_plan, loads_sites, site_task
@@ -113,6 +116,7 @@ class Snapshot:
     last_participants: int | None
     dropped: int  # sampled workers silent in the last round attempt that closed
     waiting: Waiting | None  # set while the next round waits for workers
+    dp_epsilon: float | None = None  # with --dp central: epsilon spent by the recorded rounds
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ class Engine:
     def __init__(self, *, config: RunConfig, task: Task, run_dir: RunDir, store: Store, run_id: str,
                  registry: Registry, history: list[RoundRecord], test: Any | None, model: Weights, model_version: int,
                  strategy: Strategy, strategy_state: OptState | None, linger: float,
-                 plan: Plan | None = None, descriptions: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 plan: Plan | None = None, descriptions: Mapping[str, dict[str, Any]] | None = None,
+                 privacy: PrivacyPlan | None = None) -> None:
         self.config = config
         self.task = task
         # Where the workers' data comes from, and whether the run agrees a plan (and which, once it has).
@@ -142,14 +147,17 @@ class Engine:
         self._checkpoints: Checkpoints = run_dir.checkpoints()
         self._registry = registry
         self._history = history
-        self._strategy = strategy
+        self._privacy = privacy
+        self._strategy = strategy if privacy is None else dataclasses.replace(strategy, dp=privacy.mechanism)
         self.state: State = "running" if history else "waiting"
         self.phase = "starting"
         self.message = ""
         self.round = history[-1].round if history else 0  # last completed training round
         self.accuracy = history[-1].accuracy if history else None
         self.loss = history[-1].loss if history else None
-        self._stats_done = bool(history)
+        # Under central DP the statistics round does not run: the task's public statistics are in the
+        # initial model already (coordinator.privacy.initial_model).
+        self._stats_done = bool(history) or privacy is not None
         self._current: RoundState | None = None
         self._waiting: Waiting | None = None
         self._dropped = 0
@@ -174,7 +182,8 @@ class Engine:
         self.metrics = CoordinatorMetrics(self.snapshot)
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
                                    model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
-                                   max_update_norm=config.max_update_norm)
+                                   max_update_norm=config.max_update_norm,
+                                   clip=privacy.mechanism.clip if privacy is not None else None)
 
     # --- start-up ----------------------------------------------------------------------------
     @classmethod
@@ -183,6 +192,7 @@ class Engine:
         round recorded in its state database, which is the truth after a crash."""
         check_ready(task)
         check_data_source(config, task)
+        privacy = plan_privacy(config, task)
         run_dir = RunDir(data_dir)
         store = run_dir.open_store()
         run_id = _open_run(store, run_dir, config)
@@ -211,7 +221,7 @@ class Engine:
         elif has_plan(task) and plan is None:
             model, version = {}, 0  # the model's shape follows from the plan, agreed once the workers described
         else:
-            model, version = task.init_weights(config.seed), 0
+            model, version = initial_model(task, config.seed, privacy), 0
         registry = Registry(store, config.workers, config.worker_timeout, store.workers())
         # A task that agrees a plan reads its own test set only once it has one; --test-data is read now,
         # to check the sites' descriptions against.
@@ -220,7 +230,7 @@ class Engine:
         return cls(config=config, task=task, run_dir=run_dir, store=store, run_id=run_id, registry=registry,
                    history=history, test=test, model=model, model_version=version, strategy=strategy,
                    strategy_state=state, linger=linger, plan=plan,
-                   descriptions=store.descriptions() if has_plan(task) else None)
+                   descriptions=store.descriptions() if has_plan(task) else None, privacy=privacy)
 
     def close(self) -> None:
         self._store.close()
@@ -412,7 +422,8 @@ class Engine:
             accuracy=last.accuracy if last else None, loss=last.loss if last else None,
             workers_registered=len(self._registry.workers), workers_live=len(self._registry.live()),
             open_round=open_round, last_participants=last.participants if last else None,
-            dropped=self._dropped, waiting=self._waiting)
+            dropped=self._dropped, waiting=self._waiting,
+            dp_epsilon=None if self._privacy is None else last.dp_epsilon if last is not None else 0.0)
 
     def status(self) -> Status:
         s = self.snapshot()
@@ -460,11 +471,16 @@ class Engine:
                 await self._agree_plan()
             if not self._stats_done and self.task.stats_schema() is not None:
                 await self._statistics()
+            budget = None
             while self.round < self.config.rounds and not self._target_reached():
+                budget = self._privacy.budget_message(self.round) if self._privacy is not None else None
+                if budget is not None:
+                    break
                 await self._train_round(self.round + 1)
             target = self.config.target_accuracy
-            self._finish("finished", f"reached test accuracy {self.accuracy:.4f} (--target-accuracy {target:g}) "
-                                     f"after {self.round} rounds" if self._target_reached() and target is not None
+            self._finish("finished", budget if budget is not None
+                         else f"reached test accuracy {self.accuracy:.4f} (--target-accuracy {target:g}) "
+                              f"after {self.round} rounds" if self._target_reached() and target is not None
                          else f"{self.config.rounds} rounds done")
         except FedfleetError as exc:
             self._finish("failed", str(exc))
@@ -538,6 +554,11 @@ class Engine:
             self.state = "running"
             if kind == "stats":
                 sampled = live
+            elif self._privacy is not None:
+                # Poisson sampling at rate q with secret randomness, as the accountant assumes: a fixed-size
+                # sample (or one an observer could predict from --seed) would not give its amplification.
+                rng = round_rng(self._privacy.seed, rnd, attempt, 0)
+                sampled = poisson_sample(live, self._privacy.sample_rate, rng)
             else:
                 sampled = sample(live, cfg.fraction, cfg.min_workers or 1, cfg.seed, rnd, attempt)
             acc = self._strategy.accumulator(schema, self._model) if kind == "train" else WeightedSum(schema)
@@ -632,8 +653,9 @@ class Engine:
             rs = await self._open_and_wait("train", rnd, attempt, excluded)
             t_closed = time.monotonic()
             self.phase = "aggregating"
+            rng = round_rng(self._privacy.seed, rnd, rs.attempt, 1) if self._privacy is not None else None
             async with self.intake.lock:
-                delta = await asyncio.to_thread(self._strategy.aggregate, rs.accumulator, rnd)
+                delta = await asyncio.to_thread(self._strategy.aggregate, rs.accumulator, rnd, rng)
                 # The round is closed and aggregated: its sum (2× the model in float64), its reference to the
                 # old model and its spare upload buffers are not needed while the new model is made.
                 rs.accumulator.release()
@@ -643,6 +665,11 @@ class Engine:
             bad = all_finite(new) or all_finite(state.m) or all_finite(state.v)
             if bad is None:
                 break
+            if self._privacy is not None:
+                # Clipped deltas cannot be to blame, and running the round again would release a second noised
+                # aggregate that the accountant does not count: the settings are (a huge clip, noise or step).
+                raise RoundError(f"round {rnd}: the noised aggregate made {bad!r} non-finite; lower --dp-clip, "
+                                 "--dp-noise-multiplier or the server learning rate", round=rnd)
             # A finite model never becomes non-finite through aggregation: the round is not applied, and
             # runs again without the update(s) to blame.
             blamed = _outliers(rs)
@@ -673,6 +700,10 @@ class Engine:
                          RoundTimings(wait_workers=rs.started - t0, open=t_closed - rs.started,
                                       aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
                                       checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0)
+        if self._privacy is not None:
+            clip = self._privacy.mechanism.clip
+            record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd),
+                                               "dp_clipped": sum(a.norm > clip for a in rs.answered.values())})
         self._store.record_round(record, list(rs.answered))
         for wid in rs.answered:
             if wid in self._registry.workers:
@@ -680,8 +711,9 @@ class Engine:
         self._history.append(record)
         self.metrics.round_completed(record)
         self.run_dir.append_round(record)
+        dp = {"dp_epsilon": record.dp_epsilon, "dp_clipped": record.dp_clipped} if self._privacy is not None else {}
         log.event("round.closed", run=self.run_id, round=rnd, participants=len(rs.answered),
-                  accuracy=self.accuracy, loss=self.loss, seconds=record.seconds)
+                  accuracy=self.accuracy, loss=self.loss, seconds=record.seconds, **dp)
         self._notify()
 
     def _finish(self, state: State, message: str) -> None:
@@ -715,8 +747,8 @@ class Engine:
             self.round = recorded
             self.accuracy, self.loss = (last.accuracy, last.loss) if last else (None, None)
             model, version = (self._checkpoints.load(last.round)[0], last.model_version) if last \
-                else (self.task.init_weights(self.config.seed) if self.plan is not None or not has_plan(self.task)
-                      else {}, 0)
+                else (initial_model(self.task, self.config.seed, self._privacy)
+                      if self.plan is not None or not has_plan(self.task) else {}, 0)
             self._set_model(model, version)
         self.state = "stopped"
         self.phase = "done"
@@ -745,7 +777,8 @@ class Engine:
             seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),
             model_version=self.model_version, config=self.config.to_dict(),
             round_timings=[RoundTiming(round=r.round, seconds=r.seconds, **r.timings.model_dump())
-                           for r in self._history])
+                           for r in self._history],
+            dp=self._privacy.summary(len(self._history)) if self._privacy is not None else None)
 
     async def _linger(self) -> None:
         """Keep answering polls until every live worker heard the run is over, or ``linger`` passed."""

@@ -5,7 +5,10 @@
                its header fits the round's schema (422)
     begin      admit and reserve the worker's slot (a second upload meanwhile is a duplicate)
     commit     check the values and fold them into the round's running sum, or refuse (4xx) and leave
-               the sum untouched; record the update durably; keep only valid worker metrics
+               the sum untouched; record the update durably; keep only valid worker metrics. With
+               central DP (``clip``), the update is measured first (its delta's L2 norm) and folded
+               scaled by min(1, C/norm), unweighted by its example count: clipped at commit, in the same
+               bounded memory as any fold
     abort      give the slot back (the upload failed before it was committed)
 
 A worker is untrusted input, even with a valid token. What it sends may not change the coordinator's
@@ -40,6 +43,7 @@ from fedfleet.protocol.messages import UpdateAck, UpdateMeta
 from fedfleet.storage.records import clean_worker_metrics
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies.accumulate import Stack, WeightedSum, delta_norm
+from fedfleet.strategies.privacy import clip_factor
 from fedfleet.tasks import Task
 from fedfleet.types import Schema, Weights
 
@@ -60,7 +64,7 @@ class Slot:
 class UpdateIntake:
     def __init__(self, *, task: Task, store: Store, registry: Registry, metrics: CoordinatorMetrics,
                  model_schema: Callable[[], Schema], notify: Callable[[], None], run_id: str,
-                 max_update_norm: float | None) -> None:
+                 max_update_norm: float | None, clip: float | None = None) -> None:
         self.task = task
         self.store = store
         self.registry = registry
@@ -69,6 +73,7 @@ class UpdateIntake:
         self.notify = notify
         self.run_id = run_id
         self.max_update_norm = max_update_norm
+        self.clip = clip  # --dp-clip, with --dp central
         self.round: RoundState | None = None  # the round attempt that is open, set by the engine
         # Held while an update is folded, and by the engine while it aggregates: a round's sum is never
         # read half-folded.
@@ -123,9 +128,9 @@ class UpdateIntake:
     async def commit(self, slot: Slot, weights: Weights) -> UpdateAck:
         """Check ``weights`` (the update's tensors, in memory) and fold them in; a refusal is counted."""
         try:
-            await _compute(slot.header.total_bytes, self._check_values, slot, weights)
+            norm = await _compute(slot.header.total_bytes, self._check_values, slot, weights)
             acc = slot.round.accumulator
-            return await self._fold(slot, lambda weight: acc.add(weights, weight))
+            return await self._fold(slot, lambda weight: acc.add(weights, weight), norm)
         except Exception as exc:
             self.rejected(exc)
             raise
@@ -139,21 +144,27 @@ class UpdateIntake:
                 # Statistics are small and checked whole by the task.
                 weights = await asyncio.to_thread(read_file, path, slot.header)
                 self._check_values(slot, weights)
-                return await self._fold(slot, lambda weight: acc.add(weights, weight))
-            norm = await asyncio.to_thread(scan_file, path, slot.header, acc.base, self.max_update_norm is not None)
+                return await self._fold(slot, lambda weight: acc.add(weights, weight), None)
+            norm = await asyncio.to_thread(scan_file, path, slot.header, acc.base, self._measures(slot))
             if norm is not None:
                 self._check_norm(norm)
-            return await self._fold(slot, lambda weight: fold_file(acc, slot.header, path, weight))
+            return await self._fold(slot, lambda weight: fold_file(acc, slot.header, path, weight), norm)
         except Exception as exc:
             self.rejected(exc)
             raise
 
-    def _check_values(self, slot: Slot, weights: Weights) -> None:
+    def _measures(self, slot: Slot) -> bool:
+        """Whether an update's delta norm is needed before it is folded: to check ``--max-update-norm``, or to
+        clip it (``--dp central``). Only then is the float64 pass over the delta paid."""
+        return slot.round.kind == "train" and (self.max_update_norm is not None or self.clip is not None)
+
+    def _check_values(self, slot: Slot, weights: Weights) -> float | None:
         """Raise 422 naming the problem unless the update's values may be folded: finite, within
-        ``--max-update-norm`` if set (a float64 pass over the delta, paid only then), and for statistics,
-        plausible to the task."""
+        ``--max-update-norm`` if set, and for statistics, plausible to the task. Returns the L2 norm of its
+        delta when ``_measures``, else None."""
         rs, meta = slot.round, slot.meta
-        if rs.kind == "train" and self.max_update_norm is not None:
+        norm = None
+        if self._measures(slot):
             norm, bad = delta_norm(weights, rs.accumulator.base)
             if bad is not None:
                 codec.check_finite({bad: weights[bad]})  # raises the same 422 as the plain check
@@ -164,6 +175,19 @@ class UpdateIntake:
             problem = self.task.check_stats(weights, meta.num_examples)
             if problem is not None:
                 raise ProtocolError(f"statistics are implausible: {problem}", status=422, reason="bad_stats")
+        return norm
+
+    def _weight(self, slot: Slot, norm: float | None) -> float:
+        """The update's weight in the round's sum: 1 for statistics; its example count for FedAvg; with
+        central DP its clip factor min(1, C/norm), never its example count, which the worker itself sends
+        and so could set its own influence with."""
+        if slot.round.kind != "train":
+            return 1.0
+        if self.clip is None:
+            return float(slot.meta.num_examples)
+        if norm is None:
+            raise RuntimeError("an update under central DP reached its fold unmeasured")
+        return clip_factor(norm, self.clip)
 
     def _check_norm(self, norm: float) -> None:
         bound = self.max_update_norm
@@ -171,11 +195,12 @@ class UpdateIntake:
             raise ProtocolError(f"update's delta from the global model has L2 norm {norm:.6g}, over the bound "
                                 f"{bound:g} (--max-update-norm)", status=422, reason="norm")
 
-    async def _fold(self, slot: Slot, fold: Callable[[float], float]) -> UpdateAck:
+    async def _fold(self, slot: Slot, fold: Callable[[float], float], norm: float | None) -> UpdateAck:
         """Fold with ``fold(weight)``, which returns the L2 norm of the update's delta (in a thread for
-        large updates; it must leave the sum untouched if it raises), then record and account for it."""
+        large updates; it must leave the sum untouched if it raises), then record and account for it.
+        ``norm`` is the delta's norm measured before, if it was (``_measures``)."""
         rs, meta = slot.round, slot.meta
-        weight = float(meta.num_examples) if rs.kind == "train" else 1.0
+        weight = self._weight(slot, norm)
         metrics, dropped = clean_worker_metrics(meta.metrics) if rs.kind == "train" else ({}, {})
         async with self.lock:
             if rs.closed:
@@ -238,9 +263,9 @@ class UpdateIntake:
                         raise ProtocolError(f"body is truncated: {got} of {header.data_bytes} tensor bytes arrived")
                     await reader.expect_end(limit)
                     weights = codec.views(header, view)
-                    await _compute(header.total_bytes, self._check_values, slot, weights)
+                    norm = await _compute(header.total_bytes, self._check_values, slot, weights)
                     acc = slot.round.accumulator
-                    ack = await self._fold(slot, lambda weight: acc.add(weights, weight))
+                    ack = await self._fold(slot, lambda weight: acc.add(weights, weight), norm)
                     committed = True
             finally:
                 if not committed:

@@ -194,6 +194,11 @@ class _EngineGauges:
         for state in RUN_STATES:
             run_state.add_metric([state], 1.0 if s.state == state else 0.0)
         yield run_state
+        if s.dp_epsilon is not None:  # only in a run with --dp central: absent, not 0, without it
+            yield GaugeMetricFamily(
+                "fedfleet_dp_epsilon", "Differential privacy spent: epsilon of the (epsilon, delta) guarantee of "
+                "the models released by the recorded rounds (--dp central; delta in summary.json)",
+                value=s.dp_epsilon)
         info = GaugeMetricFamily("fedfleet_run_info", "Always 1; labels name the run",
                                  labels=["run_id", "task", "partition", "strategy"])
         info.add_metric([s.run_id, s.task, s.partition, s.strategy], 1.0)

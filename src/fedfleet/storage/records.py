@@ -69,6 +69,12 @@ class RoundRecord(Record):
                                           "(per-class recall, RMSE, R², ...)")
     updates_rejected: int = Field(0, ge=0, description="uploads for this round refused with a 4xx")
     metrics_dropped: int = Field(0, ge=0, description="worker-sent metrics dropped as invalid in this round")
+    dp_epsilon: float | None = Field(
+        default=None, ge=0, description="with --dp central: the epsilon spent by the run up to and including this "
+                                        "round, at the run's delta")
+    dp_clipped: int | None = Field(
+        default=None, ge=0, description="with --dp central: updates of this round whose delta was scaled down to "
+                                        "the clip norm")
 
 
 class RoundTiming(Record):
@@ -79,6 +85,23 @@ class RoundTiming(Record):
     aggregate: float
     evaluate: float
     checkpoint: float
+
+
+class PrivacySummary(Record):
+    """summary.json's ``dp`` block: the mechanism of a run with --dp central and what it spent."""
+
+    mechanism: Literal["central"]
+    clip: float = Field(description="L2 norm each update's delta was clipped to (C)")
+    noise_multiplier: float = Field(description="sigma: the noise on the sum of clipped deltas had std sigma x C")
+    target_epsilon: float | None = Field(description="the epsilon sigma was solved for, if it was")
+    delta: float
+    epsilon: float = Field(ge=0, description="epsilon spent by the rounds completed, at delta")
+    max_epsilon: float | None
+    sample_rate: float = Field(description="q: the chance each live worker had of being sampled in a round")
+    denominator: float = Field(description="the fixed divisor of the noised sum: the expected number sampled, q x N")
+    rounds: int = Field(ge=0, description="noised rounds released (those epsilon counts)")
+    accountant: str = Field(description="how epsilon was computed")
+    seeded: bool = Field(description="whether --dp-seed made the sampling and noise reproducible (tests only)")
 
 
 class RunSummary(Record):
@@ -106,6 +129,8 @@ class RunSummary(Record):
     model_version: int
     config: dict[str, Any]
     round_timings: list[RoundTiming]
+    dp: PrivacySummary | None = Field(None, description="the differential privacy of the run (--dp central), "
+                                                        "None without it")
 
 
 def finite_or_none(value: float | None) -> float | None:

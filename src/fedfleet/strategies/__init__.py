@@ -18,6 +18,10 @@ krum           (multi-)Krum            SGD, lr 1                   server_lr, by
 
 Everything here is pure maths with no I/O. The mean is folded in as updates arrive (memory
 O(model)); the robust aggregators need every delta of the round at once (O(model × workers)).
+
+With central differential privacy (``Strategy.dp``, see ``strategies.privacy``) the mean becomes
+DP-FedAvg's: clipped deltas, unweighted, plus Gaussian noise, over a fixed denominator; the server
+optimiser then only post-processes it, which costs no privacy.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from fedfleet.errors import ConfigError, RoundError
 from fedfleet.options import Option
 from fedfleet.strategies.accumulate import Stack, WeightedSum
+from fedfleet.strategies.privacy import CentralDP
 from fedfleet.strategies.robust import coordinate_median, krum, trimmed_mean
 from fedfleet.strategies.server_opt import OptState, ServerAdaptive, ServerMomentum, ServerOptimizer, ServerSGD
 from fedfleet.types import Schema, Weights
@@ -75,14 +82,23 @@ class Strategy:
     trim_fraction: float = 0.0
     byzantine: int = 0
     select: int = 1
+    dp: CentralDP | None = None  # set (with ``dataclasses.replace``) for a run with central DP; mean only
 
     def accumulator(self, schema: Schema, base: Weights) -> WeightedSum | Stack:
-        return WeightedSum(schema, base) if self.aggregator == "mean" else Stack(schema, base)
+        if self.aggregator != "mean":
+            return Stack(schema, base)
+        return WeightedSum(schema, base, wide_deltas=self.dp is not None)
 
-    def aggregate(self, acc: WeightedSum | Stack, round: int | None = None) -> Weights:
-        """The round's delta; RoundError if there are too few updates for this aggregator."""
+    def aggregate(self, acc: WeightedSum | Stack, round: int | None = None,
+                  rng: np.random.Generator | None = None) -> Weights:
+        """The round's delta; RoundError if there are too few updates for this aggregator. With ``dp``, the
+        noised mean of the clipped deltas, its noise drawn from ``rng``."""
         if isinstance(acc, WeightedSum):
-            return acc.mean()
+            if self.dp is None:
+                return acc.mean()
+            if rng is None:
+                raise TypeError("a differentially private aggregate needs a random generator for its noise")
+            return self.dp.aggregate(acc, rng)
         n = len(acc.deltas)
         try:
             if self.aggregator == "median":

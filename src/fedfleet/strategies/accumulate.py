@@ -73,9 +73,13 @@ class WeightedSum:
     in float32 too.
     """
 
-    def __init__(self, schema: Schema, base: Weights | None = None) -> None:
+    def __init__(self, schema: Schema, base: Weights | None = None, wide_deltas: bool = False) -> None:
         self.schema = schema
         self.base = base
+        # With ``wide_deltas`` each difference is taken in float64, exactly as ``delta_norm`` takes it, so a
+        # norm measured with ``delta_norm`` before folding is the norm of what is folded: central DP scales
+        # each update by C/norm and needs the folded term to be within C, not within C and a float32 rounding.
+        self.wide_deltas = wide_deltas
         self._dtype = {s.name: np.dtype(s.dtype) for s in schema}
         self._sum = {s.name: np.zeros(s.shape, dtype=np.float64 if np.dtype(s.dtype).kind == "f" else s.dtype)
                      for s in schema}
@@ -128,7 +132,7 @@ class WeightedSum:
             self._block = np.empty(BLOCK, dtype=np.float64)
             self._block32 = np.empty(BLOCK, dtype=np.float32)
         sumsq = 0.0
-        single = values.dtype == np.float32 and (base is None or base.dtype == np.float32)
+        single = not self.wide_deltas and values.dtype == np.float32 and (base is None or base.dtype == np.float32)
         for pos in range(0, values.size, BLOCK):
             end = min(pos + BLOCK, values.size)
             wide = self._block[: end - pos]
@@ -164,6 +168,30 @@ class WeightedSum:
         self._block = np.empty(0, dtype=np.float64)
         self._block32 = np.empty(0, dtype=np.float32)
         self.base = None
+
+    def noised_mean(self, std: float, denominator: float, rng: np.random.Generator) -> Weights:
+        """(Σ + N(0, std² I)) / ``denominator`` for each floating tensor, in its dtype, and zero for the others
+        (an integer tensor cannot carry noise, so it is not trained: its delta is left out). Central DP's
+        aggregate (``strategies.privacy``).
+
+        The noise is drawn tensor by tensor in schema order, each in flat order ``BLOCK`` values at a time
+        (the same values as one ``rng.standard_normal(size)`` per tensor), and added to the float64 sum in
+        place: no model-sized temporary, and the sum is spent, so call this once."""
+        noise = np.empty(BLOCK, dtype=np.float64)
+        out: Weights = {}
+        for name, acc in self._sum.items():
+            dtype = self._dtype[name]
+            if acc.dtype.kind != "f":
+                out[name] = np.zeros(acc.shape, dtype=dtype)
+                continue
+            flat = acc.reshape(-1)
+            for pos in range(0, flat.size, BLOCK):
+                block = noise[: min(BLOCK, flat.size - pos)]
+                rng.standard_normal(out=block)
+                block *= std
+                flat[pos:pos + block.size] += block
+            out[name] = np.divide(acc, acc.dtype.type(denominator), out=np.empty(acc.shape, dtype), casting="unsafe")
+        return out
 
     def sum(self) -> Weights:
         return {k: v.astype(self._dtype[k]) for k, v in self._sum.items()}
