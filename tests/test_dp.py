@@ -5,6 +5,7 @@ values, σ solved for a target ε, a real run that stops at its budget, and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import subprocess
@@ -21,7 +22,7 @@ from conftest import run_fedfleet
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.engine import Engine
 from fedfleet.coordinator.privacy import plan_privacy
-from fedfleet.errors import ConfigError
+from fedfleet.errors import ConfigError, ProtocolError
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import UPDATE_META_KEY, TrainInstruction, UpdateMeta
 from fedfleet.storage.run_dir import RunDir
@@ -31,7 +32,7 @@ from fedfleet.tasks import load_task
 from fedfleet.types import TensorSpec
 from fedfleet.worker.agent import WorkerProcess
 from metrics_support import scrape, value
-from test_engine import send, strict_lines
+from test_engine import open_engine, plus, send, strict_lines
 from test_metrics import RUN_BUDGET, make_engine, serving, wait_state
 
 dp_accounting = pytest.importorskip("dp_accounting")
@@ -92,10 +93,10 @@ def test_clipped_noised_aggregate_equals_a_numpy_reference(tmp_path: Path) -> No
 
 
 def test_noise_drawn_a_block_at_a_time_equals_one_draw_per_tensor() -> None:
-    """The noised mean of a sum of several tensors, one larger than two blocks and one integer (not
-    trained under DP: its delta is zero), equals (Σ + σC·z) / d with z = one standard_normal(size) per
-    floating tensor, in schema order, from the same seed."""
-    schema = (TensorSpec("a", "float32", (3, 5)), TensorSpec("n", "int64", (4,)),
+    """The noised mean of a sum of several tensors, one larger than two blocks, one integer and one frozen
+    (neither trained under DP: their delta is zero), equals (Σ + σC·z) / d with z = one standard_normal(size)
+    per other tensor, in schema order, from the same seed."""
+    schema = (TensorSpec("a", "float32", (3, 5)), TensorSpec("n", "int64", (4,)), TensorSpec("s", "float32", (6,)),
               TensorSpec("b", "float32", (2 * BLOCK + 17,)))
     base = {s.name: np.zeros(s.shape, s.dtype) for s in schema}
     acc = WeightedSum(schema, base, wide_deltas=True)
@@ -106,11 +107,11 @@ def test_noise_drawn_a_block_at_a_time_equals_one_draw_per_tensor() -> None:
         norm, _ = delta_norm(u, base)
         factors.append(clip_factor(norm, 2.0))
         acc.add(u, factors[-1])
-    out = acc.noised_mean(0.7, 3.5, np.random.default_rng(11))
+    out = acc.noised_mean(0.7, 3.5, np.random.default_rng(11), frozen={"s"})
     ref_rng = np.random.default_rng(11)
     for s in schema:
-        if s.name == "n":
-            assert out["n"].dtype == np.int64 and not out["n"].any()
+        if s.name in ("n", "s"):
+            assert out[s.name].dtype == s.dtype and not out[s.name].any()
             continue
         total = sum(np.asarray(u[s.name], np.float64) * f for u, f in zip(updates, factors, strict=True))
         expected = (total + ref_rng.standard_normal(s.shape) * 0.7) / 3.5
@@ -132,6 +133,57 @@ def test_the_folded_term_of_a_clipped_update_is_within_the_clip_norm() -> None:
         folded_norm = acc.add(update, clip_factor(norm, clip))
         assert folded_norm == pytest.approx(norm, rel=1e-12)
         assert np.linalg.norm(acc.sum()["w"].astype(np.float64)) <= clip * (1 + 1e-6)  # sum() casts to float32
+
+
+class Crash(Exception):
+    """Ends a coordinator's life in a test without a word to its engine."""
+
+
+def test_a_resumed_run_counts_the_rounds_of_its_earlier_life(tmp_path: Path) -> None:
+    """A coordinator that dies after round 1 (its event loop abandoned, as by kill -9) and is started again on
+    the same data dir goes on from the recorded rounds' epsilon: the budget spent is the recorded rounds',
+    whatever process recorded them."""
+    options = {"dp": "central", "dp_clip": 1.0, "dp_noise_multiplier": 2.0, "rounds": 3}
+
+    async def life(engine: Engine, stop_after: int | None) -> None:
+        ids = [engine.register(f"w{i}", f"worker {i}").worker_id for i in range(3)]
+        loop = asyncio.create_task(engine.run())
+
+        async def worker(wid: str) -> None:
+            done: set[tuple[int, int]] = set()
+            while engine.state not in ("finished", "stopped", "failed"):
+                msg = await engine.next_instruction(wid, 0.2)
+                if isinstance(msg, TrainInstruction) and (msg.round, msg.attempt) not in done:
+                    done.add((msg.round, msg.attempt))
+                    with contextlib.suppress(ProtocolError):  # the round may close, or the run stop, meanwhile
+                        await send(engine, wid, msg, plus(engine, 0.1))
+
+        async def crash() -> None:
+            while stop_after is not None and len(engine.rounds()) < stop_after:
+                await asyncio.sleep(0.005)
+            if stop_after is not None:
+                raise Crash
+
+        with contextlib.suppress(Crash):
+            await asyncio.wait_for(asyncio.gather(loop, crash(), *(worker(w) for w in ids)), 60)
+
+    first = open_engine(tmp_path, **options)
+    try:
+        asyncio.run(life(first, stop_after=1))
+    finally:
+        first.close()
+    assert first.state == "running" and len(RunDir(tmp_path / "run").read_rounds()) >= 1
+    second = open_engine(tmp_path, **options)
+    try:
+        asyncio.run(life(second, stop_after=None))
+    finally:
+        second.close()
+    assert second.state == "finished", second.message
+    records = RunDir(tmp_path / "run").read_rounds()
+    assert [r.dp_epsilon for r in records] == pytest.approx([epsilon(1.0, 2.0, r, 1e-5) for r in (1, 2, 3)])
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary is not None and summary.dp is not None and summary.dp.rounds == 3
+    assert summary.dp.epsilon == pytest.approx(epsilon(1.0, 2.0, 3, 1e-5))
 
 
 # --- the accountant ----------------------------------------------------------------------------------------
@@ -235,8 +287,13 @@ def test_a_run_stops_cleanly_at_its_privacy_budget(tmp_path: Path) -> None:
         "epsilon": pytest.approx(spent[-1]), "max_epsilon": budget, "sample_rate": 1.0, "denominator": 4.0,
         "rounds": 3, "accountant": "", "seeded": False}
     assert value(m, "fedfleet_dp_epsilon") == pytest.approx(spent[-1])
-    # No statistics round under DP: the song task's public standardisation is in the model from the start.
+    # No statistics round under DP: the song task's public standardisation is in the model from the start,
+    # and stays as it is (frozen: no noise on it).
     assert value(m, "fedfleet_updates_accepted_total", kind="stats") == 0
+    task = load_task("songs")
+    public = task.apply_stats(task.init_weights(0), task.public_stats())  # type: ignore[attr-defined]
+    for name in ("scaler.mean", "scaler.scale"):
+        np.testing.assert_array_equal(engine.model().weights[name], public[name])
 
 
 def test_fedfleet_run_with_a_target_epsilon_and_sampling(tmp_path: Path) -> None:

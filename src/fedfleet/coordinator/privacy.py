@@ -62,7 +62,7 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
     """The run's plan, None without ``--dp``; ConfigError (one line) when the task cannot be trained with
     it, the accountant library is missing, ``--dp-target-epsilon`` cannot be met, or one round alone
     would spend more than ``--dp-max-epsilon``."""
-    if config.dp == "none" or config.dp_clip is None:
+    if config.dp == "none" or config.dp_clip is None:  # RunConfig requires dp_clip exactly with --dp central
         return None
     problem = task_problem(task)
     if problem is not None:
@@ -76,7 +76,7 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
     else:  # RunConfig.from_mapping lets no such config through
         raise ConfigError("--dp central needs --dp-noise-multiplier or --dp-target-epsilon", option="dp")
     plan = PrivacyPlan(mechanism=CentralDP(clip=config.dp_clip, noise_multiplier=sigma,
-                                           denominator=rate * config.workers),
+                                           denominator=rate * config.workers, frozen=frozen_tensors(task)),
                        sample_rate=rate, delta=delta, target_epsilon=config.dp_target_epsilon,
                        max_epsilon=config.dp_max_epsilon, seed=config.dp_seed)
     first = plan.epsilon(1)
@@ -96,6 +96,12 @@ def task_problem(task: Task) -> str | None:
         return ("it computes part of the model from the workers' data in a statistics round, which would reach "
                 "the model without noise, and offers no public_stats to stand in for it")
     return None
+
+
+def frozen_tensors(task: Task) -> frozenset[str]:
+    """The tensors the task's ``frozen_tensors`` names: its workers never change them (e.g. a standardisation
+    layer set from statistics), so under central DP they take no noise and keep their value."""
+    return frozenset(getattr(task, "frozen_tensors", ()))
 
 
 def public_stats(task: Task) -> Weights | None:

@@ -8,7 +8,7 @@ summed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 
@@ -169,10 +169,11 @@ class WeightedSum:
         self._block32 = np.empty(0, dtype=np.float32)
         self.base = None
 
-    def noised_mean(self, std: float, denominator: float, rng: np.random.Generator) -> Weights:
-        """(Σ + N(0, std² I)) / ``denominator`` for each floating tensor, in its dtype, and zero for the others
-        (an integer tensor cannot carry noise, so it is not trained: its delta is left out). Central DP's
-        aggregate (``strategies.privacy``).
+    def noised_mean(self, std: float, denominator: float, rng: np.random.Generator,
+                    frozen: Collection[str] = ()) -> Weights:
+        """(Σ + N(0, std² I)) / ``denominator`` for each floating tensor, in its dtype; zero for the tensors
+        named in ``frozen`` and for integer ones (which cannot carry noise), so those are not trained and
+        whatever workers sent for them is left out. Central DP's aggregate (``strategies.privacy``).
 
         The noise is drawn tensor by tensor in schema order, each in flat order ``BLOCK`` values at a time
         (the same values as one ``rng.standard_normal(size)`` per tensor), and added to the float64 sum in
@@ -181,7 +182,7 @@ class WeightedSum:
         out: Weights = {}
         for name, acc in self._sum.items():
             dtype = self._dtype[name]
-            if acc.dtype.kind != "f":
+            if acc.dtype.kind != "f" or name in frozen:
                 out[name] = np.zeros(acc.shape, dtype=dtype)
                 continue
             flat = acc.reshape(-1)

@@ -58,11 +58,14 @@ def clip_factor(norm: float, clip: float) -> float:
 
 @dataclass(frozen=True)
 class CentralDP:
-    """The mechanism's settings: clip norm C, noise multiplier σ and the fixed denominator q·N."""
+    """The mechanism's settings: clip norm C, noise multiplier σ, the fixed denominator q·N, and the tensors
+    the task never trains (``frozen``: set before the run from public knowledge, such as a standardisation
+    layer), which keep their value instead of taking noise they have no signal to carry."""
 
     clip: float
     noise_multiplier: float
     denominator: float
+    frozen: frozenset[str] = frozenset()
 
     @property
     def noise_std(self) -> float:
@@ -72,7 +75,7 @@ class CentralDP:
     def aggregate(self, acc: WeightedSum, rng: np.random.Generator) -> Weights:
         """The round's delta, (Σ clipped deltas + N(0, (σC)² I)) / (q·N), from a sum whose terms were
         folded in with their clip factors as weights. Consumes the sum (the noise is added in place)."""
-        return acc.noised_mean(self.noise_std, self.denominator, rng)
+        return acc.noised_mean(self.noise_std, self.denominator, rng, self.frozen)
 
 
 def round_rng(seed: int | None, round: int, attempt: int, stream: int) -> np.random.Generator:

@@ -168,6 +168,9 @@ class SongsTask:
     classes = ERAS
     features = FEATURES
     target_name = "era"
+    # Set from statistics, never by training (fit leaves them as they are): a run with central DP keeps them
+    # out of the noised aggregate, which would otherwise blur the standardisation for nothing.
+    frozen_tensors = ("scaler.mean", "scaler.scale")
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("data_dir", str, None, "folder holding the song CSVs", optional=True,
                default_text="$FEDFLEET_SONGS_DIR, else the copy shipped with fedfleet"),
