@@ -666,8 +666,9 @@ class Engine:
             if bad is None:
                 break
             if self._privacy is not None:
-                # Clipped deltas cannot be to blame, and running the round again would release a second noised
-                # aggregate that the accountant does not count: the settings are (a huge clip, noise or step).
+                # No clipped delta can be to blame, and running the round again would release a second noised
+                # aggregate that the accountant does not count: the settings are to blame (a huge clip, noise
+                # or server step), so the run ends.
                 raise RoundError(f"round {rnd}: the noised aggregate made {bad!r} non-finite; lower --dp-clip, "
                                  "--dp-noise-multiplier or the server learning rate", round=rnd)
             # A finite model never becomes non-finite through aggregation: the round is not applied, and
