@@ -135,14 +135,10 @@ def test_the_folded_term_of_a_clipped_update_is_within_the_clip_norm() -> None:
         assert np.linalg.norm(acc.sum()["w"].astype(np.float64)) <= clip * (1 + 1e-6)  # sum() casts to float32
 
 
-class Crash(Exception):
-    """Ends a coordinator's life in a test without a word to its engine."""
-
-
 def test_a_resumed_run_counts_the_rounds_of_its_earlier_life(tmp_path: Path) -> None:
-    """A coordinator that dies after round 1 (its event loop abandoned, as by kill -9) and is started again on
-    the same data dir goes on from the recorded rounds' epsilon: the budget spent is the recorded rounds',
-    whatever process recorded them."""
+    """A coordinator stopped after round 1 and started again on the same data dir goes on from the recorded
+    rounds' epsilon: the budget spent is the recorded rounds', whatever process recorded them; the stopped
+    loop records nothing more."""
     options = {"dp": "central", "dp_clip": 1.0, "dp_noise_multiplier": 2.0, "rounds": 3}
 
     async def life(engine: Engine, stop_after: int | None) -> None:
@@ -158,21 +154,24 @@ def test_a_resumed_run_counts_the_rounds_of_its_earlier_life(tmp_path: Path) -> 
                     with contextlib.suppress(ProtocolError):  # the round may close, or the run stop, meanwhile
                         await send(engine, wid, msg, plus(engine, 0.1))
 
-        async def crash() -> None:
+        async def stopper() -> None:
             while stop_after is not None and len(engine.rounds()) < stop_after:
                 await asyncio.sleep(0.005)
             if stop_after is not None:
-                raise Crash
+                engine.stop("test")
+                at_stop.append(len(engine.rounds()))
 
-        with contextlib.suppress(Crash):
-            await asyncio.wait_for(asyncio.gather(loop, crash(), *(worker(w) for w in ids)), 60)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.gather(loop, stopper(), *(worker(w) for w in ids)), 60)
 
+    at_stop: list[int] = []
     first = open_engine(tmp_path, **options)
     try:
         asyncio.run(life(first, stop_after=1))
     finally:
         first.close()
-    assert first.state == "running" and len(RunDir(tmp_path / "run").read_rounds()) >= 1
+    assert first.state == "stopped" and at_stop[0] < 3
+    assert len(RunDir(tmp_path / "run").read_rounds()) == at_stop[0]
     second = open_engine(tmp_path, **options)
     try:
         asyncio.run(life(second, stop_after=None))

@@ -489,6 +489,14 @@ class Engine:
             self._finish("failed", f"internal error: {exc!r}")
         await self._linger()
 
+    def _raise_if_stopped(self) -> None:
+        """End the loop (CancelledError) once ``stop`` has ended the run. ``stop`` cancels the loop, but on
+        Python 3.11 ``asyncio.wait_for`` can swallow a cancellation that arrives as the awaited event is set
+        (gh-86296), and the loop would go on: run rounds the summary says were not, record a round it says was
+        lost (and, under central DP, release a noised model after the budget was written down)."""
+        if self.state == "stopped":
+            raise asyncio.CancelledError
+
     def _target_reached(self) -> bool:
         target = self.config.target_accuracy
         return target is not None and self.accuracy is not None and self.accuracy >= target
@@ -525,6 +533,7 @@ class Engine:
                               fails_in_s=round(deadline - now))
                     next_log = now + WAIT_LOG_S
                 await self._wait_change(min(1.0, deadline - now))
+                self._raise_if_stopped()
         finally:
             self._waiting = None
 
@@ -595,6 +604,7 @@ class Engine:
                 if now >= rs.deadline:
                     return len(rs.answered) >= rs.needed
                 await self._wait_change(min(1.0, rs.deadline - now))
+                self._raise_if_stopped()
         finally:
             rs.closed = True
             self._notify()
@@ -681,6 +691,7 @@ class Engine:
                       reason=f"aggregation made {bad!r} non-finite", excluded=",".join(sorted(blamed)))
             if attempt > self.config.max_round_retries:
                 raise RoundError(f"round {rnd}: aggregation gave a non-finite model {attempt} times", round=rnd)
+        self._raise_if_stopped()
         self.round = rnd
         self._strategy_state = state
         self._set_model(new, self.model_version + 1)
