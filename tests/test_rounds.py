@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -133,3 +134,27 @@ def test_federated_evaluation_weights_by_split_size_and_ignores_partial_reports(
     assert fed is not None
     assert fed.accuracy == pytest.approx(0.8) and fed.loss == pytest.approx(0.625)
     assert (fed.accuracy_min, fed.accuracy_max, fed.examples) == (0.5, 0.9, 40)
+
+
+def test_federated_evaluation_counts_a_negative_r2_when_the_task_says_scores_go_that_low() -> None:
+    # A regression site whose model is still worse than predicting its mean reports R² < 0: an honest score.
+    reports = [{"val_examples": 10.0, "val_accuracy": -0.5, "val_loss": 3.0},
+               {"val_examples": 30.0, "val_accuracy": 0.5, "val_loss": 1.0}]
+    skipped = federated_eval(reports)
+    assert skipped is not None and skipped.examples == 30  # an accuracy cannot be negative: not counted
+    fed = federated_eval(reports, low=-1e6)
+    assert fed is not None and fed.examples == 40 and fed.accuracy == pytest.approx(0.25)
+    assert fed.accuracy_min == -0.5
+    assert federated_eval([{"val_examples": 1.0, "val_accuracy": -2e6, "val_loss": 1.0}], low=-1e6) is None
+
+
+def test_a_planned_regression_task_says_its_score_may_be_negative(tmp_path: Path) -> None:
+    from fedfleet.tasks import score_low, with_plan
+    from fedfleet.tasks.tabular import TabularTask
+
+    path = tmp_path / "site.csv"
+    path.write_text("x,y\n" + "".join(f"{i},{2 * i + 0.5}\n" for i in range(40)))
+    task = TabularTask(label="y")
+    plan = task.make_plan([task.describe(task.load_site([path], 0.0, 0)[0])])
+    assert score_low(task) == 0.0
+    assert score_low(with_plan(task, plan)) < -1000

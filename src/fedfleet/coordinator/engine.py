@@ -73,7 +73,7 @@ from fedfleet.strategies import Strategy, make_strategy
 from fedfleet.strategies.accumulate import WeightedSum
 from fedfleet.strategies.privacy import poisson_sample, round_rng
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
-from fedfleet.tasks import Task, check_ready, with_plan
+from fedfleet.tasks import Task, check_ready, score_low, with_plan
 from fedfleet.tasks.base import Plan, has_plan, loads_sites, site_task
 from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_of
 
@@ -711,7 +711,8 @@ class Engine:
         record = _record(rs, rnd, self.accuracy, self.loss, metrics, self.model_version,
                          RoundTimings(wait_workers=rs.started - t0, open=t_closed - rs.started,
                                       aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
-                                      checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0)
+                                      checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0,
+                         score_low=score_low(self.task))
         if self._privacy is not None:
             clip = self._privacy.mechanism.clip
             record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd),
@@ -867,8 +868,8 @@ def _open_run(store: Store, run_dir: RunDir, config: RunConfig) -> str:
 
 
 def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None, metrics: Mapping[str, Any],
-            version: int, timings: RoundTimings, seconds: float) -> RoundRecord:
-    fed = rs.federated_eval()
+            version: int, timings: RoundTimings, seconds: float, score_low: float = 0.0) -> RoundRecord:
+    fed = rs.federated_eval(score_low)
     # The task's other scores, held to what a record may hold (names, finite values) like workers' metrics.
     extra, _ = clean_worker_metrics({k: float(v) for k, v in metrics.items() if k not in ("accuracy", "loss")
                                      and isinstance(v, int | float | np.number)})

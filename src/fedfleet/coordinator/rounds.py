@@ -113,10 +113,10 @@ class RoundState:
         workers that reported it."""
         return mean_metrics([(a.num_examples, a.metrics) for a in self.answered.values()])
 
-    def federated_eval(self) -> FederatedEval | None:
+    def federated_eval(self, low: float = 0.0) -> FederatedEval | None:
         """The global model as scored on the workers' own validation splits, or None when no worker
-        reported a usable score."""
-        return federated_eval([a.metrics for a in self.answered.values()])
+        reported a usable score (one in [``low``, 1])."""
+        return federated_eval([a.metrics for a in self.answered.values()], low)
 
 
 def mean_metrics(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -149,16 +149,17 @@ class FederatedEval:
     examples: int
 
 
-def federated_eval(reports: list[dict[str, float]]) -> FederatedEval | None:
+def federated_eval(reports: list[dict[str, float]], low: float = 0.0) -> FederatedEval | None:
     """Mean of the workers' validation scores weighted by their split sizes, and the spread across
-    workers. A report counts only if it has ``val_examples`` > 0, ``val_accuracy`` in [0, 1] and a
-    ``val_loss``: any other subset of keys is skipped, never an error.
+    workers. A report counts only if it has ``val_examples`` > 0, ``val_accuracy`` (the task's score) in
+    [``low``, 1] and a ``val_loss``: any other subset of keys is skipped, never an error. ``low`` is 0 for
+    an accuracy; an R² is negative for a model worse than the mean, and counts too (``score_low``).
 
     >>> federated_eval([{"val_examples": 1.0}, {"val_examples": 2, "val_accuracy": 0.5, "val_loss": 1.0}])
     FederatedEval(accuracy=0.5, loss=1.0, accuracy_std=0.0, accuracy_min=0.5, accuracy_max=0.5, examples=2)
     """
     scored = [m for m in reports
-              if m.get("val_examples", 0) > 0 and 0 <= m.get("val_accuracy", -1) <= 1 and "val_loss" in m]
+              if m.get("val_examples", 0) > 0 and low <= m.get("val_accuracy", low - 1) <= 1 and "val_loss" in m]
     if not scored:
         return None
     n = np.array([m["val_examples"] for m in scored], dtype=np.float64)

@@ -118,6 +118,13 @@ def score_name(factory: object) -> str:
     return name if isinstance(name, str) and name else SCORE
 
 
+def score_low(task: object) -> float:
+    """The lowest honest value of the task's score (its ``score_low``; 0 for an accuracy). Workers' validation
+    scores below it are not counted in the federated evaluation: an R² may be negative, an accuracy not."""
+    low = getattr(task, "score_low", 0.0)
+    return float(low) if isinstance(low, int | float) and not isinstance(low, bool) else 0.0
+
+
 def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     """Instantiate the task called ``name`` with its options (strings, or values of its ``OPTIONS``' types):
     TaskError says what went wrong with the task, ConfigError which option is bad."""
@@ -231,5 +238,5 @@ class TaskWithDefaults:
 
 
 __all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TaskWithDefaults", "TrainParams",
-           "check_allowed", "check_ready", "complete", "declared_options", "find_task", "load_task", "score_name",
-           "task_arguments", "training_defaults", "with_plan"]
+           "check_allowed", "check_ready", "complete", "declared_options", "find_task", "load_task", "score_low",
+           "score_name", "task_arguments", "training_defaults", "with_plan"]

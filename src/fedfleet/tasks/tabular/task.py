@@ -45,6 +45,7 @@ class TabularTask(NoStats):
     OPTIONS: ClassVar[tuple[Option, ...]] = OPTIONS
     data_at_sites = True  # no shared data set to partition: a run's workers bring their files (--data)
     score_name: str = "accuracy"  # "r2" once planned for a regression label
+    score_low: float = 0.0  # the lowest honest score: an R² may be negative
     classes: tuple[str, ...] = ()  # the plan's classes, once planned for a class label
 
     def __init__(self, label: str | None = None, features: str | None = None, ignore: str | None = None,
@@ -73,6 +74,9 @@ class TabularTask(NoStats):
         self.classes = tuple(plan.classes or ())
         if regression:
             self.score_name = "r2"
+            # An R² below 0 (worse than predicting the mean: a first round, a skewed site) is an honest score
+            # that federated evaluation must count; far below, it is a worker's nonsense.
+            self.score_low = -1e6
         return _Planned(plan, encoder, model)
 
     def __repr__(self) -> str:
