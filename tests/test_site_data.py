@@ -228,3 +228,19 @@ def test_fedfleet_run_says_why_when_every_worker_failed_instead_of_waiting(tmp_p
                      "--quiet", "--wait-timeout", "120", timeout=90)
     assert r.returncode == 1
     assert "every worker process ended before the run did" in r.stderr and "'height'" in r.stderr, r.stderr
+
+
+def test_fedfleet_run_stops_at_once_when_a_worker_fails_before_the_first_round(tmp_path: Path) -> None:
+    a, _, _ = write_sites(tmp_path / "data")
+    lonely = tmp_path / "data" / "lonely.csv"
+    with a.open() as src, lonely.open("w", newline="") as dst:
+        rows = list(csv.reader(src))
+        w = csv.writer(dst)
+        w.writerows(rows[:200])
+        w.writerow([rows[1][0], rows[1][1], "z", rows[1][3]])  # one row of city "z": a site of one row
+    # natural:city gives city z's site one row, which its validation split takes: that worker cannot train.
+    r = run_fedfleet("run", "--task", "tabular", "--task-option", "label=churned", "--workers", "4", "--rounds", "1",
+                     "--data-split", str(lonely), "--partition", "natural:city", "--val-fraction", "0.5",
+                     "--out", str(tmp_path / "run"), "--quiet", timeout=90)
+    assert r.returncode == 1
+    assert "a worker process failed before the first round, which needs all 4" in r.stderr, r.stderr

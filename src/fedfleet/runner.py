@@ -497,6 +497,12 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
                 raise TaskError("every worker process ended before the run did; "
                                 + (_worker_failure([path for _, path in workers]) or "see their logs in "
                                    f"{run_dir.path / 'logs'}"))
+            failed = [path for w, path in workers if w.poll() not in (None, 0)]
+            if failed and status.round == 0 and config.min_workers is None and status.state == "waiting":
+                # The first round waits for every worker, and a local worker that failed does not come back
+                # (its data could not be read, say): waiting out --wait-timeout would only delay the news.
+                raise TaskError(f"a worker process failed before the first round, which needs all "
+                                f"{config.workers}: " + (_worker_failure(failed) or f"see {failed[0]}"))
             time.sleep(0.2)
         # The coordinator may end between two polls: the last word is its summary.
         coord.wait(timeout=60)
