@@ -531,7 +531,11 @@ def _print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> N
     rows = [
         ("task", s.task), ("partition", s.partition), ("workers", s.workers),
         ("rounds", f"{s.rounds} of {s.rounds_planned}"),
-        (f"final {score_name(find_task(s.task))}", _fmt(s.final_accuracy)), ("final loss", _fmt(s.final_loss)),
+        *([(f"final {score_name(find_task(s.task))}", _fmt(s.final_accuracy)), ("final loss", _fmt(s.final_loss))]
+          if s.evaluation == "test" else
+          # No held-out set (a sites run without --test-data): the workers' own validation splits are the score.
+          [(f"final {score_name(find_task(s.task))} (federated evaluation)", _fmt(s.final_fed_accuracy))]),
+        *([("data", "each site's own files")] if s.data_source == "sites" else []),
         ("seconds (coordinator)", _fmt(s.seconds, 1)), ("seconds (wall)", f"{wall:.1f}"),
         ("median round (s)", _fmt(sorted(timings)[len(timings) // 2] if timings else None, 3)),
         ("outputs", str(out)),
