@@ -174,6 +174,10 @@ def test_without_a_test_set_the_run_is_scored_by_federated_evaluation(fleet: Fle
     s = summary(c.data_dir)
     assert s["evaluation"] == "federated" and s["final_accuracy"] is None
     assert isinstance(s["final_fed_accuracy"], float) and s["final_fed_accuracy"] > 0.6
+    # The report scores the run by what it has, and says so.
+    r = run_fedfleet("report", str(c.data_dir), "--out", str(tmp_path / "report"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{s['final_fed_accuracy']:.4f} (federated)" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_fedfleet_run_splits_one_file_into_sites_and_resumes_on_them(tmp_path: Path) -> None:

@@ -87,8 +87,15 @@ class RunData:
     @property
     def final_accuracy(self) -> float | None:
         """The summary's, or while running the last round's; None when the model's score is unknown
-        (a diverged model's loss is recorded as unknown)."""
-        return self.summary.final_accuracy if self.summary else self.rounds[-1].accuracy
+        (a diverged model's loss is recorded as unknown). A run without a held-out set (evaluation
+        "federated") has its last federated evaluation instead: see ``scored_by``."""
+        if self.summary:
+            return self.summary.final_fed_accuracy if self.scored_by == "federated" else self.summary.final_accuracy
+        return self.rounds[-1].accuracy
+
+    @property
+    def scored_by(self) -> str:
+        return self.summary.evaluation if self.summary else "test"
 
     @property
     def final_loss(self) -> float | None:
@@ -232,8 +239,15 @@ def plot_accuracy_loss(run: RunData, path: Path) -> Path:
     xs = [r.round for r in run.rounds]
     axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("accuracy", "loss"), ("Accuracy", "Loss"), strict=True):
-        ax.plot(xs, _values([_score(r, key) for r in run.rounds]), marker="o", markersize=4,
-                label="global model, held-out test set")
+        test = [_score(r, key) for r in run.rounds]
+        if any(v is not None for v in test) or not run.rounds:
+            ax.plot(xs, _values(test), marker="o", markersize=4, label="global model, held-out test set")
+        fed = [r.fed_accuracy if key == "accuracy" else r.fed_loss for r in run.rounds]
+        if all(v is None for v in test) and any(v is not None for v in fed):
+            # No held-out set (a sites run without --test-data): the workers' scores are the run's. Each is of
+            # the model a worker was sent that round, on its own validation split, before it trained.
+            ax.plot(xs, _values(fed), marker="D", markersize=4,
+                    label="global model sent that round, workers' validation splits (federated evaluation)")
         local = [r.worker_metrics.get(f"train_{key}") for r in run.rounds]
         if all(v is not None for v in local):
             ax.plot(xs, _values(local), marker="s", markersize=3, linestyle="--", alpha=0.8,
@@ -393,7 +407,8 @@ def render_markdown(runs: Sequence[RunData], sections: Sequence[tuple[RunData, s
              "|---|---|---:|---|---:|---:|---:|---:|"]
     for run in runs:
         cells = [run.name, run.partition or "-", str(run.workers or "-"), run.state, str(len(run.rounds)),
-                 _fmt(run.final_accuracy), _fmt(run.final_loss), f"{run.seconds:.1f}"]
+                 _fmt(run.final_accuracy) + (" (federated)" if run.scored_by == "federated" else ""),
+                 _fmt(run.final_loss), f"{run.seconds:.1f}"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     if len(runs) > 1:
