@@ -9,15 +9,19 @@ const charts = {
   accuracy: new LineChart($("chart-accuracy"), {
     percent: true,
     series: [
-      { key: "accuracy", label: "test (held-out set)", color: "#2563eb" },
-      { key: "train_accuracy", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4],
+      { key: "accuracy", label: "test (held-out)", color: "#2563eb" },
+      // The model each worker was sent, on its own validation split: the run's only score when it has no
+      // held-out set (each site's own data without --test-data).
+      { key: "fed_accuracy", label: "validation (workers')", color: "#15803d", dash: [2, 3] },
+      { key: "train_accuracy", label: "train (workers')", color: "#e08a0b", dash: [6, 4],
         value: workerMetric("train_accuracy") },
     ],
   }),
   loss: new LineChart($("chart-loss"), {
     series: [
-      { key: "loss", label: "test (held-out set)", color: "#2563eb" },
-      { key: "train_loss", label: "train (workers' mean)", color: "#e08a0b", dash: [6, 4],
+      { key: "loss", label: "test (held-out)", color: "#2563eb" },
+      { key: "fed_loss", label: "validation (workers')", color: "#15803d", dash: [2, 3] },
+      { key: "train_loss", label: "train (workers')", color: "#e08a0b", dash: [6, 4],
         value: workerMetric("train_loss") },
     ],
   }),
@@ -47,6 +51,12 @@ function render(state) {
   const prev = rounds.length > 1 ? rounds[rounds.length - 2].accuracy : null;
   $("accuracy-change").textContent = prev == null || s.accuracy == null ? ""
     : `${s.accuracy >= prev ? "+" : "−"}${(100 * Math.abs(s.accuracy - prev)).toFixed(2)} points in the last round`;
+  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  if (s.accuracy == null && last && last.accuracy == null && last.fed_accuracy != null) {
+    // No held-out set (each site's own data without --test-data): the workers' validation is the score.
+    $("accuracy").textContent = fmt.pct(last.fed_accuracy);
+    $("accuracy-change").textContent = "workers' validation: no held-out set";
+  }
   $("loss").textContent = fmt.num(s.loss, 4);
   $("task").textContent = "task " + s.task;
   $("workers-count").textContent = state.live ? `${s.workers_live} / ${s.workers_registered}` : `— / ${s.workers_registered}`;
