@@ -248,3 +248,21 @@ def test_fedfleet_run_stops_at_once_when_a_worker_fails_before_the_first_round(t
                      "--out", str(tmp_path / "run"), "--quiet", timeout=90)
     assert r.returncode == 1
     assert "a worker process failed before the first round, which needs all 4" in r.stderr, r.stderr
+
+
+def test_a_worker_whose_data_cannot_be_read_leaves_and_its_slot_is_free_at_once(fleet: Fleet, tmp_path: Path) -> None:
+    a, _, _ = write_sites(tmp_path / "data")
+    unlabelled = tmp_path / "data" / "unlabelled.csv"
+    unlabelled.write_text("age,income,city\n40,50,a\n41,52,b\n")
+    c = fleet.coordinator("--task", "tabular", "--task-option", "label=churned", "--workers", "1", "--rounds", "1",
+                          "--worker-timeout", "600", "--linger", "1")
+    bad = fleet.worker(c.url, "--data", str(unlabelled))
+    assert bad.proc.wait(timeout=60) == 1
+    assert "unlabelled.csv: no label column 'churned'" in bad.log_text(), bad.log_text()
+    with httpx.Client(base_url=c.url) as client:
+        assert client.get("/v1/workers").json() == []  # not held until --worker-timeout (600 s here)
+        # Only the worker itself may say it leaves, and only before it took part.
+        assert client.delete("/v1/workers/nobody").status_code == 404
+    good = fleet.worker(c.url, "--data", str(a))
+    assert good.proc.wait(timeout=TIMEOUT) == 0, fleet.logs()
+    assert c.proc.wait(timeout=30) == 0, fleet.logs()

@@ -174,6 +174,14 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         require_worker(request.scope, worker_id)
         return DescriptionAck(accepted=True, described=engine.describe(worker_id, body.description))
 
+    @app.delete(f"{API}/workers/{{worker_id}}", status_code=204, tags=["workers"],
+                summary="Leave the run before taking part (e.g. this worker's data could not be read): its "
+                        "partition is free at once")
+    async def leave(worker_id: WorkerId, request: Request) -> Response:
+        require_worker(request.scope, worker_id)
+        engine.leave(worker_id)
+        return Response(status_code=204)
+
     @app.get(f"{API}/plan", response_model=PlanResponse, tags=["run"],
              summary="The plan the run agreed from the sites' descriptions (null until it has one, or if its "
                      "task agrees none)")

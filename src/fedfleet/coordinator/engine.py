@@ -338,6 +338,18 @@ class Engine:
         self._notify()
         return len(self._descriptions)
 
+    def leave(self, worker_id: str) -> None:
+        """A worker that cannot take part (its data could not be read) gives its partition back at once,
+        instead of holding it until --worker-timeout. One that has served rounds stays on record."""
+        w = self._registry.get(worker_id)
+        if w.rounds_served:
+            raise RequestRejected(f"worker {worker_id!r} has served {w.rounds_served} rounds: it stays on record, "
+                                  "and counts as dead after --worker-timeout", status=409)
+        self._descriptions.pop(worker_id, None)
+        self._registry.remove(worker_id)
+        log.event("worker.left", run=self.run_id, worker=worker_id)
+        self._notify()
+
     def _check_against_plan(self, description: dict[str, Any]) -> str | None:
         """A late site's description, checked against the agreed plan: by the task's ``check_against_plan``
         if it has one (e.g. a class the model has no output for), and by making a plan with it in (if the

@@ -142,7 +142,7 @@ def scope_of(method: str, path: str) -> Scope:
     if path in (f"{API}/model", f"{API}/plan"):
         return "model"  # a worker's, or the admin's to fetch the model (and what it means) by hand
     if path in (f"{API}/heartbeat", f"{API}/updates") or path.startswith(f"{API}/uploads") \
-            or (path.startswith(_WORKER_PATH) and path.endswith(("/task", "/description"))):
+            or (path.startswith(_WORKER_PATH) and (path.endswith(("/task", "/description")) or method == "DELETE")):
         return "worker"
     return "admin"
 

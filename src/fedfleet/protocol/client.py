@@ -179,6 +179,14 @@ class CoordinatorClient:
             "POST", f"/workers/{worker_id}/description", "describe the data",
             json=DescriptionBody(description=description).model_dump()))
 
+    def leave(self, worker_id: str) -> None:
+        """Give this worker's partition back: it cannot take part (its data could not be read)."""
+        try:
+            r = self._http.request("DELETE", f"{API}/workers/{worker_id}", headers=self._auth(self.token))
+        except httpx.TransportError as exc:
+            raise TransportError(f"leave the run: {exc!r}") from exc
+        _raise_for(r.status_code, r.content, "leave the run")
+
     def plan(self) -> dict[str, Any] | None:
         """The run's plan, or None while it is still being agreed."""
         return PlanResponse.model_validate(self._call("GET", "/plan", "plan")).plan

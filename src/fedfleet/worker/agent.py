@@ -277,8 +277,13 @@ class Agent:
                   run=reg.run_id)
         trainer = Trainer(self.proc.task(reg.task, reg.task_options), reg.partition, self.proc.data)
         # Loaded now, so that data that is missing or malformed ends the worker at once with its error,
-        # rather than failing every round it is sampled in.
-        trainer.data  # noqa: B018
+        # rather than failing every round it is sampled in; the coordinator gets its partition back at once.
+        try:
+            trainer.data  # noqa: B018
+        except FedfleetError:
+            with contextlib.suppress(FedfleetError):
+                client.leave(reg.worker_id)
+            raise
         return reg, trainer
 
     def _loop(self, client: CoordinatorClient) -> None:
