@@ -285,3 +285,17 @@ def test_a_site_that_joins_after_the_plan_with_a_class_it_lacks_is_refused(fleet
         assert client.get("/v1/plan").json()["plan"] == {"classes": ["blue", "green", "red"]}
         assert len(client.get("/v1/workers").json()) == 2  # its slot is free again
     assert all(w.proc.poll() is None for w in early)  # the run goes on without it
+
+
+def test_test_images_of_a_class_no_site_has_end_the_run_at_the_plan_saying_so(fleet: Fleet, sites: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    test = write_site(tmp_path / "test", {"red": 3, "purple": 3}, seed=5)
+    c = fleet.coordinator("--task", "images", "--task-option", f"size={SIZE}", "--workers", "2", "--rounds", "3",
+                          "--test-data", str(test), "--linger", "1")
+    workers = [fleet.worker(c.url, "--data", str(sites[s])) for s in ("a", "b")]
+    assert c.proc.wait(timeout=60) == 1, fleet.logs()  # a failed run's coordinator exits 1
+    for w in workers:
+        w.proc.wait(timeout=60)
+    summary = json.loads((c.data_dir / "summary.json").read_text())
+    assert summary["state"] == "failed" and summary["rounds"] == 0, summary
+    assert "--test-data" in summary["message"] and "class 'purple'" in summary["message"], summary["message"]

@@ -629,6 +629,14 @@ class Engine:
         live = await self._wait_for_workers(set())
         descriptions = [self._descriptions[w] for w in live]
         plan = await asyncio.to_thread(site_task(self.task).make_plan, descriptions)
+        against = getattr(self.task, "check_against_plan", None)
+        if self._test_description is not None and callable(against):
+            # The test set never shapes the plan; one the plan's model cannot score (an image class no site
+            # has) would fail every round's evaluation: say so now, once.
+            problem = against(self._test_description, plan)
+            if problem is not None:
+                raise TaskError(f"--test-data {self.config.test_data} does not fit the plan the sites agreed: "
+                                f"{problem}")
         planned = with_plan(self.task, plan)
         model = planned.init_weights(self.config.seed)
         test = load_test(self.config, planned)

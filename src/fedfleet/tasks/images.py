@@ -284,8 +284,8 @@ class ImagesTask(TorchTask):
         known = set(plan.get("classes") or ())
         new = sorted(name for name in description.get("classes", {}) if name not in known)
         if new:
-            return (f"class {new[0]!r} is not one of the run's {len(known)} classes, agreed before this site "
-                    f"joined: {', '.join(sorted(known)) if len(known) <= 20 else 'see GET /v1/plan'}")
+            return (f"class {new[0]!r} is not one of the run's {len(known)} classes (agreed from the sites' "
+                    f"descriptions): {', '.join(sorted(known)) if len(known) <= 20 else 'see GET /v1/plan'}")
         return None
 
     def make_plan(self, descriptions: Sequence[Mapping[str, Any]]) -> Plan:
