@@ -494,3 +494,19 @@ def test_split_file_refuses_what_it_cannot_split(tmp_path: Path, files: dict[str
         split_file(files["s1"], tmp_path, 2, PartitionSpec("natural"), "y", seed=0)
     with pytest.raises(TaskError, match="no column 'nope'"):
         split_file(files["s1"], tmp_path, 2, PartitionSpec("iid"), "nope", seed=0)
+
+
+def test_a_file_sorted_by_label_trains_as_well_as_a_shuffled_one(tmp_path: Path) -> None:
+    # Site exports are often sorted (by label, by date). Read in chunks of 100 rows, each chunk of a sorted file
+    # holds one label: shuffling within a chunk only, SGD would see one class at a time and forget the others.
+    table = classification_rows(3000, seed=11)
+    test = write(classification_rows(1500, seed=12), tmp_path / "test.csv")
+    shuffled = write(table, tmp_path / "shuffled.csv")
+    ordered = write(table.sort_by("y"), tmp_path / "sorted.csv")
+    t = task(label="y", ignore="id", chunk_rows=100)
+    scores = {}
+    for path in (shuffled, ordered):
+        planned, weights = t.fit_central([path], epochs=3, lr=0.1, batch_size=32)
+        scores[path.stem] = planned.evaluate(weights, planned.load_site([test], 0.0, 0)[0])["accuracy"]
+    assert scores["shuffled"] > 0.7
+    assert abs(scores["sorted"] - scores["shuffled"]) < 0.02, scores
