@@ -200,9 +200,9 @@ def central_files(sites: Sequence[Path], seed: int, folder: Path) -> tuple[Path,
     split by the rule its worker used (``read.in_validation`` of its seed and the row's index in its file),
     cells copied as text, so that the central model sees exactly the federated run's training rows.
 
-    The training rows are shuffled (seeded), as a central pipeline would: the tabular task shuffles only
-    within a chunk of at most ``read.MAX_BLOCK`` bytes (~23,000 song rows), so the sites' files one after
-    another, each skewed to a few labels or decades, would be trained on in blocks of labels."""
+    The training rows are shuffled (seeded), as a central pipeline would: the tabular task shuffles a site's
+    rows together only up to ``task.SHUFFLE_BYTES`` of encoded rows, so a union larger than that, written as
+    the sites' files one after another, each skewed to a few labels or decades, would be trained on in blocks."""
     train_tables, val_tables = [], []
     for site in sites:
         with site.open(newline="") as fh:
@@ -555,9 +555,10 @@ folder):
   missing, rooms, age 10% missing, condition 3% missing, heating with a rare value, distance; price linear in them
   but for a sqrt(distance) term, noise sd 20), the region both a feature and the group of `natural:region`.
 - **Validation, and what was chosen on what.** Each site keeps a seeded {VAL_FRACTION:.0%} of its rows
-  (`--val-fraction`); the central model trains on the union of the other rows, shuffled (the task shuffles only
-  within a chunk of at most 4 MB, so the site files one after another would be trained on in blocks of a few
-  labels), and is validated on the union of those. The learning rate was chosen from the grid
+  (`--val-fraction`); the central model trains on the union of the other rows, shuffled (the task shuffles a
+  site's rows together up to 128 MiB encoded, so a larger union of the site files one after another would be
+  trained on in blocks of a few labels), and is validated on the union of those. The learning rate was chosen
+  from the grid
   {', '.join(map(str, m['lr_grid']))} by central training's validation score after the last epoch, on the first
   seed's iid split, and used on both sides. "best-val" is the test score of the round (epoch) whose model scored
   best on the validation rows (federated: the sites' federated evaluation, which scores the model each site is
