@@ -266,3 +266,20 @@ def test_a_worker_whose_data_cannot_be_read_leaves_and_its_slot_is_free_at_once(
     good = fleet.worker(c.url, "--data", str(a))
     assert good.proc.wait(timeout=TIMEOUT) == 0, fleet.logs()
     assert c.proc.wait(timeout=30) == 0, fleet.logs()
+
+
+def test_a_description_json_cannot_store_or_the_checker_chokes_on_is_a_422_not_a_500(fleet: Fleet,
+                                                                                      tmp_path: Path) -> None:
+    c = fleet.coordinator("--task", "tabular", "--task-option", "label=churned", "--workers", "1", "--rounds", "1",
+                          "--linger", "1")
+    with httpx.Client(base_url=c.url) as client:
+        wid = client.post("/v1/workers", json={"name": "liar", "data_source": "sites"}).json()["worker_id"]
+        for body in ('{"description": {"format": 1, "rows": NaN}}',
+                     '{"description": {"columns": [[[[[[]]]]]], "label": {"x": Infinity}}}'):
+            r = client.post(f"/v1/workers/{wid}/description", content=body,
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and "refused" in r.json()["detail"], (r.status_code, r.text)
+            # A refused worker's slot is freed (it is forgotten): join again for the next case.
+            wid = client.post("/v1/workers", json={"name": "liar", "data_source": "sites"}).json()["worker_id"]
+        assert client.get("/v1/plan").json()["plan"] is None
+        assert client.get("/v1/health").json()["ok"] is True

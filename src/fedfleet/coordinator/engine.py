@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import tomllib
@@ -133,6 +134,7 @@ class Engine:
                  registry: Registry, history: list[RoundRecord], test: Any | None, model: Weights, model_version: int,
                  strategy: Strategy, strategy_state: OptState | None, linger: float,
                  plan: Plan | None = None, descriptions: Mapping[str, dict[str, Any]] | None = None,
+                 test_description: dict[str, Any] | None = None,
                  privacy: PrivacyPlan | None = None) -> None:
         self.config = config
         self.task = task
@@ -174,10 +176,7 @@ class Engine:
         self._strategy_state = strategy_state if strategy_state is not None else strategy.init(self._model)
         # The reference a site's description is checked against before there is a first accepted one: the
         # coordinator's own test data, described the same way (it never goes into the plan).
-        unplanned = has_plan(task) and plan is None
-        self._test_description = site_task(task).describe(test) if unplanned and test is not None else None
-        if unplanned:
-            test = None  # read again with the plan: what its columns mean is only known then
+        self._test_description = test_description
         self._test = test
         self.metrics = CoordinatorMetrics(self.snapshot)
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
@@ -223,13 +222,16 @@ class Engine:
         else:
             model, version = initial_model(task, config.seed, privacy), 0
         registry = Registry(store, config.workers, config.worker_timeout, store.workers())
-        # A task that agrees a plan reads its own test set only once it has one; --test-data is read now,
-        # to check the sites' descriptions against.
+        # A task that agrees a plan reads its test set only once it has one (what its columns mean is known
+        # then); --test-data is described now, to check the sites' descriptions against.
         test = load_test(config, unplanned if plan is None else task) \
             if plan is not None or not has_plan(task) or config.test_data is not None else None
+        test_description = None
+        if has_plan(task) and plan is None and test is not None:
+            test_description, test = site_task(task).describe(test), None
         return cls(config=config, task=task, run_dir=run_dir, store=store, run_id=run_id, registry=registry,
                    history=history, test=test, model=model, model_version=version, strategy=strategy,
-                   strategy_state=state, linger=linger, plan=plan,
+                   strategy_state=state, linger=linger, plan=plan, test_description=test_description,
                    descriptions=store.descriptions() if has_plan(task) else None, privacy=privacy)
 
     def close(self) -> None:
@@ -317,8 +319,10 @@ class Engine:
         reference = self._test_description if self._test_description is not None \
             else next((d for wid, d in self._descriptions.items() if wid != worker_id), None)
         try:
+            # Stored as strict JSON: NaN or Infinity (which the request's JSON parser admits) is refused here.
+            json.dumps(description, allow_nan=False)
             problem = site_task(self.task).check_description(description, reference)
-        except (TaskError, ValueError, TypeError, KeyError) as exc:  # a task's checker must not 500 on bad input
+        except Exception as exc:  # the description is untrusted: a checker that raises refuses it, never a 500
             problem = f"{type(exc).__name__}: {exc}"
         if problem is None and self.plan is not None:
             problem = self._check_against_plan(description)
