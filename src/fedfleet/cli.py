@@ -42,8 +42,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default = opt.default_text or opt.default
         if opt.name in TRAINING:
             default = f"{default}, or the task's own (below)"
+        # An on/off option is a switch: the flag alone turns it on.
+        switch = {"nargs": "?", "const": "on"} if opt.choices == ("off", "on") else {}
         g.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
-                       help=f"{opt.help} [{opt.allowed()}; default {default}]")
+                       help=f"{opt.help} [{opt.allowed()}; default {default}]", **switch)  # type: ignore[arg-type]
     g.add_argument("--task-option", dest="task_options", action="append", default=None, metavar="KEY=VALUE",
                    help="option passed to the task, e.g. data_dir=/path (repeatable); the built-in tasks' "
                         "are listed below [default: the task's defaults]")

@@ -87,7 +87,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("dp_seed", int, None, "seed of the DP sampling and noise, for reproducible tests only: whoever knows it "
            "can subtract the noise", low=0, high=2**32 - 1, optional=True,
            default_text="none: fresh randomness from the OS (secrets) every round"),
+    # Secure aggregation (docs/privacy.md, fedfleet.secagg).
+    Option("secure_aggregation", str, "off", "secure aggregation (SecAgg+): workers upload masked updates and the "
+           "coordinator learns only their sum, even when some drop out after masking; --secure-aggregation "
+           "alone means on", choices=("off", "on")),
+    Option("secagg_threshold", float, None, "share of the sampled workers that must stay to the end of a securely "
+           "aggregated round, and of a worker's neighbours needed to reconstruct its secrets", low=0.5, high=1,
+           low_open=True, optional=True, default_text="0.6"),
+    Option("secagg_neighbours", int, None, "k: each worker masks with and deals key shares to k others",
+           low=2, high=100_000, optional=True, default_text="all others for up to 20 sampled workers, else "
+                                                            "ceil(3 log2 N) rounded up to even"),
+    Option("secagg_clip", float, None, "each coordinate of an update's delta is clipped to [-clip, clip] before it "
+           "is encoded in the ring (the quantisation range)", low=0, high=1e6, low_open=True, optional=True,
+           default_text="100"),
 )
+SECAGG_OPTIONS = ("secagg_threshold", "secagg_neighbours", "secagg_clip")
+SECAGG_THRESHOLD = 0.6
+SECAGG_CLIP = 100.0
 DP_OPTIONS = ("dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_epsilon", "dp_seed")
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -124,6 +140,10 @@ class RunConfig:
     dp_delta: float | None = None
     dp_max_epsilon: float | None = None
     dp_seed: int | None = None
+    secure_aggregation: str = "off"
+    secagg_threshold: float | None = None
+    secagg_neighbours: int | None = None
+    secagg_clip: float | None = None
     task_options: tuple[tuple[str, str], ...] = field(default=())
     strategy_options: tuple[tuple[str, str], ...] = field(default=())
 
@@ -153,6 +173,7 @@ class RunConfig:
         checked["strategy_options"] = _task_options(values.get("strategy_options", {}), "strategy_options")
         make_strategy(checked["strategy"], dict(checked["strategy_options"]))
         _check_privacy(checked)
+        _check_secure_aggregation(checked)
         return cls(**checked)
 
     def needed_workers(self, rounds_done: int) -> int:
@@ -235,6 +256,32 @@ def _check_privacy(c: Mapping[str, Any]) -> None:
         raise ConfigError(f"The 'dp_delta' option must be below 1/workers ({1 / c['workers']:g}): at that delta, "
                           f"publishing one random worker's data whole would count as private. Got {delta!r} "
                           "instead.", option="dp_delta")
+
+
+def _check_secure_aggregation(c: Mapping[str, Any]) -> None:
+    """ConfigError for secure-aggregation options that do not fit together (or with the rest): whatever needs
+    each worker's update in the clear."""
+    if c["secure_aggregation"] == "off":
+        given = next((name for name in SECAGG_OPTIONS if c[name] is not None), None)
+        if given is not None:
+            raise ConfigError(f"The '{given}' option applies only with --secure-aggregation.", option=given)
+        return
+    if STRATEGIES[c["strategy"]][0] != "mean":
+        raise ConfigError(f"The 'strategy' option {c['strategy']!r} cannot be used with --secure-aggregation: it needs "
+                          "every worker's update in the clear (a median, trimmed values, Krum's distances), while the "
+                          "coordinator learns only their sum; use a mean-based one (fedavg, fedavgm, fedprox, "
+                          "fedadagrad, fedadam, fedyogi).", option="strategy")
+    if c["max_update_norm"] is not None:
+        raise ConfigError("The 'max_update_norm' option cannot be used with --secure-aggregation: the coordinator "
+                          "never sees an update's norm; --secagg-clip bounds each coordinate instead.",
+                          option="max_update_norm")
+    if c["dp"] == "central":
+        raise ConfigError("--dp central cannot be used with --secure-aggregation: it clips each worker's update at "
+                          "the coordinator, which secure aggregation keeps from seeing one.", option="dp")
+    sampled = math.ceil(c["fraction"] * c["workers"] - 1e-9)
+    if sampled < 3:
+        raise ConfigError(f"--secure-aggregation needs at least 3 workers sampled a round (ceil(fraction x workers) is "
+                          f"{sampled}): with 2, each could read the other's update off the sum.", option="workers")
 
 
 def _toml(value: object) -> str:

@@ -41,6 +41,10 @@ from fedfleet.protocol.messages import (
     PlanResponse,
     RegisterRequest,
     RegisterResponse,
+    SecAggAck,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
     Status,
     UpdateAck,
     WorkerId,
@@ -181,6 +185,28 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         require_worker(request.scope, worker_id)
         engine.leave(worker_id)
         return Response(status_code=204)
+
+    def _size(request: Request) -> int:
+        length = request.headers.get("content-length", "")
+        return int(length) if length.isdigit() else 0
+
+    @app.post(f"{API}/secagg/keys", response_model=SecAggAck, tags=["secure aggregation"],
+              summary="Secure aggregation: this worker's public keys for the open round attempt")
+    async def secagg_keys(body: SecAggKeys, request: Request) -> SecAggAck:
+        require_worker(request.scope, body.worker_id)
+        return SecAggAck(accepted=True, phase=engine.secagg_keys(body, _size(request)))
+
+    @app.post(f"{API}/secagg/shares", response_model=SecAggAck, tags=["secure aggregation"],
+              summary="Secure aggregation: the key shares this worker dealt, each encrypted for its holder")
+    async def secagg_shares(body: SecAggShares, request: Request) -> SecAggAck:
+        require_worker(request.scope, body.worker_id)
+        return SecAggAck(accepted=True, phase=engine.secagg_shares(body, _size(request)))
+
+    @app.post(f"{API}/secagg/reveal", response_model=SecAggAck, tags=["secure aggregation"],
+              summary="Secure aggregation: the shares this worker reveals to unmask the round")
+    async def secagg_reveal(body: SecAggReveal, request: Request) -> SecAggAck:
+        require_worker(request.scope, body.worker_id)
+        return SecAggAck(accepted=True, phase=engine.secagg_reveal(body, _size(request)))
 
     @app.get(f"{API}/plan", response_model=PlanResponse, tags=["run"],
              summary="The plan the run agreed from the sites' descriptions (null until it has one, or if its "

@@ -38,9 +38,10 @@ from fedfleet import log
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.intake import UpdateIntake
 from fedfleet.coordinator.metrics import CoordinatorMetrics
-from fedfleet.coordinator.privacy import PrivacyPlan, initial_model, plan_privacy
+from fedfleet.coordinator.privacy import PrivacyPlan, initial_model, plan_privacy, task_problem
 from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
+from fedfleet.coordinator.secure import SecureAggregation, settings_of
 from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol import codec
@@ -50,6 +51,9 @@ from fedfleet.protocol.messages import (
     Instruction,
     PartitionInfo,
     RegisterResponse,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
     StatsInstruction,
     Status,
     StopInstruction,
@@ -59,6 +63,7 @@ from fedfleet.protocol.messages import (
     WaitInstruction,
     WorkerView,
 )
+from fedfleet.secagg.server import MaskedSum, SecAggFailure
 from fedfleet.storage.checkpoints import Checkpoints
 from fedfleet.storage.records import (
     RoundRecord,
@@ -71,7 +76,7 @@ from fedfleet.storage.records import (
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies import Strategy, make_strategy
-from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.strategies.accumulate import Stack, WeightedSum
 from fedfleet.strategies.privacy import poisson_sample, round_rng
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
 from fedfleet.tasks import Task, check_ready, score_low, with_plan
@@ -157,9 +162,17 @@ class Engine:
         self.round = history[-1].round if history else 0  # last completed training round
         self.accuracy = history[-1].accuracy if history else None
         self.loss = history[-1].loss if history else None
-        # Under central DP the statistics round does not run: the task's public statistics are in the
-        # initial model already (coordinator.privacy.initial_model).
-        self._stats_done = bool(history) or privacy is not None
+        settings = settings_of(config)
+        self._secure = None if settings is None else SecureAggregation(
+            settings, run_id, config.seed, config.round_timeout,
+            alive=lambda w: w in registry.workers and registry.alive(registry.workers[w]),
+            notify=lambda work: self._notify(work=work), wait_change=self._wait_change,
+            check_stopped=self._raise_if_stopped)
+        # Under central DP or secure aggregation the statistics round does not run (it would send each worker's
+        # statistics in the clear): the task's public statistics are in the initial model already
+        # (coordinator.privacy.initial_model).
+        self._public = privacy is not None or self._secure is not None
+        self._stats_done = bool(history) or self._public
         self._current: RoundState | None = None
         self._waiting: Waiting | None = None
         self._dropped = 0
@@ -182,7 +195,8 @@ class Engine:
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
                                    model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
                                    max_update_norm=config.max_update_norm,
-                                   clip=privacy.mechanism.clip if privacy is not None else None)
+                                   clip=privacy.mechanism.clip if privacy is not None else None,
+                                   secure=self._secure)
 
     # --- start-up ----------------------------------------------------------------------------
     @classmethod
@@ -192,6 +206,12 @@ class Engine:
         check_ready(task)
         check_data_source(config, task)
         privacy = plan_privacy(config, task)
+        if config.secure_aggregation == "on":
+            problem = task_problem(task)
+            if problem is not None:
+                raise ConfigError(f"task {config.task!r} cannot be trained with --secure-aggregation: {problem}",
+                                  option="secure_aggregation")
+        public = privacy is not None or config.secure_aggregation == "on"
         run_dir = RunDir(data_dir)
         store = run_dir.open_store()
         run_id = _open_run(store, run_dir, config)
@@ -220,7 +240,7 @@ class Engine:
         elif has_plan(task) and plan is None:
             model, version = {}, 0  # the model's shape follows from the plan, agreed once the workers described
         else:
-            model, version = initial_model(task, config.seed, privacy), 0
+            model, version = initial_model(task, config.seed, public), 0
         registry = Registry(store, config.workers, config.worker_timeout, store.workers())
         # A task that agrees a plan reads its test set only once it has one (what its columns mean is known
         # then); --test-data is described now, to check the sites' descriptions against.
@@ -378,15 +398,25 @@ class Engine:
         if has_plan(self.task) and w.worker_id not in self._descriptions:
             return DescribeInstruction()
         rs = self._current
+        if self._secure is not None and rs is not None and rs.kind == "train":
+            step = self._secure.instruction(w.worker_id)
+            if step is not None:
+                return step
         if rs is None or rs.closed or w.worker_id not in rs.sampled or w.worker_id in rs.answered \
                 or w.worker_id in rs.in_flight:
             return WaitInstruction()
         if rs.kind == "stats":
             return StatsInstruction(round=rs.round, attempt=rs.attempt)
+        context = None
+        if self._secure is not None:
+            context = self._secure.train_context(w.worker_id)
+            if context is None:  # its keys or shares are not in yet, or it is out of this attempt
+                return WaitInstruction()
         seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition]).generate_state(1)[0])
         params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
                                 lr=self.config.lr, seed=seed, prox_mu=self._strategy.prox_mu)
-        return TrainInstruction(round=rs.round, attempt=rs.attempt, model_version=self.model_version, params=params)
+        return TrainInstruction(round=rs.round, attempt=rs.attempt, model_version=self.model_version, params=params,
+                                secagg=context)
 
     async def next_instruction(self, worker_id: str, wait: float) -> Instruction:
         """Long-poll: return as soon as there is something for this worker, or ``wait`` seconds passed."""
@@ -408,6 +438,24 @@ class Engine:
             w.stopped = True
             self._notify()
         return msg
+
+    def secagg_keys(self, body: SecAggKeys, nbytes: int) -> str:
+        """Take a worker's keys for the open securely aggregated round attempt; returns the protocol's phase."""
+        return self._secure_for(body.worker_id).take_keys(body, nbytes)
+
+    def secagg_shares(self, body: SecAggShares, nbytes: int) -> str:
+        return self._secure_for(body.worker_id).take_shares(body, nbytes)
+
+    def secagg_reveal(self, body: SecAggReveal, nbytes: int) -> str:
+        return self._secure_for(body.worker_id).take_reveal(body, nbytes)
+
+    def _secure_for(self, worker_id: str) -> SecureAggregation:
+        if self._secure is None:
+            raise RequestRejected("this run does not use secure aggregation", status=409)
+        if worker_id not in self._registry.workers:
+            raise RequestRejected(f"unknown worker {worker_id!r}: register first", status=404)
+        self._registry.touch(worker_id)
+        return self._secure
 
     def model_download(self) -> tuple[int, memoryview]:
         """The model's version and safetensors bytes (read-only; serve slices of it, do not copy)."""
@@ -574,6 +622,8 @@ class Engine:
         schema = self.schema if kind == "train" else self.task.stats_schema()
         if schema is None:
             raise TaskError(f"task {cfg.task!r} has no statistics schema but a statistics round was started")
+        secure = self._secure if kind == "train" else None
+        failure = ""  # why the last attempt of a securely aggregated round failed
         for attempt in range(first_attempt, first_attempt + cfg.max_round_retries + 1):
             live = await self._wait_for_workers(excluded)
             self.state = "running"
@@ -585,22 +635,52 @@ class Engine:
                 rng = round_rng(self._privacy.seed, rnd, attempt, 0)
                 sampled = poisson_sample(live, self._privacy.sample_rate, rng)
             else:
-                sampled = sample(live, cfg.fraction, cfg.min_workers or 1, cfg.seed, rnd, attempt)
-            acc = self._strategy.accumulator(schema, self._model) if kind == "train" else WeightedSum(schema)
-            rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, schema, acc, cfg.round_timeout)
+                # Secure aggregation of fewer than three would let each read the others' update off the sum.
+                at_least = max(cfg.min_workers or 1, 3 if secure is not None else 1)
+                sampled = sample(live, cfg.fraction, at_least, cfg.seed, rnd, attempt)
+            arrives = schema
+            acc: WeightedSum | Stack | MaskedSum
+            if secure is not None:
+                arrives, acc = secure.accumulator(schema)
+            elif kind == "train":
+                acc = self._strategy.accumulator(schema, self._model)
+            else:
+                acc = WeightedSum(schema)
+            rs = new_round(rnd, attempt, kind, sampled, cfg.quorum, arrives, acc, cfg.round_timeout)
             self._current = rs
             self.intake.round = rs
             self.phase = "statistics" if kind == "stats" else "training"
             log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
                       sampled=len(sampled), needed=rs.needed)
             self._notify(work=True)
-            reached = await self._await_answers(rs)
+            try:
+                if secure is not None:
+                    await secure.setup(rs, schema)
+                reached = await self._await_answers(rs)
+                if reached and secure is not None:
+                    await secure.finish(rs)
+            except SecAggFailure as exc:
+                # Too few workers in a phase, or a secret that would not reconstruct: the attempt is lost and
+                # the round runs again with fresh keys, without a dealer to blame.
+                failure = str(exc)
+                excluded |= exc.culprits
+                rs.closed = True
+                self._dropped = len(rs.pending)
+                self.metrics.attempt_closed(False)
+                self.metrics.secagg_failed()
+                log.event("secagg.failed", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
+                          reason=failure, excluded=", ".join(sorted(exc.culprits)) or None)
+                self._notify(work=True)
+                continue
             self._dropped = len(rs.pending)
             self.metrics.attempt_closed(reached)
             if reached:
                 return rs
             log.event("round.missed_quorum", logging.WARNING, run=self.run_id, round=rnd, attempt=attempt,
                       answered=len(rs.answered), needed=rs.needed)
+        if failure:
+            raise RoundError(f"round {rnd} failed {cfg.max_round_retries + 1} times in a row (--max-round-retries "
+                             f"{cfg.max_round_retries}); the last: {failure}", round=rnd)
         raise RoundError(f"round {rnd} missed its quorum {cfg.max_round_retries + 1} times in a row "
                          f"(--max-round-retries {cfg.max_round_retries}): too few sampled workers answered "
                          f"within --round-timeout {cfg.round_timeout:g} s", round=rnd)
@@ -689,7 +769,13 @@ class Engine:
             self.phase = "aggregating"
             rng = round_rng(self._privacy.seed, rnd, rs.attempt, 1) if self._privacy is not None else None
             async with self.intake.lock:
-                delta = await asyncio.to_thread(self._strategy.aggregate, rs.accumulator, rnd, rng)
+                acc = rs.accumulator
+                if isinstance(acc, MaskedSum) and self._secure is not None:
+                    delta = self._secure.delta(rs)  # unmasked already, when the attempt closed
+                elif isinstance(acc, MaskedSum):
+                    raise TypeError("a masked sum in a round without secure aggregation")
+                else:
+                    delta = await asyncio.to_thread(self._strategy.aggregate, acc, rnd, rng)
                 # The round is closed and aggregated: its sum (2× the model in float64), its reference to the
                 # old model and its spare upload buffers are not needed while the new model is made.
                 rs.accumulator.release()
@@ -741,6 +827,9 @@ class Engine:
             clip = self._privacy.mechanism.clip
             record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd),
                                                "dp_clipped": sum(a.norm > clip for a in rs.answered.values())})
+        if self._secure is not None:
+            record = record.model_copy(update={"secagg": self._secure.record(rs), "sampled": self._secure.sampled(rs)})
+            self._secure.end()
         self._store.record_round(record, list(rs.answered))
         for wid in rs.answered:
             if wid in self._registry.workers:
@@ -784,7 +873,7 @@ class Engine:
             self.round = recorded
             self.accuracy, self.loss = (last.accuracy, last.loss) if last else (None, None)
             model, version = (self._checkpoints.load(last.round)[0], last.model_version) if last \
-                else (initial_model(self.task, self.config.seed, self._privacy)
+                else (initial_model(self.task, self.config.seed, self._public)
                       if self.plan is not None or not has_plan(self.task) else {}, 0)
             self._set_model(model, version)
         self.state = "stopped"

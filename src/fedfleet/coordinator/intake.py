@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.requests import ClientDisconnect
@@ -40,12 +40,16 @@ from fedfleet.errors import ProtocolError, RequestRejected
 from fedfleet.protocol import codec
 from fedfleet.protocol.codec import Header
 from fedfleet.protocol.messages import UpdateAck, UpdateMeta
+from fedfleet.secagg.server import MaskedSum
 from fedfleet.storage.records import clean_worker_metrics
 from fedfleet.storage.sqlite import Store
 from fedfleet.strategies.accumulate import Stack, WeightedSum, delta_norm
 from fedfleet.strategies.privacy import clip_factor
 from fedfleet.tasks import Task
 from fedfleet.types import Schema, Weights
+
+if TYPE_CHECKING:  # the intake only calls it; the engine owns it
+    from fedfleet.coordinator.secure import SecureAggregation
 
 HEADER_SLACK = 64 * 1024  # room for an update's JSON header beyond its tensor bytes
 INLINE_BYTES = 1 << 20  # numpy work on less than this runs inline; more goes to a thread
@@ -64,7 +68,8 @@ class Slot:
 class UpdateIntake:
     def __init__(self, *, task: Task, store: Store, registry: Registry, metrics: CoordinatorMetrics,
                  model_schema: Callable[[], Schema], notify: Callable[[], None], run_id: str,
-                 max_update_norm: float | None, clip: float | None = None) -> None:
+                 max_update_norm: float | None, clip: float | None = None,
+                 secure: SecureAggregation | None = None) -> None:
         self.task = task
         self.store = store
         self.registry = registry
@@ -74,6 +79,7 @@ class UpdateIntake:
         self.run_id = run_id
         self.max_update_norm = max_update_norm
         self.clip = clip  # --dp-clip, with --dp central
+        self.secure = secure  # --secure-aggregation: training updates arrive masked, in its masked phase
         self.round: RoundState | None = None  # the round attempt that is open, set by the engine
         # Held while an update is folded, and by the engine while it aggregates: a round's sum is never
         # read half-folded.
@@ -111,6 +117,13 @@ class UpdateIntake:
         if problem is not None:
             reason, message = problem
             raise RequestRejected(message, round=meta.round, worker=meta.worker_id, reason=reason)
+        if self.secure is not None and rs.kind == "train":
+            refusal = self.secure.upload_problem(rs, meta.worker_id, meta.num_examples)
+            if refusal is not None:
+                status, message = refusal
+                if status == 409:
+                    raise RequestRejected(message, round=meta.round, worker=meta.worker_id, reason="stale")
+                raise ProtocolError(message, status=status, reason="bad_metadata")
         if header is not None:
             codec.check_schema(header, rs.schema)
         return rs
@@ -360,7 +373,7 @@ def read_file(path: Path, header: Header) -> Weights:
         os.close(fd)
 
 
-def fold_file(acc: WeightedSum | Stack, header: Header, path: Path, weight: float) -> float:
+def fold_file(acc: WeightedSum | Stack | MaskedSum, header: Header, path: Path, weight: float) -> float:
     """Fold the update in ``path`` into ``acc``: a piece at a time into a running sum (the same result as
     folding it whole), or whole into a stack of deltas (robust aggregators keep them all anyway).
     Returns the L2 norm of its delta."""

@@ -77,6 +77,12 @@ class CoordinatorMetrics:
         self.rounds_not_applied = Counter(
             "fedfleet_rounds_not_applied", "Round attempts whose aggregate was not finite, so it was not applied "
             "and the round ran again (without the updates to blame, when they could be told)", ["kind"], registry=r)
+        self.secagg_failures = Counter(
+            "fedfleet_secagg_failures", "Securely aggregated round attempts that failed (too few workers in a "
+            "phase, or a secret whose shares would not reconstruct it) and ran again with fresh keys", registry=r)
+        self.secagg_bad_shares = Counter(
+            "fedfleet_secagg_bad_shares", "Key shares revealed in completed securely aggregated rounds that did not "
+            "match their dealer's commitment (refused; the round's record names the sender)", registry=r)
         self.received_bytes = Counter(
             "fedfleet_update_received_bytes", "Bytes of accepted updates (safetensors bodies)", registry=r)
         self.sent_bytes = Counter("fedfleet_model_sent_bytes", "Bytes of the global model sent to workers",
@@ -133,9 +139,14 @@ class CoordinatorMetrics:
         if not reached_quorum:
             self.rounds_missed_quorum.inc()
 
+    def secagg_failed(self) -> None:
+        self.secagg_failures.inc()
+
     def round_completed(self, record: RoundRecord) -> None:
         """Count a training round from its record (the one written to metrics.jsonl)."""
         self.rounds_completed.inc()
+        if record.secagg is not None:
+            self.secagg_bad_shares.inc(len(record.secagg.bad_shares))
         self.round_seconds.observe(record.seconds)
         self.aggregation_seconds.observe(record.timings.aggregate)
         self.evaluation_seconds.observe(record.timings.evaluate)

@@ -88,7 +88,8 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
 
 
 def task_problem(task: Task) -> str | None:
-    """Why ``task`` puts data-dependent values into the model outside the noised rounds, or None."""
+    """Why ``task`` puts data-dependent values into the model outside the noised (or securely aggregated)
+    rounds, or None."""
     if has_plan(task):
         return ("it agrees a plan from the sites' descriptions of their data (columns, classes, categories), "
                 "which would reach the model without noise")
@@ -114,9 +115,10 @@ def public_stats(task: Task) -> Weights | None:
     return stats
 
 
-def initial_model(task: Task, seed: int, plan: PrivacyPlan | None) -> Weights:
-    """The model before the first round: the task's, with its public statistics applied under central DP
-    (the statistics round that would compute them from the workers' data does not run)."""
+def initial_model(task: Task, seed: int, public: bool) -> Weights:
+    """The model before the first round: the task's, with its public statistics applied when ``public`` (under
+    central DP or secure aggregation, where the statistics round that would compute them from the workers'
+    data, in the clear, does not run)."""
     weights = task.init_weights(seed)
-    stats = public_stats(task) if plan is not None and task.stats_schema() is not None else None
+    stats = public_stats(task) if public and task.stats_schema() is not None else None
     return task.apply_stats(weights, stats) if stats is not None else weights

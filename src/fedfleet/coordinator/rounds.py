@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedfleet.secagg.server import MaskedSum
 from fedfleet.storage.records import MAX_WORKER_METRICS
 from fedfleet.strategies.accumulate import Stack, WeightedSum
 from fedfleet.types import Schema
@@ -91,7 +92,7 @@ class RoundState:
     sampled: list[str]
     needed: int
     schema: Schema
-    accumulator: WeightedSum | Stack
+    accumulator: WeightedSum | Stack | MaskedSum
     deadline: float  # time.monotonic()
     pool: BufferPool
     started: float = field(default_factory=time.monotonic)
@@ -172,7 +173,7 @@ def federated_eval(reports: list[dict[str, float]], low: float = 0.0) -> Federat
 
 
 def new_round(round: int, attempt: int, kind: Kind, sampled: list[str], quorum: float, schema: Schema,
-              accumulator: WeightedSum | Stack, timeout: float, pool_size: int | None = None) -> RoundState:
+              accumulator: WeightedSum | Stack | MaskedSum, timeout: float, pool_size: int | None = None) -> RoundState:
     size = sum(s.nbytes for s in schema)
     return RoundState(round=round, attempt=attempt, kind=kind, sampled=sampled,
                       needed=quorum_count(quorum, len(sampled)), schema=schema,

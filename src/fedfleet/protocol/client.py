@@ -34,6 +34,10 @@ from fedfleet.protocol.messages import (
     PlanResponse,
     RegisterRequest,
     RegisterResponse,
+    SecAggAck,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
     Status,
     UpdateAck,
     UpdateMeta,
@@ -178,6 +182,11 @@ class CoordinatorClient:
         return DescriptionAck.model_validate(self._call(
             "POST", f"/workers/{worker_id}/description", "describe the data",
             json=DescriptionBody(description=description).model_dump()))
+
+    def secagg(self, step: str, body: SecAggKeys | SecAggShares | SecAggReveal) -> SecAggAck:
+        """Send one secure-aggregation message (``step``: keys, shares or reveal) for this round attempt."""
+        return SecAggAck.model_validate(self._call("POST", f"/secagg/{step}", f"secure aggregation: {step}",
+                                                   json=body.model_dump()))
 
     def leave(self, worker_id: str) -> None:
         """Give this worker's partition back: it cannot take part (its data could not be read)."""

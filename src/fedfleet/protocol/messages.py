@@ -55,14 +55,68 @@ class TrainParamsMsg(Message):
     prox_mu: float = Field(0.0, description="FedProx: weight of the proximal term μ/2·‖w − w_global‖²")
 
 
+# Secure aggregation (fedfleet.secagg): keys, key shares and masks travel as base64 in JSON.
+B64 = Annotated[str, Field(max_length=400, pattern=r"^[A-Za-z0-9+/=]*$")]
+
+
+class SecAggTrainContext(Message):
+    """What a worker needs to mask its update in a securely aggregated round."""
+
+    neighbours: list[WorkerId] = Field(max_length=100_000, description="the neighbours it masks with")
+    shares: dict[WorkerId, B64] = Field(max_length=100_000, description="the key shares dealt to it, by dealer, "
+                                                                        "encrypted for it")
+    scale: float = Field(gt=0, description="fixed-point scale of the ring encoding (secagg.ring)")
+    clip: float = Field(gt=0, description="each coordinate of the delta is clipped to [-clip, clip]")
+    num_examples: int = Field(ge=1, description="the example count it announced with its keys")
+
+
 class TrainInstruction(Message):
-    """Train on your partition from model ``model_version`` and upload the update for this round."""
+    """Train on your partition from model ``model_version`` and upload the update for this round; with
+    ``secagg``, upload it masked (``fedfleet.secagg``)."""
 
     kind: Literal["train"] = "train"
     round: int = Field(ge=1)
     attempt: int = Field(ge=0)
     model_version: int = Field(ge=0)
     params: TrainParamsMsg
+    secagg: SecAggTrainContext | None = None
+
+
+class SecAggKeysInstruction(Message):
+    """Secure aggregation, phase 1: make fresh keys for this round attempt and POST ``/v1/secagg/keys``."""
+
+    kind: Literal["secagg_keys"] = "secagg_keys"
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+
+
+class SecAggPeer(Message):
+    worker_id: WorkerId
+    x: int = Field(ge=1, description="its share coordinate")
+    enc_key: B64
+    mask_key: B64
+
+
+class SecAggShareInstruction(Message):
+    """Secure aggregation, phase 2: deal shares of your secrets to ``peers`` (your neighbours and you) and
+    POST them to ``/v1/secagg/shares``."""
+
+    kind: Literal["secagg_share"] = "secagg_share"
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    peers: list[SecAggPeer] = Field(max_length=100_000)
+    threshold: int = Field(ge=2)
+
+
+class SecAggUnmaskInstruction(Message):
+    """Secure aggregation, phase 4: reveal your shares of the self-mask seeds of ``survivors`` and of the
+    mask keys of ``dropped`` (POST ``/v1/secagg/reveal``); never both for one worker."""
+
+    kind: Literal["secagg_unmask"] = "secagg_unmask"
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    survivors: list[WorkerId] = Field(max_length=100_000)
+    dropped: list[WorkerId] = Field(max_length=100_000)
 
 
 class StatsInstruction(Message):
@@ -95,7 +149,9 @@ class StopInstruction(Message):
 
 # What a worker is told to do next. Not called a "task": that word means the ML task (data + model).
 Instruction = Annotated[TrainInstruction | StatsInstruction | DescribeInstruction | WaitInstruction
-                        | StopInstruction, Field(discriminator="kind")]
+                        | StopInstruction | SecAggKeysInstruction | SecAggShareInstruction
+                        | SecAggUnmaskInstruction, Field(discriminator="kind")]
+SecAggInstruction = SecAggKeysInstruction | SecAggShareInstruction | SecAggUnmaskInstruction
 INSTRUCTION = TypeAdapter(Instruction)
 
 
@@ -126,6 +182,49 @@ class UpdateMeta(Message):
         except RecursionError as exc:
             raise ProtocolError("update metadata is invalid: JSON nested too deeply", status=422,
                                 reason="bad_metadata") from exc
+
+
+class SecAggKeys(Message):
+    """``POST /v1/secagg/keys``: a worker's public keys for one round attempt, a commitment to its self-mask
+    seed, and its example count (not secret: the aggregate is weighted by it)."""
+
+    worker_id: WorkerId
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    enc_key: B64
+    mask_key: B64
+    seed_commitment: B64
+    num_examples: int = Field(ge=1, le=10**12)
+
+
+class DealtShare(Message):
+    ciphertext: B64
+    mask_key_commitment: B64
+    self_mask_commitment: B64
+
+
+class SecAggShares(Message):
+    """``POST /v1/secagg/shares``: the shares a worker dealt, by holder, each encrypted for its holder."""
+
+    worker_id: WorkerId
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    shares: dict[WorkerId, DealtShare] = Field(max_length=100_000)
+
+
+class SecAggReveal(Message):
+    """``POST /v1/secagg/reveal``: the shares a worker reveals to unmask the round, by dealer."""
+
+    worker_id: WorkerId
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    self_mask_shares: dict[WorkerId, B64] = Field(max_length=100_000)
+    mask_key_shares: dict[WorkerId, B64] = Field(max_length=100_000)
+
+
+class SecAggAck(Message):
+    accepted: bool
+    phase: str
 
 
 class DescriptionBody(Message):

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedfleet.errors import ProtocolError
-from fedfleet.secagg import crypto, shamir
+from fedfleet.secagg import crypto, ring, shamir
 from fedfleet.secagg.labels import Labels
+from fedfleet.types import Weights
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,32 @@ class ClientRound:
         self._revealed.update({d: "self_mask" for d in self_masks})
         self._revealed.update({d: "mask_key" for d in mask_keys})
         return self_masks, mask_keys
+
+
+def masked_update(session: ClientRound, weights: Weights, base: Weights, neighbours: Iterable[str], scale: float,
+                  clip: float, num_examples: int) -> tuple[Weights, int]:
+    """(The update ``weights`` as the worker uploads it: its delta from ``base`` encoded in the ring
+    (``ring.encode``) and masked (``ClientRound.mask``), as uint64 tensors of the same names and shapes;
+    how many coordinates were clipped). The flat vector runs over the tensors sorted by name, as the
+    coordinator's masked sum does."""
+    names = sorted(base)
+    if sorted(weights) != names:
+        raise ProtocolError("the trained model's tensors differ from the global model's")
+    sizes = [int(np.asarray(base[n]).size) for n in names]
+    flat = np.empty(sum(sizes), dtype=np.uint64)
+    clipped = 0
+    pos = 0
+    for name, size in zip(names, sizes, strict=True):
+        delta = np.subtract(np.asarray(weights[name], dtype=np.float64).reshape(-1),
+                            np.asarray(base[name], dtype=np.float64).reshape(-1))
+        encoded, c = ring.encode(delta, clip, scale, num_examples)
+        flat[pos:pos + size] = encoded
+        clipped += c
+        pos += size
+    session.mask(flat, neighbours)
+    out: Weights = {}
+    pos = 0
+    for name, size in zip(names, sizes, strict=True):
+        out[name] = flat[pos:pos + size].reshape(np.asarray(base[name]).shape)
+        pos += size
+    return out, clipped

@@ -63,13 +63,19 @@ class Settings:
     clip: float  # --secagg-clip
 
 
+def flat_order(schema: Schema) -> list[TensorSpec]:
+    """The order tensors take in the flat vector that masks cover: by name, which both sides know alike
+    (not the order of a safetensors header, which an encoder may choose)."""
+    return sorted(schema, key=lambda s: s.name)
+
+
 def masked_schema(schema: Schema) -> Schema:
     """What a masked update looks like: each tensor's shape, its values ring elements (uint64)."""
     return tuple(TensorSpec(s.name, "uint64", s.shape) for s in schema)
 
 
 class MaskedSum:
-    """Σ of the masked updates in Z/2⁶⁴Z, one flat uint64 array over every tensor in schema order. It has the
+    """Σ of the masked updates in Z/2⁶⁴Z, one flat uint64 array over every tensor in ``flat_order``. It has the
     interface of ``strategies.accumulate.WeightedSum`` that the intake folds with; weights play no part
     (each update carries its own example count inside)."""
 
@@ -78,7 +84,7 @@ class MaskedSum:
         self.base: Weights | None = None
         self._offsets: dict[str, int] = {}
         pos = 0
-        for s in schema:
+        for s in flat_order(schema):
             self._offsets[s.name] = pos
             pos += math.prod(s.shape)
         self.total = np.zeros(pos, dtype=np.uint64)
@@ -211,14 +217,17 @@ class ServerRound:
         inbox = {d: c for d, c in self.inbox.get(worker, {}).items() if d in self.dealt}
         return neighbours, inbox
 
-    def upload_problem(self, worker: str, num_examples: int) -> str | None:
+    def upload_problem(self, worker: str, num_examples: int) -> tuple[int, str] | None:
+        """(HTTP status, message) if ``worker``'s masked update cannot be taken now, else None."""
         if self.phase != "masked":
-            return f"secure aggregation is in its {self.phase} phase: masked updates are taken in the masked phase"
+            return 409, (f"secure aggregation of round {self.labels.round} is in its {self.phase} phase: masked "
+                         "updates are taken once the key shares are dealt")
         if worker not in self.dealt:
-            return f"worker {worker} dealt no key shares this round, so its masked update could not be unmasked"
+            return 409, f"worker {worker} dealt no key shares this round, so its masked update could not be unmasked"
         announced = self.keys[worker].num_examples
         if num_examples != announced:
-            return f"num_examples {num_examples} differs from the {announced} this worker announced with its keys"
+            return 422, (f"num_examples {num_examples} differs from the {announced} this worker announced with its "
+                         "keys, which the round's scale was fixed with")
         return None
 
     # --- unmask ------------------------------------------------------------------------------------------

@@ -40,6 +40,29 @@ class RoundTimings(Record):
     checkpoint: float = Field(ge=0, description="writing the round's checkpoint")
 
 
+class SecAggRecord(Record):
+    """How a securely aggregated round went (the attempt that completed): who took part in each phase."""
+
+    neighbours: int = Field(ge=0, description="k: how many others each worker masked with")
+    needed: int = Field(ge=0, description="workers every phase needed (ceil(--secagg-threshold x sampled))")
+    sampled: int = Field(ge=0)
+    keys: int = Field(ge=0, description="workers that sent keys")
+    dealt: int = Field(ge=0, description="workers that dealt key shares")
+    uploaded: int = Field(ge=0, description="workers whose masked update was folded in")
+    revealed: int = Field(ge=0, description="workers that revealed their shares to unmask")
+    dropped_unmasked: int = Field(ge=0, description="workers that dealt shares but sent no update, whose "
+                                                    "pairwise masks were removed")
+    bad_shares: list[str] = Field(default_factory=list, max_length=1000,
+                                  description="wrong shares refused, each naming its sender")
+    scale: float = Field(gt=0, description="the fixed-point scale of the ring encoding")
+    error_bound: float = Field(ge=0, description="most the aggregate may differ, per coordinate, from the exact "
+                                                 "mean of the clipped deltas")
+    setup_s: float = Field(ge=0, description="seconds of the keys and shares phases (part of timings.open)")
+    unmask_s: float = Field(ge=0, description="seconds of the unmask phase, reconstruction included (part of "
+                                              "timings.aggregate)")
+    control_bytes_in: int = Field(ge=0, description="bytes of keys, shares and revealed shares received")
+
+
 class RoundRecord(Record):
     """One completed training round: a line of metrics.jsonl, a row of ``rounds`` in state.sqlite."""
 
@@ -75,6 +98,7 @@ class RoundRecord(Record):
     dp_clipped: int | None = Field(
         default=None, ge=0, description="with --dp central: updates of this round whose delta was scaled down to "
                                         "the clip norm")
+    secagg: SecAggRecord | None = Field(default=None, description="with --secure-aggregation: its phases")
 
 
 class RoundTiming(Record):

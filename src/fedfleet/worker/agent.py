@@ -18,6 +18,7 @@ and the worker takes the next instruction.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
@@ -42,14 +43,25 @@ from fedfleet.errors import (
 )
 from fedfleet.protocol.client import CoordinatorClient
 from fedfleet.protocol.messages import (
+    DealtShare,
     DescribeInstruction,
     RegisterResponse,
+    SecAggInstruction,
+    SecAggKeys,
+    SecAggKeysInstruction,
+    SecAggReveal,
+    SecAggShareInstruction,
+    SecAggShares,
+    SecAggTrainContext,
+    SecAggUnmaskInstruction,
     StatsInstruction,
     StopInstruction,
     TrainInstruction,
     UpdateMeta,
     WaitInstruction,
 )
+from fedfleet.secagg.client import ClientRound, Peer, masked_update
+from fedfleet.secagg.labels import Labels
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import Task, check_allowed, load_task
 from fedfleet.types import Weights
@@ -225,6 +237,9 @@ class Agent:
         self.slot = slot
         self.id_file = proc.state_dir / f"client-{slot}.json"
         self.worker_id: str | None = None
+        # Secure aggregation: this worker's keys and shares for one round attempt, in memory only (a worker
+        # that restarts cannot finish the attempt it was in, and counts as dropped out of it).
+        self._secagg: tuple[tuple[int, int], ClientRound] | None = None
 
     def run(self) -> None:
         client = self.proc.client()
@@ -316,7 +331,10 @@ class Agent:
                 self.proc.stop.wait(REPEAT_WAIT)
                 continue
             try:
-                outcome = self._work(client, reg, trainer, msg)
+                if isinstance(msg, SecAggKeysInstruction | SecAggShareInstruction | SecAggUnmaskInstruction):
+                    outcome = self._secagg_step(client, reg, trainer, msg)
+                else:
+                    outcome = self._work(client, reg, trainer, msg)
                 done = key if outcome == "not_accepted" else None
             except CoordinatorUnreachable:
                 raise
@@ -339,6 +357,65 @@ class Agent:
                 raise FedfleetError(f"the coordinator refused this worker's data: {exc}") from exc
             raise
         log.event("worker.described", worker=reg.worker_id, described=ack.described)
+
+    def _secagg_step(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer,
+                     msg: SecAggInstruction) -> Outcome:
+        """One step of secure aggregation (fedfleet.secagg.client): fresh keys, dealing shares, or revealing
+        them. A refusal (the attempt moved on, or the request made no sense) is logged; the worker goes on."""
+        wid, at = reg.worker_id, (msg.round, msg.attempt)
+        try:
+            if isinstance(msg, SecAggKeysInstruction):
+                # Fresh keys for every attempt, also for one the coordinator runs again after a restart.
+                session = ClientRound(wid, Labels(reg.run_id, msg.round, msg.attempt))
+                self._secagg = (at, session)
+                enc, mask, commitment = session.keys()
+                body: SecAggKeys | SecAggShares | SecAggReveal = SecAggKeys(
+                    worker_id=wid, round=msg.round, attempt=msg.attempt, enc_key=_b64(enc), mask_key=_b64(mask),
+                    seed_commitment=_b64(commitment), num_examples=max(len(trainer.data), 1))
+                step = "keys"
+            elif isinstance(msg, SecAggShareInstruction):
+                session = self._session(at)
+                dealt = session.deal([Peer(p.worker_id, p.x, _unb64(p.enc_key), _unb64(p.mask_key)) for p in msg.peers],
+                                     msg.threshold)
+                body = SecAggShares(worker_id=wid, round=msg.round, attempt=msg.attempt, shares={
+                    d.to: DealtShare(ciphertext=_b64(d.ciphertext), mask_key_commitment=_b64(d.mask_key_commitment),
+                                     self_mask_commitment=_b64(d.self_mask_commitment)) for d in dealt})
+                step = "shares"
+            else:
+                session = self._session(at)
+                self_masks, mask_keys = session.reveal(msg.survivors, msg.dropped)
+                body = SecAggReveal(worker_id=wid, round=msg.round, attempt=msg.attempt,
+                                    self_mask_shares={d: _b64(v) for d, v in self_masks.items()},
+                                    mask_key_shares={d: _b64(v) for d, v in mask_keys.items()})
+                step = "reveal"
+            self._retry(lambda: client.secagg(step, body), f"secure aggregation: {step}")
+        except ProtocolError as exc:  # RequestRejected included: the attempt moved on without us
+            log.event("secagg.refused", logging.WARNING, worker=wid, round=msg.round, attempt=msg.attempt,
+                      step=msg.kind, reason=str(exc))
+            return "not_accepted"
+        log.event("secagg.step", logging.DEBUG, worker=wid, round=msg.round, attempt=msg.attempt, step=msg.kind)
+        return "accepted"
+
+    def _session(self, at: tuple[int, int]) -> ClientRound:
+        if self._secagg is None or self._secagg[0] != at:
+            raise ProtocolError(f"this worker holds no secure-aggregation keys for round {at[0]} attempt {at[1]} "
+                                "(it restarted since, or never got that attempt's keys instruction)")
+        return self._secagg[1]
+
+    def _masked(self, msg: TrainInstruction, context: SecAggTrainContext, weights: Weights, model: Weights,
+                metrics: dict[str, float]) -> Weights:
+        """The trained ``weights`` as uploaded under secure aggregation: their delta encoded and masked."""
+        session = self._session((msg.round, msg.attempt))
+        t0 = time.perf_counter()
+        unreadable = session.accept({d: _unb64(c) for d, c in context.shares.items()})
+        if unreadable:
+            log.event("secagg.unreadable_shares", logging.WARNING, worker=self.worker_id, round=msg.round,
+                      dealers=", ".join(unreadable))
+        masked, clipped = masked_update(session, weights, model, context.neighbours, context.scale, context.clip,
+                                        context.num_examples)
+        metrics["secagg_clipped"] = float(clipped)
+        metrics["mask_s"] = time.perf_counter() - t0
+        return masked
 
     def _planned(self, client: CoordinatorClient, trainer: Trainer) -> None:
         """Set the trainer up with the run's plan, fetched once: the coordinator sends work only once it has one."""
@@ -374,6 +451,9 @@ class Agent:
             self._diverged(reg.worker_id, msg, tensors, dropped)
             if tensors:
                 return "not_accepted"  # the coordinator refuses non-finite weights: the round goes on without us
+        if isinstance(msg, TrainInstruction) and msg.secagg is not None:
+            weights = self._masked(msg, msg.secagg, weights, model, metrics)
+            n = msg.secagg.num_examples
         # {**metrics}: a dict of UpdateMeta's own value type (it also admits None), which a dict[str, float] is not.
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics={**metrics})
@@ -389,7 +469,8 @@ class Agent:
         if tensors:
             self.proc.metrics.uploads.labels(result="diverged").inc()
 
-    def _update_failed(self, worker_id: str, msg: TrainInstruction | StatsInstruction, exc: Exception) -> None:
+    def _update_failed(self, worker_id: str, msg: TrainInstruction | StatsInstruction | SecAggInstruction,
+                       exc: Exception) -> None:
         self.proc.metrics.uploads.labels(result="error").inc()
         log.event("update.failed", logging.ERROR, worker=worker_id, round=msg.round, attempt=msg.attempt,
                   kind=msg.kind, error=str(exc) if isinstance(exc, FedfleetError) else repr(exc))
@@ -449,3 +530,14 @@ class Agent:
             else:
                 self.proc.waiting.answered()
                 return result
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def _unb64(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError as exc:  # binascii.Error is a ValueError
+        raise ProtocolError(f"the coordinator sent a value that is not base64: {value[:20]!r}") from exc
