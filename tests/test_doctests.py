@@ -9,9 +9,11 @@ import pytest
 
 MODULES = [
     "fedfleet.config",
+    "fedfleet.coordinator.live",
     "fedfleet.coordinator.ranges",
     "fedfleet.coordinator.rounds",
     "fedfleet.protocol.transfer",
+    "fedfleet.report",
     "fedfleet.storage.records",
     "fedfleet.strategies.accumulate",
     "fedfleet.strategies.robust",

@@ -16,18 +16,24 @@ from matplotlib.image import imread
 
 from conftest import run_fedfleet as fedfleet
 from fedfleet.cli import main
+from fedfleet.errors import StorageError
 from fedfleet.report import (
     RunData,
     WorkerParticipation,
+    compare_labels,
     load_run,
+    plot_compare_privacy,
     plot_participation,
+    plot_privacy,
     plot_round_time,
+    privacy_lines,
     read_participation,
     round_phases,
 )
-from fedfleet.storage.records import RoundRecord, RoundTimings, RunSummary
+from fedfleet.storage.records import PrivacySummary, RoundRecord, RoundTimings, RunSummary
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
+from fedfleet.strategies.privacy import epsilon
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SINGLE = ("accuracy_loss.png", "round_time.png", "participation.png")
@@ -106,6 +112,8 @@ def test_report_of_one_run(runs: dict[str, Path]) -> None:
     assert row["rounds"] == "3" and row["partition"] == "iid" and row["workers"] == "3"
     assert row["state"] == "finished" and row["seconds"] == f"{s.seconds:.1f}"
     assert sorted(images(text)) == sorted(SINGLE)
+    # No differential privacy, nothing about it: no column, no section, no plot.
+    assert "ε" not in text and "privacy" not in text.lower() and not (out / "privacy.png").exists()
 
 
 def test_report_of_two_runs_side_by_side_defaults_to_report_in_cwd(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -304,3 +312,102 @@ def test_report_of_a_run_whose_model_diverged(tmp_path: Path) -> None:
     assert main(["report", str(run)]) == 0
     check_png(run / "report" / "accuracy_loss.png")
     assert "| diverged | - | - | in progress | 3 | - | - | 0.3 |" in (run / "report" / "report.md").read_text()
+
+
+# --- differential privacy -----------------------------------------------------------------------------------
+DP_SIGMA, DP_CLIP, DP_MAX, DP_DELTA = 1.0, 0.5, 50.0, 1e-5
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run of 3 workers and 3 rounds with --dp central (every worker sampled, σ 1, clip 0.5)."""
+    pytest.importorskip("dp_accounting")
+    path = tmp_path_factory.mktemp("dp") / "songs-dp"
+    r = fedfleet("run", "--workers", "3", "--rounds", "3", "--dp", "central", "--dp-clip", str(DP_CLIP),
+                 "--dp-noise-multiplier", str(DP_SIGMA), "--dp-max-epsilon", str(DP_MAX), "--out", str(path),
+                 "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return path
+
+
+def test_report_of_a_dp_run_states_the_mechanism_and_the_epsilon_spent(dp_run: Path) -> None:
+    assert main(["report", str(dp_run)]) == 0
+    out = dp_run / "report"
+    assert {p.name for p in out.iterdir()} == {*SINGLE, "privacy.png", "report.md"}
+    check_png(out / "privacy.png")
+    text = (out / "report.md").read_text()
+    assert "privacy.png" in images(text)
+    dp = summary(dp_run).dp
+    assert dp is not None
+    # The accountant's own figure for 3 rounds, as summary.json and the last round recorded it.
+    spent = epsilon(1.0, DP_SIGMA, 3, DP_DELTA)
+    assert dp.epsilon == pytest.approx(spent) and metrics(dp_run)[-1].dp_epsilon == pytest.approx(spent)
+    assert table_rows(text)["songs-dp"]["ε spent (δ)"] == f"{dp.epsilon:.3g} (1e-05)"
+    section = text.split("## Differential privacy", 1)[1]
+    for line in ("- Mechanism: central differential privacy (DP-FedAvg with a trusted coordinator)",
+                 "- Clip norm C: 0.5\n", "- Noise multiplier σ: 1\n", "- δ: 1e-05\n", "- Sampling rate q: 1 (Poisson",
+                 f"- ε spent: **{dp.epsilon:.3g}** of --dp-max-epsilon 50 at δ 1e-05, by 3 noised rounds",
+                 "- Accountant: rdp: dp-accounting's RdpAccountant"):
+        assert line in section, (line, section)
+    assert "--dp-seed" not in section  # the noise was not seeded: nothing to warn about
+
+
+def test_comparison_labels_runs_by_their_epsilon(dp_run: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+    plain = runs["iid"]
+    assert main(["report", str(dp_run), str(plain), "--out", str(tmp_path)]) == 0
+    dp = summary(dp_run).dp
+    assert dp is not None
+    eps = dp.epsilon
+    labels = compare_labels([load_run(dp_run), load_run(plain)])
+    assert labels == [f"songs-dp (iid, 3 workers, ε {eps:.3g})", "songs-iid (iid, 3 workers, no DP)"]
+    text = (tmp_path / "report.md").read_text()
+    for label in labels:
+        assert f"\n## {label}\n" in text
+    rows = table_rows(text)
+    assert rows["songs-iid"]["ε spent (δ)"] == "no DP" and rows["songs-dp"]["ε spent (δ)"].startswith(f"{eps:.3g} ")
+    check_png(tmp_path / "songs-dp" / "privacy.png")
+    assert not (tmp_path / "songs-iid" / "privacy.png").exists()
+    # One run with DP: nothing to set its accuracy against ε beside.
+    assert not (tmp_path / "compare_privacy.png").exists() and "compare_privacy.png" not in text
+    # Runs whose ε does not differ keep their plain labels.
+    assert compare_labels([load_run(plain), load_run(runs["natural"])]) == [load_run(plain).label,
+                                                                            load_run(runs["natural"]).label]
+
+
+def test_report_of_a_dp_run_in_progress_says_the_epsilon_so_far(dp_run: Path, tmp_path: Path) -> None:
+    going = shutil.copytree(dp_run, tmp_path / "going")
+    (going / "summary.json").unlink()
+    assert main(["report", str(going)]) == 0
+    text = (going / "report" / "report.md").read_text()
+    so_far = metrics(going)[-1].dp_epsilon
+    assert so_far is not None
+    assert f"- ε spent so far: **{so_far:.3g}** after round 3 (metrics.jsonl)" in text
+    assert table_rows(text)["going"]["ε spent (δ)"] == f"{so_far:.3g}"
+    check_png(going / "report" / "privacy.png")
+
+
+def _private(name: str, sigma: float, target: float | None = None) -> RunData:
+    """A finished 4-round run with DP whose epsilon grows by ``1/sigma`` a round (numbers made up)."""
+    rounds = [record(i, accuracy=0.4 + 0.02 * i, dp_epsilon=i / sigma) for i in range(1, 5)]
+    dp = PrivacySummary(mechanism="central", clip=1.0, noise_multiplier=sigma, target_epsilon=target, delta=1e-6,
+                        epsilon=4 / sigma, max_epsilon=None, sample_rate=0.5, denominator=4.0, rounds=4,
+                        accountant="rdp", seeded=True)
+    s = RunSummary(run_id=name, state="finished", message="", task="songs", partition="iid", workers=8, rounds=4,
+                   rounds_planned=4, final_accuracy=0.48, final_loss=1.0, seconds=1.0, parameters=10,
+                   model_version=5, config={}, round_timings=[], dp=dp)
+    return RunData(path=Path(name), name=name, rounds=rounds, summary=s, partition="iid", workers=8,
+                   participation=None)
+
+
+def test_plots_and_labels_of_several_dp_runs(tmp_path: Path) -> None:
+    a, b = _private("a", 1.0), _private("b", 0.5, target=8.0)
+    assert compare_labels([a, b]) == ["a (iid, 8 workers, ε 4)", "b (iid, 8 workers, ε 8)"]
+    check_png(plot_compare_privacy([a, b], compare_labels([a, b]), tmp_path / "compare_privacy.png"))
+    check_png(plot_privacy(b, tmp_path / "privacy.png"))
+    with pytest.raises(StorageError, match="no round records an epsilon spent"):
+        plot_privacy(RunData(path=tmp_path, name="plain", rounds=[record(1)], summary=None, partition=None,
+                             workers=None, participation=None), tmp_path / "nope.png")
+    lines = "\n".join(privacy_lines(b))
+    assert "- Noise multiplier σ: 0.5, solved for --dp-target-epsilon 8" in lines
+    assert "- ε spent: **8** at δ 1e-06, by 4 noised rounds" in lines
+    assert "--dp-seed was set" in lines  # a seeded run's noise is known to whoever knows the seed: said so

@@ -26,10 +26,11 @@ from fastapi import FastAPI
 
 from conftest import Coordinator
 from fedfleet.errors import TaskError
+from fedfleet.strategies.privacy import epsilon
 from fedfleet.tasks.predict import predictor
 from fedfleet.tasks.songs import ERAS, FEATURES, LIMITS, SongsTask, load_songs
 from fedfleet.web.routes import ASSETS, create_router
-from fedfleet.web.sources import Model
+from fedfleet.web.sources import FinishedRun, Model
 
 TIMEOUT = 30.0
 
@@ -293,6 +294,7 @@ def test_finished_run_dashboard_reads_the_run_files(client: httpx.Client, run_di
     assert sorted(w["partition"] for w in body["workers"]) == ["part-000-of-002", "part-001-of-002"]
     for w in body["workers"]:
         assert w["rounds_served"] == 2 and w["last_train_s"] > 0
+    assert body["dp"] is None  # no differential privacy: the page shows nothing about it
 
     # The event stream of a finished run: one state, then it ends (nothing more will come).
     with client.stream("GET", "/v1/events") as r:
@@ -340,6 +342,7 @@ def test_live_events_push_rounds_and_worker_train_times(coordinator: Any, worker
         events = sse_events(r.iter_lines())
         first = json.loads(next(events)[1])
         assert first["status"]["state"] == "waiting" and first["live"] and first["rounds"] == []
+        assert first["dp"] is None
         worker(coord.url, clients=2)
         # The stream ends by itself once the run is over.
         for kind, data in events:
@@ -351,12 +354,43 @@ def test_live_events_push_rounds_and_worker_train_times(coordinator: Any, worker
     assert seen == sorted(seen) and seen[-1] == 3 and len(set(seen)) >= 2
     assert any(s["open_round"] and s["open_round"]["kind"] == "train" for s in states)
     assert states[-1]["status"]["state"] == "finished"
+    assert all(s["dp"] is None for s in states)
     # The rounds sent piecemeal add up to exactly what the coordinator recorded.
     assert rounds == [json.loads(line) for line in (coord.data_dir / "metrics.jsonl").read_text().splitlines()]
     last = states[-1]["workers"]
     assert len(last) == 2
     for w in last:
         assert w["rounds_served"] == 3 and w["last_train_s"] > 0 and w["last_seen_s"] >= 0
+
+
+def test_the_dashboard_carries_the_epsilon_spent_by_a_dp_run(coordinator: Any, worker: Any) -> None:
+    """--dp central: every state the page gets says the epsilon spent so far (the accountant's, for the rounds
+    recorded) with delta and the budget; the finished run read from its files says what summary.json does."""
+    pytest.importorskip("dp_accounting")
+    coord: Coordinator = coordinator("--workers", "2", "--rounds", "3", "--dp", "central", "--dp-clip", "0.5",
+                                     "--dp-noise-multiplier", "1.0", "--dp-max-epsilon", "50", "--linger", "2")
+    with httpx.Client(base_url=coord.url, timeout=TIMEOUT) as http:
+        before = http.get("/v1/dashboard").json()
+        with http.stream("GET", "/v1/events") as r:
+            events = sse_events(r.iter_lines())
+            worker(coord.url, clients=2)
+            states = [json.loads(data) for _, data in events]
+    assert before["dp"] == {"mechanism": "central", "epsilon": 0.0, "delta": 1e-5, "max_epsilon": 50.0,
+                            "target_epsilon": None, "clip": 0.5, "noise_multiplier": 1.0, "sample_rate": 1.0,
+                            "rounds": 0}
+    rounds: list[dict[str, Any]] = []
+    for state in states:
+        rounds = rounds[: state["rounds_from"]] + state["rounds"]
+        done = state["status"]["round"]
+        assert state["dp"] == {**before["dp"], "epsilon": pytest.approx(epsilon(1.0, 1.0, done, 1e-5)),
+                               "rounds": done}
+        # The same figure as the round records the chart draws.
+        assert state["dp"]["epsilon"] == (rounds[-1]["dp_epsilon"] if rounds else 0.0)
+    last = states[-1]
+    assert last["status"]["state"] == "finished" and last["status"]["round"] == 3 and len(rounds) == 3
+    summary = json.loads((coord.data_dir / "summary.json").read_text())["dp"]
+    finished = FinishedRun.load(coord.data_dir).snapshot()["dp"]
+    assert finished == last["dp"] == {key: summary[key] for key in finished}
 
 
 def test_predict_needs_a_task_that_predicts(coordinator: Any) -> None:

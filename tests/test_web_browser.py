@@ -120,11 +120,36 @@ def test_dashboard_shows_rounds_advancing_during_a_live_run(page: Any, coordinat
     config = dict(zip(page.locator("#config .k").all_text_contents(), page.locator("#config .v").all_text_contents(),
                       strict=True))
     assert config["rounds"] == "200" and config["workers"] == "2" and config["local_epochs"] == "3"
+    # A run without differential privacy shows nothing about it.
+    assert page.is_hidden("#dp-card") and page.is_hidden("#dp-chart")
     # Pushed, not polled: every change came down the one event stream the page opened.
     assert api_requests == [f"{coord.url}/v1/events"]
 
     shot = screenshot(page, tmp_path, "dashboard.png")
     assert shot.stat().st_size > 10_000
+
+
+def test_dashboard_shows_the_epsilon_a_dp_run_spent(page: Any, tmp_path: Path) -> None:
+    pytest.importorskip("dp_accounting")
+    run_dir = tmp_path / "run"
+    r = fedfleet("run", "--workers", "2", "--rounds", "3", "--dp", "central", "--dp-clip", "0.5",
+                 "--dp-noise-multiplier", "1.0", "--dp-max-epsilon", "50", "--out", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    dp = json.loads((run_dir / "summary.json").read_text())["dp"]
+    spent = [json.loads(line)["dp_epsilon"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    proc, url = start_serve(run_dir)
+    try:
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('run-state').textContent === 'finished'")
+        assert page.is_visible("#dp-card") and page.is_visible("#chart-epsilon")
+        assert page.text_content("#dp-epsilon") == f"ε {dp['epsilon']:.3g} of 50"
+        assert page.text_content("#dp-detail") == "δ 1e-5 · σ 1 · clip 0.5"
+        # The chart draws the epsilon each round recorded.
+        assert page.evaluate("charts.epsilon.rows.map(r => r.dp_epsilon)") == spent and spent[-1] == dp["epsilon"]
+        screenshot(page, tmp_path, "dashboard-dp.png")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
