@@ -5,7 +5,9 @@ Reading and drawing are kept apart, so that tests can check the numbers without 
 ``storage.run_dir.RunDir`` into a ``RunData``: the round records, the run summary, and rounds served
 per worker from the state database (``read_participation``); ``round_phases`` splits each round's
 seconds from it. The ``plot_*`` functions draw one figure each; ``write_report`` ties them together and
-writes ``report.md``.
+writes ``report.md``. A run with differential privacy (``--dp central``) also gets ``privacy.png`` (ε spent
+by round, accuracy against ε) and a section stating its mechanism and what it spent; runs compared side by
+side are told apart by their ε where it differs.
 
 A run dir is only read: the state database is opened read-only, so a report can be drawn of a run
 that is still going without getting in the coordinator's way. Figures are made with
@@ -30,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedfleet.errors import StorageError
 from fedfleet.partition import partition_name
-from fedfleet.storage.records import RoundRecord, RunSummary
+from fedfleet.storage.records import PrivacySummary, RoundRecord, RunSummary
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 
@@ -48,6 +50,8 @@ PHASE_COLOURS = {
     "checkpoint": "#b279a2",
 }
 SINGLE_RUN_PLOTS = ("accuracy_loss.png", "round_time.png", "participation.png")
+PRIVACY_PLOT = "privacy.png"  # a run with --dp central: epsilon by round, accuracy against epsilon
+COMPARE_PRIVACY_PLOT = "compare_privacy.png"  # two or more such runs: accuracy against epsilon, run by run
 CUT_FACTOR = 4.0  # the round-time axis is cut at this many median rounds when a round is longer
 FULL_NAMES = 12  # workers up to which the participation chart writes out partition names
 
@@ -77,8 +81,25 @@ class RunData:
     @property
     def label(self) -> str:
         """The run dir's name with what tells runs apart: its partition and number of workers."""
-        details = [d for d in (self.partition, f"{self.workers} workers" if self.workers else None) if d]
+        return self.label_with()
+
+    def label_with(self, *extra: str) -> str:
+        details = [d for d in (self.partition, f"{self.workers} workers" if self.workers else None, *extra) if d]
         return f"{self.name} ({', '.join(details)})" if details else self.name
+
+    @property
+    def dp(self) -> PrivacySummary | None:
+        """summary.json's dp block: the mechanism's settings and the epsilon spent; None without --dp central
+        and while the run is going (its rounds still say what they spent: ``epsilon``)."""
+        return self.summary.dp if self.summary else None
+
+    @property
+    def epsilon(self) -> float | None:
+        """Epsilon spent by the run (at its delta), None for a run without differential privacy. While the
+        run is going, what its last recorded round says."""
+        if self.dp is not None:
+            return self.dp.epsilon
+        return self.rounds[-1].dp_epsilon if self.rounds else None
 
     @property
     def state(self) -> str:
@@ -206,6 +227,39 @@ def _fmt(value: float | None) -> str:
 def _values(values: Sequence[float | None]) -> list[float]:
     """Scores to plot: an unknown one (a diverged model's) as NaN, a gap in the line."""
     return [math.nan if v is None else v for v in values]
+
+
+def _g(value: float) -> str:
+    """Epsilon, delta and the mechanism's settings as people write them: 2.31, 0.5, 1e-05."""
+    return f"{value:.3g}"
+
+
+def _accuracies(run: RunData) -> tuple[list[float | None], str]:
+    """The run's accuracy by round and what it was measured on: the held-out test set, or, for a run
+    without one, the workers' validation splits (federated evaluation)."""
+    test = [r.accuracy for r in run.rounds]
+    fed = [r.fed_accuracy for r in run.rounds]
+    if all(v is None for v in test) and any(v is not None for v in fed):
+        return fed, "workers' validation splits (federated evaluation)"
+    return test, "held-out test set"
+
+
+def compare_labels(runs: Sequence[RunData]) -> list[str]:
+    """Each run's label for a comparison; with its epsilon (or "no DP") when the runs' epsilons differ,
+    since then privacy is what sets them apart as much as their partition.
+
+    >>> base = RunData(Path("a"), "a", [], None, "iid", 8, None)
+    >>> compare_labels([base, base])
+    ['a (iid, 8 workers)', 'a (iid, 8 workers)']
+    """
+    shown = [_epsilon_label(run.epsilon) for run in runs]
+    if len(set(shown)) <= 1:
+        return [run.label for run in runs]
+    return [run.label_with(text) for run, text in zip(runs, shown, strict=True)]
+
+
+def _epsilon_label(epsilon: float | None) -> str:
+    return "no DP" if epsilon is None else f"ε {_g(epsilon)}"
 
 
 # --- drawing -------------------------------------------------------------------------------------
@@ -338,15 +392,59 @@ def plot_participation(run: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_privacy(run: RunData, path: Path) -> Path:
+    """A run with differential privacy: the epsilon spent by round against its budget (left), and the
+    accuracy each round reached against the epsilon spent by then (right), the privacy-utility trade-off."""
+    private = [r for r in run.rounds if r.dp_epsilon is not None]
+    if not private:
+        raise StorageError(f"{run.path}: no round records an epsilon spent; the run has no differential privacy")
+    fig = _figure(11, 4.5)
+    dp = run.dp
+    fig.suptitle(f"{run.label}: privacy spent" + (f" (δ {_g(dp.delta)})" if dp is not None else ""), fontsize=13)
+    left, right = fig.subplots(1, 2)
+    xs = [r.round for r in private]
+    eps = [r.dp_epsilon or 0.0 for r in private]
+    left.plot(xs, eps, marker="o", markersize=4, color="#7c3aed", label="ε spent")
+    if dp is not None and dp.max_epsilon is not None:
+        left.axhline(dp.max_epsilon, color="#e45756", linestyle="--", linewidth=1,
+                     label=f"--dp-max-epsilon {_g(dp.max_epsilon)}: the run stops before it")
+    if dp is not None and dp.target_epsilon is not None:
+        left.axhline(dp.target_epsilon, color="#f58518", linestyle=":", linewidth=1.2,
+                     label=f"--dp-target-epsilon {_g(dp.target_epsilon)} (σ solved for it)")
+    _style(left, "ε spent by round", "round", "ε (cumulative)")
+    left.set_ylim(bottom=0)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.legend(fontsize=9, loc="upper left", frameon=False)
+    scores, scored_on = _accuracies(run)
+    accuracy = {r.round: a for r, a in zip(run.rounds, scores, strict=True)}
+    right.plot(eps, _values([accuracy[r] for r in xs]), marker="o", markersize=4, color="#4c78a8")
+    _style(right, f"Accuracy ({scored_on}) against ε spent", "ε spent", "accuracy")
+    return _save(fig, path)
+
+
+def plot_compare_privacy(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> Path:
+    """Several runs with differential privacy: each one's accuracy against the epsilon it had spent."""
+    fig = _figure(11, 4.6 + 0.25 * math.ceil(len(runs) / 2))
+    ax = fig.subplots()
+    for run, label in zip(runs, labels, strict=True):
+        accuracy = _accuracies(run)[0]
+        points = [(r.dp_epsilon, a) for r, a in zip(run.rounds, accuracy, strict=True) if r.dp_epsilon is not None]
+        ax.plot([e for e, _ in points], _values([a for _, a in points]), marker="o", markersize=3, label=label)
+    _style(ax, "Accuracy against ε spent, run by run", "ε spent", "accuracy")
+    fig.legend(loc="outside lower center", ncols=min(len(runs), 2), fontsize=9, frameon=False)
+    return _save(fig, path)
+
+
 def plot_compare(runs: Sequence[RunData], path: Path) -> Path:
     """Accuracy and loss by round of several runs on one chart each, a line per run."""
     fig = _figure(11, 4.2 + 0.25 * math.ceil(len(runs) / 2))
     fig.suptitle("Accuracy and loss by round, run by run", fontsize=13)
     axes = fig.subplots(1, 2)
+    labels = compare_labels(runs)
     for key, ax in zip(("accuracy", "loss"), axes, strict=True):
-        for run in runs:
+        for run, label in zip(runs, labels, strict=True):
             ax.plot([r.round for r in run.rounds], _values([_score(r, key) for r in run.rounds]), marker="o",
-                    markersize=3, label=run.label)
+                    markersize=3, label=label)
         _style(ax, f"Test {key} of the global model", "round", key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = axes[0].get_legend_handles_labels()
@@ -373,6 +471,11 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> list[Path
         sections.append((runs[0], ""))
     else:
         written.append(plot_compare(runs, out / "compare.png"))
+        private = [(run, label) for run, label in zip(runs, compare_labels(runs), strict=True)
+                   if run.epsilon is not None]
+        if len(private) > 1:
+            written.append(plot_compare_privacy([r for r, _ in private], [label for _, label in private],
+                                                out / COMPARE_PRIVACY_PLOT))
         for run, folder in zip(runs, _unique_names([r.name for r in runs]), strict=True):
             written += _plot_run(run, out / folder)
             sections.append((run, folder + "/"))
@@ -386,7 +489,10 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> list[Path
 
 def _plot_run(run: RunData, out: Path) -> list[Path]:
     plots = (plot_accuracy_loss, plot_round_time, plot_participation)
-    return [plot(run, out / name) for plot, name in zip(plots, SINGLE_RUN_PLOTS, strict=True)]
+    written = [plot(run, out / name) for plot, name in zip(plots, SINGLE_RUN_PLOTS, strict=True)]
+    if run.epsilon is not None:
+        written.append(plot_privacy(run, out / PRIVACY_PLOT))
+    return written
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -402,27 +508,70 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 
 def render_markdown(runs: Sequence[RunData], sections: Sequence[tuple[RunData, str]]) -> str:
+    # The privacy column only where a run has differential privacy: a report of runs without it is unchanged.
+    private = any(run.epsilon is not None for run in runs)
     lines = ["# fedfleet report", "",
-             "| run | partition | workers | state | rounds | final accuracy | final loss | seconds |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "| run | partition | workers | state | rounds | final accuracy | final loss | seconds |"
+             + (" ε spent (δ) |" if private else ""),
+             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if private else "")]
     for run in runs:
         cells = [run.name, run.partition or "-", str(run.workers or "-"), run.state, str(len(run.rounds)),
                  _fmt(run.final_accuracy) + (" (federated)" if run.scored_by == "federated" else ""),
                  _fmt(run.final_loss), f"{run.seconds:.1f}"]
+        if private:
+            cells.append("no DP" if run.epsilon is None else _g(run.epsilon)
+                         + (f" ({_g(run.dp.delta)})" if run.dp is not None else ""))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
+    labels = dict(zip((id(run) for run in runs), compare_labels(runs), strict=True))
     if len(runs) > 1:
         lines += ["## Side by side", "", "![accuracy and loss by round, run by run](compare.png)", ""]
+        if sum(run.epsilon is not None for run in runs) > 1:
+            lines += ["![accuracy against ε spent, run by run](compare_privacy.png)", ""]
     for run, prefix in sections:
         heading = "##" if len(runs) == 1 else "###"
         if len(runs) > 1:
-            lines += [f"## {run.label}", ""]
+            lines += [f"## {labels[id(run)]}", ""]
         for title, name in zip(("Accuracy and loss by round", "Time per round by phase", "Participation"),
                                SINGLE_RUN_PLOTS, strict=True):
             lines += [f"{heading} {title}", "", f"![{title.lower()}]({quote(prefix + name)})", ""]
         if run.participation is None:
             lines += [f"{run.path} has no state.sqlite, so rounds served per worker are not shown.", ""]
+        if run.epsilon is not None:
+            lines += [f"{heading} Differential privacy", "", *privacy_lines(run), "",
+                      f"![privacy spent]({quote(prefix + PRIVACY_PLOT)})", ""]
     return "\n".join(lines)
+
+
+def privacy_lines(run: RunData) -> list[str]:
+    """What report.md says of a run's differential privacy: the mechanism, its settings and the epsilon
+    spent, from summary.json's dp block (while the run is going, only the epsilon its rounds recorded)."""
+    dp = run.dp
+    if dp is None:
+        spent = run.rounds[-1]
+        return [f"- ε spent so far: **{_g(run.epsilon or 0.0)}** after round {spent.round} (metrics.jsonl); the "
+                "mechanism's settings and δ are written to summary.json when the run ends."]
+    if dp.target_epsilon is not None:
+        sigma = f"{_g(dp.noise_multiplier)}, solved for --dp-target-epsilon {_g(dp.target_epsilon)}"
+    else:
+        sigma = _g(dp.noise_multiplier)
+    budget = f" of --dp-max-epsilon {_g(dp.max_epsilon)}" if dp.max_epsilon is not None else ""
+    lines = [
+        f"- Mechanism: {dp.mechanism} differential privacy (DP-FedAvg with a trusted coordinator): each sampled "
+        "worker's update clipped to L2 norm C, Gaussian noise of standard deviation σ·C added to their sum, "
+        f"divided by the expected number sampled ({_g(dp.denominator)})",
+        f"- Clip norm C: {_g(dp.clip)}",
+        f"- Noise multiplier σ: {sigma}",
+        f"- δ: {_g(dp.delta)}",
+        f"- Sampling rate q: {_g(dp.sample_rate)} (Poisson: each live worker independently, each round)",
+        f"- ε spent: **{_g(dp.epsilon)}**{budget} at δ {_g(dp.delta)}, by {dp.rounds} noised "
+        f"round{'s' if dp.rounds != 1 else ''}; the unit of privacy is a worker (all of one site's examples)",
+        f"- Accountant: {dp.accountant}",
+    ]
+    if dp.seeded:
+        lines.append("- **--dp-seed was set: the sampling and the noise are reproducible by whoever knows the seed, "
+                     "so this run is not private (for tests only).**")
+    return lines
 
 
 def main(run_dirs: Sequence[Path], out: Path | None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from fedfleet.config import RunConfig
 from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
 from fedfleet.protocol.messages import Status
+from fedfleet.storage.records import PrivacySummary
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.tasks import Task, check_allowed, load_task, with_plan
 from fedfleet.tasks.base import has_plan
@@ -32,6 +33,34 @@ class Model:
     round: int  # training rounds behind it
 
 
+@dataclass(frozen=True)
+class PrivacyView:
+    """``dp`` in the dashboard's state: the epsilon a run with --dp central has spent, and what it is measured
+    against. The names are those of summary.json's ``dp`` block (``PrivacySummary``), so that the page reads
+    one shape from a live run and from a finished one."""
+
+    mechanism: str
+    epsilon: float  # spent by the rounds recorded so far, at delta
+    delta: float
+    max_epsilon: float | None  # --dp-max-epsilon: the run ends before a round that would go over it
+    target_epsilon: float | None  # --dp-target-epsilon: what sigma was solved for over the planned rounds
+    clip: float
+    # None while a live run's sigma was solved for --dp-target-epsilon: the engine solved it at start, and
+    # solving it again here would take seconds of the event loop; summary.json has it once the run ends.
+    noise_multiplier: float | None
+    sample_rate: float
+    rounds: int  # noised rounds released, which epsilon counts
+
+    @classmethod
+    def of(cls, dp: PrivacySummary) -> PrivacyView:
+        return cls(mechanism=dp.mechanism, epsilon=dp.epsilon, delta=dp.delta, max_epsilon=dp.max_epsilon,
+                   target_epsilon=dp.target_epsilon, clip=dp.clip, noise_multiplier=dp.noise_multiplier,
+                   sample_rate=dp.sample_rate, rounds=dp.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class RunSource(Protocol):
     @property
     def task(self) -> Task | None:
@@ -39,7 +68,8 @@ class RunSource(Protocol):
         ...
 
     def snapshot(self) -> dict[str, Any]:
-        """``status`` (a Status), ``open_round``, ``workers`` and ``config``, JSON-ready."""
+        """``status`` (a Status), ``open_round``, ``workers``, ``config`` and ``dp`` (a ``PrivacyView`` as a
+        dict, None for a run without differential privacy), JSON-ready."""
         ...
 
     def rounds(self) -> list[dict[str, Any]]:
@@ -65,6 +95,7 @@ class FinishedRun:
     workers: list[dict[str, Any]]
     loaded_task: Task | None
     task_problem: str | None = None  # why the task is not loaded, when it is not
+    privacy: PrivacyView | None = None  # from summary.json's dp block; None without --dp
     _never: asyncio.Event = field(default_factory=asyncio.Event)  # a finished run does not change
 
     @classmethod
@@ -108,7 +139,7 @@ class FinishedRun:
         history = [r.model_dump() for r in records]
         task, problem = _load_task(run_dir, config, allowed_tasks)
         return cls(directory, status, config, history, Model(weights, status.model_version, status.round),
-                   workers, task, problem)
+                   workers, task, problem, None if summary.dp is None else PrivacyView.of(summary.dp))
 
     @property
     def task(self) -> Task | None:
@@ -116,7 +147,7 @@ class FinishedRun:
 
     def snapshot(self) -> dict[str, Any]:
         return {"status": self.status.model_dump(), "open_round": None, "live": False, "workers": self.workers,
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), "dp": None if self.privacy is None else self.privacy.to_dict()}
 
     def rounds(self) -> list[dict[str, Any]]:
         return self.history

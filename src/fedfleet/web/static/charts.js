@@ -19,8 +19,9 @@ function niceTicks(lo, hi, count) {
 }
 
 class LineChart {
-  // series: [{key, label, color, dash, value}]; value(row) reads a round's y (default: row[key]), so that a
-  // series can come from a nested field such as the workers' metrics. percent: show y as a percentage.
+  // series: [{key, label, color, dash, value, dots}]; value(row) reads a round's y (default: row[key]), so that a
+  // series can come from a nested field such as the workers' metrics; dots: false draws no dots on a line that
+  // is not measured per round (a budget). percent: show y as a percentage.
   constructor(canvas, { series, percent = false, emptyText = "waiting for the first round" }) {
     this.canvas = canvas;
     this.series = series.map((s) => ({ value: (row) => row[s.key], ...s }));
@@ -135,7 +136,7 @@ class LineChart {
       g.beginPath();
       pts.forEach(([x, y], i) => (i ? g.lineTo(x, y) : g.moveTo(x, y)));
       g.stroke(); g.setLineDash([]);
-      if (pts.length <= 40) {
+      if (pts.length <= 40 && s.dots !== false) {
         g.fillStyle = s.color;
         for (const [x, y] of pts) { g.beginPath(); g.arc(x, y, 3, 0, 2 * Math.PI); g.fill(); }
       }

@@ -12,6 +12,13 @@ const fmt = {
     return (s / 3600).toFixed(1) + " h";
   },
   ago(s) { return s == null ? "—" : (s < 1 ? "just now" : fmt.seconds(s) + " ago"); },
+  // Three significant digits, as printf's %g: 2.31, 8, 0.5, and 1e-5 rather than 0.00001.
+  g(x) {
+    if (x == null) return "—";
+    const a = Math.abs(x);
+    if (a !== 0 && (a < 1e-3 || a >= 1e6)) return x.toExponential(2).replace(/\.?0+e/, "e").replace("e+", "e");
+    return String(Number(x.toPrecision(3)));
+  },
 };
 
 // Build an element: el("td", {class: "num", text: "3"}, child, ...).

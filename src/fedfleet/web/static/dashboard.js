@@ -25,7 +25,12 @@ const charts = {
         value: workerMetric("train_loss") },
     ],
   }),
+  // Only shown for a run with --dp central. The budget line is set with the run's privacy settings.
+  epsilon: new LineChart($("chart-epsilon"), {
+    series: [{ key: "dp_epsilon", label: "ε spent", color: "#7c3aed" }],
+  }),
 };
+const EPSILON_SERIES = charts.epsilon.series[0];
 
 let rounds = [];
 let workers = [];
@@ -62,10 +67,36 @@ function render(state) {
   $("workers-count").textContent = state.live ? `${s.workers_live} / ${s.workers_registered}` : `— / ${s.workers_registered}`;
   charts.accuracy.setData(rounds, s.rounds);
   charts.loss.setData(rounds, s.rounds);
+  renderPrivacy(state.dp, s.rounds);
   workers = state.workers;
   workersAt = performance.now();
   renderWorkers();
   renderConfig(state.config);
+}
+
+// The privacy card and chart: only for a run with differential privacy (state.dp is null without it).
+function renderPrivacy(dp, planned) {
+  $("dp-card").hidden = !dp;
+  $("dp-chart").hidden = !dp;
+  if (!dp) return;
+  // The budget ε is measured against: --dp-max-epsilon ends the run there; a target is what σ was solved for.
+  const budget = dp.max_epsilon != null ? dp.max_epsilon : dp.target_epsilon;
+  const kind = dp.max_epsilon != null ? "--dp-max-epsilon" : "--dp-target-epsilon";
+  $("dp-epsilon").replaceChildren(`ε ${fmt.g(dp.epsilon)}`,
+    ...(budget != null ? [el("span", { class: "of", text: ` of ${fmt.g(budget)}` })] : []));
+  // "of" a maximum is where the run stops; "of" a target is what σ was solved for: say so only then.
+  const what = budget != null && dp.max_epsilon == null ? "ε target" : null;
+  $("dp-detail").textContent = [`δ ${fmt.g(dp.delta)}`, what,
+    dp.noise_multiplier != null ? `σ ${fmt.g(dp.noise_multiplier)}` : null, `clip ${fmt.g(dp.clip)}`]
+    .filter((x) => x != null).join(" · ");
+  $("dp-card").title = `(ε, δ) = (${fmt.g(dp.epsilon)}, ${fmt.g(dp.delta)}) spent by ${dp.rounds} round(s) of the `
+    + `Gaussian mechanism (central DP): clip ${fmt.g(dp.clip)}, sampling rate ${fmt.g(dp.sample_rate)}`
+    + (dp.noise_multiplier != null ? `, noise multiplier σ ${fmt.g(dp.noise_multiplier)}` : "")
+    + (budget != null ? `; budget ${fmt.g(budget)} (${kind})` : "");
+  charts.epsilon.series = budget == null ? [EPSILON_SERIES] : [EPSILON_SERIES,
+    { key: "budget", label: `budget (${kind})`, color: "#b91c1c", dash: [6, 4], dots: false,
+      value: () => budget }];
+  charts.epsilon.setData(rounds, planned);
 }
 
 function renderWorkers() {
