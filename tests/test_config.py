@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedfleet.config import DP_OPTIONS, OPTIONS, OPTIONS_BY_NAME, Option, RunConfig, load_toml
+from fedfleet.config import DP_OPTIONS, OPTIONS, OPTIONS_BY_NAME, SECAGG_OPTIONS, Option, RunConfig, load_toml
 from fedfleet.errors import ConfigError
 
 
@@ -107,7 +107,10 @@ GOOD += [pytest.param(OPTIONS_BY_NAME[name], v, id=f"{name}-{v}") for name, vs i
 def _context(name: str, value: Any) -> dict[str, Any]:
     """The other options a good value of ``name`` needs beside it: min_workers may not exceed workers; a
     differential-privacy option applies only with --dp central, which needs a clip norm and one of sigma or a
-    target epsilon (and one worker, so that any dp_delta below 1 is below 1/workers)."""
+    target epsilon (and one worker, so that any dp_delta below 1 is below 1/workers); a secure-aggregation
+    option applies only with --secure-aggregation, which needs three workers sampled."""
+    if (name == "secure_aggregation" and value == "on") or (name in SECAGG_OPTIONS and value is not None):
+        return {"secure_aggregation": "on", "workers": 3}
     if name == "min_workers":
         return {"workers": 100_000}
     if (name == "dp" and value == "central") or (name in DP_OPTIONS and value is not None):

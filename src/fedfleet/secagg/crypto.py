@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,13 +80,13 @@ def commitment(label: bytes, value: bytes) -> bytes:
 def add_prg(out: np.ndarray, seed: bytes, sign: int = 1) -> None:
     """``out`` += sign · PRG(seed) in Z/2⁶⁴Z, where PRG(seed) is the AES-256-CTR keystream of ``seed`` read as
     little-endian uint64 (the nonce is zero: each seed keys one stream only). ``out`` is a flat uint64
-    array; the stream is expanded ``PRG_BLOCK`` elements at a time into scratch space."""
+    array; the stream is expanded ``PRG_BLOCK`` elements at a time into scratch space that each thread
+    keeps (fresh buffers per call cost more in page faults than AES does)."""
     if out.dtype != np.uint64 or out.ndim != 1:
         raise TypeError("the PRG adds into a flat uint64 array")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    block = min(PRG_BLOCK, out.size)
-    zeros = bytes(8 * block)
-    scratch = bytearray(8 * block + 15)  # update_into wants room for a block more than it writes
+    zeros, scratch = _scratch(min(PRG_BLOCK, out.size))
+    block = len(zeros) // 8
     for pos in range(0, out.size, block):
         n = min(block, out.size - pos)
         encryptor.update_into(memoryview(zeros)[: 8 * n], scratch)
@@ -94,6 +95,19 @@ def add_prg(out: np.ndarray, seed: bytes, sign: int = 1) -> None:
             np.add(out[pos:pos + n], stream, out=out[pos:pos + n])
         else:
             np.subtract(out[pos:pos + n], stream, out=out[pos:pos + n])
+
+
+_local = threading.local()
+
+
+def _scratch(elements: int) -> tuple[bytes, bytearray]:
+    """This thread's (zero input, keystream output) buffers for at least ``elements`` uint64 values."""
+    have: tuple[bytes, bytearray] | None = getattr(_local, "buffers", None)
+    if have is None or len(have[0]) < 8 * elements:
+        # update_into wants room for a block more than it writes
+        have = (bytes(8 * elements), bytearray(8 * elements + 15))
+        _local.buffers = have
+    return have
 
 
 def prg(seed: bytes, size: int) -> np.ndarray:
