@@ -109,6 +109,8 @@ def _context(name: str, value: Any) -> dict[str, Any]:
     differential-privacy option applies only with --dp central, which needs a clip norm and one of sigma or a
     target epsilon (and one worker, so that any dp_delta below 1 is below 1/workers); a secure-aggregation
     option applies only with --secure-aggregation, which needs three workers sampled."""
+    if name == "dp" and value == "distributed":
+        return {"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "secure_aggregation": "on", "workers": 3}
     if (name == "secure_aggregation" and value == "on") or (name in SECAGG_OPTIONS and value is not None):
         return {"secure_aggregation": "on", "workers": 3}
     if name == "min_workers":

@@ -178,10 +178,9 @@ def test_ring_weighted_mean_round_trips_within_its_error(case: tuple[float, list
         total += encoded
     mean = ring.decode(total, scale, sum(counts))
     err = max_error(mean, exact_mean(counts, deltas, clip))
-    # The grid's rounding (1 / (2 scale)) and a few float64 roundings of values of at most `clip` each. The
-    # documented error_bound allows only 2 of the latter, which is not always enough: see the xfail below.
-    assert err <= 0.5 / scale + 4 * clip * U
-    assert np.all(np.abs(mean) <= clip + 0.5 / scale + 4 * clip * U)
+    # The grid's rounding (1 / (2 scale)) and four float64 roundings of values of at most `clip` each.
+    assert err <= ring.error_bound(scale, clip)
+    assert np.all(np.abs(mean) <= clip + ring.error_bound(scale, clip))
 
 
 def test_ring_error_bound_holds_at_large_example_counts() -> None:
@@ -202,8 +201,6 @@ def test_ring_error_bound_holds_at_large_example_counts() -> None:
     assert np.max(np.abs(mean - float_mean)) <= bound
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in secagg.ring.error_bound: 2·c·2⁻⁵³ under-counts the float64 rounding "
-                   "of encode+decode; one worker, 3 examples, clip 0.1 is off by 2 ulp (2.78e-17 > 2.22e-17)")
 def test_ring_error_bound_holds_for_one_worker_with_three_examples() -> None:
     """One worker's mean is its own clipped delta, exactly: nothing but the ring's encoding can be off."""
     clip, n, x = 0.1, 3, 0.09970784024990031
@@ -236,8 +233,7 @@ def test_ring_sum_never_wraps_at_the_extremes(total_examples: int, clip: float) 
     assert abs(int(signed[0])) <= 2**62 + 2**62 * 4 * U + total_examples
     assert abs(int(signed[3])) <= 2**62 + 2**62 * 4 * U + total_examples
     mean = ring.decode(total, scale, total_examples)
-    bound = ring.error_bound(scale, clip) + 2 * clip * U
-    np.testing.assert_allclose(mean, [clip, -clip, clip, -clip, 0.0], rtol=0, atol=bound)
+    np.testing.assert_allclose(mean, [clip, -clip, clip, -clip, 0.0], rtol=0, atol=ring.error_bound(scale, clip))
 
 
 def test_ring_scale_and_bound() -> None:

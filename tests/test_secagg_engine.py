@@ -83,7 +83,7 @@ async def masked(engine: Engine, w: str, session: ClientRound, weights: Weights)
     assert isinstance(msg, TrainInstruction) and msg.secagg is not None
     ctx = msg.secagg
     assert not session.accept({d: base64.b64decode(c) for d, c in ctx.shares.items()})
-    out, _ = masked_update(session, weights, engine.model().weights, ctx.neighbours, ctx.scale, ctx.clip,
+    out, _, _ = masked_update(session, weights, engine.model().weights, ctx.neighbours, ctx.scale, ctx.clip,
                            ctx.num_examples)
     return msg, out
 

@@ -71,7 +71,9 @@ OPTIONS: tuple[Option, ...] = (
     # Differential privacy (docs/privacy.md, fedfleet.strategies.privacy).
     Option("dp", str, "none", "differential privacy: central is DP-FedAvg with a trusted coordinator (each "
            "worker's update delta clipped to --dp-clip, Gaussian noise added to their sum, an (epsilon, delta) "
-           "accounted per round); needs pip install 'fedfleet[privacy]'", choices=("none", "central")),
+           "accounted per round); distributed is the same mechanism with each worker clipping its own delta and "
+           "adding its share of the noise under --secure-aggregation, so the coordinator never holds a noise-free "
+           "sum; needs pip install 'fedfleet[privacy]'", choices=("none", "central", "distributed")),
     Option("dp_clip", float, None, "L2 norm C that each sampled worker's update delta is clipped to",
            low=0, high=1e6, low_open=True, optional=True, default_text="none: required with --dp central"),
     Option("dp_noise_multiplier", float, None, "sigma: the noise added to the sum of clipped deltas has standard "
@@ -231,14 +233,17 @@ def _check_privacy(c: Mapping[str, Any]) -> None:
     if c["dp"] == "none":
         given = next((name for name in DP_OPTIONS if c[name] is not None), None)
         if given is not None:
-            raise ConfigError(f"The '{given}' option applies only with --dp central; differential privacy is off "
-                              "(--dp none).", option=given)
+            raise ConfigError(f"The '{given}' option applies only with --dp central or distributed; differential "
+                              "privacy is off (--dp none).", option=given)
         return
+    if c["dp"] == "distributed" and c["secure_aggregation"] != "on":
+        raise ConfigError("--dp distributed needs --secure-aggregation: each worker adds only a share of the noise, "
+                          "which hides its update only inside the securely aggregated sum.", option="dp")
     if c["dp_clip"] is None:
-        raise ConfigError("The 'dp_clip' option is required with --dp central: the L2 norm C each update's delta "
+        raise ConfigError(f"The 'dp_clip' option is required with --dp {c['dp']}: the L2 norm C each update's delta "
                           "is clipped to, which the noise is sized for.", option="dp_clip")
     if (c["dp_noise_multiplier"] is None) == (c["dp_target_epsilon"] is None):
-        raise ConfigError("--dp central takes exactly one of 'dp_noise_multiplier' (sigma) and 'dp_target_epsilon' "
+        raise ConfigError(f"--dp {c['dp']} takes exactly one of 'dp_noise_multiplier' (sigma) and 'dp_target_epsilon' "
                           "(sigma solved for it).", option="dp_noise_multiplier")
     if STRATEGIES[c["strategy"]][0] != "mean":
         raise ConfigError(f"The 'strategy' option {c['strategy']!r} cannot be used with --dp central: it picks among "

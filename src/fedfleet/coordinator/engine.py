@@ -155,7 +155,8 @@ class Engine:
         self._registry = registry
         self._history = history
         self._privacy = privacy
-        self._strategy = strategy if privacy is None else dataclasses.replace(strategy, dp=privacy.mechanism)
+        central = privacy is not None and not privacy.distributed
+        self._strategy = dataclasses.replace(strategy, dp=privacy.mechanism) if central and privacy else strategy
         self.state: State = "running" if history else "waiting"
         self.phase = "starting"
         self.message = ""
@@ -167,7 +168,8 @@ class Engine:
             settings, run_id, config.seed, config.round_timeout,
             alive=lambda w: w in registry.workers and registry.alive(registry.workers[w]),
             notify=lambda work: self._notify(work=work), wait_change=self._wait_change,
-            check_stopped=self._raise_if_stopped)
+            check_stopped=self._raise_if_stopped,
+            dp=privacy.mechanism if privacy is not None and privacy.distributed else None)
         # Under central DP or secure aggregation the statistics round does not run (it would send each worker's
         # statistics in the clear): the task's public statistics are in the initial model already
         # (coordinator.privacy.initial_model).
@@ -195,7 +197,7 @@ class Engine:
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
                                    model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
                                    max_update_norm=config.max_update_norm,
-                                   clip=privacy.mechanism.clip if privacy is not None else None,
+                                   clip=privacy.mechanism.clip if privacy is not None and central else None,
                                    secure=self._secure)
 
     # --- start-up ----------------------------------------------------------------------------
@@ -825,8 +827,10 @@ class Engine:
                          score_low=score_low(self.task))
         if self._privacy is not None:
             clip = self._privacy.mechanism.clip
-            record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd),
-                                               "dp_clipped": sum(a.norm > clip for a in rs.answered.values())})
+            # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped).
+            clipped = round(sum(a.metrics.get("dp_clipped", 0.0) for a in rs.answered.values())) \
+                if self._privacy.distributed else sum(a.norm > clip for a in rs.answered.values())
+            record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd), "dp_clipped": clipped})
         if self._secure is not None:
             record = record.model_copy(update={"secagg": self._secure.record(rs), "sampled": self._secure.sampled(rs)})
             self._secure.end()

@@ -12,7 +12,7 @@ stand in for the workers' reports (the song task's: its features' documented ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fedfleet.config import RunConfig
 from fedfleet.errors import ConfigError
@@ -31,6 +31,7 @@ class PrivacyPlan:
     target_epsilon: float | None
     max_epsilon: float | None
     seed: int | None
+    distributed: bool = False  # --dp distributed: the workers clip and add the noise, under secure aggregation
 
     def epsilon(self, rounds: int) -> float:
         """ε spent after ``rounds`` noised rounds."""
@@ -50,7 +51,8 @@ class PrivacyPlan:
 
     def summary(self, rounds: int) -> PrivacySummary:
         m = self.mechanism
-        return PrivacySummary(mechanism="central", clip=m.clip, noise_multiplier=m.noise_multiplier,
+        mechanism: Literal["central", "distributed"] = "distributed" if self.distributed else "central"
+        return PrivacySummary(mechanism=mechanism, clip=m.clip, noise_multiplier=m.noise_multiplier,
                               target_epsilon=self.target_epsilon, delta=self.delta, epsilon=self.epsilon(rounds),
                               max_epsilon=self.max_epsilon, sample_rate=self.sample_rate, denominator=m.denominator,
                               rounds=rounds, seeded=self.seed is not None,
@@ -66,7 +68,7 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
         return None
     problem = task_problem(task)
     if problem is not None:
-        raise ConfigError(f"task {config.task!r} cannot be trained with --dp central: {problem}", option="dp")
+        raise ConfigError(f"task {config.task!r} cannot be trained with --dp {config.dp}: {problem}", option="dp")
     rate = config.fraction
     delta = config.dp_delta if config.dp_delta is not None else default_delta(config.workers)
     if config.dp_noise_multiplier is not None:
@@ -78,7 +80,7 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
     plan = PrivacyPlan(mechanism=CentralDP(clip=config.dp_clip, noise_multiplier=sigma,
                                            denominator=rate * config.workers, frozen=frozen_tensors(task)),
                        sample_rate=rate, delta=delta, target_epsilon=config.dp_target_epsilon,
-                       max_epsilon=config.dp_max_epsilon, seed=config.dp_seed)
+                       max_epsilon=config.dp_max_epsilon, seed=config.dp_seed, distributed=config.dp == "distributed")
     first = plan.epsilon(1)
     if config.dp_max_epsilon is not None and first > config.dp_max_epsilon:
         raise ConfigError(f"The 'dp_max_epsilon' option {config.dp_max_epsilon:g} is below what one round spends "

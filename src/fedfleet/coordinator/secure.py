@@ -53,6 +53,7 @@ from fedfleet.secagg.server import (
     masked_schema,
 )
 from fedfleet.storage.records import SecAggRecord
+from fedfleet.strategies.privacy import CentralDP
 from fedfleet.types import Schema, Weights
 
 
@@ -60,7 +61,7 @@ def settings_of(config: RunConfig) -> Settings | None:
     if config.secure_aggregation != "on":
         return None
     return Settings(threshold=config.secagg_threshold or SECAGG_THRESHOLD, neighbours=config.secagg_neighbours,
-                    clip=config.secagg_clip or SECAGG_CLIP)
+                    clip=config.secagg_clip or SECAGG_CLIP, weighted=config.dp != "distributed")
 
 
 def b64(value: bytes) -> str:
@@ -92,7 +93,8 @@ class SecureAggregation:
 
     def __init__(self, settings: Settings, run_id: str, seed: int, round_timeout: float,
                  alive: Callable[[str], bool], notify: Callable[[bool], None],
-                 wait_change: Callable[[float], Awaitable[None]], check_stopped: Callable[[], None]) -> None:
+                 wait_change: Callable[[float], Awaitable[None]], check_stopped: Callable[[], None],
+                 dp: CentralDP | None = None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.seed = seed
@@ -101,6 +103,9 @@ class SecureAggregation:
         self.notify = notify
         self.wait_change = wait_change
         self.check_stopped = check_stopped
+        # --dp distributed: the mechanism of central DP, its clipping and noise done by the workers; the sum of
+        # their noise shares has at least the central mechanism's variance once ``needed`` of them are in it.
+        self.dp = dp
         self.current: Attempt | None = None
 
     @staticmethod
@@ -120,6 +125,10 @@ class SecureAggregation:
         attempt = Attempt(server, rs, model_schema)
         self.current = attempt
         try:
+            if len(rs.sampled) < 3:
+                # Only under Poisson sampling (--dp): a fixed-size sample has three at least.
+                raise SecAggFailure(f"secure aggregation of round {rs.round} needs at least 3 sampled workers; "
+                                    f"{len(rs.sampled)} were drawn")
             self.notify(True)
             await self._phase(rs, server.keys_missing)
             server.close_keys()
@@ -160,6 +169,10 @@ class SecureAggregation:
                 raise TypeError(f"a securely aggregated round with a {type(acc).__name__} accumulator")
             flat = await asyncio.to_thread(server.unmask, acc.total)
             acc.release()
+            if self.dp is not None:
+                # Each worker counted one example: ``flat`` is the sum over the survivors divided by their number;
+                # DP-FedAvg divides by the fixed q·N instead (strategies.privacy).
+                flat *= len(server.survivors) / self.dp.denominator
         finally:
             attempt.unmask_s = time.monotonic() - t0
         delta: Weights = {}
@@ -234,9 +247,14 @@ class SecureAggregation:
         if a is None or a.server.phase != "masked" or worker not in a.server.dealt:
             return None
         neighbours, inbox = a.server.masking_for(worker)
-        return SecAggTrainContext(neighbours=neighbours, shares={d: b64(c) for d, c in inbox.items()},
-                                  scale=a.server.scale, clip=self.settings.clip,
-                                  num_examples=a.server.keys[worker].num_examples)
+        context = SecAggTrainContext(neighbours=neighbours, shares={d: b64(c) for d, c in inbox.items()},
+                                     scale=a.server.scale, clip=self.settings.clip,
+                                     num_examples=a.server.keys[worker].num_examples)
+        if self.dp is None:
+            return context
+        # Σ of ``needed`` shares N(0, σ²C²/needed) is N(0, σ²C²): the round fails below ``needed`` uploads.
+        return context.model_copy(update={"dp_clip": self.dp.clip, "dp_frozen": sorted(self.dp.frozen),
+                                          "dp_noise_std": self.dp.noise_std / math.sqrt(a.server.needed)})
 
     def upload_problem(self, rs: RoundState, worker: str, num_examples: int) -> tuple[int, str] | None:
         a = self.current

@@ -68,6 +68,12 @@ class SecAggTrainContext(Message):
     scale: float = Field(gt=0, description="fixed-point scale of the ring encoding (secagg.ring)")
     clip: float = Field(gt=0, description="each coordinate of the delta is clipped to [-clip, clip]")
     num_examples: int = Field(ge=1, description="the example count it announced with its keys")
+    dp_clip: float | None = Field(default=None, gt=0, description="--dp distributed: clip the delta's L2 norm to this")
+    dp_noise_std: float | None = Field(
+        default=None, ge=0, description="--dp distributed: add N(0, std²) to each coordinate of the clipped delta "
+                                        "(this worker's share of the noise)")
+    dp_frozen: list[str] = Field(default_factory=list, max_length=10_000,
+                                 description="--dp distributed: tensors left out (delta and noise zero)")
 
 
 class TrainInstruction(Message):

@@ -137,30 +137,54 @@ class ClientRound:
         return self_masks, mask_keys
 
 
+@dataclass(frozen=True)
+class NoiseShare:
+    """--dp distributed: clip the delta's L2 norm to ``clip`` and add N(0, ``std``²) to each coordinate, both
+    over the tensors not in ``frozen``; the worker counts as one example (DP-FedAvg does not weigh)."""
+
+    clip: float
+    std: float
+    frozen: frozenset[str] = frozenset()
+
+
 def masked_update(session: ClientRound, weights: Weights, base: Weights, neighbours: Iterable[str], scale: float,
-                  clip: float, num_examples: int) -> tuple[Weights, int]:
-    """(The update ``weights`` as the worker uploads it: its delta from ``base`` encoded in the ring
-    (``ring.encode``) and masked (``ClientRound.mask``), as uint64 tensors of the same names and shapes;
-    how many coordinates were clipped). The flat vector runs over the tensors sorted by name, as the
-    coordinator's masked sum does."""
+                  clip: float, num_examples: int, noise: NoiseShare | None = None,
+                  rng: np.random.Generator | None = None) -> tuple[Weights, int, bool]:
+    """(The update ``weights`` as the worker uploads it: its delta from ``base`` — with ``noise``, clipped and
+    noised with ``rng`` — encoded in the ring (``ring.encode``) and masked (``ClientRound.mask``), as uint64
+    tensors of the same names and shapes; how many coordinates were clipped to ±``clip``; whether the L2
+    clipping of ``noise`` scaled the delta down). The flat vector runs over the tensors sorted by name, as
+    the coordinator's masked sum does."""
     names = sorted(base)
     if sorted(weights) != names:
         raise ProtocolError("the trained model's tensors differ from the global model's")
     sizes = [int(np.asarray(base[n]).size) for n in names]
-    flat = np.empty(sum(sizes), dtype=np.uint64)
-    clipped = 0
+    delta = np.empty(sum(sizes), dtype=np.float64)
     pos = 0
     for name, size in zip(names, sizes, strict=True):
-        delta = np.subtract(np.asarray(weights[name], dtype=np.float64).reshape(-1),
-                            np.asarray(base[name], dtype=np.float64).reshape(-1))
-        encoded, c = ring.encode(delta, clip, scale, num_examples)
-        flat[pos:pos + size] = encoded
-        clipped += c
+        np.subtract(np.asarray(weights[name], dtype=np.float64).reshape(-1),
+                    np.asarray(base[name], dtype=np.float64).reshape(-1), out=delta[pos:pos + size])
         pos += size
+    scaled_down = False
+    if noise is not None:
+        keep = np.ones(delta.size, dtype=bool)
+        pos = 0
+        for name, size in zip(names, sizes, strict=True):
+            keep[pos:pos + size] = name not in noise.frozen
+            pos += size
+        delta[~keep] = 0.0
+        norm = float(np.sqrt(np.einsum("i,i->", delta, delta)))
+        if norm > noise.clip:
+            delta *= noise.clip / norm
+            scaled_down = True
+        generator = rng if rng is not None else np.random.default_rng()
+        delta[keep] += generator.normal(0.0, noise.std, int(keep.sum()))
+        num_examples = 1
+    flat, clipped = ring.encode(delta, clip, scale, num_examples)
     session.mask(flat, neighbours)
     out: Weights = {}
     pos = 0
     for name, size in zip(names, sizes, strict=True):
         out[name] = flat[pos:pos + size].reshape(np.asarray(base[name]).shape)
         pos += size
-    return out, clipped
+    return out, clipped, scaled_down

@@ -6,10 +6,11 @@ and ``c`` the clipping range (``--secagg-clip``). The coordinator, once the mask
 sum as signed 64-bit integers and divides by ``scale · Σ n``: the example-weighted mean delta.
 
 ``scale`` is chosen per round attempt from the workers' total example count, as large as keeps the sum
-from wrapping: ``scale = 2⁶² / (Σ n · c)``, so |Σ n q| ≤ 2⁶² + Σ n / 2 < 2⁶³. The error of the mean,
-coordinate by coordinate, against the same mean taken in float64 from the clipped deltas, is at most
-``error_bound(scale, c)`` = 1 / (2 · scale) (rounding to the grid) + 2 · c · 2⁻⁵³ (float64 rounding of the
-scaled values and of the sum): about 1e-11 for a million examples and c = 100, far below float32's
+from wrapping: ``scale = 2⁶² / (Σ n · c)``, so |Σ n q| is 2⁶² plus a few grid steps per example at most,
+far below 2⁶³. The error of the mean, coordinate by coordinate, against the same mean taken in float64
+from the clipped deltas, is at most ``error_bound(scale, c)`` = 1 / (2 · scale) (rounding to the grid)
++ 4 · c · 2⁻⁵³ (four float64 roundings of a value up to c: the scaled value, the sum read back as float64,
+the divisor and the division): about 1e-11 for a million examples and c = 100, far below float32's
 resolution. Coordinates beyond ±c are clipped, and counted.
 
 All arithmetic on uint64 arrays wraps modulo 2⁶⁴ (numpy's unsigned overflow), which is the ring.
@@ -37,7 +38,7 @@ def scale_for(total_examples: int, clip: float) -> float:
 def error_bound(scale: float, clip: float) -> float:
     """The most the securely aggregated mean may differ from the exact mean of the clipped deltas, per
     coordinate."""
-    return 0.5 / scale + 2.0 * clip * 2.0**-53
+    return 0.5 / scale + 4.0 * clip * 2.0**-53
 
 
 def encode(delta: np.ndarray, clip: float, scale: float, num_examples: int) -> tuple[np.ndarray, int]:

@@ -61,6 +61,7 @@ class Settings:
     threshold: float  # --secagg-threshold
     neighbours: int | None  # --secagg-neighbours; None: graph.default_neighbours
     clip: float  # --secagg-clip
+    weighted: bool = True  # False under --dp distributed: each worker encodes its update as one example
 
 
 def flat_order(schema: Schema) -> list[TensorSpec]:
@@ -208,7 +209,7 @@ class ServerRound:
     def close_shares(self) -> None:
         """End the shares phase: fix the round's fixed-point scale from U2's example counts."""
         self._at_least(self.dealt, "dealt their shares")
-        self.scale = ring.scale_for(sum(self.keys[w].num_examples for w in self.dealt), self.settings.clip)
+        self.scale = ring.scale_for(sum(self._examples(w) for w in self.dealt), self.settings.clip)
         self.phase = "masked"
 
     def masking_for(self, worker: str) -> tuple[list[str], dict[str, bytes]]:
@@ -322,7 +323,11 @@ class ServerRound:
             raise SecAggFailure(f"round {self.labels.round}: the shares dealt by {', '.join(bad)} do not give back "
                                 "the secrets they committed to (a dealer sent inconsistent shares)", culprits=bad)
         self.phase = "done"
-        return ring.decode(total, self.scale, sum(self.keys[w].num_examples for w in self.survivors))
+        return ring.decode(total, self.scale, sum(self._examples(w) for w in self.survivors))
+
+    def _examples(self, worker: str) -> int:
+        """What ``worker``'s encoded update is multiplied by: its example count, or 1 when unweighted."""
+        return self.keys[worker].num_examples if self.settings.weighted else 1
 
     # --- helpers -----------------------------------------------------------------------------------------
     def _expect(self, phase: Phase, worker: str, members: Iterable[str]) -> None:

@@ -114,7 +114,7 @@ class RoundTiming(Record):
 class PrivacySummary(Record):
     """summary.json's ``dp`` block: the mechanism of a run with --dp central and what it spent."""
 
-    mechanism: Literal["central"]
+    mechanism: Literal["central", "distributed"]
     clip: float = Field(description="L2 norm each update's delta was clipped to (C)")
     noise_multiplier: float = Field(description="sigma: the noise on the sum of clipped deltas had std sigma x C")
     target_epsilon: float | None = Field(description="the epsilon sigma was solved for, if it was")

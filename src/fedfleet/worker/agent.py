@@ -60,7 +60,7 @@ from fedfleet.protocol.messages import (
     UpdateMeta,
     WaitInstruction,
 )
-from fedfleet.secagg.client import ClientRound, Peer, masked_update
+from fedfleet.secagg.client import ClientRound, NoiseShare, Peer, masked_update
 from fedfleet.secagg.labels import Labels
 from fedfleet.storage.files import write_text_atomic
 from fedfleet.tasks import Task, check_allowed, load_task
@@ -411,9 +411,14 @@ class Agent:
         if unreadable:
             log.event("secagg.unreadable_shares", logging.WARNING, worker=self.worker_id, round=msg.round,
                       dealers=", ".join(unreadable))
-        masked, clipped = masked_update(session, weights, model, context.neighbours, context.scale, context.clip,
-                                        context.num_examples)
+        noise = None
+        if context.dp_clip is not None and context.dp_noise_std is not None:
+            noise = NoiseShare(context.dp_clip, context.dp_noise_std, frozenset(context.dp_frozen))
+        masked, clipped, scaled = masked_update(session, weights, model, context.neighbours, context.scale,
+                                                context.clip, context.num_examples, noise)
         metrics["secagg_clipped"] = float(clipped)
+        if noise is not None:
+            metrics["dp_clipped"] = float(scaled)
         metrics["mask_s"] = time.perf_counter() - t0
         return masked
 
