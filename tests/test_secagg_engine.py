@@ -29,7 +29,7 @@ from fedfleet.protocol.messages import (
     UpdateMeta,
 )
 from fedfleet.secagg import ring
-from fedfleet.secagg.client import ClientRound, Peer, masked_update
+from fedfleet.secagg.client import ClientRound, NoiseShare, Peer, masked_update
 from fedfleet.secagg.labels import Labels
 from fedfleet.tasks import load_task
 from fedfleet.types import Weights
@@ -208,3 +208,65 @@ def test_a_task_that_would_send_data_statistics_in_the_clear_is_refused(tmp_path
                                      "secure_aggregation": "on"})
     with pytest.raises(ConfigError, match="cannot be trained with --secure-aggregation: it agrees a plan"):
         Engine.open(config, load_task("tabular", {"label": "y"}), tmp_path / "run")
+
+
+def test_distributed_dp_aggregate_is_the_clipped_noised_sum_over_q_n(tmp_path: Path) -> None:
+    """--dp distributed: each worker clips its delta to C and adds N(0, (σC)²/needed) (drawn here from seeded
+    generators, as a reference can repeat them); the coordinator unmasks the sum and divides by q·N. The new
+    model is base + Σ (clip_C(Δᵢ) + zᵢ) / (q·N) within the ring's bound, and ε is recorded."""
+    pytest.importorskip("dp_accounting")
+    sigma, c = 0.8, 1.5
+    # The ring's coordinate clipping (--secagg-clip) wide enough that no noised coordinate reaches it.
+    engine = open_secure(tmp_path, workers=3, dp="distributed", dp_clip=c, dp_noise_multiplier=sigma, secagg_clip=100.0)
+    rng = np.random.default_rng(11)
+    names = ["a", "b", "c"]
+    deltas = {"a": rng.normal(0, 1.0, PARAMS), "b": rng.normal(0, 0.001, PARAMS), "c": rng.normal(0, 0.5, PARAMS)}
+    base = engine.model().weights["w"].copy()
+    sent: dict[str, np.ndarray] = {}
+    stds: list[float] = []
+
+    async def drive() -> None:
+        ids = [engine.register(w, w).worker_id for w in names]
+        loop = asyncio.create_task(engine.run())
+        sessions = await setup(engine, ids, {"a": 10, "b": 1000, "c": 3})
+        for i, w in enumerate(names):
+            msg = await next_of(engine, w, TrainInstruction)
+            assert isinstance(msg, TrainInstruction) and msg.secagg is not None
+            ctx = msg.secagg
+            assert ctx.dp_clip == c and ctx.dp_noise_std is not None
+            stds.append(ctx.dp_noise_std)
+            assert not sessions[w].accept({d: base64.b64decode(v) for d, v in ctx.shares.items()})
+            weights = {"w": (base + deltas[w]).astype(np.float32)}
+            body, _, scaled = masked_update(sessions[w], weights, engine.model().weights, ctx.neighbours, ctx.scale,
+                                            ctx.clip, ctx.num_examples, NoiseShare(c, ctx.dp_noise_std),
+                                            np.random.default_rng(100 + i))
+            delta = weights["w"].astype(np.float64) - base
+            norm = float(np.linalg.norm(delta))
+            assert scaled == (norm > c)
+            noise = np.random.default_rng(100 + i).normal(0.0, ctx.dp_noise_std, PARAMS)
+            sent[w] = delta * min(1.0, c / norm) + noise
+            await send(engine, w, msg, body, num_examples=ctx.num_examples)
+        for w in names:
+            await reveal(engine, w, sessions[w])
+        await asyncio.wait_for(loop, 30)
+
+    try:
+        asyncio.run(drive())
+    finally:
+        engine.close()
+    assert engine.state == "finished", engine.message
+    record = engine.rounds()[0]
+    assert record.secagg is not None and record.dp_epsilon is not None and record.dp_epsilon > 0
+    needed = record.secagg.needed
+    assert stds == pytest.approx([sigma * c / np.sqrt(needed)] * 3)
+    expected = base + sum(sent.values()) / (1.0 * 3)  # q = 1, N = 3
+    got = engine.model().weights["w"].astype(np.float64)
+    tolerance = ring.error_bound(record.secagg.scale, 100.0) + np.spacing(np.abs(expected).astype(np.float32))
+    worst = np.argmax(np.abs(got - expected) / tolerance)
+    assert np.all(np.abs(got - expected) <= tolerance), (got[worst], expected[worst], tolerance[worst])
+    assert engine.summary().dp is not None and engine.summary().dp.mechanism == "distributed"
+
+
+def test_distributed_dp_needs_secure_aggregation() -> None:
+    with pytest.raises(ConfigError, match="--dp distributed needs --secure-aggregation"):
+        RunConfig.from_mapping({"workers": 5, "dp": "distributed", "dp_clip": 1.0, "dp_noise_multiplier": 1.0})
