@@ -284,7 +284,7 @@ def test_a_run_stops_cleanly_at_its_privacy_budget(tmp_path: Path) -> None:
     assert summary["dp"] | {"accountant": ""} == {
         "mechanism": "central", "clip": 0.5, "noise_multiplier": sigma, "target_epsilon": None, "delta": delta,
         "epsilon": pytest.approx(spent[-1]), "max_epsilon": budget, "sample_rate": 1.0, "denominator": 4.0,
-        "rounds": 3, "accountant": "", "seeded": False}
+        "rounds": 3, "accountant": "", "seeded": False, "clip_quantile": None, "last_clip": None}
     assert value(m, "fedfleet_dp_epsilon") == pytest.approx(spent[-1])
     # No statistics round under DP: the song task's public standardisation is in the model from the start,
     # and stays as it is (frozen: no noise on it).

@@ -67,7 +67,8 @@ COORDINATOR_FIELDS = {"round", "accuracy", "loss", "participants", "sampled", "a
 TIMINGS = {"open", "wait_workers", "aggregate", "evaluate", "checkpoint"}
 # Optional fields the coordinator may add about a round (counts of what it refused or dropped; with --dp
 # central, the epsilon spent and the updates clipped).
-OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped", "test_metrics", "dp_epsilon", "dp_clipped", "secagg"}
+OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped", "test_metrics", "dp_epsilon", "dp_clipped", "secagg",
+                   "dp_clip", "dp_unclipped_fraction"}
 FED_FIELDS = {"fed_accuracy", "fed_loss", "fed_accuracy_std", "fed_accuracy_min", "fed_accuracy_max",
               "fed_examples"}
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")

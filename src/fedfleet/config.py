@@ -25,6 +25,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.options import Option
 from fedfleet.partition import parse_partition
 from fedfleet.strategies import STRATEGIES, make_strategy
+from fedfleet.strategies.privacy import ADAPTIVE_INITIAL_CLIP
 
 OPTIONS: tuple[Option, ...] = (
     Option("task", str, "songs", "task to train: songs, or module.path:Class for your own"),
@@ -76,6 +77,10 @@ OPTIONS: tuple[Option, ...] = (
            "sum; needs pip install 'fedfleet[privacy]'", choices=("none", "central", "distributed")),
     Option("dp_clip", float, None, "L2 norm C that each sampled worker's update delta is clipped to",
            low=0, high=1e6, low_open=True, optional=True, default_text="none: required with --dp central"),
+    Option("dp_clip_quantile", float, None, "adaptive clipping (Andrew et al. 2021): the clip norm follows this "
+           "quantile of the update norms, starting from --dp-clip; --dp-clip adaptive is --dp-clip 0.1 with "
+           "quantile 0.5", low=0, high=1, low_open=True, optional=True,
+           default_text="none: the clip norm stays --dp-clip"),
     Option("dp_noise_multiplier", float, None, "sigma: the noise added to the sum of clipped deltas has standard "
            "deviation sigma x C", low=0, high=1e4, low_open=True, optional=True,
            default_text="none: give this or --dp-target-epsilon with --dp central"),
@@ -106,7 +111,9 @@ OPTIONS: tuple[Option, ...] = (
 SECAGG_OPTIONS = ("secagg_threshold", "secagg_neighbours", "secagg_clip")
 SECAGG_THRESHOLD = 0.6
 SECAGG_CLIP = 100.0
-DP_OPTIONS = ("dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_epsilon", "dp_seed")
+ADAPTIVE_QUANTILE = 0.5
+DP_OPTIONS = ("dp_clip", "dp_clip_quantile", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_max_epsilon",
+              "dp_seed")
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -137,6 +144,7 @@ class RunConfig:
     max_update_norm: float | None = None
     dp: str = "none"
     dp_clip: float | None = None
+    dp_clip_quantile: float | None = None
     dp_noise_multiplier: float | None = None
     dp_target_epsilon: float | None = None
     dp_delta: float | None = None
@@ -158,6 +166,10 @@ class RunConfig:
                 f"Unknown option {unknown[0]!r}; known options: {', '.join(sorted(OPTIONS_BY_NAME))}.",
                 option=unknown[0],
             )
+        if values.get("dp_clip") == "adaptive":
+            # --dp-clip adaptive: the paper's start (0.1) and target quantile (the median), unless given.
+            values = {**values, "dp_clip": ADAPTIVE_INITIAL_CLIP,
+                      "dp_clip_quantile": values.get("dp_clip_quantile", ADAPTIVE_QUANTILE)}
         checked: dict[str, Any] = {}
         for opt in OPTIONS:
             checked[opt.name] = opt.check(values[opt.name]) if opt.name in values else opt.default
@@ -236,6 +248,10 @@ def _check_privacy(c: Mapping[str, Any]) -> None:
             raise ConfigError(f"The '{given}' option applies only with --dp central or distributed; differential "
                               "privacy is off (--dp none).", option=given)
         return
+    if c["dp"] == "distributed" and c["dp_clip_quantile"] is not None:
+        raise ConfigError("Adaptive clipping ('dp_clip_quantile', --dp-clip adaptive) is not built for --dp "
+                          "distributed: the count of unclipped updates would need a secure sum of its own; give a "
+                          "fixed --dp-clip.", option="dp_clip_quantile")
     if c["dp"] == "distributed" and c["secure_aggregation"] != "on":
         raise ConfigError("--dp distributed needs --secure-aggregation: each worker adds only a share of the noise, "
                           "which hides its update only inside the securely aggregated sum.", option="dp")

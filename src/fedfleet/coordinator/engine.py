@@ -763,6 +763,12 @@ class Engine:
 
     async def _train_round(self, rnd: int) -> None:
         t0 = time.monotonic()
+        clip = self._privacy.clip_for(self._history) if self._privacy is not None else None
+        if self._privacy is not None and self._privacy.adaptive is not None and clip is not None:
+            # Adaptive clipping: this round's clip norm, at the intake (which clips at commit) and in the noise.
+            self.intake.clip = clip
+            self._strategy = dataclasses.replace(self._strategy, dp=dataclasses.replace(self._privacy.mechanism,
+                                                                                        clip=clip))
         excluded: set[str] = set()
         attempt = 0
         while True:
@@ -826,11 +832,17 @@ class Engine:
                                       checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0,
                          score_low=score_low(self.task))
         if self._privacy is not None:
-            clip = self._privacy.mechanism.clip
+            used = clip if clip is not None else self._privacy.mechanism.clip
             # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped).
             clipped = round(sum(a.metrics.get("dp_clipped", 0.0) for a in rs.answered.values())) \
-                if self._privacy.distributed else sum(a.norm > clip for a in rs.answered.values())
-            record = record.model_copy(update={"dp_epsilon": self._privacy.epsilon(rnd), "dp_clipped": clipped})
+                if self._privacy.distributed else sum(a.norm > used for a in rs.answered.values())
+            update: dict[str, Any] = {"dp_epsilon": self._privacy.epsilon(rnd), "dp_clipped": clipped}
+            adaptive = self._privacy.adaptive
+            if adaptive is not None:
+                rng = round_rng(self._privacy.seed, rnd, rs.attempt, 2)
+                update |= {"dp_clip": used, "dp_unclipped_fraction": adaptive.noised_fraction(
+                    len(rs.answered) - clipped, self._privacy.mechanism.denominator, rng)}
+            record = record.model_copy(update=update)
         if self._secure is not None:
             record = record.model_copy(update={"secagg": self._secure.record(rs), "sampled": self._secure.sampled(rs)})
             self._secure.end()
@@ -908,7 +920,7 @@ class Engine:
             model_version=self.model_version, config=self.config.to_dict(),
             round_timings=[RoundTiming(round=r.round, seconds=r.seconds, **r.timings.model_dump())
                            for r in self._history],
-            dp=self._privacy.summary(len(self._history)) if self._privacy is not None else None)
+            dp=self._privacy.summary(len(self._history), self._history) if self._privacy is not None else None)
 
     async def _linger(self) -> None:
         """Keep answering polls until every live worker heard the run is over, or ``linger`` passed."""

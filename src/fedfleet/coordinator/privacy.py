@@ -16,8 +16,16 @@ from typing import Any, Literal
 
 from fedfleet.config import RunConfig
 from fedfleet.errors import ConfigError
-from fedfleet.storage.records import PrivacySummary
-from fedfleet.strategies.privacy import ACCOUNTANT, CentralDP, default_delta, epsilon, noise_multiplier_for
+from fedfleet.storage.records import PrivacySummary, RoundRecord
+from fedfleet.strategies.privacy import (
+    ACCOUNTANT,
+    AdaptiveClip,
+    CentralDP,
+    adaptive_clip,
+    default_delta,
+    epsilon,
+    noise_multiplier_for,
+)
 from fedfleet.tasks import Task
 from fedfleet.tasks.base import has_plan
 from fedfleet.types import Weights
@@ -32,10 +40,28 @@ class PrivacyPlan:
     max_epsilon: float | None
     seed: int | None
     distributed: bool = False  # --dp distributed: the workers clip and add the noise, under secure aggregation
+    # Adaptive clipping: the clip norm moves each round; ``mechanism`` holds its start and the deltas' σ_Δ, and
+    # ``sigma`` is the σ the accountant counts (the deltas' and the count's noise together).
+    adaptive: AdaptiveClip | None = None
+    sigma: float = 0.0
+
+    @property
+    def accounted_sigma(self) -> float:
+        return self.sigma if self.adaptive is not None else self.mechanism.noise_multiplier
+
+    def clip_for(self, history: list[RoundRecord]) -> float:
+        """The clip norm of the next round: fixed, or with adaptive clipping moved by every recorded round
+        (from the last one's clip and noised unclipped share, so that a resumed run goes on alike)."""
+        if self.adaptive is None:
+            return self.mechanism.clip
+        last = history[-1] if history else None
+        if last is None or last.dp_clip is None or last.dp_unclipped_fraction is None:
+            return self.adaptive.initial
+        return self.adaptive.next_clip(last.dp_clip, last.dp_unclipped_fraction)
 
     def epsilon(self, rounds: int) -> float:
         """ε spent after ``rounds`` noised rounds."""
-        return epsilon(self.sample_rate, self.mechanism.noise_multiplier, rounds, self.delta)
+        return epsilon(self.sample_rate, self.accounted_sigma, rounds, self.delta)
 
     def budget_message(self, done: int) -> str | None:
         """Why the run must end before round ``done + 1`` (it would spend more than ``--dp-max-epsilon``),
@@ -49,10 +75,13 @@ class PrivacyPlan:
                 f"{self.delta:g}); round {done + 1} would take it to {after:.4g}, over --dp-max-epsilon "
                 f"{self.max_epsilon:g}")
 
-    def summary(self, rounds: int) -> PrivacySummary:
+    def summary(self, rounds: int, history: list[RoundRecord] | None = None) -> PrivacySummary:
         m = self.mechanism
         mechanism: Literal["central", "distributed"] = "distributed" if self.distributed else "central"
-        return PrivacySummary(mechanism=mechanism, clip=m.clip, noise_multiplier=m.noise_multiplier,
+        last = history[-1].dp_clip if history else None
+        return PrivacySummary(mechanism=mechanism, clip=m.clip, noise_multiplier=self.accounted_sigma,
+                              clip_quantile=self.adaptive.quantile if self.adaptive is not None else None,
+                              last_clip=last if self.adaptive is not None else None,
                               target_epsilon=self.target_epsilon, delta=self.delta, epsilon=self.epsilon(rounds),
                               max_epsilon=self.max_epsilon, sample_rate=self.sample_rate, denominator=m.denominator,
                               rounds=rounds, seeded=self.seed is not None,
@@ -77,10 +106,16 @@ def plan_privacy(config: RunConfig, task: Task) -> PrivacyPlan | None:
         sigma = noise_multiplier_for(config.dp_target_epsilon, rate, config.rounds, delta)
     else:  # RunConfig.from_mapping lets no such config through
         raise ConfigError("--dp central needs --dp-noise-multiplier or --dp-target-epsilon", option="dp")
-    plan = PrivacyPlan(mechanism=CentralDP(clip=config.dp_clip, noise_multiplier=sigma,
+    adaptive = None
+    delta_sigma = sigma
+    if config.dp_clip_quantile is not None:
+        adaptive = adaptive_clip(config.dp_clip, config.dp_clip_quantile, sigma, rate * config.workers)
+        delta_sigma = adaptive.delta_noise_multiplier(sigma)
+    plan = PrivacyPlan(mechanism=CentralDP(clip=config.dp_clip, noise_multiplier=delta_sigma,
                                            denominator=rate * config.workers, frozen=frozen_tensors(task)),
                        sample_rate=rate, delta=delta, target_epsilon=config.dp_target_epsilon,
-                       max_epsilon=config.dp_max_epsilon, seed=config.dp_seed, distributed=config.dp == "distributed")
+                       max_epsilon=config.dp_max_epsilon, seed=config.dp_seed, distributed=config.dp == "distributed",
+                       adaptive=adaptive, sigma=sigma)
     first = plan.epsilon(1)
     if config.dp_max_epsilon is not None and first > config.dp_max_epsilon:
         raise ConfigError(f"The 'dp_max_epsilon' option {config.dp_max_epsilon:g} is below what one round spends "

@@ -98,6 +98,11 @@ class RoundRecord(Record):
     dp_clipped: int | None = Field(
         default=None, ge=0, description="with --dp central: updates of this round whose delta was scaled down to "
                                         "the clip norm")
+    dp_clip: float | None = Field(default=None, gt=0, description="with adaptive clipping: the clip norm this round "
+                                                                    "used")
+    dp_unclipped_fraction: float | None = Field(
+        default=None, description="with adaptive clipping: the noised share of this round's updates within the clip "
+                                  "norm, which moved it for the next round")
     secagg: SecAggRecord | None = Field(default=None, description="with --secure-aggregation: its phases")
 
 
@@ -126,6 +131,9 @@ class PrivacySummary(Record):
     rounds: int = Field(ge=0, description="noised rounds released (those epsilon counts)")
     accountant: str = Field(description="how epsilon was computed")
     seeded: bool = Field(description="whether --dp-seed made the sampling and noise reproducible (tests only)")
+    clip_quantile: float | None = Field(None, description="adaptive clipping: the quantile of the update norms the "
+                                                          "clip norm followed (clip is then its start)")
+    last_clip: float | None = Field(None, description="adaptive clipping: the clip norm the last round used")
 
 
 class RunSummary(Record):

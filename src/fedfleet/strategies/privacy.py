@@ -78,8 +78,53 @@ class CentralDP:
         return acc.noised_mean(self.noise_std, self.denominator, rng, self.frozen)
 
 
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, "Differentially Private Learning with
+    Adaptive Clipping", NeurIPS 2021): the clip norm follows the ``quantile`` γ of the update norms instead
+    of being fixed. Each round, besides the clipped deltas, the coordinator sums the bits bᵢ = 1[‖Δᵢ‖ ≤ C]
+    with Gaussian noise N(0, σ_b²), divides by q·N, and moves C geometrically:
+
+        b̃ = (Σ bᵢ + N(0, σ_b²)) / (q·N),    C ← C · exp(−η (b̃ − γ))
+
+    Both sums are Gaussian mechanisms of sensitivity C and 1 on the same sample; the deltas take noise
+    multiplier σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2), so that together they are one Gaussian mechanism of multiplier σ
+    (the paper's Theorem 1), which the accountant counts as before. σ_b = max(q·N / 20, σ): the paper's
+    q·N/20, but never so small that σ_Δ would have to grow past 2/√3 · σ.
+
+    >>> a = AdaptiveClip(initial=0.1, quantile=0.5, lr=0.2, count_noise=2.0)
+    >>> round(a.next_clip(0.1, 1.0), 6), round(a.delta_noise_multiplier(1.0), 6)
+    (0.090484, 1.032796)
+    """
+
+    initial: float
+    quantile: float
+    lr: float
+    count_noise: float
+
+    def delta_noise_multiplier(self, sigma: float) -> float:
+        """σ_Δ for the deltas, given the σ the accountant counts."""
+        return float((sigma**-2 - (2 * self.count_noise) ** -2) ** -0.5)
+
+    def noised_fraction(self, unclipped: int, expected: float, rng: np.random.Generator) -> float:
+        """b̃: the noised share of the sampled updates that were not clipped, over the expected count q·N."""
+        return float((unclipped + rng.normal(0.0, self.count_noise)) / expected)
+
+    def next_clip(self, clip: float, fraction: float) -> float:
+        return float(clip * np.exp(-self.lr * (fraction - self.quantile)))
+
+
+ADAPTIVE_INITIAL_CLIP = 0.1  # --dp-clip adaptive starts here (the paper's initial clip)
+ADAPTIVE_LR = 0.2  # η: the paper's geometric learning rate
+
+
+def adaptive_clip(initial: float, quantile: float, sigma: float, expected: float) -> AdaptiveClip:
+    return AdaptiveClip(initial=initial, quantile=quantile, lr=ADAPTIVE_LR, count_noise=max(expected / 20, sigma))
+
+
 def round_rng(seed: int | None, round: int, attempt: int, stream: int) -> np.random.Generator:
-    """A generator for one round attempt's sampling (``stream`` 0) or noise (``stream`` 1).
+    """A generator for one round attempt's sampling (``stream`` 0), noise (``stream`` 1) or, with adaptive
+    clipping, the noise on the count of unclipped updates (``stream`` 2).
 
     Without ``seed``, 128 bits from the OS's CSPRNG (``secrets``) seed numpy's PCG64: nobody, the
     operator included, can predict who is sampled or what the noise is, which both the subsampling
@@ -162,5 +207,5 @@ def default_delta(workers: int) -> float:
     return min(1e-5, 1.0 / workers**2)
 
 
-__all__ = ["ACCOUNTANT", "CentralDP", "clip_factor", "default_delta", "epsilon", "noise_multiplier_for",
-           "poisson_sample", "round_rng"]
+__all__ = ["ACCOUNTANT", "AdaptiveClip", "CentralDP", "adaptive_clip", "clip_factor", "default_delta", "epsilon",
+           "noise_multiplier_for", "poisson_sample", "round_rng"]
