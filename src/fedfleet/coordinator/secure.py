@@ -16,8 +16,6 @@ run again from its start (the engine's resume), also with fresh keys: nothing of
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import math
 import time
@@ -29,7 +27,7 @@ import numpy as np
 from fedfleet import log
 from fedfleet.config import SECAGG_CLIP, SECAGG_THRESHOLD, RunConfig
 from fedfleet.coordinator.rounds import RoundState
-from fedfleet.errors import ProtocolError, RequestRejected
+from fedfleet.errors import RequestRejected
 from fedfleet.protocol.messages import (
     Instruction,
     SecAggKeys,
@@ -40,6 +38,8 @@ from fedfleet.protocol.messages import (
     SecAggShares,
     SecAggTrainContext,
     SecAggUnmaskInstruction,
+    from_b64,
+    to_b64,
 )
 from fedfleet.secagg import ring
 from fedfleet.secagg.labels import Labels
@@ -62,17 +62,6 @@ def settings_of(config: RunConfig) -> Settings | None:
         return None
     return Settings(threshold=config.secagg_threshold or SECAGG_THRESHOLD, neighbours=config.secagg_neighbours,
                     clip=config.secagg_clip or SECAGG_CLIP, weighted=config.dp != "distributed")
-
-
-def b64(value: bytes) -> str:
-    return base64.b64encode(value).decode()
-
-
-def unb64(value: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ProtocolError(f"{what} is not base64", status=422, reason="bad_secagg") from exc
 
 
 @dataclass
@@ -234,7 +223,8 @@ class SecureAggregation:
         if s.phase == "keys" and worker in s.sampled and worker not in s.keys:
             return SecAggKeysInstruction(round=rs.round, attempt=rs.attempt)
         if s.phase == "shares" and worker in s.keys and worker not in s.dealt:
-            peers = [SecAggPeer(worker_id=w, x=x, enc_key=b64(e), mask_key=b64(m)) for w, x, e, m in s.roster(worker)]
+            peers = [SecAggPeer(worker_id=w, x=x, enc_key=to_b64(e), mask_key=to_b64(m))
+                     for w, x, e, m in s.roster(worker)]
             return SecAggShareInstruction(round=rs.round, attempt=rs.attempt, peers=peers,
                                           threshold=s.secret_threshold(worker))
         if s.phase == "unmask" and worker in s.survivors and worker not in s.revealed:
@@ -247,7 +237,7 @@ class SecureAggregation:
         if a is None or a.server.phase != "masked" or worker not in a.server.dealt:
             return None
         neighbours, inbox = a.server.masking_for(worker)
-        context = SecAggTrainContext(neighbours=neighbours, shares={d: b64(c) for d, c in inbox.items()},
+        context = SecAggTrainContext(neighbours=neighbours, shares={d: to_b64(c) for d, c in inbox.items()},
                                      scale=a.server.scale, clip=self.settings.clip,
                                      num_examples=a.server.keys[worker].num_examples)
         if self.dp is None:
@@ -271,22 +261,22 @@ class SecureAggregation:
 
     def take_keys(self, body: SecAggKeys, nbytes: int) -> str:
         s = self._server(body.round, body.attempt, body.worker_id)
-        s.add_keys(body.worker_id, Keys(unb64(body.enc_key, "enc_key"), unb64(body.mask_key, "mask_key"),
-                                        unb64(body.seed_commitment, "seed_commitment"), body.num_examples))
+        s.add_keys(body.worker_id, Keys(from_b64(body.enc_key, "enc_key"), from_b64(body.mask_key, "mask_key"),
+                                        from_b64(body.seed_commitment, "seed_commitment"), body.num_examples))
         return self._took(s, nbytes)
 
     def take_shares(self, body: SecAggShares, nbytes: int) -> str:
         s = self._server(body.round, body.attempt, body.worker_id)
         s.add_shares(body.worker_id, {
-            holder: (unb64(d.ciphertext, "ciphertext"), unb64(d.mask_key_commitment, "mask_key_commitment"),
-                     unb64(d.self_mask_commitment, "self_mask_commitment"))
+            holder: (from_b64(d.ciphertext, "ciphertext"), from_b64(d.mask_key_commitment, "mask_key_commitment"),
+                     from_b64(d.self_mask_commitment, "self_mask_commitment"))
             for holder, d in body.shares.items()})
         return self._took(s, nbytes)
 
     def take_reveal(self, body: SecAggReveal, nbytes: int) -> str:
         s = self._server(body.round, body.attempt, body.worker_id)
-        s.add_reveal(body.worker_id, {d: unb64(v, "share") for d, v in body.self_mask_shares.items()},
-                     {d: unb64(v, "share") for d, v in body.mask_key_shares.items()})
+        s.add_reveal(body.worker_id, {d: from_b64(v, "share") for d, v in body.self_mask_shares.items()},
+                     {d: from_b64(v, "share") for d, v in body.mask_key_shares.items()})
         return self._took(s, nbytes)
 
     def _took(self, s: ServerRound, nbytes: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,18 @@ class TrainParamsMsg(Message):
 
 # Secure aggregation (fedfleet.secagg): keys, key shares and masks travel as base64 in JSON.
 B64 = Annotated[str, Field(max_length=400, pattern=r"^[A-Za-z0-9+/=]*$")]
+
+
+def to_b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def from_b64(value: str, what: str) -> bytes:
+    """The bytes of a B64 field; a 422 naming ``what`` if it is not valid base64 (a bad padding, say)."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError as exc:  # binascii.Error is a ValueError
+        raise ProtocolError(f"{what} is not base64", status=422, reason="bad_secagg") from exc
 
 
 class SecAggTrainContext(Message):

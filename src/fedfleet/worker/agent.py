@@ -18,7 +18,6 @@ and the worker takes the next instruction.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import json
@@ -59,6 +58,8 @@ from fedfleet.protocol.messages import (
     TrainInstruction,
     UpdateMeta,
     WaitInstruction,
+    from_b64,
+    to_b64,
 )
 from fedfleet.secagg.client import ClientRound, NoiseShare, Peer, masked_update
 from fedfleet.secagg.labels import Labels
@@ -370,23 +371,24 @@ class Agent:
                 self._secagg = (at, session)
                 enc, mask, commitment = session.keys()
                 body: SecAggKeys | SecAggShares | SecAggReveal = SecAggKeys(
-                    worker_id=wid, round=msg.round, attempt=msg.attempt, enc_key=_b64(enc), mask_key=_b64(mask),
-                    seed_commitment=_b64(commitment), num_examples=max(len(trainer.data), 1))
+                    worker_id=wid, round=msg.round, attempt=msg.attempt, enc_key=to_b64(enc), mask_key=to_b64(mask),
+                    seed_commitment=to_b64(commitment), num_examples=max(len(trainer.data), 1))
                 step = "keys"
             elif isinstance(msg, SecAggShareInstruction):
                 session = self._session(at)
-                dealt = session.deal([Peer(p.worker_id, p.x, _unb64(p.enc_key), _unb64(p.mask_key)) for p in msg.peers],
-                                     msg.threshold)
+                peers = [Peer(p.worker_id, p.x, from_b64(p.enc_key, "enc_key"), from_b64(p.mask_key, "mask_key"))
+                         for p in msg.peers]
+                dealt = session.deal(peers, msg.threshold)
                 body = SecAggShares(worker_id=wid, round=msg.round, attempt=msg.attempt, shares={
-                    d.to: DealtShare(ciphertext=_b64(d.ciphertext), mask_key_commitment=_b64(d.mask_key_commitment),
-                                     self_mask_commitment=_b64(d.self_mask_commitment)) for d in dealt})
+                    d.to: DealtShare(ciphertext=to_b64(d.ciphertext), mask_key_commitment=to_b64(d.mask_key_commitment),
+                                     self_mask_commitment=to_b64(d.self_mask_commitment)) for d in dealt})
                 step = "shares"
             else:
                 session = self._session(at)
                 self_masks, mask_keys = session.reveal(msg.survivors, msg.dropped)
                 body = SecAggReveal(worker_id=wid, round=msg.round, attempt=msg.attempt,
-                                    self_mask_shares={d: _b64(v) for d, v in self_masks.items()},
-                                    mask_key_shares={d: _b64(v) for d, v in mask_keys.items()})
+                                    self_mask_shares={d: to_b64(v) for d, v in self_masks.items()},
+                                    mask_key_shares={d: to_b64(v) for d, v in mask_keys.items()})
                 step = "reveal"
             self._retry(lambda: client.secagg(step, body), f"secure aggregation: {step}")
         except ProtocolError as exc:  # RequestRejected included: the attempt moved on without us
@@ -407,7 +409,7 @@ class Agent:
         """The trained ``weights`` as uploaded under secure aggregation: their delta encoded and masked."""
         session = self._session((msg.round, msg.attempt))
         t0 = time.perf_counter()
-        unreadable = session.accept({d: _unb64(c) for d, c in context.shares.items()})
+        unreadable = session.accept({d: from_b64(c, "share") for d, c in context.shares.items()})
         if unreadable:
             log.event("secagg.unreadable_shares", logging.WARNING, worker=self.worker_id, round=msg.round,
                       dealers=", ".join(unreadable))
@@ -536,13 +538,3 @@ class Agent:
                 self.proc.waiting.answered()
                 return result
 
-
-def _b64(value: bytes) -> str:
-    return base64.b64encode(value).decode()
-
-
-def _unb64(value: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError as exc:  # binascii.Error is a ValueError
-        raise ProtocolError(f"the coordinator sent a value that is not base64: {value[:20]!r}") from exc
