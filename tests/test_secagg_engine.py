@@ -163,6 +163,8 @@ def test_intake_refuses_updates_out_of_phase_or_unlike_what_was_announced(tmp_pa
         loop = asyncio.create_task(engine.run())
         first = await next_of(engine, ids[0], SecAggKeysInstruction)
         assert isinstance(first, SecAggKeysInstruction)
+        # The status and the dashboard say which phase the round is in.
+        assert engine.snapshot().phase == "secure aggregation: keys (3 sampled)"
         early = TrainInstruction.model_validate({"round": first.round, "attempt": first.attempt, "model_version": 0,
                                                  "params": {"local_epochs": 1, "batch_size": 1, "lr": 0.1, "seed": 0}})
         with pytest.raises(RequestRejected, match="keys phase"):

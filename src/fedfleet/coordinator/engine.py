@@ -169,7 +169,8 @@ class Engine:
             alive=lambda w: w in registry.workers and registry.alive(registry.workers[w]),
             notify=lambda work: self._notify(work=work), wait_change=self._wait_change,
             check_stopped=self._raise_if_stopped,
-            dp=privacy.mechanism if privacy is not None and privacy.distributed else None)
+            dp=privacy.mechanism if privacy is not None and privacy.distributed else None,
+            set_phase=lambda phase: setattr(self, "phase", phase))
         # Under central DP or secure aggregation the statistics round does not run (it would send each worker's
         # statistics in the clear): the task's public statistics are in the initial model already
         # (coordinator.privacy.initial_model).

@@ -83,7 +83,7 @@ class SecureAggregation:
     def __init__(self, settings: Settings, run_id: str, seed: int, round_timeout: float,
                  alive: Callable[[str], bool], notify: Callable[[bool], None],
                  wait_change: Callable[[float], Awaitable[None]], check_stopped: Callable[[], None],
-                 dp: CentralDP | None = None) -> None:
+                 dp: CentralDP | None = None, set_phase: Callable[[str], None] = lambda phase: None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.seed = seed
@@ -95,6 +95,7 @@ class SecureAggregation:
         # --dp distributed: the mechanism of central DP, its clipping and noise done by the workers; the sum of
         # their noise shares has at least the central mechanism's variance once ``needed`` of them are in it.
         self.dp = dp
+        self.set_phase = set_phase  # what the status and the dashboard say the round is doing
         self.current: Attempt | None = None
 
     @staticmethod
@@ -119,11 +120,14 @@ class SecureAggregation:
                 raise SecAggFailure(f"secure aggregation of round {rs.round} needs at least 3 sampled workers; "
                                     f"{len(rs.sampled)} were drawn")
             self.notify(True)
+            self.set_phase(f"secure aggregation: keys ({len(rs.sampled)} sampled)")
             await self._phase(rs, server.keys_missing)
             server.close_keys()
             self.notify(True)
+            self.set_phase(f"secure aggregation: key shares ({len(server.keys)} workers)")
             await self._phase(rs, server.shares_missing)
             server.close_shares()
+            self.set_phase("training (masked updates)")
         except SecAggFailure:
             rs.closed = True
             raise
@@ -142,6 +146,7 @@ class SecureAggregation:
         t0 = time.monotonic()
         try:
             server.close_masked(rs.answered)
+            self.set_phase(f"secure aggregation: unmasking ({len(server.survivors)} updates)")
             self.notify(True)
             deadline = time.monotonic() + self.round_timeout
             while time.monotonic() < deadline:
