@@ -59,7 +59,7 @@ class SecAggRecord(Record):
                                                  "mean of the clipped deltas")
     setup_s: float = Field(ge=0, description="seconds of the keys and shares phases (part of timings.open)")
     unmask_s: float = Field(ge=0, description="seconds of the unmask phase, reconstruction included (part of "
-                                              "timings.aggregate)")
+                                              "timings.open: the round closes once it is unmasked)")
     control_bytes_in: int = Field(ge=0, description="bytes of keys, shares and revealed shares received")
 
 
