@@ -255,6 +255,14 @@ FLOWER_APP = textwrap.dedent('''
 ''')
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the results show it: under the home folder as ~/..., so no machine's own paths are written."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return path.name
+
+
 def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
@@ -276,7 +284,7 @@ def ensure_flower(venv: Path, log: Path) -> dict[str, Any]:
     if python.exists():
         versions = _flower_versions(python)
         if versions is not None:
-            return {"venv": str(venv), "reused": True, "versions": versions, "install_s": 0.0}
+            return {"venv": _shown(venv), "reused": True, "versions": versions, "install_s": 0.0}
     t = time.perf_counter()
     tried: list[str] = []
     try:
@@ -291,12 +299,12 @@ def ensure_flower(venv: Path, log: Path) -> dict[str, Any]:
             if r.returncode == 0:
                 versions = _flower_versions(python)
                 if versions is not None:
-                    return {"venv": str(venv), "reused": False, "pin": pin, "versions": versions,
+                    return {"venv": _shown(venv), "reused": False, "pin": pin, "versions": versions,
                             "install_s": time.perf_counter() - t}
         tail = log.read_text()[-1500:] if log.exists() else ""
-        return {"venv": str(venv), "error": f"pip install failed for {tried}: {tail}"}
+        return {"venv": _shown(venv), "error": f"pip install failed for {tried}: {tail}"}
     except (OSError, subprocess.SubprocessError) as exc:
-        return {"venv": str(venv), "error": f"{type(exc).__name__}: {exc}"}
+        return {"venv": _shown(venv), "error": f"{type(exc).__name__}: {exc}"}
 
 
 def flower_shares(case: Case, secure: bool) -> int | None:
