@@ -15,8 +15,12 @@ import threading
 
 
 class CutProxy:
-    def __init__(self, port: int, down: list[int] | None = None, up: list[int] | None = None) -> None:
+    def __init__(self, port: int, down: list[int] | None = None, up: list[int] | None = None,
+                 record: bool = False) -> None:
         self.target = ("127.0.0.1", port)
+        # With ``record``: every byte each connection sent towards the server, one bytearray per connection.
+        self._record = record
+        self.up: list[bytearray] = []
         self._cuts = {"down": list(down or []), "up": list(up or [])}
         self.cuts_done = {"down": 0, "up": 0}
         self.cut_bytes = 0  # bytes forwarded on connections that were then cut
@@ -28,6 +32,11 @@ class CutProxy:
         self._closed = False
         self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def sent(self) -> list[bytes]:
+        """(``record``) What each connection sent to the server, in the order the connections opened."""
+        with self._lock:
+            return [bytes(b) for b in self.up]
 
     def close(self) -> None:
         self._closed = True
@@ -50,14 +59,17 @@ class CutProxy:
                 client.close()
                 continue
             server.settimeout(None)
+            record = bytearray() if self._record else None
             with self._lock:
                 self._socks += [client, server]
+                if record is not None:
+                    self.up.append(record)
             pair = (client, server)
-            threading.Thread(target=self._pump, args=(client, server, "up", pair), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, "up", pair, record), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, "down", pair), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str,
-              pair: tuple[socket.socket, socket.socket]) -> None:
+              pair: tuple[socket.socket, socket.socket], record: bytearray | None = None) -> None:
         seen = 0
         try:
             while True:
@@ -75,6 +87,9 @@ class CutProxy:
                         self.cut_bytes += limit
                     else:
                         limit = None
+                if record is not None:
+                    with self._lock:
+                        record += data if limit is None else data[: limit - seen]
                 if limit is not None:
                     dst.sendall(data[: limit - seen])
                     self._count(direction, limit - seen)

@@ -20,7 +20,6 @@ tests/test_secagg_engine.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -42,6 +41,7 @@ from fedfleet.protocol.messages import SecAggUnmaskInstruction
 from fedfleet.secagg import ring
 from fedfleet.secagg.client import ClientRound
 from fedfleet.worker.agent import Agent, WorkerProcess
+from tcp_proxy import CutProxy
 
 # A dead worker is noticed after --worker-timeout seconds without contact (live ones are heard from about
 # every half second); the whole run, its linger included, must fit in RUN_TIMEOUT.
@@ -205,67 +205,6 @@ def test_a_wrong_revealed_share_is_named_and_left_out(monkeypatch: pytest.Monkey
 
 
 # --- what the coordinator sees -----------------------------------------------------------------------------
-class RecordingProxy:
-    """A TCP proxy on 127.0.0.1 to ``port`` that keeps every byte each connection sent towards the server."""
-
-    def __init__(self, port: int) -> None:
-        self.target = ("127.0.0.1", port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._lock = threading.Lock()
-        self.up: list[bytearray] = []
-        self._socks: list[socket.socket] = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def sent(self) -> list[bytes]:
-        """What each connection sent to the server, in the order the connections opened."""
-        with self._lock:
-            return [bytes(b) for b in self.up]
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            record = bytearray()
-            with self._lock:
-                self.up.append(record)
-                self._socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, record), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if record is not None:
-                    with self._lock:
-                        record += data
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-
 @dataclass
 class Masked:
     """One worker's update of one round as it trained it, and as it went up masked."""
@@ -342,7 +281,7 @@ def test_nothing_the_coordinator_receives_or_stores_holds_an_update(monkeypatch:
     seen = record_masking(monkeypatch)
     coord = fleet.coordinator(*SONGS, "--workers", "4", "--rounds", "2", *FAST)
     port = int(coord.url.rsplit(":", 1)[1])
-    proxy = RecordingProxy(port)
+    proxy = CutProxy(port, record=True)
     try:
         inproc(proxy.url, 4, "recorded")
         records = finished(coord)
