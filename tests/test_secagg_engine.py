@@ -226,6 +226,7 @@ def test_distributed_dp_aggregate_is_the_clipped_noised_sum_over_q_n(tmp_path: P
     base = engine.model().weights["w"].copy()
     sent: dict[str, np.ndarray] = {}
     stds: list[float] = []
+    honest_clipped: list[bool] = []
 
     async def drive() -> None:
         ids = [engine.register(w, w).worker_id for w in names]
@@ -247,7 +248,10 @@ def test_distributed_dp_aggregate_is_the_clipped_noised_sum_over_q_n(tmp_path: P
             assert scaled == (norm > c)
             noise = np.random.default_rng(100 + i).normal(0.0, ctx.dp_noise_std, PARAMS)
             sent[w] = delta * min(1.0, c / norm) + noise
-            await send(engine, w, msg, body, num_examples=ctx.num_examples)
+            # Worker "b" lies about its clipping with a value that must not reach the record's count.
+            said = -1e15 if w == "b" else float(scaled)
+            honest_clipped.append(w != "b" and scaled)
+            await send(engine, w, msg, body, num_examples=ctx.num_examples, metrics={"dp_clipped": said})
         for w in names:
             await reveal(engine, w, sessions[w])
         await asyncio.wait_for(loop, 30)
@@ -259,6 +263,7 @@ def test_distributed_dp_aggregate_is_the_clipped_noised_sum_over_q_n(tmp_path: P
     assert engine.state == "finished", engine.message
     record = engine.rounds()[0]
     assert record.secagg is not None and record.dp_epsilon is not None and record.dp_epsilon > 0
+    assert record.dp_clipped == sum(honest_clipped)
     needed = record.secagg.needed
     assert stds == pytest.approx([sigma * c / np.sqrt(needed)] * 3)
     expected = base + sum(sent.values()) / (1.0 * 3)  # q = 1, N = 3

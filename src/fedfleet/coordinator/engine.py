@@ -834,8 +834,9 @@ class Engine:
                          score_low=score_low(self.task))
         if self._privacy is not None:
             used = clip if clip is not None else self._privacy.mechanism.clip
-            # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped).
-            clipped = round(sum(a.metrics.get("dp_clipped", 0.0) for a in rs.answered.values())) \
+            # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped, 1 or
+            # 0). Only a 1 counts: what a worker sends must not put a negative or huge count into the record.
+            clipped = sum(a.metrics.get("dp_clipped") == 1.0 for a in rs.answered.values()) \
                 if self._privacy.distributed else sum(a.norm > used for a in rs.answered.values())
             update: dict[str, Any] = {"dp_epsilon": self._privacy.epsilon(rnd), "dp_clipped": clipped}
             adaptive = self._privacy.adaptive
