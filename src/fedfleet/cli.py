@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
     run.add_argument("--processes", type=_positive_int, default=None,
-                     help="worker processes to spread --workers over (default: min(workers, 8))")
+                     help="worker processes to spread --workers over, each hosting its share as threads "
+                          "(default: one per CPU this run may use, by CPU affinity and cgroup quota, at most "
+                          "--workers)")
     run.add_argument("--overwrite", action="store_true",
                      help="delete the run already in --out and start over [default: refuse an existing run]")
     run.add_argument("--resume", action="store_true",
@@ -215,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="split FILE into one file per worker (by --partition: iid, dirichlet:ALPHA or "
                           "natural:COLUMN) in OUT/sites, and start each worker on its own file with --data, as "
                           "sites of a real deployment would run [default none: partitions of the task's data set]")
+
+    sim = sub.add_parser("simulate", help="a study with many clients: the same run, its clients trained by a pool "
+                         "of executors with no sockets", epilog=_tasks_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(sim)
+    sim.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
+    sim.add_argument("--backend", choices=["local", "ray"], default="local",
+                     help="who trains the sampled clients: processes on this host, or Ray actors (pip install "
+                          "'fedfleet[ray]') [default local]")
+    sim.add_argument("--executors", type=_positive_int, default=None,
+                     help="processes or Ray actors training clients, one client at a time each (default: one per "
+                          "CPU this run may use, at most the clients a round samples)")
+    sim.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="with --backend ray, the cluster to join (e.g. ray://head:10001 or auto) [default: start a "
+                          "local Ray instance]")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="delete the run already in --out and start over [default: refuse an existing run]")
+    sim.add_argument("--resume", action="store_true",
+                     help="carry on the run in --out from its last completed round, with the config saved there")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
     coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log.setup(args.log_level or ("WARNING" if args.command == "run" else "INFO"))
+    log.setup(args.log_level or ("WARNING" if args.command in ("run", "simulate") else "INFO"))
     try:
         if args.command == "worker":
             from fedfleet.coordinator.security import read_token
@@ -388,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedfleet.web.serve import serve_run
 
             return serve_run(args.run, args.host, args.port, allowed_tasks=tuple(args.allowed_tasks))
-        if args.command == "run" and os.getcwd() not in sys.path:
+        if args.command in ("run", "simulate") and os.getcwd() not in sys.path:
             # The coordinator and workers it starts are `python -m fedfleet` here, which imports a task's
             # module from this folder: look here too when checking the task.
             sys.path.append(os.getcwd())
@@ -407,6 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          join_token=read_token(args.join_token_file, "FEDFLEET_JOIN_TOKEN", "join token"),
                          tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
                          allowed_hosts=parse_allowed_hosts(args.allowed_hosts))
+        if args.command == "simulate":
+            from fedfleet.simulate import simulate
+
+            if args.ray_address is not None and args.backend != "ray":
+                raise ConfigError("--ray-address goes with --backend ray", option="ray_address")
+            return simulate(config, args.out or _default_out(config), backend=args.backend, executors=args.executors,
+                            ray_address=args.ray_address, overwrite=args.overwrite, resume=args.resume,
+                            given=_given_options(args), quiet=args.quiet)
         from fedfleet.runner import run_local
 
         out = args.out or _default_out(config)

@@ -39,8 +39,10 @@ INSTALL_HINT = "pip install 'fedfleet[torch]'"
 
 # Many workers share a machine (often several per process, several processes per host): one thread
 # each keeps them from oversubscribing the cores, which is far slower than running them side by side.
-# The coordinator raises it (use_threads): it evaluates while every worker waits for the next round.
-_threads = 1
+# `fedfleet run` gives a worker process more ($FEDFLEET_TORCH_THREADS) when there are more cores than
+# logical workers; the coordinator raises it (use_threads): it evaluates while every worker waits.
+THREADS_ENV = "FEDFLEET_TORCH_THREADS"
+_threads: int | None = None  # None: not set yet; the first require_torch reads THREADS_ENV, else 1
 
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -74,15 +76,31 @@ def use_threads(n: int) -> None:
         sys.modules["torch"].set_num_threads(_threads)
 
 
+def threads() -> int:
+    """This process's intra-op threads: as ``use_threads`` set them, else ``$FEDFLEET_TORCH_THREADS``, else 1."""
+    global _threads
+    if _threads is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        if not text:
+            _threads = 1
+        elif text.isdigit() and int(text) >= 1:
+            _threads = int(text)
+        else:
+            raise TaskError(f"${THREADS_ENV} must be a whole number >= 1 (torch threads per process). "
+                            f"Got {text!r} instead.")
+    return _threads
+
+
 def require_torch(task: str) -> ModuleType:
-    """The torch module, set to this process's intra-op threads (one unless ``use_threads`` said otherwise);
-    TaskError naming the extra if it is not installed."""
+    """The torch module, set to this process's intra-op threads (``threads()``); TaskError naming the extra
+    if it is not installed."""
     try:
         torch_mod = importlib.import_module("torch")
     except ImportError as exc:
         raise TaskError(f"the {task!r} task needs PyTorch, which is not installed: {INSTALL_HINT}") from exc
-    if torch_mod.get_num_threads() != _threads:
-        torch_mod.set_num_threads(_threads)
+    n = threads()
+    if torch_mod.get_num_threads() != n:
+        torch_mod.set_num_threads(n)
     return torch_mod
 
 
