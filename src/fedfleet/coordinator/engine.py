@@ -43,7 +43,7 @@ from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
 from fedfleet.coordinator.secure import SecureAggregation, settings_of
 from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
-from fedfleet.partition import parse_partition
+from fedfleet.partition import parse_partition, partition_name
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     DescribeInstruction,
@@ -145,6 +145,7 @@ class Engine:
         self.task = task
         # Where the workers' data comes from, and whether the run agrees a plan (and which, once it has).
         self.data_source = data_source(config, task)
+        self._agrees_plan = has_plan(task)  # asked of every worker each round: once, not 10,000 times
         self.plan = plan
         self._descriptions: dict[str, dict[str, Any]] = dict(descriptions or {})
         self.run_dir = run_dir
@@ -299,6 +300,57 @@ class Engine:
         event = self._work if work else self._progress
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+    # --- commands: clients simulated in this process (fedfleet simulate) -------------------------
+    def add_residents(self, count: int, prefix: str) -> list[tuple[str, int]]:
+        """Make the run's clients ``count`` residents of this process: the workers already registered (a
+        resumed run's) and new ones named ``prefix-K`` on the free partitions, all registered in one
+        transaction. A resident is alive while the engine runs, as if it held a long-poll open: the loop
+        samples it and never waits for it to come back. Returns (worker id, partition) of each."""
+        known = list(self._registry.workers.values())
+        new = self._registry.register_many([f"{prefix}-{len(known) + i}" for i in range(max(0, count - len(known)))])
+        residents = sorted(known + new, key=lambda w: w.partition)
+        for w in residents:
+            w.polling += 1
+        log.event("workers.resident", run=self.run_id, count=len(residents), new=len(new))
+        self._notify()
+        return [(w.worker_id, w.partition) for w in residents]
+
+    def work(self) -> list[tuple[str, TrainInstruction | StatsInstruction]]:
+        """Each sampled worker of the open round attempt that has work now, with its instruction: what the
+        long-polls of those workers would return. O(sampled), however many workers are registered."""
+        rs = self._current
+        if rs is None or rs.closed:
+            return []
+        out: list[tuple[str, TrainInstruction | StatsInstruction]] = []
+        for wid in rs.pending:
+            w = self._registry.workers.get(wid)
+            if w is None or wid in rs.in_flight or wid in rs.declined:
+                continue
+            msg = self._instruction_for(w)
+            if isinstance(msg, TrainInstruction | StatsInstruction):
+                out.append((wid, msg))
+        return out
+
+    def decline(self, worker_id: str, round: int, attempt: int, reason: str) -> bool:
+        """``worker_id`` will not answer round ``round`` attempt ``attempt`` (its fit diverged, say): the round
+        stops waiting for it, and closes as soon as everyone else has answered instead of at its deadline.
+        Returns False, doing nothing, if that attempt is not open or the worker is not one it waits for."""
+        rs = self._current
+        if rs is None or rs.closed or (rs.round, rs.attempt) != (round, attempt) or worker_id not in rs.sampled \
+                or worker_id in rs.answered or worker_id in rs.in_flight:
+            return False
+        rs.declined.add(worker_id)
+        log.event("worker.declined", logging.WARNING, run=self.run_id, round=round, attempt=attempt, worker=worker_id,
+                  reason=reason)
+        self._notify()
+        return True
+
+    def partition_info(self, partition: int) -> PartitionInfo:
+        """What a worker on ``partition`` is told of it at registration."""
+        return PartitionInfo(name=partition_name(partition, self.config.workers), index=partition,
+                             count=self.config.workers, scheme=str(parse_partition(self.config.partition)),
+                             seed=self.config.seed, val_fraction=self.config.val_fraction)
 
     # --- commands: workers ---------------------------------------------------------------------
     def is_registered(self, worker_id: str) -> bool:
@@ -605,7 +657,7 @@ class Engine:
             self._waiting = None
 
     def _ready(self, worker_id: str) -> bool:
-        return not has_plan(self.task) or worker_id in self._descriptions
+        return not self._agrees_plan or worker_id in self._descriptions
 
     def _missing(self, excluded: set[str]) -> list[str]:
         """Who a round waits for: registered workers gone quiet (or, in a run that agrees a plan, yet to
@@ -695,7 +747,8 @@ class Engine:
                 pending = rs.pending
                 if not pending and not rs.in_flight:
                     return True
-                reachable = [p for p in pending if p in rs.in_flight or self._registry.alive(self._registry.get(p))]
+                reachable = [p for p in pending if p in rs.in_flight or (
+                    p not in rs.declined and self._registry.alive(self._registry.get(p)))]
                 if not reachable and not rs.in_flight:
                     # Everyone who has not answered is dead: waiting longer cannot help.
                     return len(rs.answered) >= rs.needed

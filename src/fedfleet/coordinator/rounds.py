@@ -98,6 +98,7 @@ class RoundState:
     started: float = field(default_factory=time.monotonic)
     answered: dict[str, Answer] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
+    declined: set[str] = field(default_factory=set)  # sampled workers that said they will not answer
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0

@@ -165,6 +165,15 @@ class Store:
                        "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name",
                        (worker_id, partition, name, time.time()))
 
+    def put_workers(self, rows: list[tuple[str, int, str]]) -> None:
+        """Record many new workers, (id, partition, name) each, in one transaction: ``fedfleet simulate``
+        registers thousands of clients at start, and one commit (one fsync) each would take minutes."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("INSERT INTO workers (worker_id, partition, name, registered) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name",
+                           [(wid, partition, name, now) for wid, partition, name in rows])
+
     def delete_worker(self, worker_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))

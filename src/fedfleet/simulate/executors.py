@@ -1,0 +1,228 @@
+"""The executors that train simulated clients: local processes, or Ray actors.
+
+Both load the task once per executor and take ``client.Job``s one at a time; a client exists only for
+the length of its job. The global model is published once per version and shared read-only:
+
+- ``LocalExecutors``: a pool of processes on this host. Each version's safetensors bytes are written to
+  one file in shared memory (``/dev/shm`` where there is one) and every process maps it read-only: one
+  copy of the model in RAM whatever the number of processes, and no bytes through a pipe per job.
+- ``RayExecutors``: actors on a Ray cluster (``--ray-address``; a local Ray instance if none). Each
+  version goes once into Ray's object store; actors on one node read it from there, and fetch it once
+  per version.
+
+Answers come back as the bytes a worker would upload, which the coordinator checks as it checks any
+upload: an executor is trusted to run the task, not to bypass the intake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import mmap
+import multiprocessing
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from fedfleet.errors import ConfigError
+from fedfleet.protocol import codec
+from fedfleet.simulate.client import Job, Outcome, run_job
+from fedfleet.tasks import Task, load_task, torch_common
+from fedfleet.types import Weights
+
+Backend = str  # "local" | "ray"
+BACKENDS = ("local", "ray")
+
+
+class Executors(ABC):
+    """Where simulated clients are trained."""
+
+    count: int
+
+    @abstractmethod
+    def publish(self, version: int, model: bytes | memoryview) -> None:
+        """Make model ``version`` (safetensors bytes) the one jobs of that version train from."""
+
+    @abstractmethod
+    async def run(self, job: Job) -> Outcome:
+        """Do ``job`` on some executor once one is free."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the executors and free the published models."""
+
+
+# --- what runs inside an executor ---------------------------------------------------------------
+class _Worker:
+    """An executor's own state: the task, loaded once, and the model of the version last used."""
+
+    def __init__(self, task: str, options: dict[str, str], threads: int) -> None:
+        torch_common.use_threads(threads)
+        self.task: Task = load_task(task, options)
+        self.version = -1
+        self.model: Weights | None = None
+        self._map: mmap.mmap | None = None
+
+    def model_from_file(self, version: int, path: str) -> Weights:
+        if version != self.version or self.model is None:
+            self.model = None
+            if self._map is not None:
+                with contextlib.suppress(BufferError):  # arrays of the old version may still be referenced
+                    self._map.close()
+            with open(path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self.model, _ = codec.decode(memoryview(self._map))  # read-only views of the mapped file
+            self.version = version
+        return self.model
+
+    def model_from_bytes(self, version: int, body: bytes) -> Weights:
+        if version != self.version or self.model is None:
+            self.model, _ = codec.decode(body)
+            self.version = version
+        return self.model
+
+
+_local: _Worker | None = None
+
+
+def _init_local(task: str, options: dict[str, str], threads: int) -> None:
+    global _local
+    _local = _Worker(task, options, threads)
+
+
+def _run_local(job: Job, path: str | None) -> Outcome:
+    if _local is None:
+        raise RuntimeError("executor process was not initialised")
+    model = _local.model_from_file(job.model_version, path) if path is not None else None
+    return run_job(_local.task, job, model)
+
+
+# --- local processes ----------------------------------------------------------------------------
+def shared_memory_dir() -> Path:
+    """A folder whose files live in RAM where the system has one (Linux's /dev/shm), else the temp folder."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+class LocalExecutors(Executors):
+    """``count`` processes on this host (spawned: never forked from a process that holds threads)."""
+
+    def __init__(self, task: str, options: dict[str, str], count: int, threads: int = 1) -> None:
+        self.count = count
+        self._dir = Path(tempfile.mkdtemp(prefix="fedfleet-sim-", dir=shared_memory_dir()))
+        self._paths: dict[int, Path] = {}
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=count, mp_context=multiprocessing.get_context("spawn"), initializer=_init_local,
+            initargs=(task, options, threads))
+
+    def publish(self, version: int, model: bytes | memoryview) -> None:
+        if version in self._paths:
+            return
+        path = self._dir / f"model-{version}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(model)
+        tmp.replace(path)
+        self._paths[version] = path
+        # Jobs of the previous version may still be running; older ones are done. A process holding an
+        # older file mapped keeps its pages until it lets them go.
+        for old in [v for v in self._paths if v < version - 1]:
+            self._paths.pop(old).unlink(missing_ok=True)
+
+    async def run(self, job: Job) -> Outcome:
+        path = str(self._paths[job.model_version]) if job.model_version >= 0 else None
+        return await asyncio.wrap_future(self._pool.submit(_run_local, job, path))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+# --- Ray actors ---------------------------------------------------------------------------------
+class _Actor:
+    """The body of a Ray actor (wrapped with ``ray.remote`` when Ray is loaded)."""
+
+    def __init__(self, task: str, options: dict[str, str], threads: int) -> None:
+        self.worker = _Worker(task, options, threads)
+
+    def run(self, job: Job, model: list[Any]) -> Outcome:
+        # ``model`` is [ObjectRef] (a list, so that Ray does not fetch it for every call): fetched only when
+        # the version changes.
+        import ray
+
+        weights = None
+        if job.model_version >= 0:
+            if job.model_version != self.worker.version:
+                self.worker.model_from_bytes(job.model_version, ray.get(model[0]))
+            weights = self.worker.model
+        return run_job(self.worker.task, job, weights)
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--backend ray needs Ray: pip install 'fedfleet[ray]'", option="backend") from exc
+    return ray
+
+
+class RayExecutors(Executors):
+    """``count`` Ray actors, each holding one CPU, on the cluster at ``address`` (None: start a local one)."""
+
+    def __init__(self, task: str, options: dict[str, str], count: int, address: str | None = None,
+                 threads: int = 1) -> None:
+        ray = require_ray()
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            # The driver's environment (the data folders named by FEDFLEET_*_DIR, say) goes to the actors.
+            env = {k: v for k, v in os.environ.items() if k.startswith("FEDFLEET_")}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None,
+                     **({"num_cpus": count} if address is None else {}))
+        actor = ray.remote(num_cpus=1)(_Actor)
+        self._actors = [actor.remote(task, options, threads) for _ in range(count)]
+        self.count = count
+        self._idle: asyncio.Queue[Any] | None = None
+        self._models: dict[int, Any] = {}
+
+    def publish(self, version: int, model: bytes | memoryview) -> None:
+        if version not in self._models:
+            self._models[version] = self._ray.put(bytes(model))
+            for old in [v for v in self._models if v < version - 1]:
+                del self._models[old]
+
+    async def run(self, job: Job) -> Outcome:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for a in self._actors:
+                self._idle.put_nowait(a)
+        actor = await self._idle.get()
+        try:
+            ref = [self._models[job.model_version]] if job.model_version >= 0 else []
+            outcome: Outcome = await actor.run.remote(job, ref)
+            return outcome
+        finally:
+            self._idle.put_nowait(actor)
+
+    def close(self) -> None:
+        for a in self._actors:
+            with contextlib.suppress(Exception):
+                self._ray.kill(a)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
+
+
+def open_executors(backend: Backend, task: str, options: dict[str, str], count: int,
+                   ray_address: str | None = None) -> Executors:
+    if backend == "local":
+        return LocalExecutors(task, options, count)
+    if backend == "ray":
+        return RayExecutors(task, options, count, ray_address)
+    raise ConfigError(f"The 'backend' option must be one of {', '.join(BACKENDS)}. Got {backend!r} instead.",
+                      option="backend")
