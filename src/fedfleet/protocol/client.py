@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import ssl
 import time
 from pathlib import Path
@@ -85,9 +86,35 @@ def tls_context(ca: Path | None) -> ssl.SSLContext | bool:
 
 # Busy or briefly away (429, 502, 503, 504): worth a retry with backoff, like a refused connection.
 RETRY_STATUSES = (429, 502, 503, 504)
+# The coordinator itself answered that it is busy: it is alive, and says when to come back.
+BUSY_STATUSES = (429, 503)
+DEFAULT_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 60.0
 
 
-def _raise_for(status: int, body: bytes, what: str) -> None:
+class CoordinatorBusy(TransportError):
+    """The coordinator answered 429 or 503: alive but busy (e.g. over its registration rate).
+
+    Unlike a request that got no answer, this is no sign that the coordinator is gone, so a worker
+    does not count it towards giving up; ``retry_after`` is the wait its ``Retry-After`` asked for."""
+
+    def __init__(self, message: str, retry_after: float = DEFAULT_RETRY_AFTER) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` header (delay-seconds only), bounded; the default if absent or not a number."""
+    try:
+        seconds = float(value) if value is not None else DEFAULT_RETRY_AFTER
+    except ValueError:
+        return DEFAULT_RETRY_AFTER
+    if not math.isfinite(seconds):
+        return DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _raise_for(status: int, body: bytes, what: str, retry_after_header: str | None = None) -> None:
     if status < 400:
         return
     try:
@@ -96,6 +123,8 @@ def _raise_for(status: int, body: bytes, what: str) -> None:
         detail = body[:300].decode(errors="replace")
     if status in (404, 409):
         raise RequestRejected(f"{what}: {detail}", status=status)
+    if status in BUSY_STATUSES:
+        raise CoordinatorBusy(f"{what}: HTTP {status}: {detail}", retry_after(retry_after_header))
     if status in RETRY_STATUSES:
         raise TransportError(f"{what}: HTTP {status}: {detail}")
     if status in (401, 403):
@@ -143,7 +172,7 @@ class CoordinatorClient:
             r = self._http.request(method, API + path, headers={**auth, **(headers or {})}, **kw)
         except httpx.TransportError as exc:
             raise TransportError(f"{what}: {exc!r}") from exc
-        _raise_for(r.status_code, r.content, what)
+        _raise_for(r.status_code, r.content, what, r.headers.get("retry-after"))
         return r.json()
 
     def register(self, worker_id: str | None, name: str, worker_token: str | None = None,
@@ -163,7 +192,7 @@ class CoordinatorClient:
         """Long-poll for what to do next. On the lean connection: it is on every worker's path every round."""
         status, resp = self._exchange("next instruction", "GET", f"/workers/{worker_id}/task?wait={wait:g}")
         body = self._read(resp, "next instruction")
-        _raise_for(status, body, "next instruction")
+        _raise_for(status, body, "next instruction", resp.getheader("Retry-After"))
         try:
             return INSTRUCTION.validate_json(body)
         except ValidationError as exc:

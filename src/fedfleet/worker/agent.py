@@ -40,7 +40,7 @@ from fedfleet.errors import (
     RequestRejected,
     TransportError,
 )
-from fedfleet.protocol.client import CoordinatorClient
+from fedfleet.protocol.client import CoordinatorBusy, CoordinatorClient
 from fedfleet.protocol.messages import (
     DealtShare,
     DescribeInstruction,
@@ -79,6 +79,7 @@ REPEAT_WAIT = 0.5
 # connection), then one line saying what the worker waits for, then one every WAIT_LOG_EVERY seconds.
 WAIT_QUIET = 1.0
 WAIT_LOG_EVERY = 30.0
+MAX_BACKOFF = 5.0  # seconds between retries at most (before jitter)
 
 
 def default_name() -> str:
@@ -104,6 +105,8 @@ class Waiting:
         self._lock = threading.Lock()
         self._since: float | None = None  # when the oldest retry still going started
         self._next_line: float | None = None  # when the next line is due; None until the first is said
+        self._busy = 0  # busy answers since the last worker.busy line
+        self._next_busy_line: float | None = None
 
     def failed(self, what: str, error: Exception, since: float) -> None:
         """A retry of ``what`` that started failing at ``since`` (a ``clock`` time) failed again."""
@@ -121,6 +124,21 @@ class Waiting:
                 log.event("worker.still_waiting", logging.WARNING, coordinator=self.url, waiting_for=what,
                           waited=f"{waited:.0f}s", gives_up_in=left, error=str(error))
             self._next_line = now + self.every
+
+    def busy(self, what: str, error: CoordinatorBusy, pause: float) -> None:
+        """The coordinator answered that it is busy (429, 503): one line now, then one every ``every`` seconds
+        with how many such answers came since, however many logical workers got them."""
+        now = self._clock()
+        with self._lock:
+            self._busy += 1
+            if self._next_busy_line is not None and now < self._next_busy_line:
+                return
+            log.event("worker.busy", coordinator=self.url, waiting_for=what, answers=self._busy,
+                      error=str(error), retry_in=f"{pause:.1f}s",
+                      note="the coordinator is alive and asks to be asked later; this does not count towards "
+                           "--give-up")
+            self._busy = 0
+            self._next_busy_line = now + self.every
 
     def answered(self) -> None:
         """The coordinator answered a request: any wait is over."""
@@ -517,12 +535,26 @@ class Agent:
         return "undelivered"
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        """Call ``fn``, retrying transport errors with exponential backoff and jitter until ``give_up``."""
+        """Call ``fn``, retrying transport errors with exponential backoff and jitter until ``give_up``.
+
+        A busy answer (429, 503) is retried too, but never given up on: the coordinator answered, so it is
+        alive. Counting it as silence made a worker turned away by the registration rate limit for longer
+        than ``give_up`` end as "unreachable" (1,000 workers at 20 registrations a second after a burst of 200
+        take 40 s; ``fedfleet run`` gives its workers 30 s), and the first round wait for its partition until
+        --wait-timeout."""
         first_failure: float | None = None
         delay = 0.1
         while True:
             try:
                 result = fn()
+            except CoordinatorBusy as exc:
+                first_failure = None
+                self.proc.waiting.answered()
+                # Not before the coordinator asked, and spread out so that the herd it turned away does not
+                # come back in step.
+                pause = max(exc.retry_after, delay) * random.uniform(1.0, 1.5)
+                self.proc.waiting.busy(what, exc, pause)
+                cause: TransportError = exc
             except TransportError as exc:
                 now = time.monotonic()
                 first_failure = first_failure or now
@@ -531,10 +563,12 @@ class Agent:
                         f"no answer from {self.proc.url} for {self.proc.give_up:g} s ({exc}); "
                         "--give-up sets how long a worker waits") from exc
                 self.proc.waiting.failed(what, exc, first_failure)
-                if self.proc.stop.wait(delay * random.uniform(0.5, 1.0)):
-                    raise CoordinatorUnreachable(f"{what}: stopped while retrying") from exc
-                delay = min(delay * 2, 5.0)
+                pause = delay * random.uniform(0.5, 1.0)
+                cause = exc
             else:
                 self.proc.waiting.answered()
                 return result
+            if self.proc.stop.wait(pause):
+                raise CoordinatorUnreachable(f"{what}: stopped while retrying") from cause
+            delay = min(delay * 2, MAX_BACKOFF)
 
