@@ -137,8 +137,11 @@ async def _simulate(config: RunConfig, task: Task, out: Path, backend: Backend, 
         rounds = asyncio.create_task(engine.run())
         driver = asyncio.create_task(fleet.drive())
         await _show_progress(engine, config, console, count, backend)
-        await rounds
-        await driver
+        # A stop (Ctrl-C) cancels the round loop: its CancelledError is the way it ends, not an error here.
+        ended = await asyncio.gather(rounds, driver, return_exceptions=True)
+        for result in ended:
+            if isinstance(result, Exception):
+                raise result
         return stopped_by[0] if stopped_by else None
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
