@@ -47,10 +47,10 @@ from fedfleet.secagg import crypto, ring
 from fedfleet.secagg.graph import default_neighbours
 from fedfleet.storage.run_dir import RunDir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
+from flower_env import FLOWER_VENV, ensure_flower, venv_python
+
 RESULTS = Path(__file__).resolve().parent / "results"
-FLOWER_VENV = Path.home() / ".cache" / "fedfleet-bench" / "flower-venv"
-# Flower 1.42 is the version the issue's reference figures were taken with; else the newest 1.x.
-FLOWER_PINS = ("flwr[simulation]==1.42.*", "flwr[simulation]>=1,<2")
 GOAL = ("secure aggregation with k = ceil(3 log2 N) neighbours costs at most 2x fedfleet's plaintext round "
         "at N = 50")
 GOAL_RATIO = 2.0
@@ -253,58 +253,6 @@ FLOWER_APP = textwrap.dedent('''
     result["wall_s"] = time.perf_counter() - t0
     print("RESULT " + json.dumps(result), flush=True)
 ''')
-
-
-def _shown(path: Path) -> str:
-    """``path`` as the results show it: under the home folder as ~/..., so no machine's own paths are written."""
-    try:
-        return "~/" + str(path.relative_to(Path.home()))
-    except ValueError:
-        return path.name
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _flower_versions(python: Path) -> dict[str, str] | None:
-    code = ("import importlib.metadata as m, json; "
-            "print(json.dumps({n: m.version(n) for n in ('flwr', 'ray', 'numpy', 'cryptography')}))")
-    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
-        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:
-            versions: dict[str, str] = json.loads(r.stdout.strip().splitlines()[-1])
-            return versions
-    return None
-
-
-def ensure_flower(venv: Path, log: Path) -> dict[str, Any]:
-    """A virtualenv with Flower in it: reused if it imports, else made and installed. Never raises."""
-    python = _venv_python(venv)
-    if python.exists():
-        versions = _flower_versions(python)
-        if versions is not None:
-            return {"venv": _shown(venv), "reused": True, "versions": versions, "install_s": 0.0}
-    t = time.perf_counter()
-    tried: list[str] = []
-    try:
-        if not python.exists():
-            venv.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-        for pin in FLOWER_PINS:
-            tried.append(pin)
-            with log.open("a") as f:
-                r = subprocess.run([str(python), "-m", "pip", "install", "-q", pin], stdout=f, stderr=subprocess.STDOUT,
-                                   timeout=1200)
-            if r.returncode == 0:
-                versions = _flower_versions(python)
-                if versions is not None:
-                    return {"venv": _shown(venv), "reused": False, "pin": pin, "versions": versions,
-                            "install_s": time.perf_counter() - t}
-        tail = log.read_text()[-1500:] if log.exists() else ""
-        return {"venv": _shown(venv), "error": f"pip install failed for {tried}: {tail}"}
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"venv": _shown(venv), "error": f"{type(exc).__name__}: {exc}"}
 
 
 def flower_shares(case: Case, secure: bool) -> int | None:
@@ -626,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                     for secure in modes:
                         heavy = (secure and case.k >= case.workers - 1 and case.workers > 20) or case.params > 500_000
                         rounds = min(args.flower_rounds, 3) if heavy else args.flower_rounds
-                        r = run_flower(case, secure, rounds, _venv_python(args.flower_venv), workdir)
+                        r = run_flower(case, secure, rounds, venv_python(args.flower_venv), workdir)
                         flower["runs"].append(r)
                         what = f"SecAgg+ k={r['neighbours']}" if secure else "plain"
                         print(f"Flower   P={case.params:>9,} N={case.workers:>3} {what:<12} "

@@ -17,7 +17,6 @@ upload: an executor is trusted to run the task, not to bypass the intake.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import mmap
 import multiprocessing
@@ -25,16 +24,19 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from fedfleet.errors import ConfigError
+from fedfleet.errors import ConfigError, TaskError
 from fedfleet.protocol import codec
 from fedfleet.simulate.client import Job, Outcome, run_job
 from fedfleet.tasks import Task, load_task, torch_common
 from fedfleet.types import Weights
 
 Backend = str  # "local" | "ray"
+START_TIMEOUT = 300.0  # seconds an executor may take to load its task (imports, a data set read from disk)
 BACKENDS = ("local", "ray")
 
 
@@ -86,19 +88,33 @@ class _Worker:
         return self.model
 
 
-_local: _Worker | None = None
-
-
-def _init_local(task: str, options: dict[str, str], threads: int) -> None:
-    global _local
-    _local = _Worker(task, options, threads)
-
-
-def _run_local(job: Job, path: str | None) -> Outcome:
-    if _local is None:
-        raise RuntimeError("executor process was not initialised")
-    model = _local.model_from_file(job.model_version, path) if path is not None else None
-    return run_job(_local.task, job, model)
+def _serve(conn: Connection, task: str, options: dict[str, str], threads: int) -> None:
+    """An executor process: take (job, model file) from ``conn``, answer with the outcome's header and then
+    its body as raw bytes (no pickling of the model-sized part), until told to stop (None) or the parent goes."""
+    try:
+        worker = _Worker(task, options, threads)
+    except BaseException as exc:  # the task cannot load here: say so, instead of dying with no word
+        conn.send(("failed", repr(exc)))
+        return
+    conn.send(("ready", ""))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        job, path = message
+        try:
+            model = worker.model_from_file(job.model_version, path) if path is not None else None
+            outcome = run_job(worker.task, job, model)
+        except Exception as exc:  # the job's failure, not the executor's: it takes the next one
+            conn.send(("error", repr(exc)))
+            continue
+        conn.send(("done", (outcome.worker_id, outcome.problem, outcome.dropped_metrics, outcome.seconds,
+                            outcome.body is not None)))
+        if outcome.body is not None:
+            conn.send_bytes(outcome.body)
 
 
 # --- local processes ----------------------------------------------------------------------------
@@ -108,16 +124,93 @@ def shared_memory_dir() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+class ExecutorFailed(RuntimeError):
+    """An executor process ended, or its task could not load: the job given to it has no answer."""
+
+
+class _Process:
+    """One executor process and the pipe to it; one job at a time."""
+
+    def __init__(self, ctx: multiprocessing.context.SpawnContext, task: str, options: dict[str, str],
+                 threads: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, task, options, threads), daemon=True,
+                                name="fedfleet-executor")
+        self.proc.start()
+        child.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the process has loaded its task; raise TaskError with its reason if it could not."""
+        if not self.conn.poll(timeout):
+            raise TaskError(f"executor process {self.proc.pid} did not load the task within {timeout:g} s")
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise TaskError(f"executor process {self.proc.pid} ended while loading the task (exit code "
+                            f"{self.proc.exitcode})") from exc
+        if kind != "ready":
+            raise TaskError(f"an executor process could not load the task: {value}")
+
+    async def run(self, job: Job, path: str | None) -> Outcome:
+        loop = asyncio.get_running_loop()
+        self.conn.send((job, path))
+        worker_id, problem, dropped, seconds, has_body = await self._receive(loop, "done")
+        body = await self._read(loop, self.conn.recv_bytes) if has_body else None
+        return Outcome(worker_id, body, problem, tuple(dropped), seconds)
+
+    async def _receive(self, loop: asyncio.AbstractEventLoop, want: str) -> Any:
+        kind, value = await self._read(loop, self.conn.recv)
+        if kind == want:
+            return value
+        raise RuntimeError(f"the client's job failed: {value}")
+
+    async def _read(self, loop: asyncio.AbstractEventLoop, read: Callable[[], Any]) -> Any:
+        """``read()`` once the pipe has something: in the event loop, no thread per executor."""
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self.conn.fileno()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            return read()
+        except (EOFError, OSError) as exc:
+            raise ExecutorFailed(f"executor process {self.proc.pid} ended (exit code {self.proc.exitcode})") \
+                from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 class LocalExecutors(Executors):
-    """``count`` processes on this host (spawned: never forked from a process that holds threads)."""
+    """``count`` processes on this host (spawned: never forked from a process that holds threads), each
+    taking one job at a time over a pipe; a job goes to whichever is free first."""
 
     def __init__(self, task: str, options: dict[str, str], count: int, threads: int = 1) -> None:
         self.count = count
         self._dir = Path(tempfile.mkdtemp(prefix="fedfleet-sim-", dir=shared_memory_dir()))
         self._paths: dict[int, Path] = {}
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=count, mp_context=multiprocessing.get_context("spawn"), initializer=_init_local,
-            initargs=(task, options, threads))
+        ctx = multiprocessing.get_context("spawn")
+        self._procs = [_Process(ctx, task, options, threads) for _ in range(count)]
+        self._idle: asyncio.Queue[_Process] | None = None
+        try:
+            for p in self._procs:
+                p.wait_ready(START_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
 
     def publish(self, version: int, model: bytes | memoryview) -> None:
         if version in self._paths:
@@ -134,11 +227,25 @@ class LocalExecutors(Executors):
             self._paths.pop(old).unlink(missing_ok=True)
 
     async def run(self, job: Job) -> Outcome:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for p in self._procs:
+                self._idle.put_nowait(p)
         path = str(self._paths[job.model_version]) if job.model_version >= 0 else None
-        return await asyncio.wrap_future(self._pool.submit(_run_local, job, path))
+        proc = await self._idle.get()
+        if not proc.proc.is_alive():  # every executor has ended: this one was put back to say so
+            self._idle.put_nowait(proc)
+            raise ExecutorFailed(f"every executor process has ended (the last with exit code {proc.proc.exitcode})")
+        try:
+            return await proc.run(job, path)
+        finally:
+            # A process that ended takes no more jobs, unless it was the last: then it wakes those waiting.
+            if proc.proc.is_alive() or not any(p.proc.is_alive() for p in self._procs):
+                self._idle.put_nowait(proc)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for p in self._procs:
+            p.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
