@@ -54,6 +54,7 @@ from fedfleet.storage.records import RoundRecord
 from fedfleet.web import create_router
 
 MODEL_MEDIA_TYPE = "application/octet-stream"
+MAX_WORKERS_PAGE = 10_000
 METRICS_PATH = "/metrics"
 
 
@@ -156,9 +157,14 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         reply = engine.register(req.worker_id, req.name, req.data_source)
         return reply.model_copy(update={"token": access.worker_token(reply.worker_id)})
 
-    @app.get(f"{API}/workers", response_model=list[WorkerView], tags=["workers"])
-    async def workers() -> list[WorkerView]:
-        return engine.workers_view()
+    @app.get(f"{API}/workers", response_model=list[WorkerView], tags=["workers"],
+             summary="The registered workers by partition; `offset` and `limit` page them, and the "
+                     "X-Total-Count header says how many there are")
+    async def workers(response: Response, offset: int = Query(0, ge=0),
+                      limit: int | None = Query(None, ge=1, le=MAX_WORKERS_PAGE,
+                                                description="at most this many [default: all]")) -> list[WorkerView]:
+        response.headers["X-Total-Count"] = str(engine.workers_registered())
+        return engine.workers_view(offset, limit)
 
     @app.post(f"{API}/heartbeat", response_model=HeartbeatAck, tags=["workers"])
     async def heartbeat(req: Heartbeat) -> HeartbeatAck:

@@ -24,10 +24,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,7 @@ from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_o
 State = Literal["waiting", "running", "finished", "failed", "stopped"]
 ENDED: tuple[State, ...] = ("finished", "failed", "stopped")
 WAIT_LOG_S = 10.0  # a round waiting for workers says so this often
+MISSING_NAMED = 50  # workers a waiting round names at most (status, dashboard, log); the rest are counted
 OUTLIER = 10.0  # an update whose norm is this many times the round's median is named when a round fails
 
 
@@ -188,6 +190,9 @@ class Engine:
         # would be N² wake-ups per round.
         self._work = asyncio.Event()
         self._progress = asyncio.Event()
+        # What each long-poll waits on, by worker: a round that samples 100 of 1,000 workers wakes those 100,
+        # not all 1,000 to find nothing for 900 of them.
+        self._wake: dict[str, asyncio.Event] = {}
         self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
         self._set_model(model, model_version)
         self._strategy_state = strategy_state if strategy_state is not None else strategy.init(self._model)
@@ -282,13 +287,23 @@ class Engine:
         self._model_bytes = view
 
     # --- notifications -------------------------------------------------------------------------
-    def _notify(self, work: bool = False) -> None:
-        """Wake the loop (something progressed) and, with ``work``, the long-polling workers too."""
+    def _notify(self, work: bool = False, only: Collection[str] | None = None) -> None:
+        """Wake the loop (something progressed) and, with ``work``, the long-polling workers too: those in
+        ``only`` (a round opening for its sample), else all of them (the run ends, a plan is agreed)."""
         self._progress.set()
         self._progress = asyncio.Event()
         if work:
             self._work.set()
             self._work = asyncio.Event()
+            if only is None:
+                woken, self._wake = self._wake, {}
+                for event in woken.values():
+                    event.set()
+            else:
+                for worker_id in only:
+                    waiting = self._wake.pop(worker_id, None)
+                    if waiting is not None:
+                        waiting.set()
 
     def progress_event(self) -> asyncio.Event:
         """Set at the next change (a round opens or closes, an update or a worker arrives, the run ends).
@@ -485,7 +500,12 @@ class Engine:
                 # A stopped coordinator is about to go: let the poll end so the server can close at once.
                 if not isinstance(msg, WaitInstruction) or remaining <= 0 or self.state == "stopped":
                     break
-                await self._wait_change(remaining, work=True)
+                # Taken after reading the state with no await between: no wake-up for it can be missed.
+                event = self._wake.get(worker_id)
+                if event is None:
+                    event = self._wake[worker_id] = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
         finally:
             w.polling -= 1
             w.last_seen = time.monotonic()
@@ -539,7 +559,7 @@ class Engine:
             current_round=max(self.round, rs.round if rs is not None and rs.kind == "train" else 0),
             rounds_planned=self.config.rounds, model_version=self.model_version,
             accuracy=last.accuracy if last else None, loss=last.loss if last else None,
-            workers_registered=len(self._registry.workers), workers_live=len(self._registry.live()),
+            workers_registered=len(self._registry.workers), workers_live=self._registry.count_live(),
             open_round=open_round, last_participants=last.participants if last else None,
             dropped=self._dropped, waiting=self._waiting,
             dp_epsilon=None if self._privacy is None else last.dp_epsilon if last is not None else 0.0)
@@ -551,11 +571,13 @@ class Engine:
                       workers_live=s.workers_live, accuracy=s.accuracy, loss=s.loss, message=s.message,
                       waiting=s.waiting)
 
-    def workers_view(self) -> list[WorkerView]:
+    def workers_view(self, offset: int = 0, limit: int | None = None) -> list[WorkerView]:
+        """The registered workers by partition, from ``offset``, at most ``limit`` of them (None: all)."""
         now = time.monotonic()
         rs = self._current
         out = []
-        for w in sorted(self._registry.workers.values(), key=lambda w: w.partition):
+        ordered = sorted(self._registry.workers.values(), key=lambda w: w.partition)
+        for w in ordered[offset:None if limit is None else offset + limit]:
             busy = rs is not None and not rs.closed and w.worker_id in rs.sampled \
                 and w.worker_id not in rs.answered
             status: Literal["idle", "training", "dead"] = (
@@ -564,6 +586,9 @@ class Engine:
                                   status=status, last_seen_s=round(now - w.last_seen, 3),
                                   rounds_served=w.rounds_served, last_train_s=w.last_train_s))
         return out
+
+    def workers_registered(self) -> int:
+        return len(self._registry.workers)
 
     def rounds(self) -> list[RoundRecord]:
         """The records of the completed rounds (a new list; the records are immutable)."""
@@ -632,14 +657,18 @@ class Engine:
         deadline = start + self.config.wait_timeout
         fails_at = time.time() + self.config.wait_timeout
         next_log = start + WAIT_LOG_S
+        missing: list[str] = []
+        listed = -math.inf  # when ``missing`` was last listed
         try:
             while True:
                 live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded
                         and self._ready(w.worker_id)]
                 if len(live) >= needed:
                     return live
-                missing = self._missing(excluded)
                 now = time.monotonic()
+                # Listed at most once a second: every registration wakes this loop, and the list is O(N).
+                if now - listed >= 1.0 or now >= deadline or now >= next_log:
+                    missing, listed = self._missing(excluded), now
                 if now >= deadline:
                     raise RoundError(f"only {len(live)} of the {needed} workers needed were alive after waiting "
                                      f"{self.config.wait_timeout:g} s (--wait-timeout); run failed. Missing: "
@@ -661,11 +690,14 @@ class Engine:
 
     def _missing(self, excluded: set[str]) -> list[str]:
         """Who a round waits for: registered workers gone quiet (or, in a run that agrees a plan, yet to
-        describe their data), and partitions nobody has joined for."""
+        describe their data), and partitions nobody has joined for. At most ``MISSING_NAMED`` by name, then
+        how many more: status, the dashboard and the log line carry this list."""
         out = [(f"{w.worker_id} ({w.name})" if w.name else w.worker_id)
                + (" (no description of its data yet)" if self._registry.alive(w) else "")
                for w in sorted(self._registry.workers.values(), key=lambda w: w.partition)
                if w.worker_id not in excluded and (not self._registry.alive(w) or not self._ready(w.worker_id))]
+        if len(out) > MISSING_NAMED:
+            out[MISSING_NAMED:] = [f"{len(out) - MISSING_NAMED} more registered workers"]
         unjoined = self.config.workers - len(self._registry.workers)
         if unjoined > 0:
             out.append(f"{unjoined} partition{'s' if unjoined > 1 else ''} with no worker yet")
@@ -707,7 +739,7 @@ class Engine:
             self.phase = "statistics" if kind == "stats" else "training"
             log.event("round.open", run=self.run_id, round=rnd, attempt=attempt, kind=kind,
                       sampled=len(sampled), needed=rs.needed)
-            self._notify(work=True)
+            self._notify(work=True, only=sampled)
             try:
                 if secure is not None:
                     await secure.setup(rs, schema)

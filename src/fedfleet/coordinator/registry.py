@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ class Registry:
             r.worker_id: WorkerState(r.worker_id, r.partition, r.name, now, r.rounds_served)
             for r in known
         }
+        # The partitions nobody holds, lowest first: a registration takes one in O(log N) instead of scanning
+        # every partition and worker (O(N) each, O(N^2) for a fleet joining).
+        taken = {w.partition for w in self.workers.values()}
+        self._free = [p for p in range(partitions) if p not in taken]
+        heapq.heapify(self._free)
 
     def register(self, worker_id: str | None, name: str) -> WorkerState:
         if worker_id is not None and worker_id in self.workers:
@@ -52,11 +58,9 @@ class Registry:
                 self.store.put_worker(w.worker_id, w.partition, name)
             return w
         worker_id = worker_id or uuid.uuid4().hex[:16]
-        taken = {w.partition for w in self.workers.values()}
-        free = [p for p in range(self.partitions) if p not in taken]
         evict: WorkerState | None = None
-        if free:
-            partition = free[0]
+        if self._free:
+            partition = self._free[0]
         else:
             dead = [w for w in self.workers.values() if not self.alive(w)]
             if not dead:
@@ -67,6 +71,8 @@ class Registry:
         self.store.put_worker(worker_id, partition, name, evict=evict.worker_id if evict else None)
         if evict is not None:
             del self.workers[evict.worker_id]
+        else:
+            heapq.heappop(self._free)  # taken only once it is stored: a failed write leaves it free
         w = WorkerState(worker_id, partition, name, time.monotonic())
         self.workers[worker_id] = w
         return w
@@ -74,21 +80,25 @@ class Registry:
     def register_many(self, names: list[str]) -> list[WorkerState]:
         """New workers on the free partitions, lowest first, one per name, recorded in one transaction
         (``fedfleet simulate``'s clients); raises 409 if there are fewer free partitions than names."""
-        taken = {w.partition for w in self.workers.values()}
-        free = [p for p in range(self.partitions) if p not in taken][: len(names)]
-        if len(free) < len(names):
-            raise RequestRejected(f"{len(names)} workers asked to join but only {len(free)} of the "
+        if len(self._free) < len(names):
+            raise RequestRejected(f"{len(names)} workers asked to join but only {len(self._free)} of the "
                                   f"{self.partitions} partitions are free", status=409)
+        free = heapq.nsmallest(len(names), self._free)
         now = time.monotonic()
         added = [WorkerState(uuid.uuid4().hex[:16], p, name, now) for p, name in zip(free, names, strict=True)]
         self.store.put_workers([(w.worker_id, w.partition, w.name) for w in added])
         self.workers.update((w.worker_id, w) for w in added)
+        for _ in added:
+            heapq.heappop(self._free)
         return added
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker the run cannot use (its data was refused): its partition is free for another."""
-        if self.workers.pop(worker_id, None) is not None:
+        w = self.workers.get(worker_id)
+        if w is not None:
             self.store.delete_worker(worker_id)
+            del self.workers[worker_id]
+            heapq.heappush(self._free, w.partition)
 
     def get(self, worker_id: str) -> WorkerState:
         w = self.workers.get(worker_id)
@@ -110,6 +120,11 @@ class Registry:
         since = time.monotonic() - self.worker_timeout
         return sorted((w for w in self.workers.values() if w.polling > 0 or w.last_seen > since),
                       key=_by_partition)
+
+    def count_live(self) -> int:
+        """How many workers are alive, for views: without building and sorting the list ``live`` returns."""
+        since = time.monotonic() - self.worker_timeout
+        return sum(1 for w in self.workers.values() if w.polling > 0 or w.last_seen > since)
 
     def partition_label(self, w: WorkerState) -> str:
         return partition_name(w.partition, self.partitions)

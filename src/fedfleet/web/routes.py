@@ -45,6 +45,9 @@ API = "/v1"
 REFRESH_S = 5.0  # longest silence on the stream: refreshes "dead" workers and keeps proxies from closing it
 COALESCE_S = 0.1  # a round's N answers arrive in a burst: one event for the burst, not N
 RETRY_MS = 2000  # how soon the browser reconnects a dropped stream
+# Workers the dashboard's state carries at once: a page of its table, not all 10,000 on every event.
+WORKERS_PAGE = 100
+MAX_WORKERS_PAGE = 10_000
 ASSETS = {"dashboard.html": "text/html", "predict.html": "text/html", "style.css": "text/css",
           "charts.js": "text/javascript", "dashboard.js": "text/javascript", "predict.js": "text/javascript",
           "common.js": "text/javascript", "favicon.svg": "image/svg+xml"}
@@ -120,17 +123,21 @@ def create_router(run: RunSource) -> APIRouter:
         return _asset(assets, name, request)
 
     @router.get(f"{API}/dashboard", tags=["dashboard"],
-                summary="Everything the dashboard shows: status, open round, workers, config and every round")
-    async def dashboard() -> Response:
-        return _json_response({**run.snapshot(), "rounds_from": 0, "rounds": run.rounds()})
+                summary="Everything the dashboard shows: status, open round, a page of the workers (by partition; "
+                        "`workers_page` says which and how many there are), config and every round")
+    async def dashboard(workers_offset: int = Query(0, ge=0),
+                        workers_limit: int = Query(WORKERS_PAGE, ge=1, le=MAX_WORKERS_PAGE)) -> Response:
+        snap = _paged(run.snapshot(), workers_offset, workers_limit)
+        return _json_response({**snap, "rounds_from": 0, "rounds": run.rounds()})
 
     @router.get(f"{API}/events", tags=["dashboard"], response_class=StreamingResponse,
                 summary="Server-sent events: the dashboard's state each time the run changes",
                 responses={200: {"content": {"text/event-stream": {}},
                                  "description": "`state` events holding /v1/dashboard's JSON; after the first, "
                                                 "`rounds` holds only the rounds from index `rounds_from` on"}})
-    async def events() -> StreamingResponse:
-        return StreamingResponse(_stream(run), media_type="text/event-stream",
+    async def events(workers_offset: int = Query(0, ge=0),
+                     workers_limit: int = Query(WORKERS_PAGE, ge=1, le=MAX_WORKERS_PAGE)) -> StreamingResponse:
+        return StreamingResponse(_stream(run, workers_offset, workers_limit), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get(f"{API}/predict", response_model=PredictInfo, tags=["predict"],
@@ -212,13 +219,20 @@ def _schema(task: Predictor, run_task_name: Callable[[], str]) -> Schema:
                                  f"used: {schema_problem(exc)}") from exc
 
 
-async def _stream(run: RunSource) -> AsyncIterator[str]:
+def _paged(snap: dict[str, Any], offset: int, limit: int) -> dict[str, Any]:
+    """``snap`` with one page of its workers, and ``workers_page``: that page's offset and limit, and the total."""
+    workers = snap.get("workers", [])
+    return {**snap, "workers": workers[offset:offset + limit],
+            "workers_page": {"offset": offset, "limit": limit, "total": len(workers)}}
+
+
+async def _stream(run: RunSource, workers_offset: int = 0, workers_limit: int = WORKERS_PAGE) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     sent = 0
     while True:
         # The event first, then the state: a change made after this read sets the event we wait on.
         changed = run.changed()
-        snap = run.snapshot()
+        snap = _paged(run.snapshot(), workers_offset, workers_limit)
         rounds = run.rounds()
         # rounds only grow while a run lives; a shorter list means a new one began, so send them all.
         start = sent if sent <= len(rounds) else 0

@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -44,6 +44,7 @@ from fedfleet.protocol.client import CoordinatorBusy, CoordinatorClient
 from fedfleet.protocol.messages import (
     DealtShare,
     DescribeInstruction,
+    Instruction,
     RegisterResponse,
     SecAggInstruction,
     SecAggKeys,
@@ -173,6 +174,7 @@ class WorkerProcess:
         self._model: tuple[int, Weights] | None = None
         self._model_lock = threading.Lock()
         self._ids: dict[str, str | None] = {}  # worker id -> its worker token (None on an open coordinator)
+        self._polling: set[str] = set()  # workers with a long-poll in flight: the coordinator sees them alive
         self._poll_seconds = 1.0  # until registration says otherwise: beat early rather than late
         self.metrics = WorkerMetrics()  # served only with --metrics-port, but always kept: it costs little
 
@@ -232,12 +234,28 @@ class WorkerProcess:
         finally:
             slot.release()
 
+    @contextlib.contextmanager
+    def polling(self, worker_id: str) -> Iterator[None]:
+        """While a long-poll of ``worker_id`` is in flight: the coordinator counts a worker holding one as
+        alive, so the heartbeat leaves it out."""
+        with self._lock:
+            self._polling.add(worker_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._polling.discard(worker_id)
+
     def _heartbeat(self) -> None:
+        """Beat for the workers of this process that are not in a long-poll: those training, uploading or
+        loading their data. Idle ones wait in long-polls, which keep them alive, so a round that samples a
+        tenth of the workers costs heartbeats for a tenth, not for all of them (and none at all when none
+        is busy)."""
         client = self.client(timeout=10.0)
         try:
             while not self.stop.wait(max(0.5, self._poll_seconds / 2)):
                 with self._lock:
-                    ids = sorted(self._ids)
+                    ids = sorted(set(self._ids) - self._polling)
                     tokens = [t for t in (self._ids[i] for i in ids) if t is not None]
                 if ids:
                     client.token = tokens[0] if tokens else None
@@ -328,8 +346,7 @@ class Agent:
         done: tuple[str, int, int] | None = None
         while not self.proc.stop.is_set():
             try:
-                msg = self._retry(functools.partial(client.next_instruction, reg.worker_id, reg.poll_seconds),
-                                  "next instruction")
+                msg = self._retry(functools.partial(self._poll, client, reg), "next instruction")
             except RequestRejected:
                 # The coordinator does not know us (e.g. it lost its state): join again.
                 reg, trainer = self._register(client)
@@ -362,6 +379,10 @@ class Agent:
                 # that made no sense: reported loudly, but this worker may do fine in the next round.
                 self._update_failed(reg.worker_id, msg, exc)
                 done = key
+
+    def _poll(self, client: CoordinatorClient, reg: RegisterResponse) -> Instruction:
+        with self.proc.polling(reg.worker_id):
+            return client.next_instruction(reg.worker_id, reg.poll_seconds)
 
     def _describe(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer) -> None:
         """Send the description of this worker's data. A refusal (its columns differ from the run's, say)

@@ -35,6 +35,9 @@ const EPSILON_SERIES = charts.epsilon.series[0];
 let rounds = [];
 let workers = [];
 let workersAt = 0; // when the worker table arrived: "last seen" counts on from it in the browser
+// The state carries one page of the workers (by partition); the pager asks the stream for another.
+let workersOffset = 0;
+let workersPage = { offset: 0, limit: 100, total: 0 };
 
 function render(state) {
   const s = state.status;
@@ -70,7 +73,9 @@ function render(state) {
   renderPrivacy(state.dp, s.rounds);
   workers = state.workers;
   workersAt = performance.now();
+  if (state.workers_page) workersPage = state.workers_page;
   renderWorkers();
+  renderPager();
   renderConfig(state.config);
 }
 
@@ -117,6 +122,19 @@ function renderWorkers() {
   )));
 }
 
+function renderPager() {
+  const { offset, limit, total } = workersPage;
+  $("workers-pager").hidden = total <= limit && offset === 0;
+  $("workers-shown").textContent = total ? `workers ${Math.min(offset + 1, total)}–${Math.min(offset + limit, total)} of ${total}` : "";
+  $("workers-prev").disabled = offset === 0;
+  $("workers-next").disabled = offset + limit >= total;
+}
+
+function showWorkers(offset) {
+  workersOffset = Math.max(0, offset);
+  connect();
+}
+
 function renderConfig(config) {
   const show = (v) => (v == null ? "default" : typeof v === "object" ? (Object.keys(v).length
     ? Object.entries(v).map(([k, x]) => `${k}=${x}`).join(", ") : "none") : String(v));
@@ -129,23 +147,31 @@ function setConn(kind, text) {
   $("conn-text").textContent = text;
 }
 
-const source = new EventSource("v1/events");
-source.addEventListener("state", (e) => {
-  const state = JSON.parse(e.data);
-  render(state);
-  const over = ["finished", "failed", "stopped"].includes(state.status.state);
-  if (over) {
-    // Nothing more will come: stop listening, or the browser would reconnect forever.
-    source.close();
-    // A stopped run is not over for good: its coordinator, started again on its data dir, resumes it.
-    const live = state.status.state === "stopped" ? "run stopped (resumable)" : `run ${state.status.state}`;
-    setConn("", state.live ? live : `finished run (from its files)`);
-  } else {
-    setConn("live", "live");
-  }
-});
-source.addEventListener("error", () => {
-  if (source.readyState !== EventSource.CLOSED) setConn("lost", "reconnecting…");
-});
+let source = null;
+function connect() {
+  if (source) source.close();
+  const stream = new EventSource(`v1/events?workers_offset=${workersOffset}&workers_limit=${workersPage.limit}`);
+  source = stream;
+  stream.addEventListener("state", (e) => {
+    const state = JSON.parse(e.data);
+    render(state);
+    const over = ["finished", "failed", "stopped"].includes(state.status.state);
+    if (over) {
+      // Nothing more will come: stop listening, or the browser would reconnect forever.
+      stream.close();
+      // A stopped run is not over for good: its coordinator, started again on its data dir, resumes it.
+      const live = state.status.state === "stopped" ? "run stopped (resumable)" : `run ${state.status.state}`;
+      setConn("", state.live ? live : `finished run (from its files)`);
+    } else {
+      setConn("live", "live");
+    }
+  });
+  stream.addEventListener("error", () => {
+    if (stream.readyState !== EventSource.CLOSED) setConn("lost", "reconnecting…");
+  });
+}
+$("workers-prev").addEventListener("click", () => showWorkers(workersOffset - workersPage.limit));
+$("workers-next").addEventListener("click", () => showWorkers(workersOffset + workersPage.limit));
+connect();
 // Advance the "last seen" column between events; purely local, it asks the server nothing.
 setInterval(renderWorkers, 1000);
