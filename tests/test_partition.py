@@ -187,3 +187,18 @@ def test_as_many_parts_as_examples_gives_one_example_each(spec: PartitionSpec) -
     parts = split(labels, groups, spec, 9, seed=4)
     assert_valid_split(parts, 9, 9)
     assert all(len(p) == 1 for p in parts)
+
+
+def test_a_split_asked_again_is_remembered_and_read_only_and_new_labels_give_a_new_one() -> None:
+    labels = np.random.default_rng(3).integers(0, 10, 5000)
+    spec = parse_partition("dirichlet:0.5")
+    first = split(labels, labels, spec, 50, seed=1)
+    again = split(labels.copy(), labels.copy(), spec, 50, seed=1)  # equal labels in another array: the same split
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0] = 1
+    changed = labels.copy()
+    changed[:2500] = (changed[:2500] + 1) % 10
+    other = split(changed, changed, spec, 50, seed=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, split(labels, labels, spec, 50, seed=2), strict=True))

@@ -8,6 +8,7 @@ registration.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +56,40 @@ def partition_name(index: int, count: int) -> str:
 
 def split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, count: int,
           seed: int) -> list[np.ndarray]:
-    """Indices into ``labels`` for each of ``count`` parts; every part is non-empty and sorted.
+    """Indices into ``labels`` for each of ``count`` parts; every part is non-empty, sorted and read-only.
 
     ``groups`` gives each example's natural group (the decade, for songs) and is needed for
-    ``natural`` only.
+    ``natural`` only. The last few splits are remembered (keyed by a digest of ``labels`` and ``groups``):
+    a process asked for one part after another of the same split (a worker process hosting many
+    logical workers, a simulation's executor) computes it once; a split of 10,000 parts costs 60 ms
+    (iid) to 0.5 s (dirichlet) for 60,000 examples, a digest 0.1 ms.
     """
+    key = (_digest(labels), None if groups is None else _digest(groups), spec, count, seed)
+    parts = _splits.get(key)
+    if parts is None:
+        parts = _split(labels, groups, spec, count, seed)
+        for p in parts:
+            p.flags.writeable = False  # shared by every caller of this split
+        if len(_splits) >= SPLITS_KEPT:
+            del _splits[next(iter(_splits))]
+        _splits[key] = parts
+    return list(parts)
+
+
+SPLITS_KEPT = 4
+_splits: dict[tuple[bytes, bytes | None, PartitionSpec, int, int], list[np.ndarray]] = {}
+
+
+def _digest(a: np.ndarray) -> bytes:
+    c = np.ascontiguousarray(a)
+    # Object arrays (a column's text values, for natural:COLUMN) have no bytes of their own to hash.
+    data = "\x1f".join(map(str, c.tolist())).encode() if c.dtype.kind == "O" else c.tobytes()
+    return hashlib.blake2b(data, digest_size=16, person=str(c.dtype).encode()[:16]).digest() \
+        + len(c).to_bytes(8, "little")
+
+
+def _split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, count: int,
+           seed: int) -> list[np.ndarray]:
     n = len(labels)
     if count < 1 or count > n:
         raise ValueError(f"cannot split {n} examples into {count} non-empty parts")
