@@ -22,6 +22,7 @@ runs one executor per core by default.
 
     python benchmarks/simulate.py                 # everything (about 10 min on 2 cores)
     python benchmarks/simulate.py --no-flower     # fedfleet only
+    python benchmarks/simulate.py --ray           # also fedfleet's Ray backend (a local Ray instance)
     python benchmarks/simulate.py --only null     # one workload (null, mnist, memory)
 
 MNIST comes from $FEDFLEET_MNIST_DIR (the IDX files); without it the mnist workload is skipped, saying so.
@@ -134,8 +135,9 @@ def steady(ends: list[float]) -> float | None:
 ROUND_CLOSED = re.compile(r"^(\S+ \S+) INFO fedfleet round\.closed .*round=(\d+) ")
 
 
-def fedfleet_command(w: Workload, out: Path) -> list[str]:
-    common = ["--workers", str(w.clients), "--fraction", f"{w.sampled / w.clients:.10g}", "--rounds", str(w.rounds),
+def fedfleet_command(w: Workload, out: Path, backend: str = "local") -> list[str]:
+    common = [*(["--backend", "ray"] if backend == "ray" else []),
+              "--workers", str(w.clients), "--fraction", f"{w.sampled / w.clients:.10g}", "--rounds", str(w.rounds),
               "--val-fraction", "0", "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]
     if w.name == "null":
         return ["simulate", "--task", "null", "--task-option", f"params={w.params}", *common]
@@ -143,9 +145,9 @@ def fedfleet_command(w: Workload, out: Path) -> list[str]:
             "--lr", "0.1", *common]
 
 
-def run_fedfleet(w: Workload, workdir: Path) -> dict[str, Any]:
-    out = workdir / f"fedfleet-{w.name}-{w.clients}"
-    argv = fedfleet_command(w, out)
+def run_fedfleet(w: Workload, workdir: Path, backend: str = "local") -> dict[str, Any]:
+    out = workdir / f"fedfleet-{w.name}-{w.clients}-{backend}"
+    argv = fedfleet_command(w, out, backend)
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fedfleet", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -153,8 +155,9 @@ def run_fedfleet(w: Workload, workdir: Path) -> dict[str, Any]:
     text = proc.communicate(timeout=1800)[0]
     ended = time.time()
     peak = memory.stop()
-    row: dict[str, Any] = {"system": "fedfleet", "workload": w.name, "clients": w.clients, "sampled": w.sampled,
-                           "rounds": w.rounds, "command": "fedfleet " + " ".join(a for a in argv if a != str(out)),
+    system = "fedfleet" if backend == "local" else f"fedfleet ({backend})"
+    row: dict[str, Any] = {"system": system, "workload": w.name, "clients": w.clients, "sampled": w.sampled,
+                           "rounds": w.rounds, "command": "fedfleet " + " ".join("OUT" if a == str(out) else a for a in argv),
                            "load_before": list(os.getloadavg())}
     if proc.returncode != 0:
         row["error"] = text[-2000:]
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["null", "mnist", "memory"], action="append", help="run only these workloads")
     ap.add_argument("--no-flower", action="store_true", help="fedfleet only")
+    ap.add_argument("--ray", action="store_true", help="also fedfleet simulate --backend ray (a local Ray instance)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of every workload (default 20, 10 for memory)")
     ap.add_argument("--flower-venv", type=Path, default=FLOWER_VENV, help="the throwaway virtualenv for Flower")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for simulate.json and simulate.md")
@@ -425,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             w = sized(w)
             rows.append(run_fedfleet(w, workdir))
             print(json.dumps(rows[-1]), flush=True)
+            if args.ray:
+                rows.append(run_fedfleet(w, workdir, backend="ray"))
+                print(json.dumps(rows[-1]), flush=True)
             if not args.no_flower and "error" not in flower:
                 rows.append(run_flower(w, venv_python(args.flower_venv), workdir, mnist_dir))
                 print(json.dumps(rows[-1]), flush=True)
