@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from fedfleet import log
 from fedfleet.coordinator.engine import Engine
 from fedfleet.errors import FedfleetError, ProtocolError, RequestRejected
-from fedfleet.protocol.messages import PartitionInfo, StatsInstruction, TrainInstruction
+from fedfleet.protocol.messages import StatsInstruction, TrainInstruction
 from fedfleet.simulate.client import Outcome, make_job
 from fedfleet.simulate.executors import Executors
 
@@ -32,8 +32,8 @@ class Fleet:
     def __init__(self, engine: Engine, executors: Executors, residents: list[tuple[str, int]]) -> None:
         self.engine = engine
         self.executors = executors
-        self._partitions: dict[str, PartitionInfo] = {
-            wid: engine.partition_info(partition) for wid, partition in residents}
+        # Partition numbers only: what a client is told of its partition is made when it is sampled.
+        self._partitions: dict[str, int] = dict(residents)
         self._published = -1
         self.jobs = 0  # jobs done, for the progress line
         self.failures: list[str] = []  # jobs that raised: a bug in the task, or an executor that died
@@ -76,7 +76,7 @@ class Fleet:
                 return  # the model moved on since the instruction was read: its round is over
             self.executors.publish(version, body)
             self._published = version
-        job = make_job(worker_id, self._partitions[worker_id], msg)
+        job = make_job(worker_id, self.engine.partition_info(self._partitions[worker_id]), msg)
         try:
             outcome = await self.executors.run(job)
         except Exception as exc:  # an executor's failure is the client's, never the run's
