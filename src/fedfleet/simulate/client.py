@@ -43,6 +43,7 @@ class Outcome:
     problem: str  # why there is no body ("" when there is one)
     dropped_metrics: tuple[str, ...] = ()  # non-finite metrics left out of the update
     seconds: float = 0.0  # the job's time in the executor
+    error: str = ""  # what the job raised (a bug in the task, say); "" if it ran to the end
 
 
 def make_job(worker_id: str, partition: PartitionInfo, msg: TrainInstruction | StatsInstruction) -> Job:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import mmap
 import multiprocessing
 import os
@@ -50,8 +51,9 @@ class Executors(ABC):
         """Make model ``version`` (safetensors bytes) the one jobs of that version train from."""
 
     @abstractmethod
-    async def run(self, job: Job) -> Outcome:
-        """Do ``job`` on some executor once one is free."""
+    async def run(self, jobs: list[Job]) -> list[Outcome]:
+        """Do ``jobs`` (of one model version), in order, on one executor once one is free. A job that raised
+        has an outcome with its ``error``; ``ExecutorFailed`` if the executor itself is gone."""
 
     @abstractmethod
     def close(self) -> None:
@@ -87,10 +89,16 @@ class _Worker:
             self.version = version
         return self.model
 
+    def run(self, job: Job, model: Weights | None) -> Outcome:
+        try:
+            return run_job(self.task, job, model)
+        except Exception as exc:  # the job's failure, not the executor's: it takes the next one
+            return Outcome(job.worker_id, None, "its job failed", error=repr(exc))
+
 
 def _serve(conn: Connection, task: str, options: dict[str, str], threads: int) -> None:
-    """An executor process: take (job, model file) from ``conn``, answer with the outcome's header and then
-    its body as raw bytes (no pickling of the model-sized part), until told to stop (None) or the parent goes."""
+    """An executor process: take (jobs, model file) from ``conn``, answer with the outcomes' headers and then
+    their bodies as raw bytes, until told to stop (None) or the parent goes."""
     try:
         worker = _Worker(task, options, threads)
     except BaseException as exc:  # the task cannot load here: say so, instead of dying with no word
@@ -104,17 +112,18 @@ def _serve(conn: Connection, task: str, options: dict[str, str], threads: int) -
             return
         if message is None:
             return
-        job, path = message
+        jobs, path = message
         try:
-            model = worker.model_from_file(job.model_version, path) if path is not None else None
-            outcome = run_job(worker.task, job, model)
-        except Exception as exc:  # the job's failure, not the executor's: it takes the next one
-            conn.send(("error", repr(exc)))
+            model = worker.model_from_file(jobs[0].model_version, path) if path is not None else None
+        except Exception as exc:  # a model file that cannot be read fails the batch, not the executor
+            conn.send([Outcome(j.worker_id, None, "its job failed", error=repr(exc)) for j in jobs])
             continue
-        conn.send(("done", (outcome.worker_id, outcome.problem, outcome.dropped_metrics, outcome.seconds,
-                            outcome.body is not None)))
-        if outcome.body is not None:
-            conn.send_bytes(outcome.body)
+        outcomes = [worker.run(job, model) for job in jobs]
+        # The headers, then each body as raw bytes: the model-sized part is never pickled.
+        conn.send([dataclasses.replace(o, body=b"" if o.body is not None else None) for o in outcomes])
+        for o in outcomes:
+            if o.body is not None:
+                conn.send_bytes(o.body)
 
 
 # --- local processes ----------------------------------------------------------------------------
@@ -151,18 +160,15 @@ class _Process:
         if kind != "ready":
             raise TaskError(f"an executor process could not load the task: {value}")
 
-    async def run(self, job: Job, path: str | None) -> Outcome:
+    async def run(self, jobs: list[Job], path: str | None) -> list[Outcome]:
         loop = asyncio.get_running_loop()
-        self.conn.send((job, path))
-        worker_id, problem, dropped, seconds, has_body = await self._receive(loop, "done")
-        body = await self._read(loop, self.conn.recv_bytes) if has_body else None
-        return Outcome(worker_id, body, problem, tuple(dropped), seconds)
-
-    async def _receive(self, loop: asyncio.AbstractEventLoop, want: str) -> Any:
-        kind, value = await self._read(loop, self.conn.recv)
-        if kind == want:
-            return value
-        raise RuntimeError(f"the client's job failed: {value}")
+        self.conn.send((jobs, path))
+        heads: list[Outcome] = await self._read(loop, self.conn.recv)
+        out = []
+        for head in heads:
+            body = await self._read(loop, self.conn.recv_bytes) if head.body is not None else None
+            out.append(dataclasses.replace(head, body=body))
+        return out
 
     async def _read(self, loop: asyncio.AbstractEventLoop, read: Callable[[], Any]) -> Any:
         """``read()`` once the pipe has something: in the event loop, no thread per executor."""
@@ -226,18 +232,19 @@ class LocalExecutors(Executors):
         for old in [v for v in self._paths if v < version - 1]:
             self._paths.pop(old).unlink(missing_ok=True)
 
-    async def run(self, job: Job) -> Outcome:
+    async def run(self, jobs: list[Job]) -> list[Outcome]:
         if self._idle is None:
             self._idle = asyncio.Queue()
             for p in self._procs:
                 self._idle.put_nowait(p)
-        path = str(self._paths[job.model_version]) if job.model_version >= 0 else None
+        version = jobs[0].model_version
+        path = str(self._paths[version]) if version >= 0 else None
         proc = await self._idle.get()
         if not proc.proc.is_alive():  # every executor has ended: this one was put back to say so
             self._idle.put_nowait(proc)
             raise ExecutorFailed(f"every executor process has ended (the last with exit code {proc.proc.exitcode})")
         try:
-            return await proc.run(job, path)
+            return await proc.run(jobs, path)
         finally:
             # A process that ended takes no more jobs, unless it was the last: then it wakes those waiting.
             if proc.proc.is_alive() or not any(p.proc.is_alive() for p in self._procs):
@@ -256,17 +263,18 @@ class _Actor:
     def __init__(self, task: str, options: dict[str, str], threads: int) -> None:
         self.worker = _Worker(task, options, threads)
 
-    def run(self, job: Job, model: list[Any]) -> Outcome:
+    def run(self, jobs: list[Job], model: list[Any]) -> list[Outcome]:
         # ``model`` is [ObjectRef] (a list, so that Ray does not fetch it for every call): fetched only when
         # the version changes.
         import ray
 
         weights = None
-        if job.model_version >= 0:
-            if job.model_version != self.worker.version:
-                self.worker.model_from_bytes(job.model_version, ray.get(model[0]))
+        version = jobs[0].model_version
+        if version >= 0:
+            if version != self.worker.version:
+                self.worker.model_from_bytes(version, ray.get(model[0]))
             weights = self.worker.model
-        return run_job(self.worker.task, job, weights)
+        return [self.worker.run(job, weights) for job in jobs]
 
 
 def require_ray() -> Any:
@@ -303,16 +311,17 @@ class RayExecutors(Executors):
             for old in [v for v in self._models if v < version - 1]:
                 del self._models[old]
 
-    async def run(self, job: Job) -> Outcome:
+    async def run(self, jobs: list[Job]) -> list[Outcome]:
         if self._idle is None:
             self._idle = asyncio.Queue()
             for a in self._actors:
                 self._idle.put_nowait(a)
         actor = await self._idle.get()
         try:
-            ref = [self._models[job.model_version]] if job.model_version >= 0 else []
-            outcome: Outcome = await actor.run.remote(job, ref)
-            return outcome
+            version = jobs[0].model_version
+            ref = [self._models[version]] if version >= 0 else []
+            outcomes: list[Outcome] = await actor.run.remote(jobs, ref)
+            return outcomes
         finally:
             self._idle.put_nowait(actor)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fedfleet import log
 from fedfleet.coordinator.engine import Engine
@@ -20,6 +22,8 @@ from fedfleet.errors import FedfleetError, ProtocolError, RequestRejected
 from fedfleet.protocol.messages import StatsInstruction, TrainInstruction
 from fedfleet.simulate.client import Outcome, make_job
 from fedfleet.simulate.executors import Executors
+
+T = TypeVar("T")
 
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
@@ -51,12 +55,10 @@ class Fleet:
                     at = (work[0][1].round, work[0][1].attempt)
                     # Only the open attempt's keys are worth keeping: an attempt run again gets new ones.
                     dispatched = {k for k in dispatched if k[:2] == at}
-                for wid, msg in work:
-                    key = (msg.round, msg.attempt, wid)
-                    if key in dispatched:
-                        continue
-                    dispatched.add(key)
-                    job = asyncio.create_task(self._answer(wid, msg))
+                new = [(wid, msg) for wid, msg in work if (msg.round, msg.attempt, wid) not in dispatched]
+                dispatched.update((msg.round, msg.attempt, wid) for wid, msg in new)
+                for batch in batches(new, self.executors.count):
+                    job = asyncio.create_task(self._answer(batch))
                     running.add(job)
                     job.add_done_callback(running.discard)
                 waiter = asyncio.create_task(changed.wait())
@@ -69,24 +71,28 @@ class Fleet:
                 await asyncio.gather(*running, return_exceptions=True)
             done.cancel()
 
-    async def _answer(self, worker_id: str, msg: TrainInstruction | StatsInstruction) -> None:
+    async def _answer(self, batch: list[tuple[str, TrainInstruction | StatsInstruction]]) -> None:
+        msg = batch[0][1]  # every instruction of a batch is of one round attempt, so of one model version
         if isinstance(msg, TrainInstruction) and msg.model_version != self._published:
             version, body = self.engine.model_download()
             if version != msg.model_version:
                 return  # the model moved on since the instruction was read: its round is over
             self.executors.publish(version, body)
             self._published = version
-        job = make_job(worker_id, self.engine.partition_info(self._partitions[worker_id]), msg)
+        jobs = [make_job(wid, self.engine.partition_info(self._partitions[wid]), m) for wid, m in batch]
         try:
-            outcome = await self.executors.run(job)
-        except Exception as exc:  # an executor's failure is the client's, never the run's
-            self.failures.append(f"{worker_id}: {exc!r}")
-            log.event("client.failed", logging.ERROR, run=self.engine.run_id, worker=worker_id, round=msg.round,
-                      error=repr(exc))
-            self.engine.decline(worker_id, msg.round, msg.attempt, f"its job failed: {exc!r}")
-            return
-        self.jobs += 1
-        await self._deliver(outcome, msg)
+            outcomes = await self.executors.run(jobs)
+        except Exception as exc:  # an executor's failure is its clients', never the run's
+            outcomes = [Outcome(wid, None, "its executor failed", error=repr(exc)) for wid, _ in batch]
+        for outcome, (_, m) in zip(outcomes, batch, strict=True):
+            if outcome.error:
+                self.failures.append(f"{outcome.worker_id}: {outcome.error}")
+                log.event("client.failed", logging.ERROR, run=self.engine.run_id, worker=outcome.worker_id,
+                          round=m.round, error=outcome.error)
+                self.engine.decline(outcome.worker_id, m.round, m.attempt, f"{outcome.problem}: {outcome.error}")
+                continue
+            self.jobs += 1
+            await self._deliver(outcome, m)
 
     async def _deliver(self, outcome: Outcome, msg: TrainInstruction | StatsInstruction) -> None:
         if outcome.dropped_metrics:
@@ -109,3 +115,20 @@ class Fleet:
             log.event("client.refused", logging.WARNING, run=self.engine.run_id, worker=outcome.worker_id,
                       round=msg.round, reason=str(exc))
             self.engine.decline(outcome.worker_id, msg.round, msg.attempt, f"its update was refused: {exc}")
+
+
+MAX_BATCH = 64  # clients in one message to an executor
+
+
+def batches(work: list[T], executors: int) -> list[list[T]]:
+    """``work`` cut into batches, one message to an executor each: about four per executor, so the load
+    stays balanced and answers are folded as they come, but at most ``MAX_BATCH`` clients each, so that a
+    round of thousands (a statistics round over every client) does not pay a round trip per client.
+
+    >>> [len(b) for b in batches(list(range(10)), executors=2)]
+    [2, 2, 2, 2, 2]
+    >>> [len(b) for b in batches(list(range(1000)), executors=2)][:3]
+    [64, 64, 64]
+    """
+    size = max(1, min(MAX_BATCH, math.ceil(len(work) / (4 * executors))))
+    return [work[i:i + size] for i in range(0, len(work), size)]
