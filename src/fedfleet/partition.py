@@ -9,6 +9,7 @@ registration.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,23 @@ _splits: dict[tuple[bytes, bytes | None, PartitionSpec, int, int], list[np.ndarr
 
 
 def _digest(a: np.ndarray) -> bytes:
+    """A digest of ``a``'s values; of a read-only array (a task's cached labels) computed once and kept."""
+    if not a.flags.writeable:
+        known = _digests.get(id(a))
+        if known is not None and known[0]() is a:
+            return known[1]
+    digest = _compute_digest(a)
+    if not a.flags.writeable:
+        if len(_digests) >= 16:
+            del _digests[next(iter(_digests))]
+        _digests[id(a)] = (weakref.ref(a), digest)
+    return digest
+
+
+_digests: dict[int, tuple[weakref.ref[np.ndarray], bytes]] = {}
+
+
+def _compute_digest(a: np.ndarray) -> bytes:
     c = np.ascontiguousarray(a)
     # Object arrays (a column's text values, for natural:COLUMN) have no bytes of their own to hash.
     data = "\x1f".join(map(str, c.tolist())).encode() if c.dtype.kind == "O" else c.tobytes()

@@ -305,6 +305,11 @@ class Engine:
                     if waiting is not None:
                         waiting.set()
 
+    def work_event(self) -> asyncio.Event:
+        """Set when there may be new work for the workers (a round attempt opens, the run ends): what
+        ``work()`` returns changes at these only. Take it before calling ``work()``."""
+        return self._work
+
     def progress_event(self) -> asyncio.Event:
         """Set at the next change (a round opens or closes, an update or a worker arrives, the run ends).
 
@@ -347,12 +352,17 @@ class Engine:
                 out.append((wid, msg))
         return out
 
+    def is_open(self, round: int, attempt: int) -> bool:
+        """Whether attempt ``attempt`` of round ``round`` is open and still takes answers."""
+        rs = self._current
+        return rs is not None and not rs.closed and (rs.round, rs.attempt) == (round, attempt)
+
     def decline(self, worker_id: str, round: int, attempt: int, reason: str) -> bool:
         """``worker_id`` will not answer round ``round`` attempt ``attempt`` (its fit diverged, say): the round
         stops waiting for it, and closes as soon as everyone else has answered instead of at its deadline.
         Returns False, doing nothing, if that attempt is not open or the worker is not one it waits for."""
         rs = self._current
-        if rs is None or rs.closed or (rs.round, rs.attempt) != (round, attempt) or worker_id not in rs.sampled \
+        if rs is None or rs.closed or (rs.round, rs.attempt) != (round, attempt) or worker_id not in rs.in_sample \
                 or worker_id in rs.answered or worker_id in rs.in_flight:
             return False
         rs.declined.add(worker_id)
@@ -472,7 +482,7 @@ class Engine:
             step = self._secure.instruction(w.worker_id)
             if step is not None:
                 return step
-        if rs is None or rs.closed or w.worker_id not in rs.sampled or w.worker_id in rs.answered \
+        if rs is None or rs.closed or w.worker_id not in rs.in_sample or w.worker_id in rs.answered \
                 or w.worker_id in rs.in_flight:
             return WaitInstruction()
         if rs.kind == "stats":
@@ -578,7 +588,7 @@ class Engine:
         out = []
         ordered = sorted(self._registry.workers.values(), key=lambda w: w.partition)
         for w in ordered[offset:None if limit is None else offset + limit]:
-            busy = rs is not None and not rs.closed and w.worker_id in rs.sampled \
+            busy = rs is not None and not rs.closed and w.worker_id in rs.in_sample \
                 and w.worker_id not in rs.answered
             status: Literal["idle", "training", "dead"] = (
                 "dead" if not self._registry.alive(w) else "training" if busy else "idle")
@@ -661,8 +671,9 @@ class Engine:
         listed = -math.inf  # when ``missing`` was last listed
         try:
             while True:
-                live = [w.worker_id for w in self._registry.live() if w.worker_id not in excluded
-                        and self._ready(w.worker_id)]
+                alive = self._registry.live()
+                live = [w.worker_id for w in alive if w.worker_id not in excluded and self._ready(w.worker_id)] \
+                    if excluded or self._agrees_plan else [w.worker_id for w in alive]
                 if len(live) >= needed:
                     return live
                 now = time.monotonic()
@@ -774,17 +785,23 @@ class Engine:
 
     async def _await_answers(self, rs: RoundState) -> bool:
         """Wait until the round can close; True if it reached its quorum."""
+        scanned = -math.inf  # when the silent workers were last looked at
         try:
             while True:
-                pending = rs.pending
-                if not pending and not rs.in_flight:
+                # Every answer wakes this loop: what runs on each wake is O(1), not O(sampled), or a round of
+                # 10,000 clients would cost 10,000² steps.
+                if len(rs.answered) == len(rs.sampled) and not rs.in_flight:
                     return True
-                reachable = [p for p in pending if p in rs.in_flight or (
-                    p not in rs.declined and self._registry.alive(self._registry.get(p)))]
-                if not reachable and not rs.in_flight:
-                    # Everyone who has not answered is dead: waiting longer cannot help.
-                    return len(rs.answered) >= rs.needed
+                if not rs.in_flight and len(rs.answered) + len(rs.declined - rs.answered.keys()) >= len(rs.sampled):
+                    return len(rs.answered) >= rs.needed  # the rest said they will not answer
                 now = time.monotonic()
+                if now - scanned >= 1.0 and not rs.in_flight:
+                    # Everyone who has not answered dead: waiting longer cannot help. Looked at once a second at
+                    # most (a worker is dead only after --worker-timeout seconds of silence anyway).
+                    scanned = now
+                    if not any(p not in rs.declined and self._registry.alive(self._registry.get(p))
+                               for p in rs.pending):
+                        return len(rs.answered) >= rs.needed
                 if now >= rs.deadline:
                     return len(rs.answered) >= rs.needed
                 await self._wait_change(min(1.0, rs.deadline - now))

@@ -295,7 +295,7 @@ def _slot_problem(rs: RoundState, meta: UpdateMeta) -> tuple[str, str] | None:
                          f"{rs.round} attempt {rs.attempt}")
     if rs.closed:
         return "stale", f"round {rs.round} has closed; update came too late"
-    if meta.worker_id not in rs.sampled:
+    if meta.worker_id not in rs.in_sample:
         return "not_sampled", f"worker {meta.worker_id} was not sampled for round {rs.round}"
     if meta.worker_id in rs.answered or meta.worker_id in rs.in_flight:
         return "duplicate", f"worker {meta.worker_id} already sent its update for round {rs.round}"

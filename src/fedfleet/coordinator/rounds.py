@@ -105,6 +105,16 @@ class RoundState:
     last_answer: float | None = None
     rejected: int = 0  # uploads for this attempt refused with a 4xx
     metrics_dropped: int = 0  # worker-sent metrics dropped as invalid
+    in_sample: frozenset[str] = field(init=False)  # ``sampled`` as a set
+
+    def __post_init__(self) -> None:
+        # Asked of every update and instruction: a set, or a round of 10,000 would cost 10,000² steps.
+        self.in_sample = frozenset(self.sampled)
+
+    def narrow(self, sampled: list[str]) -> None:
+        """Keep only ``sampled`` of the sample (secure aggregation drops those that did not deal shares)."""
+        self.sampled = sampled
+        self.in_sample = frozenset(sampled)
 
     @property
     def pending(self) -> list[str]:

@@ -133,7 +133,7 @@ class SecureAggregation:
             raise
         finally:
             attempt.setup_s = time.monotonic() - t0
-        rs.sampled = sorted(server.dealt)
+        rs.narrow(sorted(server.dealt))
         rs.needed = max(rs.needed, server.needed)
         log.event("secagg.setup", run=self.run_id, round=rs.round, attempt=rs.attempt, keys=len(server.keys),
                   dealt=len(server.dealt), needed=server.needed, seconds=round(attempt.setup_s, 3))

@@ -39,6 +39,7 @@ class Fleet:
         # Partition numbers only: what a client is told of its partition is made when it is sampled.
         self._partitions: dict[str, int] = dict(residents)
         self._published = -1
+        self._slots = asyncio.Semaphore(executors.count)  # batches given out: one per executor at a time
         self.jobs = 0  # jobs done, for the progress line
         self.failures: list[str] = []  # jobs that raised: a bug in the task, or an executor that died
 
@@ -49,7 +50,9 @@ class Fleet:
         done = asyncio.create_task(self.engine.done.wait())
         try:
             while not done.done():
-                changed = self.engine.progress_event()  # taken before reading: no change can slip between
+                # Taken before reading: no change can slip between. Not the progress event: every answer sets
+                # that, and reading the work of a round of 10,000 on each would be 10,000² steps.
+                changed = self.engine.work_event()
                 work = self.engine.work()
                 if work:
                     at = (work[0][1].round, work[0][1].attempt)
@@ -80,10 +83,14 @@ class Fleet:
             self.executors.publish(version, body)
             self._published = version
         jobs = [make_job(wid, self.engine.partition_info(self._partitions[wid]), m) for wid, m in batch]
-        try:
-            outcomes = await self.executors.run(jobs)
-        except Exception as exc:  # an executor's failure is its clients', never the run's
-            outcomes = [Outcome(wid, None, "its executor failed", error=repr(exc)) for wid, _ in batch]
+        async with self._slots:
+            if not self.engine.is_open(msg.round, msg.attempt):
+                return  # the attempt closed while the batch waited for an executor: an attempt run again
+                # must not queue behind the clients of the one before
+            try:
+                outcomes = await self.executors.run(jobs)
+            except Exception as exc:  # an executor's failure is its clients', never the run's
+                outcomes = [Outcome(wid, None, "its executor failed", error=repr(exc)) for wid, _ in batch]
         for outcome, (_, m) in zip(outcomes, batch, strict=True):
             if outcome.error:
                 self.failures.append(f"{outcome.worker_id}: {outcome.error}")

@@ -154,6 +154,18 @@ def test_mask(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
+@functools.cache
+def training_rows(directory: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The songs outside the test set: features, era and decade, computed once per process (read-only): a
+    process that loads partition after partition (a simulation's executor) does not select them again."""
+    s = load_songs(directory)
+    keep = ~test_mask(s.era)
+    rows = (s.x[keep], s.era[keep], s.decade[keep])
+    for a in rows:
+        a.flags.writeable = False
+    return rows
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -183,9 +195,8 @@ class SongsTask:
         return load_songs(self.data_dir)
 
     def train_pool(self) -> Dataset:
-        s = self._songs()
-        keep = ~test_mask(s.era)
-        return Dataset(s.x[keep], s.era[keep])
+        x, y, _ = training_rows(self.data_dir)
+        return Dataset(x, y)
 
     def load_test(self) -> Dataset:
         s = self._songs()
@@ -193,9 +204,7 @@ class SongsTask:
         return Dataset(s.x[mask], s.era[mask])
 
     def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
-        s = self._songs()
-        keep = ~test_mask(s.era)
-        x, y, groups = s.x[keep], s.era[keep], s.decade[keep]
+        x, y, groups = training_rows(self.data_dir)
         part = split(y, groups, spec, count, seed)[index]
         return Dataset(x[part], y[part])
 
