@@ -34,6 +34,9 @@ from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_uplo
 from fedfleet.errors import AuthError, FedfleetError, ProtocolError
 from fedfleet.protocol.messages import (
     API,
+    INLINE_MODEL_BYTES,
+    INSTRUCTION_BYTES_HEADER,
+    MODEL_VERSION_HEADER,
     DescriptionAck,
     DescriptionBody,
     EvalResult,
@@ -46,6 +49,7 @@ from fedfleet.protocol.messages import (
     SecAggReveal,
     SecAggShares,
     Status,
+    TrainInstruction,
     UpdateAck,
     WorkerId,
     WorkerView,
@@ -175,8 +179,22 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
     # an Instruction (train / stats / wait / stop), not an ML task.
     @app.get(f"{API}/workers/{{worker_id}}/task", response_model=Instruction, tags=["workers"],
              summary="Long-poll for the next instruction: held open until there is work or `wait` seconds pass")
-    async def next_instruction(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300)) -> Instruction:
-        return await engine.next_instruction(worker_id, wait)
+    async def next_instruction(worker_id: WorkerId, wait: float = Query(20.0, ge=0, le=300),
+                               have: int | None = Query(None, ge=-1, description=(
+                                   "the model version this worker holds (-1: none): a training instruction for a "
+                                   f"newer one of at most {INLINE_MODEL_BYTES} bytes then comes with the model, the "
+                                   f"JSON followed by the safetensors bytes, split by the {INSTRUCTION_BYTES_HEADER} "
+                                   "header"))) -> Instruction | Response:
+        msg = await engine.next_instruction(worker_id, wait)
+        if have is None or not isinstance(msg, TrainInstruction) or msg.model_version <= have:
+            return msg
+        version, body = engine.model_download()
+        if version != msg.model_version or len(body) > INLINE_MODEL_BYTES:
+            return msg
+        head = msg.model_dump_json().encode()
+        engine.model_sent(len(body))
+        return Response(b"".join((head, body)), media_type=MODEL_MEDIA_TYPE, headers={
+            INSTRUCTION_BYTES_HEADER: str(len(head)), MODEL_VERSION_HEADER: str(version)})
 
     @app.post(f"{API}/workers/{{worker_id}}/description", response_model=DescriptionAck, tags=["workers"],
               summary="Describe this worker's data (aggregates the task's plan is agreed from; never rows)")
@@ -229,7 +247,7 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
     async def model(request: Request) -> Response:
         version, body = engine.model_download()
         etag = f'"v{version}"'
-        headers = {"ETag": etag, "X-Fedfleet-Model-Version": str(version), "Cache-Control": "no-cache"}
+        headers = {"ETag": etag, MODEL_VERSION_HEADER: str(version), "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         response, sent = model_response(body, headers, request.headers.get("range"), request.headers.get("if-range"),

@@ -29,6 +29,8 @@ from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     API,
     INSTRUCTION,
+    INSTRUCTION_BYTES_HEADER,
+    MODEL_VERSION_HEADER,
     UPDATE_META_KEY,
     DescriptionAck,
     DescriptionBody,
@@ -201,11 +203,31 @@ class CoordinatorClient:
 
     def next_instruction(self, worker_id: str, wait: float) -> Instruction:
         """Long-poll for what to do next. On the lean connection: it is on every worker's path every round."""
-        status, resp = self._exchange("next instruction", "GET", f"/workers/{worker_id}/task?wait={wait:g}")
+        return self.next_instruction_and_model(worker_id, wait)[0]
+
+    def next_instruction_and_model(self, worker_id: str, wait: float,
+                                   have: int | None = None) -> tuple[Instruction, tuple[int, Weights] | None]:
+        """Long-poll for what to do next; with ``have`` (the model version held, -1 for none), a coordinator that
+        can sends a newer small model with a training instruction, saving the download request: then the model
+        (version, read-only arrays) comes back too."""
+        query = f"wait={wait:g}" + ("" if have is None else f"&have={have}")
+        status, resp = self._exchange("next instruction", "GET", f"/workers/{worker_id}/task?{query}")
         body = self._read(resp, "next instruction")
         _raise_for(status, body, "next instruction", resp.getheader("Retry-After"))
+        split = resp.getheader(INSTRUCTION_BYTES_HEADER)
+        model = None
+        if split is not None:
+            head = int(split) if split.isdecimal() and int(split) <= len(body) else -1
+            if head < 0:
+                raise ProtocolError(f"next instruction: {INSTRUCTION_BYTES_HEADER} {split!r} does not fit a body "
+                                    f"of {len(body)} bytes", status=502)
+            weights, _ = codec.decode(memoryview(body)[head:])
+            for a in weights.values():
+                a.flags.writeable = False
+            model = (int(resp.getheader(MODEL_VERSION_HEADER) or 0), weights)
+            body = body[:head]
         try:
-            return INSTRUCTION.validate_json(body)
+            return INSTRUCTION.validate_json(body), model
         except ValidationError as exc:
             raise ProtocolError(f"next instruction: the coordinator sent an invalid instruction: "
                                 f"{one_line(exc)}") from exc
@@ -312,7 +334,7 @@ class CoordinatorClient:
                     if buf is None or len(buf) != length:
                         buf = bytearray(length)
                     got, etag = 0, resp.getheader("ETag")
-                    version = int(resp.getheader("X-Fedfleet-Model-Version") or 0)
+                    version = int(resp.getheader(MODEL_VERSION_HEADER) or 0)
                 else:
                     _raise_for(status if status >= 400 else 502, resp.read(), "download model")
                 if buf is None:  # a 206 before any 200: nothing to resume into

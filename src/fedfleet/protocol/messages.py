@@ -172,6 +172,13 @@ Instruction = Annotated[TrainInstruction | StatsInstruction | DescribeInstructio
                         | SecAggUnmaskInstruction, Field(discriminator="kind")]
 SecAggInstruction = SecAggKeysInstruction | SecAggShareInstruction | SecAggUnmaskInstruction
 INSTRUCTION = TypeAdapter(Instruction)
+# A long-poll asked with ``have=VERSION`` (the model version the worker holds) is answered with the model too when
+# the instruction is to train on a newer one, and the model is small: one request a round instead of two. The body
+# is then the instruction's JSON followed by the model's safetensors bytes (as GET /v1/model serves them); this
+# header says how many bytes the JSON takes, and X-Fedfleet-Model-Version which version the model is.
+INSTRUCTION_BYTES_HEADER = "X-Fedfleet-Instruction-Bytes"
+MODEL_VERSION_HEADER = "X-Fedfleet-Model-Version"
+INLINE_MODEL_BYTES = 2 * 2**20  # larger models are downloaded on their own, once per worker process
 
 
 class UpdateMeta(Message):

@@ -199,6 +199,17 @@ class WorkerProcess:
                 self.metrics.download_seconds.observe(time.perf_counter() - t0)
             return self._model[1]
 
+    def model_version(self) -> int:
+        """The version of the model this process holds, -1 if none."""
+        with self._model_lock:
+            return -1 if self._model is None else self._model[0]
+
+    def offer(self, model: tuple[int, Weights]) -> None:
+        """Keep ``model`` (version, weights) if it is newer than the one held: a long-poll brought it."""
+        with self._model_lock:
+            if self._model is None or self._model[0] < model[0]:
+                self._model = model
+
     def client(self, timeout: float = 60.0) -> CoordinatorClient:
         return CoordinatorClient(self.url, timeout=timeout, verify=self.verify, join_token=self.join_token)
 
@@ -381,8 +392,13 @@ class Agent:
                 done = key
 
     def _poll(self, client: CoordinatorClient, reg: RegisterResponse) -> Instruction:
+        """The next instruction; a newer model the coordinator sends with it is kept, so that training on it
+        needs no download request of its own."""
         with self.proc.polling(reg.worker_id):
-            return client.next_instruction(reg.worker_id, reg.poll_seconds)
+            msg, model = client.next_instruction_and_model(reg.worker_id, reg.poll_seconds, self.proc.model_version())
+        if model is not None:
+            self.proc.offer(model)
+        return msg
 
     def _describe(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer) -> None:
         """Send the description of this worker's data. A refusal (its columns differ from the run's, say)
