@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
+    commit = _commit()  # the code the cases run, even if the checkout moves on meanwhile
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="fedfleet-scale-"))
     try:
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     table = table_lines(rows)
     meta = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/scale.py"
             + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-            "seconds": time.perf_counter() - t_start, "commit": _commit(), "machine": platform.platform(),
+            "seconds": time.perf_counter() - t_start, "commit": commit, "machine": platform.platform(),
             "cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(), "memory_gib": _memory_gib(),
             "load_start": load_start, "load_end": list(os.getloadavg()), "python": platform.python_version(),
             "rounds": args.rounds, "processes": args.processes, "idle": args.idle}
