@@ -150,7 +150,9 @@ function setConn(kind, text) {
 let source = null;
 function connect() {
   if (source) source.close();
-  const stream = new EventSource(`v1/events?workers_offset=${workersOffset}&workers_limit=${workersPage.limit}`);
+  // The first page is the stream's default: no query, one URL for the page as it loads.
+  const query = workersOffset ? `?workers_offset=${workersOffset}&workers_limit=${workersPage.limit}` : "";
+  const stream = new EventSource("v1/events" + query);
   source = stream;
   stream.addEventListener("state", (e) => {
     const state = JSON.parse(e.data);
