@@ -64,11 +64,11 @@ class DivergingTask:
         return {"loss": float(np.abs(weights["mu"]).sum()), "accuracy": 0.0}
 
 
-def start_run(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+def start_run(fleet: Fleet, monkeypatch: pytest.MonkeyPatch, round_timeout: float = 1) -> tuple[Path, str]:
     monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the task's module, for the coordinator and the workers
     monkeypatch.delenv(DIVERGE, raising=False)
     c = fleet.coordinator("--task", TASK, "--workers", "2", "--rounds", str(ROUNDS), "--quorum", "0.5",
-                          "--round-timeout", "1", "--val-fraction", "0", "--linger", "2")
+                          "--round-timeout", f"{round_timeout:g}", "--val-fraction", "0", "--linger", "2")
     fleet.worker(c.url, "--allow-task", TASK, name="honest")
     return c.data_dir, c.url
 
@@ -129,3 +129,39 @@ def test_divergence_is_counted_in_the_worker_metrics(fleet: Fleet, monkeypatch: 
 
     assert (uploads("diverged"), uploads("error"), uploads("accepted")) == (1.0, 1.0, ROUNDS - 2.0)
     assert proc.metrics.registry.get_sample_value("fedfleet_worker_nonfinite_metrics_total") == 2.0
+
+
+def test_a_worker_that_cannot_answer_declines_and_the_round_does_not_wait_for_its_deadline(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rounds of a 10-minute deadline, and 2 minutes to finish all 5: only the declines (after fit 1's NaN weights
+    # and fit 3's exception) let rounds 1 and 3 close without the diverging worker.
+    data_dir, url = start_run(fleet, monkeypatch, round_timeout=600)
+    monkeypatch.setenv(DIVERGE, "1")
+    diverging = fleet.worker(url, "--allow-task", TASK, name="diverging")
+    assert diverging.proc.wait(timeout=120) == 0, diverging.log_text()
+    coordinator = fleet.coordinators[0]
+    assert coordinator.proc.wait(timeout=60) == 0, fleet.logs()
+    records = [json.loads(line) for line in (data_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["participants"] for r in records] == [1, 2, 1, 2, 2]
+    declined = [line for line in coordinator.log_text().splitlines() if "worker.declined" in line]
+    assert len(declined) == 2, declined
+    assert "round=1 " in declined[0] and "fit diverged: non-finite mu" in declined[0]
+    assert "round=3 " in declined[1] and "own bug, in one round" in declined[1]
+
+
+def test_a_decline_is_checked_like_any_request(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    _, url = start_run(fleet, monkeypatch)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        wid = http.post("/v1/workers", json={"name": "probe"}).json()["worker_id"]
+        for body, words in [({"round": 1, "attempt": 0, "reason": "a\nforged log line"}, "reason"),
+                            ({"round": -1, "attempt": 0}, "round"), ({"round": 1, "attempt": 0, "reason": "x" * 301},
+                                                                     "reason")]:
+            r = http.post(f"/v1/workers/{wid}/decline", json=body)
+            assert r.status_code == 422 and words in r.json()["detail"], r.text
+        r = http.post("/v1/workers/nobody/decline", json={"round": 1, "attempt": 0})
+        assert r.status_code == 404 and "register first" in r.json()["detail"]
+        # A worker not sampled in an open attempt: nothing to decline, and nothing changes.
+        r = http.post(f"/v1/workers/{wid}/decline", json={"round": 7, "attempt": 0, "reason": "not mine"})
+        assert r.status_code == 200 and r.json() == {"declined": False}

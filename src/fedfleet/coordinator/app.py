@@ -31,12 +31,14 @@ from fedfleet.coordinator.security import (
     require_worker,
 )
 from fedfleet.coordinator.uploads import UPLOAD_DIR, UploadSessions, create_upload_router
-from fedfleet.errors import AuthError, FedfleetError, ProtocolError
+from fedfleet.errors import AuthError, FedfleetError, ProtocolError, RequestRejected
 from fedfleet.protocol.messages import (
     API,
     INLINE_MODEL_BYTES,
     INSTRUCTION_BYTES_HEADER,
     MODEL_VERSION_HEADER,
+    Decline,
+    DeclineAck,
     DescriptionAck,
     DescriptionBody,
     EvalResult,
@@ -209,6 +211,14 @@ def create_app(engine: Engine, on_done: Callable[[], None] | None = None, access
         require_worker(request.scope, worker_id)
         engine.leave(worker_id)
         return Response(status_code=204)
+
+    @app.post(f"{API}/workers/{{worker_id}}/decline", response_model=DeclineAck, tags=["workers"],
+              summary="Say this worker will not answer the open round attempt (its fit diverged or failed)")
+    async def decline(worker_id: WorkerId, body: Decline, request: Request) -> DeclineAck:
+        require_worker(request.scope, worker_id)
+        if not engine.is_registered(worker_id):
+            raise RequestRejected(f"unknown worker {worker_id!r}: register first", status=404)
+        return DeclineAck(declined=engine.decline(worker_id, body.round, body.attempt, body.reason))
 
     def _size(request: Request) -> int:
         length = request.headers.get("content-length", "")

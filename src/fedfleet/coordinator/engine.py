@@ -483,6 +483,7 @@ class Engine:
             if step is not None:
                 return step
         if rs is None or rs.closed or w.worker_id not in rs.in_sample or w.worker_id in rs.answered \
+                or w.worker_id in rs.declined \
                 or w.worker_id in rs.in_flight:
             return WaitInstruction()
         if rs.kind == "stats":

@@ -32,6 +32,8 @@ from fedfleet.protocol.messages import (
     INSTRUCTION_BYTES_HEADER,
     MODEL_VERSION_HEADER,
     UPDATE_META_KEY,
+    Decline,
+    DeclineAck,
     DescriptionAck,
     DescriptionBody,
     Instruction,
@@ -249,6 +251,13 @@ class CoordinatorClient:
         """Send one secure-aggregation message (``step``: keys, shares or reveal) for this round attempt."""
         return SecAggAck.model_validate(self._call("POST", f"/secagg/{step}", f"secure aggregation: {step}",
                                                    json=body.model_dump()))
+
+    def decline(self, worker_id: str, round: int, attempt: int, reason: str) -> bool:
+        """Say this worker will not answer round ``round`` attempt ``attempt``; True if the round took note."""
+        printable = "".join(c if c.isprintable() else " " for c in reason)[:300]
+        body = Decline(round=round, attempt=attempt, reason=printable).model_dump()
+        return DeclineAck.model_validate(self._call("POST", f"/workers/{worker_id}/decline", "decline a round",
+                                                    json=body)).declined
 
     def leave(self, worker_id: str) -> None:
         """Give this worker's partition back: it cannot take part (its data could not be read)."""

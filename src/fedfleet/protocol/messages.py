@@ -253,6 +253,20 @@ class SecAggAck(Message):
     phase: str
 
 
+class Decline(Message):
+    """A sampled worker will not answer this round attempt (``POST /v1/workers/{id}/decline``): its fit
+    diverged or failed. The round then stops waiting for it instead of running to its deadline."""
+
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    # Shown in the coordinator's log: one line of printable text, bounded.
+    reason: str = Field(default="", max_length=300, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+
+class DeclineAck(Message):
+    declined: bool = Field(description="false: that attempt is not open, or does not wait for this worker")
+
+
 class DescriptionBody(Message):
     """A worker's description of its data (``POST /v1/workers/{id}/description``), checked by the task."""
 

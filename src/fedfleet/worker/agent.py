@@ -389,6 +389,8 @@ class Agent:
                 # A task that raised in one round, an update that does not fit the protocol, an answer
                 # that made no sense: reported loudly, but this worker may do fine in the next round.
                 self._update_failed(reg.worker_id, msg, exc)
+                if isinstance(msg, TrainInstruction | StatsInstruction):
+                    self._decline(client, reg.worker_id, msg, f"its update failed: {exc!r}")
                 done = key
 
     def _poll(self, client: CoordinatorClient, reg: RegisterResponse) -> Instruction:
@@ -512,7 +514,9 @@ class Agent:
         if tensors or dropped:
             self._diverged(reg.worker_id, msg, tensors, dropped)
             if tensors:
-                return "not_accepted"  # the coordinator refuses non-finite weights: the round goes on without us
+                # The coordinator refuses non-finite weights: the round goes on without us, and need not wait.
+                self._decline(client, reg.worker_id, msg, f"fit diverged: non-finite {', '.join(tensors)}")
+                return "not_accepted"
         if isinstance(msg, TrainInstruction) and msg.secagg is not None:
             weights = self._masked(msg, msg.secagg, weights, model, metrics)
             n = msg.secagg.num_examples
@@ -520,6 +524,15 @@ class Agent:
         meta = UpdateMeta(worker_id=reg.worker_id, round=msg.round, attempt=msg.attempt, num_examples=max(n, 1),
                           metrics={**metrics})
         return self._upload(client, weights, meta, t0)
+
+    def _decline(self, client: CoordinatorClient, worker_id: str, msg: TrainInstruction | StatsInstruction,
+                 reason: str) -> None:
+        """Tell the coordinator this worker will not answer ``msg``'s round, so that it does not wait for it until
+        its deadline. Best effort: a coordinator that cannot be told waits, as before."""
+        try:
+            client.decline(worker_id, msg.round, msg.attempt, reason)
+        except FedfleetError as exc:
+            log.event("worker.decline_failed", logging.WARNING, worker=worker_id, round=msg.round, error=str(exc))
 
     def _diverged(self, worker_id: str, msg: TrainInstruction | StatsInstruction, tensors: list[str],
                   metrics: list[str]) -> None:
