@@ -107,6 +107,19 @@ def _tasks_help() -> str:
     return "\n".join(lines)
 
 
+TASKS_EPILOG = "(the built-in tasks)"  # replaced by _tasks_help() when, and only when, help is printed
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose tasks epilog is built when help is printed: building it imports every built-in
+    task (pyarrow among them, ~40 MiB), which a coordinator or worker process must not pay for at start."""
+
+    def format_help(self) -> str:
+        if self.epilog == TASKS_EPILOG:
+            self.epilog = _tasks_help()
+        return super().format_help()
+
+
 def _default_out(config: RunConfig) -> Path:
     """runs/TASK-PARTITION, without the colons of module:Class and dirichlet:ALPHA (not allowed in folder
     names on Windows, and taken as a host by scp and rsync)."""
@@ -191,7 +204,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfleet", description="Federated learning: a coordinator and workers "
+    parser = _Parser(prog="fedfleet", description="Federated learning: a coordinator and workers "
                                      "that train one model without moving their data.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--log-level", default=os.environ.get("FEDFLEET_LOG_LEVEL"),
@@ -200,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="a whole federated run on this machine: coordinator + worker processes",
-                         epilog=_tasks_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=TASKS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(run)
     run.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
     run.add_argument("--processes", type=_positive_int, default=None,
@@ -219,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "sites of a real deployment would run [default none: partitions of the task's data set]")
 
     sim = sub.add_parser("simulate", help="a study with many clients: the same run, its clients trained by a pool "
-                         "of executors with no sockets", epilog=_tasks_help(),
+                         "of executors with no sockets", epilog=TASKS_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(sim)
     sim.add_argument("--out", type=Path, default=None, help="output folder (default runs/TASK-PARTITION)")
@@ -238,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="carry on the run in --out from its last completed round, with the config saved there")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
-    coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=_tasks_help(),
+    coord = sub.add_parser("coordinator", help="serve a run for workers on other hosts", epilog=TASKS_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(coord)
     coord.add_argument("--host", default="127.0.0.1",
