@@ -241,3 +241,33 @@ def test_updates_of_rounds_that_never_closed_are_forgotten_on_resume(store: Stor
     assert store.forget_updates_after(1) == 2
     rows = store._query("SELECT round, attempt, worker_id FROM updates")
     assert [tuple(r) for r in rows] == [(1, 0, "a")]
+
+
+def test_updates_accepted_in_one_turn_of_the_event_loop_share_one_commit(store: Store) -> None:
+    import asyncio
+
+    from fedfleet.coordinator.intake import UpdateIntake
+    from fedfleet.coordinator.metrics import CoordinatorMetrics
+    from fedfleet.storage.sqlite import UpdateRow
+
+    commits: list[int] = []
+    real = store.record_updates
+
+    def counted(rows: list[UpdateRow]) -> None:
+        commits.append(len(rows))
+        real(rows)
+
+    store.record_updates = counted  # type: ignore[method-assign]
+    intake = UpdateIntake(task=None, store=store, registry=None, metrics=CoordinatorMetrics(lambda: None),  # type: ignore[arg-type]
+                          model_schema=lambda: (), notify=lambda: None, run_id="r", max_update_norm=None)
+
+    async def accept(n: int) -> None:
+        futures = [intake._record(UpdateRow(1, 0, f"w{i}", 10, {"loss": 0.5})) for i in range(n)]
+        assert not any(f.done() for f in futures)  # not acknowledged before the commit
+        await asyncio.gather(*futures)
+        await intake._record(UpdateRow(2, 0, "late", 10, {}))
+
+    asyncio.run(accept(5))
+    assert commits == [5, 1]
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM updates").fetchone() == (6,)

@@ -42,7 +42,7 @@ from fedfleet.protocol.codec import Header
 from fedfleet.protocol.messages import UpdateAck, UpdateMeta
 from fedfleet.secagg.server import MaskedSum
 from fedfleet.storage.records import clean_worker_metrics
-from fedfleet.storage.sqlite import Store
+from fedfleet.storage.sqlite import Store, UpdateRow
 from fedfleet.strategies.accumulate import Stack, WeightedSum, delta_norm
 from fedfleet.strategies.privacy import clip_factor
 from fedfleet.tasks import Task
@@ -84,6 +84,8 @@ class UpdateIntake:
         # Held while an update is folded, and by the engine while it aggregates: a round's sum is never
         # read half-folded.
         self.lock = asyncio.Lock()
+        self._rows: list[UpdateRow] = []  # accepted updates to record in the next commit
+        self._committed: asyncio.Future[None] | None = None  # done when they are
 
     # --- rejections ------------------------------------------------------------------------------
     def rejected(self, exc: BaseException) -> None:
@@ -220,10 +222,12 @@ class UpdateIntake:
                 raise RequestRejected(f"round {rs.round} closed while the update was arriving",
                                       round=rs.round, worker=meta.worker_id, reason="stale")
             norm = await _compute(slot.header.total_bytes, fold, weight)
-            self.store.record_update(rs.round, rs.attempt, meta.worker_id, meta.num_examples, metrics)
+            durable = self._record(UpdateRow(rs.round, rs.attempt, meta.worker_id, meta.num_examples, metrics))
             rs.answered[meta.worker_id] = Answer(meta.num_examples, metrics, norm)
             rs.bytes_in += slot.header.total_bytes
             rs.last_answer = time.monotonic()
+        # Acknowledged only once recorded: outside the lock, so that the updates folded meanwhile share the commit.
+        await durable
         rs.in_flight.discard(meta.worker_id)
         worker = self.registry.workers.get(meta.worker_id)
         if worker is not None and "train_s" in metrics:
@@ -238,6 +242,28 @@ class UpdateIntake:
                   examples=meta.num_examples)
         self.notify()
         return UpdateAck(accepted=True, round=rs.round, received=len(rs.answered), expected=len(rs.sampled))
+
+    def _record(self, row: UpdateRow) -> asyncio.Future[None]:
+        """Queue ``row`` for the state database; the future is done once it is committed. The rows queued in
+        one turn of the event loop go in one transaction (a commit costs 0.5-1 ms here; a row 0.04 ms)."""
+        self._rows.append(row)
+        if self._committed is None:
+            loop = asyncio.get_running_loop()
+            self._committed = loop.create_future()
+            loop.call_soon(self._commit)
+        return self._committed
+
+    def _commit(self) -> None:
+        rows, self._rows = self._rows, []
+        done, self._committed = self._committed, None
+        if done is None:
+            return
+        try:
+            self.store.record_updates(rows)
+        except Exception as exc:  # each waiting upload gets the storage error, none is acknowledged
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     # --- the one-shot path -----------------------------------------------------------------------
     async def receive(self, chunks: AsyncIterator[bytes], content_length: str | None,

@@ -56,6 +56,15 @@ class RunRow:
 
 
 @dataclass(frozen=True)
+class UpdateRow:
+    round: int
+    attempt: int
+    worker_id: str
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class WorkerRow:
     worker_id: str
     partition: int
@@ -216,11 +225,18 @@ class Store:
     # --- rounds and updates --------------------------------------------------------------------
     def record_update(self, round: int, attempt: int, worker_id: str, num_examples: int,
                       metrics: dict[str, float]) -> None:
+        self.record_updates([UpdateRow(round, attempt, worker_id, num_examples, metrics)])
+
+    def record_updates(self, rows: list[UpdateRow]) -> None:
+        """Record accepted updates, all in one transaction (the intake groups those accepted in one turn of
+        the event loop: one commit for many, each acknowledged only once it is in)."""
         # REPLACE: after a coordinator restart the same round and attempt run again, and an update
         # accepted in the earlier life was lost with that life's running sum; the new one counts once.
+        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
-                       (round, attempt, worker_id, num_examples, json.dumps(metrics), time.time()))
+            db.executemany("INSERT OR REPLACE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                           [(r.round, r.attempt, r.worker_id, r.num_examples, json.dumps(r.metrics), now)
+                            for r in rows])
 
     def forget_updates_after(self, round: int) -> int:
         """Drop the updates of rounds after ``round``: they went into a running sum that died with an
