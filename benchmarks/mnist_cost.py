@@ -222,7 +222,8 @@ class MemorySampler:
         # PSS costs the kernel a walk of every page table (~10 ms a process of torch): read every 10 s, not to
         # take a share of the cores from the run; memory is level through the steady rounds.
         self.root, self.metrics, self.every, self.pss_every = root, metrics, every, pss_every
-        self.at_round: dict[int, tuple[float, float]] = {}  # rounds recorded -> (monotonic time, tree CPU s)
+        # rounds recorded -> (monotonic time, tree CPU s, CPU s by role)
+        self.at_round: dict[int, tuple[float, float, dict[str, float]]] = {}
         self.stop = threading.Event()
         self.peak_rss = self.peak_pss = 0
         self.peak_by_role: dict[str, int] = {}
@@ -236,21 +237,24 @@ class MemorySampler:
             rss = pss = 0
             cpu = 0.0
             by_role: dict[str, int] = {}
+            cpu_by_role: dict[str, float] = {}
             now = time.monotonic()
             pids = _tree(self.root)
             for pid in pids:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     r = _kib(f"/proc/{pid}/status", "VmRSS")
                     p = _kib(f"/proc/{pid}/smaps_rollup", "Pss") if self.samples % self.pss_every == 0 else 0
-                    cpu += _cpu_seconds(pid)
+                    c = _cpu_seconds(pid)
+                    cpu += c
                     rss, pss = rss + r, pss + p
                     role = _role(pid, self.root)
                     by_role[role] = by_role.get(role, 0) + r
+                    cpu_by_role[role] = cpu_by_role.get(role, 0.0) + c
             try:
                 rounds = self.metrics.read_bytes().count(b"\n")
             except OSError:
                 rounds = 0
-            self.at_round.setdefault(rounds, (now, cpu))
+            self.at_round.setdefault(rounds, (now, cpu, cpu_by_role))
             if rss > self.peak_rss:
                 self.peak_rss, self.peak_by_role = rss, by_role
             self.peak_pss = max(self.peak_pss, pss)
@@ -300,9 +304,11 @@ def run_fedfleet(args: argparse.Namespace, val_fraction: float, processes: int |
     # the last, per round: what the steady rounds cost in CPU, whatever else the machine was doing.
     first, last = sampler.at_round.get(1), sampler.at_round.get(len(records))
     steady_cpu = steady_wall = None
+    cpu_by_role: dict[str, float] = {}
     if first is not None and last is not None and len(records) > 1:
         steady_wall = (last[0] - first[0]) / (len(records) - 1)
         steady_cpu = (last[1] - first[1]) / (len(records) - 1)
+        cpu_by_role = {k: (v - first[2].get(k, 0.0)) / (len(records) - 1) for k, v in sorted(last[2].items())}
     return {
         "command": shown, "wall_s": wall, "processes": len(workers), "load_before": load_before,
         "load_after": list(os.getloadavg()),
@@ -313,7 +319,7 @@ def run_fedfleet(args: argparse.Namespace, val_fraction: float, processes: int |
         "checkpoint_s": statistics.median(r.timings.checkpoint for r in steady),
         "worker_train_s": statistics.median(r.worker_metrics.get("train_s", 0.0) for r in steady),
         "participants": [r.participants for r in records],
-        "cpu_per_round_s": steady_cpu, "wall_per_round_s": steady_wall,
+        "cpu_per_round_s": steady_cpu, "wall_per_round_s": steady_wall, "cpu_per_round_by_role_s": cpu_by_role,
         "final_accuracy": records[-1].accuracy if records else None,
         "memory": {"rss_peak_gib": sampler.peak_rss / GIB, "pss_peak_gib": sampler.peak_pss / GIB,
                    "rss_peak_by_role_gib": {k: v / GIB for k, v in sorted(sampler.peak_by_role.items())},
@@ -387,7 +393,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| {r['val_fraction']:g} | {r['processes']} | {', '.join(f'{x:.2f}' for x in r['rounds_s'])} | "
         f"{r['open_s']:.2f} | {r['aggregate_s']:.3f} | {r['evaluate_s']:.2f} | {r['checkpoint_s']:.3f} | "
         f"{r['worker_train_s']:.2f} | {_acc(r['final_accuracy'])} | "
-        + ", ".join(f"{k} {v:.2f}" for k, v in r["memory"]["rss_peak_by_role_gib"].items())
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["memory"]["rss_peak_by_role_gib"].items()) + " | "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.get("cpu_per_round_by_role_s", {}).items())
         + f" | {r['wall_s']:.0f} |" for r in result["runs"])
     commands = "\n".join(f"    {r['command']}" for r in result["runs"])
     issue = "\n".join(f"| {i['what']} | {i['round_s']} | {i['rss_gib']} | {i['drop_gib'] or ''} |"
@@ -430,8 +437,8 @@ work alone within {QUIET_SPREAD - 1:.0%} of each other.
 ## Each run
 
 | val fraction | processes | each round s | open s | aggregate s | evaluate s | checkpoint s | worker train_s \
-| final accuracy | peak RSS by process GiB | wall s |
-|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|
+| final accuracy | peak RSS by process GiB | CPU s a round by process | wall s |
+|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|
 {runs}
 
 *open* is the round's open phase (model download, the workers' evaluation and training, the uploads);
