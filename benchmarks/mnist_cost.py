@@ -254,7 +254,8 @@ class MemorySampler:
                 rounds = self.metrics.read_bytes().count(b"\n")
             except OSError:
                 rounds = 0
-            self.at_round.setdefault(rounds, (now, cpu, cpu_by_role))
+            for n in range(rounds + 1):  # a round that ended between two samples is dated by the later one
+                self.at_round.setdefault(n, (now, cpu, cpu_by_role))
             if rss > self.peak_rss:
                 self.peak_rss, self.peak_by_role = rss, by_role
             self.peak_pss = max(self.peak_pss, pss)
@@ -289,7 +290,7 @@ def run_fedfleet(args: argparse.Namespace, val_fraction: float, processes: int |
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "fedfleet", *cmd[1:]], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    sampler = MemorySampler(proc.pid, out / "metrics.jsonl")
+    sampler = MemorySampler(proc.pid, out / "metrics.jsonl", every=args.sample_every)
     sampler.thread.start()
     output, _ = proc.communicate()
     sampler.stop.set()
@@ -305,7 +306,7 @@ def run_fedfleet(args: argparse.Namespace, val_fraction: float, processes: int |
     first, last = sampler.at_round.get(1), sampler.at_round.get(len(records))
     steady_cpu = steady_wall = None
     cpu_by_role: dict[str, float] = {}
-    if first is not None and last is not None and len(records) > 1:
+    if first is not None and last is not None and len(records) > 1 and last[0] > first[0]:
         steady_wall = (last[0] - first[0]) / (len(records) - 1)
         steady_cpu = (last[1] - first[1]) / (len(records) - 1)
         cpu_by_role = {k: (v - first[2].get(k, 0.0)) / (len(records) - 1) for k, v in sorted(last[2].items())}
@@ -505,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=None, help="train on this many of the 60k images (tests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for mnist_cost.json and mnist_cost.md")
+    ap.add_argument("--sample-every", type=float, default=0.5, help="seconds between two looks at the run's "
+                    "processes in /proc (PSS every 20 looks)")
     ap.add_argument("--redraw", action="store_true", help="only rewrite mnist_cost.md from mnist_cost.json (in "
                     "--results), judging its rows again; runs nothing")
     ap.add_argument("--fit-child", help=argparse.SUPPRESS)

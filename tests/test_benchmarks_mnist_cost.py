@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -37,14 +38,15 @@ def mnist_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_smallest_configuration_writes_sane_results(tmp_path: Path, mnist_env: None) -> None:
     bench = load_script()
-    argv = ["--model", "mlp", "--workers", "2", "--examples", "200", "--rounds", "2", "--val-fraction", "0.1",
-            "--results", str(tmp_path)]
+    # 3 rounds, the run's processes sampled often: the steady rounds (2 and 3) span several samples
+    argv = ["--model", "mlp", "--workers", "2", "--examples", "200", "--rounds", "3", "--val-fraction", "0.1",
+            "--sample-every", "0.05", "--results", str(tmp_path)]
     assert bench.main(argv) == 0
     result = json.loads((tmp_path / "mnist_cost.json").read_text())
     assert set(result) >= {"meta", "goal", "rows", "runs", "issue_reference"}
     m = result["meta"]
     assert m["command"] == "python benchmarks/mnist_cost.py " + " ".join(argv)
-    assert m["cpus"] >= 1 and len(m["load_start"]) == 3 and m["workers"] == 2 and m["rounds"] == 2
+    assert m["cpus"] >= 1 and len(m["load_start"]) == 3 and m["workers"] == 2 and m["rounds"] == 3
     (row,) = result["rows"]
     (run,) = result["runs"]
     assert row["val_fraction"] == 0.1 and row["processes_asked"] is None
@@ -71,11 +73,14 @@ def test_smallest_configuration_writes_sane_results(tmp_path: Path, mnist_env: N
     assert set(mem["rss_peak_by_role_gib"]) >= {"run", "coordinator", "worker"}
     assert 0 < mem["pss_peak_gib"] <= mem["rss_peak_gib"] and mem["drop_gib"] >= 0 and mem["samples"] > 0
     assert mem["processes"] == 2 + run["processes"]
-    assert run["participants"] == [2, 2] and len(run["rounds_s"]) == 2
-    assert run["round_s"] == run["rounds_s"][1]  # the steady round: the first is not counted
+    assert run["participants"] == [2, 2, 2] and len(run["rounds_s"]) == 3
+    assert run["round_s"] == statistics.median(run["rounds_s"][1:])  # the steady rounds: the first is not counted
     assert run["cpu_per_round_s"] > 0 and run["wall_per_round_s"] > 0
+    by_role = run["cpu_per_round_by_role_s"]
+    assert set(by_role) >= {"run", "coordinator", "worker"} and by_role["worker"] > 0
+    assert sum(by_role.values()) == pytest.approx(run["cpu_per_round_s"])
     assert run["command"].startswith("fedfleet run --task mnist --task-option model=mlp --task-option examples=200 "
-                                     "--workers 2 --fraction 1 --local-epochs 1 --batch-size 32 --lr 0.05 --rounds 2 "
+                                     "--workers 2 --fraction 1 --local-epochs 1 --batch-size 32 --lr 0.05 --rounds 3 "
                                      "--val-fraction 0.1")
     assert "--processes" not in run["command"] and "--out OUT" in run["command"]
     text = (tmp_path / "mnist_cost.md").read_text()
