@@ -41,6 +41,9 @@ import httpx
 
 from fedfleet.storage.run_dir import RunDir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
+from machine import commit, cpu_model, memory_gib, vm_hwm
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,15 +77,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime: fields 14 and 15 of stat(5)
-
-
-def peak_rss(pid: int) -> int:
-    """The highest resident set size of a live process so far (VmHWM), in bytes; 0 if it is gone."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- one case ------------------------------------------------------------------------------------------------
@@ -187,9 +181,9 @@ def run_case(case: Case, rounds: int, processes: int, workdir: Path, timeout: fl
             if done >= rounds:
                 row["coordinator_cpu_s"] = cpu_seconds(coord.pid) - (cpu_first or 0.0)
                 row["steady_wall_s"] = time.monotonic() - (t_first or t0)
-                row["coordinator_rss"] = peak_rss(coord.pid)
-                row["worker_rss_max"] = max(peak_rss(w.pid) for w in workers)
-                row["worker_rss_mean"] = statistics.mean(peak_rss(w.pid) for w in workers)
+                row["coordinator_rss"] = vm_hwm(coord.pid)
+                row["worker_rss_max"] = max(vm_hwm(w.pid) for w in workers)
+                row["worker_rss_mean"] = statistics.mean(vm_hwm(w.pid) for w in workers)
                 break
             time.sleep(0.02)
         if "coordinator_cpu_s" not in row:
@@ -284,33 +278,6 @@ def markdown(result: dict[str, Any]) -> str:
 """
 
 
-def _commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               check=True, cwd=here).stdout.strip()
-        return sha + (" (src/ with uncommitted changes)" if dirty else "")
-    return None
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only " + ", ".join(c.label for c in QUICK))
@@ -327,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
-    commit = _commit()  # the code the cases run, even if the checkout moves on meanwhile
+    at_commit = commit()  # the code the cases run, even if the checkout moves on meanwhile
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="fedfleet-scale-"))
     try:
@@ -342,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     table = table_lines(rows)
     meta = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/scale.py"
             + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-            "seconds": time.perf_counter() - t_start, "commit": commit, "machine": platform.platform(),
-            "cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(), "memory_gib": _memory_gib(),
+            "seconds": time.perf_counter() - t_start, "commit": at_commit, "machine": platform.platform(),
+            "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "memory_gib": memory_gib(),
             "load_start": load_start, "load_end": list(os.getloadavg()), "python": platform.python_version(),
             "rounds": args.rounds, "processes": args.processes, "idle": args.idle}
     said = verdicts(rows)

@@ -26,7 +26,6 @@ Writes benchmarks/results/secagg.json and secagg.md (or into --results).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from fedfleet.storage.run_dir import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
 from flower_env import FLOWER_VENV, ensure_flower, venv_python
+from machine import commit, cpu_model, memory_gib, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = ("secure aggregation with k = ceil(3 log2 N) neighbours costs at most 2x fedfleet's plaintext round "
@@ -473,43 +473,6 @@ Skipped in Flower: {FLOWER_SKIPPED}.
 """
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("fedfleet", "numpy", "cryptography"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
-
-
-def _commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               check=True, cwd=here).stdout.strip()
-        return sha + (" (src/ with uncommitted changes)" if dirty else "")
-    return None
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only " + ", ".join(c.label for c in QUICK))
@@ -586,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     example = next((r["command"] for r in fedfleet_runs if r["secure"]), "")
     meta = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/secagg.py"
             + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-            "seconds": time.perf_counter() - t_start, "commit": _commit(), "machine": platform.platform(),
-            "cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(), "memory_gib": _memory_gib(),
-            "load_start": load_start, "load_end": list(os.getloadavg()), "versions": _versions(),
+            "seconds": time.perf_counter() - t_start, "commit": commit(), "machine": platform.platform(),
+            "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "memory_gib": memory_gib(),
+            "load_start": load_start, "load_end": list(os.getloadavg()),
+            "versions": versions("fedfleet", "numpy", "cryptography"),
             "rounds": args.rounds, "flower_rounds": args.flower_rounds, "processes": args.processes,
             "goal_repeats": args.goal_repeats,
             "example_command": example}

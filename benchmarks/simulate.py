@@ -32,7 +32,6 @@ Writes benchmarks/results/simulate.json and simulate.md (or into --results).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -53,6 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
 from flower_env import FLOWER_VENV, ensure_flower, shown, venv_python
+from machine import commit, cpu_model, memory_gib, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {
@@ -157,7 +157,8 @@ def run_fedfleet(w: Workload, workdir: Path, backend: str = "local") -> dict[str
     peak = memory.stop()
     system = "fedfleet" if backend == "local" else f"fedfleet ({backend})"
     row: dict[str, Any] = {"system": system, "workload": w.name, "clients": w.clients, "sampled": w.sampled,
-                           "rounds": w.rounds, "command": "fedfleet " + " ".join("OUT" if a == str(out) else a for a in argv),
+                           "rounds": w.rounds,
+                           "command": "fedfleet " + " ".join("OUT" if a == str(out) else a for a in argv),
                            "load_before": list(os.getloadavg())}
     if proc.returncode != 0:
         row["error"] = text[-2000:]
@@ -375,27 +376,10 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as m
-
-    out = {}
-    for name in ("fedfleet", "numpy", "torch"):
-        with contextlib.suppress(m.PackageNotFoundError):
-            out[name] = m.version(name)
-    return out
-
-
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{len(os.sched_getaffinity(0))} CPUs ({cpu}), {mem:.0f} GiB, {platform.system()} {platform.release()}"
+    mem = memory_gib()
+    return (f"{len(os.sched_getaffinity(0))} CPUs ({cpu_model()})" + (f", {mem:.0f} GiB" if mem else "")
+            + f", {platform.system()} {platform.release()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"Flower could not be installed: {flower['error'][-300:]}")
     shown_argv = list(sys.argv[1:] if argv is None else argv)
     result = {"command": " ".join(["python benchmarks/simulate.py", *shown_argv]), "date": time.strftime("%Y-%m-%d"),
-              "machine": _machine(), "versions": {**_versions(), **flower.get("versions", {})},
+              "commit": commit(), "machine": _machine(),
+              "versions": {**versions("fedfleet", "numpy", "torch"), **flower.get("versions", {})},
               "flower_venv": shown(args.flower_venv) if not args.no_flower else None, "goals": GOALS,
               "rows": rows, "comparison": compare(rows), "notes": notes}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,9 @@ from fedfleet.tasks.tabular import TabularTask
 from fedfleet.tasks.tabular.read import in_validation
 from fedfleet.types import Weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
+from machine import memory_gib, versions, vm_hwm
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRIPT = "benchmarks/tabular_sites.py"  # as the results files name it: relative to the repository root
 MB = 1_000_000
@@ -377,15 +380,6 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def vm_hwm(pid: int) -> int:
-    """Peak resident set of ``pid`` in bytes (VmHWM), 0 once it has ended."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker_peak(data: Path, folder: Path) -> dict[str, float]:
     """Peak RSS of one ``fedfleet worker --data FILE`` process through a run of one round: it scans the
     file, describes it, scores the global model on its validation rows and trains on the rest.
@@ -499,24 +493,6 @@ def tables(result: dict[str, Any]) -> str:
             [mem, *(f"| {m['file_mb']:.1f} | {m['rows']:,} | {m['peak_rss_mb']:.0f} | {m['round_s']:.1f} | "
                     f"{m['worker_wall_s']:.1f} | {m['train_r2']:.4f} |" for m in result["memory"])]))
     return "\n\n".join(parts)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("fedfleet", "numpy", "pyarrow", "torch"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
 
 
 def _commit() -> str | None:
@@ -634,13 +610,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result[exp.name].append(cell)
         result["memory"] = memory(sizes, work)
     argv_shown = list(sys.argv[1:] if argv is None else argv)
-    mem = _memory_gib()
+    mem = memory_gib()
     songs = experiments["songs"]
     example = fedfleet_run_args(songs, models[0], songs.partitions[-1], seeds[0],
                                 result["lr"][f"songs/{models[0]}"]["chosen"], rounds, "songs-train.csv",
                                 "songs-test.csv", "runs/songs")
     result["experiments"] = {k: {"workers": e.workers, "label": e.label, "ignore": e.ignore,
                                  "partitions": list(e.partitions)} for k, e in experiments.items()}
+    installed = versions("fedfleet", "numpy", "pyarrow", "torch")
     result["meta"] = {
         "command": shlex.join(["python", SCRIPT, *argv_shown]), "date": time.strftime("%Y-%m-%d"),
         "seconds": time.perf_counter() - t0, "rounds": rounds, "seeds": seeds, "mlp_seeds": mlp_seeds,
@@ -648,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "house_rows": house_rows, "house_test_rows": house_rows // 4, "memory_mb": sizes, "commit": _commit(),
         "example": shlex.join(example),
         "machine": f"{os.cpu_count()} CPUs" + (f", {mem} GiB" if mem else "") + f", {platform.system()} "
-                   f"{platform.machine()}, " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
+                   f"{platform.machine()}, " + ", ".join(f"{k} {v}" for k, v in installed.items()),
     }
     text = tables(result)
     print("\n" + text)

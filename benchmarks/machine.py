@@ -1,0 +1,56 @@
+"""What every benchmark's results file says about how it was produced: the commit, the machine, versions,
+and the peak memory of a process (Linux's /proc). Shared by the scripts in benchmarks/."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import platform
+import subprocess
+from pathlib import Path
+
+
+def commit() -> str | None:
+    """The short commit of this checkout, noting uncommitted changes under src/; None outside git."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
+                               check=True, cwd=here).stdout.strip()
+        return sha + (" (src/ with uncommitted changes)" if dirty else "")
+    return None
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def versions(*names: str) -> dict[str, str]:
+    """Python's version and each installed package's of ``names``."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set of ``pid`` in bytes (VmHWM), 0 once it has ended."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
