@@ -173,6 +173,9 @@ class WorkerProcess:
         self._tasks: dict[tuple[str, tuple[tuple[str, str], ...]], Task] = {}
         self._model: tuple[int, Weights] | None = None
         self._model_lock = threading.Lock()
+        # One fit at a time per process: the process's torch threads are its share of the cores, and K logical
+        # workers fitting at once on them only interleave (more CPU for the same work: caches, the GIL).
+        self.fitting = threading.Lock()
         self._ids: dict[str, str | None] = {}  # worker id -> its worker token (None on an open coordinator)
         self._polling: set[str] = set()  # workers with a long-poll in flight: the coordinator sees them alive
         self._poll_seconds = 1.0  # until registration says otherwise: beat early rather than late
@@ -504,9 +507,11 @@ class Agent:
             model = self._retry(lambda: self.proc.model(client, version), "download model")
             validation = trainer.evaluate(model)  # the global model as it reached us, before training
             t_dl = time.perf_counter()
-            result = trainer.fit(model, msg.params)
+            with self.proc.fitting:
+                t_fit = time.perf_counter()  # train_s is the fit's own time, not the wait for the process's turn
+                result = trainer.fit(model, msg.params)
+                train_s = time.perf_counter() - t_fit
             weights, n = result.weights, result.num_examples
-            train_s = time.perf_counter() - t_dl
             raw_metrics = {**result.metrics, **validation, "download_s": t_dl - t0, "train_s": train_s}
             self.proc.metrics.trained(train_s, n * msg.params.local_epochs)
         tensors = nonfinite_tensors(weights)
