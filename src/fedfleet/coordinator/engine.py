@@ -697,6 +697,12 @@ class Engine:
         finally:
             self._waiting = None
 
+    def _live(self, worker_id: str) -> bool:
+        """Whether a sampled worker may still answer: registered and alive. One whose partition a new worker
+        took over (it was dead for --worker-timeout) is gone from the registry, and will not."""
+        w = self._registry.workers.get(worker_id)
+        return w is not None and self._registry.alive(w)
+
     def _ready(self, worker_id: str) -> bool:
         return not self._agrees_plan or worker_id in self._descriptions
 
@@ -800,8 +806,7 @@ class Engine:
                     # Everyone who has not answered dead: waiting longer cannot help. Looked at once a second at
                     # most (a worker is dead only after --worker-timeout seconds of silence anyway).
                     scanned = now
-                    if not any(p not in rs.declined and self._registry.alive(self._registry.get(p))
-                               for p in rs.pending):
+                    if not any(p not in rs.declined and self._live(p) for p in rs.pending):
                         return len(rs.answered) >= rs.needed
                 if now >= rs.deadline:
                     return len(rs.answered) >= rs.needed

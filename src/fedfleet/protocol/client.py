@@ -169,6 +169,7 @@ class CoordinatorClient:
         self._upload: tuple[tuple[str, int, int, int], str] | None = None  # the chunked upload under way
         self.join_token = join_token
         self.token = token
+        self.last_body_seconds = 0.0  # how long the last long-poll's body took to read, once it was answered
 
     def close(self) -> None:
         self._http.close()
@@ -214,7 +215,9 @@ class CoordinatorClient:
         (version, read-only arrays) comes back too."""
         query = f"wait={wait:g}" + ("" if have is None else f"&have={have}")
         status, resp = self._exchange("next instruction", "GET", f"/workers/{worker_id}/task?{query}")
+        t0 = time.perf_counter()  # the poll has ended: from here on, the body's bytes are the download
         body = self._read(resp, "next instruction")
+        self.last_body_seconds = time.perf_counter() - t0
         _raise_for(status, body, "next instruction", resp.getheader("Retry-After"))
         split = resp.getheader(INSTRUCTION_BYTES_HEADER)
         model = None

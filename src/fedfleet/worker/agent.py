@@ -207,11 +207,13 @@ class WorkerProcess:
         with self._model_lock:
             return -1 if self._model is None else self._model[0]
 
-    def offer(self, model: tuple[int, Weights]) -> None:
-        """Keep ``model`` (version, weights) if it is newer than the one held: a long-poll brought it."""
+    def offer(self, model: tuple[int, Weights], seconds: float) -> None:
+        """Keep ``model`` (version, weights) if it is newer than the one held: a long-poll brought it, its bytes
+        read in ``seconds`` (counted as the download of that version)."""
         with self._model_lock:
             if self._model is None or self._model[0] < model[0]:
                 self._model = model
+                self.metrics.download_seconds.observe(seconds)
 
     def client(self, timeout: float = 60.0) -> CoordinatorClient:
         return CoordinatorClient(self.url, timeout=timeout, verify=self.verify, join_token=self.join_token)
@@ -402,7 +404,7 @@ class Agent:
         with self.proc.polling(reg.worker_id):
             msg, model = client.next_instruction_and_model(reg.worker_id, reg.poll_seconds, self.proc.model_version())
         if model is not None:
-            self.proc.offer(model)
+            self.proc.offer(model, client.last_body_seconds)
         return msg
 
     def _describe(self, client: CoordinatorClient, reg: RegisterResponse, trainer: Trainer) -> None:
