@@ -46,6 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
+from machine import commit, cpu_model, versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO = 1.05
 GOAL = ("the MNIST CNN with 10 workers (E=1, B=32, lr 0.05, every worker every round, the coordinator evaluating "
@@ -462,35 +465,6 @@ def _acc(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("fedfleet", "torch", "numpy"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
-
-
-def _commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               check=True, cwd=here).stdout.strip()
-        return sha + (" (src/ with uncommitted changes)" if dirty else "")
-    return None
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--val-fraction", type=float, action="append", help="the run's --val-fraction; repeat for "
@@ -557,9 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/mnist_cost.py"
             + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-            "seconds": time.perf_counter() - t_start, "commit": _commit(), "machine": platform.platform(),
-            "cpus": cpus, "cpu_model": _cpu_model(), "memory_gib": round(_meminfo("MemTotal") / GIB, 1),
-            "load_start": load_start, "load_end": list(os.getloadavg()), "versions": _versions(),
+            "seconds": time.perf_counter() - t_start, "commit": commit(), "machine": platform.platform(),
+            "cpus": cpus, "cpu_model": cpu_model(), "memory_gib": round(_meminfo("MemTotal") / GIB, 1),
+            "load_start": load_start, "load_end": list(os.getloadavg()),
+            "versions": versions("fedfleet", "torch", "numpy"),
             "workers": args.workers, "rounds": args.rounds, "local_epochs": args.local_epochs,
             "batch_size": args.batch_size, "lr": args.lr, "model": args.model, "examples": args.examples}
     rows = [judge(r, cpus) for r in rows]
