@@ -40,8 +40,6 @@ class Fleet:
         self._partitions: dict[str, int] = dict(residents)
         self._published = -1
         self._slots = asyncio.Semaphore(executors.count)  # batches given out: one per executor at a time
-        self.jobs = 0  # jobs done, for the progress line
-        self.failures: list[str] = []  # jobs that raised: a bug in the task, or an executor that died
 
     async def drive(self) -> None:
         """Dispatch work as rounds open until the run is over (``engine.done``)."""
@@ -93,12 +91,10 @@ class Fleet:
                 outcomes = [Outcome(wid, None, "its executor failed", error=repr(exc)) for wid, _ in batch]
         for outcome, (_, m) in zip(outcomes, batch, strict=True):
             if outcome.error:
-                self.failures.append(f"{outcome.worker_id}: {outcome.error}")
                 log.event("client.failed", logging.ERROR, run=self.engine.run_id, worker=outcome.worker_id,
                           round=m.round, error=outcome.error)
                 self.engine.decline(outcome.worker_id, m.round, m.attempt, f"{outcome.problem}: {outcome.error}")
                 continue
-            self.jobs += 1
             await self._deliver(outcome, m)
 
     async def _deliver(self, outcome: Outcome, msg: TrainInstruction | StatsInstruction) -> None:
