@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +272,29 @@ class Store:
         return [Served(str(w), int(n), int(ex)) for w, n, ex in self._query(
             "SELECT u.worker_id, COUNT(*), SUM(u.num_examples) FROM updates AS u "
             "JOIN rounds AS r ON u.round = r.round AND u.attempt = r.attempts - 1 GROUP BY u.worker_id")]
+
+    def updates(self, worker_ids: Collection[str] | None = None) -> list[UpdateRow]:
+        """The updates that went into a completed round (its last attempt, as ``served``), by round, of
+        ``worker_ids`` (None: every worker's); the statistics round (0) is not one of them."""
+        sql = ("SELECT u.round, u.attempt, u.worker_id, u.num_examples, u.metrics FROM updates AS u "
+               "JOIN rounds AS r ON u.round = r.round AND u.attempt = r.attempts - 1")
+        args: tuple[Any, ...] = ()
+        if worker_ids is not None:
+            ids = list(worker_ids)
+            if not ids:
+                return []
+            sql += f" WHERE u.worker_id IN ({', '.join('?' * len(ids))})"
+            args = tuple(ids)
+        out = []
+        for rnd, attempt, wid, n, metrics in self._query(sql + " ORDER BY u.round, u.worker_id", args):
+            try:
+                parsed = json.loads(metrics)
+            except ValueError:
+                parsed = {}
+            clean = {k: float(v) for k, v in parsed.items() if isinstance(v, int | float) and not isinstance(v, bool)} \
+                if isinstance(parsed, dict) else {}
+            out.append(UpdateRow(int(rnd), int(attempt), str(wid), int(n), clean))
+        return out
 
     def last_metric(self, name: str) -> dict[str, float]:
         """Each worker's last reported value of one metric (e.g. ``train_s``), by worker id."""

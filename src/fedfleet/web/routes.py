@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,9 +49,11 @@ RETRY_MS = 2000  # how soon the browser reconnects a dropped stream
 # Workers the dashboard's state carries at once: a page of its table, not all 10,000 on every event.
 WORKERS_PAGE = 100
 MAX_WORKERS_PAGE = 10_000
-ASSETS = {"dashboard.html": "text/html", "predict.html": "text/html", "style.css": "text/css",
-          "charts.js": "text/javascript", "dashboard.js": "text/javascript", "predict.js": "text/javascript",
-          "common.js": "text/javascript", "favicon.svg": "image/svg+xml"}
+# Every file of static/ with one of these endings is served (a new page or script needs no list kept here).
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml",
+                 ".png": "image/png", ".txt": "text/plain"}
+ASSETS = {f.name: CONTENT_TYPES[Path(f.name).suffix] for f in (resources.files("fedfleet.web") / "static").iterdir()
+          if Path(f.name).suffix in CONTENT_TYPES}
 
 
 class _ExplainedRoute(APIRoute):
