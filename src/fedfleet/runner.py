@@ -186,7 +186,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
+def check_out(out: Path, overwrite: bool, resume: bool) -> None:
     """Check ``out`` against --overwrite and --resume; writes nothing (a stale address file aside)."""
     if overwrite and resume:
         raise ConfigError("--resume and --overwrite contradict each other: --resume carries on the run in "
@@ -208,7 +208,7 @@ def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
                               "--overwrite to start over, or choose another --out", option="resume")
 
 
-def _make_out(out: Path, overwrite: bool) -> None:
+def make_out(out: Path, overwrite: bool) -> None:
     run_dir = RunDir(out)
     if overwrite and (run_dir.config_path.exists() or run_dir.state_path.exists()):
         shutil.rmtree(out)
@@ -333,7 +333,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
 
     With ``data_split`` the file is split into one file per worker in ``OUT/sites`` and each worker is
     its own process started with ``--data`` on its file: the path a real deployment's sites take."""
-    _check_out(out, overwrite, resume)
+    check_out(out, overwrite, resume)
     if resume:
         config = resume_config(out, config, given)
         if data_split is None and RunDir(out).sites_path.is_dir():
@@ -346,10 +346,10 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
         raise ConfigError(f"a run of task {config.task!r} trains on each site's own files: give fedfleet run "
                           "--data-split FILE (one file cut into a file per worker, each worker on its own), or start "
                           "a coordinator and a fedfleet worker --data PATH per site", option="data_split")
-    _make_out(out, overwrite)
+    make_out(out, overwrite)
     run_dir = RunDir(out)
     sites = _site_files(config, data_split, run_dir, resume) if data_split is not None else None
-    before = _read_summary(run_dir)  # a resumed run's summary stays until the run ends again
+    before = read_summary(run_dir)  # a resumed run's summary stays until the run ends again
     console = Console(stderr=False, quiet=quiet)
     request = out / ".run-config.toml"
     write_text_atomic(request, config.to_toml())
@@ -391,7 +391,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
             raise
         finally:
             request.unlink(missing_ok=True)
-    summary = _read_summary(run_dir)
+    summary = read_summary(run_dir)
     if summary == before:
         summary = None  # the coordinator wrote none this time
     if interrupted is not None and (summary is None or summary.state == "stopped"):
@@ -402,7 +402,7 @@ def run_local(config: RunConfig, out: Path, processes: int | None = None, overwr
     if summary is None:
         console.print(f"[red]the coordinator ended without a summary[/red]:\n{_tail(out / 'logs' / 'coordinator.log')}")
         return 1
-    _print_summary(console, summary, out, time.monotonic() - t0)
+    print_summary(console, summary, out, time.monotonic() - t0)
     # The summary, not the last status polled, is the word on how the run ended: the coordinator
     # may finish and exit between two polls.
     if summary.state == "finished":
@@ -456,7 +456,7 @@ def _site_files(config: RunConfig, source: Path, run_dir: RunDir, resume: bool) 
     return written
 
 
-def _read_summary(run_dir: RunDir) -> RunSummary | None:
+def read_summary(run_dir: RunDir) -> RunSummary | None:
     try:
         return run_dir.read_summary()
     except StorageError:
@@ -538,7 +538,7 @@ def _watch(url: str, config: RunConfig, coord: subprocess.Popen[bytes], console:
             time.sleep(STATUS_POLL)
         # The coordinator may end between two polls: the last word is its summary.
         coord.wait(timeout=60)
-        final = _read_summary(run_dir)
+        final = read_summary(run_dir)
         if final is not None:
             progress.update(bar, completed=final.rounds, phase=final.state,
                             acc=_fmt(final.final_accuracy), loss=_fmt(final.final_loss))
@@ -557,7 +557,7 @@ def _worker_failure(logs: Sequence[Path]) -> str | None:
     return None
 
 
-def _print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> None:
+def print_summary(console: Console, s: RunSummary, out: Path, wall: float) -> None:
     timings = [r.seconds for r in s.round_timings]
     table = Table(title=f"fedfleet run {s.run_id}: {s.state}", show_header=False)
     rows = [

@@ -29,7 +29,7 @@ from fedfleet.config import RunConfig
 from fedfleet.coordinator.engine import Engine, data_source
 from fedfleet.coordinator.server import SIGNAL_NAMES
 from fedfleet.errors import ConfigError
-from fedfleet.runner import _check_out, _make_out, _print_summary, _read_summary, resume_config
+from fedfleet.runner import check_out, make_out, print_summary, read_summary, resume_config
 from fedfleet.simulate.executors import Backend, open_executors
 from fedfleet.simulate.fleet import Fleet
 from fedfleet.storage.run_dir import RunDir
@@ -67,13 +67,13 @@ def simulate(config: RunConfig, out: Path, *, backend: Backend = "local", execut
              given: Collection[str] = (), quiet: bool = False) -> int:
     """Run ``config`` with simulated clients; returns 0 if it finished, 1 if it failed, 128 + the signal's
     number if SIGINT or SIGTERM stopped it (resumable with ``resume``)."""
-    _check_out(out, overwrite, resume)
+    check_out(out, overwrite, resume)
     if resume:
         config = resume_config(out, config, given)
     task = load_task(config.task, config.task_options_dict)
     check_ready(task)
     check_simulated(config, task)
-    _make_out(out, overwrite)
+    make_out(out, overwrite)
     cpus = torch_common.usable_cpus()
     count = executors or default_executors(config, cpus)
     handler = logging.FileHandler(out / "logs" / LOG_FILE)
@@ -96,7 +96,7 @@ def simulate(config: RunConfig, out: Path, *, backend: Backend = "local", execut
         for h in quiet_handlers:
             h.setLevel(logging.NOTSET)
         handler.close()
-    summary = _read_summary(RunDir(out))
+    summary = read_summary(RunDir(out))
     if summary is None:
         console.print(f"[red]the simulation ended without a summary[/red]: see {out / 'logs' / LOG_FILE}")
         return 1
@@ -105,7 +105,7 @@ def simulate(config: RunConfig, out: Path, *, backend: Backend = "local", execut
                         f"{summary.rounds} of {summary.rounds_planned}; carry it on with: "
                         f"{escape(f'fedfleet simulate --out {out} --resume')}", soft_wrap=True)
         return 128 + stopped_by.value
-    _print_summary(console, summary, out, time.monotonic() - t0)
+    print_summary(console, summary, out, time.monotonic() - t0)
     if summary.state == "finished":
         return 0
     console.print(f"[red]run {summary.state}:[/red] {escape(summary.message)}")
