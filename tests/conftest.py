@@ -23,6 +23,7 @@ functions underneath, for code that manages the processes itself (then call ``st
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -294,3 +296,17 @@ def coordinator(fleet: Fleet) -> Callable[..., Coordinator]:
 def worker(fleet: Fleet) -> Callable[..., Worker]:
     """Factory: ``worker(url, *args, clients=1) -> Worker``, stopped at teardown."""
     return fleet.worker
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py imported as a module (the folder is no package), under its own name in
+    sys.modules: its dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,34 +4,22 @@ benchmarks/dp_songs.py --plot-only redraws its plot from a results JSON without 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from conftest import MNIST_ENV, image_data_dir
+from conftest import BENCHMARKS, MNIST_ENV, image_data_dir, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_smallest_study_writes_json_table_and_plot(tmp_path: Path) -> None:
     data = image_data_dir(MNIST_ENV)
-    bench = load_script("dp_mnist")
+    bench = load_benchmark("dp_mnist")
     out = tmp_path / "results"
     argv = ["--data-dir", str(data), "--models", "mlp", "--workers", "4", "--fraction", "1", "--processes", "1",
             "--examples", "2000", "--mlp-rounds", "2", "--mlp-epsilons", "8", "--mlp-clips", "1", "--mlp-lrs", "0.1",
@@ -67,7 +55,7 @@ def test_the_smallest_study_writes_json_table_and_plot(tmp_path: Path) -> None:
 def test_the_grid_is_judged_on_validation_not_on_test(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A fake `run`: the larger clip scores better on validation and worse on test; the choice follows
     validation, grid runs have their own noise seeds, and --reuse-grid reports the winning grid run."""
-    bench = load_script("dp_mnist")
+    bench = load_benchmark("dp_mnist")
     calls: list[list[str]] = []
 
     def fake_run(args: Any, model: str, rounds: int, lr: float, dp: list[str], out: Path) -> dict[str, Any]:

@@ -3,28 +3,18 @@ end, through the work timed alone and a real run, and writes a JSON with every f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import MNIST_ENV
+from conftest import MNIST_ENV, load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "mnist_cost.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_mnist_cost", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -37,7 +27,7 @@ def mnist_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_smallest_configuration_writes_sane_results(tmp_path: Path, mnist_env: None) -> None:
-    bench = load_script()
+    bench = load_benchmark("mnist_cost")
     # 3 rounds, the run's processes sampled often: the steady rounds (2 and 3) span several samples
     argv = ["--model", "mlp", "--workers", "2", "--examples", "200", "--rounds", "3", "--val-fraction", "0.1",
             "--sample-every", "0.05", "--results", str(tmp_path)]

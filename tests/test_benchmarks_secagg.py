@@ -4,29 +4,21 @@ configures Flower's SecAgg+ with the neighbourhood fedfleet masked with."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "secagg.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_secagg", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_smallest_case_writes_sane_results(tmp_path: Path) -> None:
-    bench = load_script()
+    bench = load_benchmark("secagg")
     assert bench.main(["--case", "20000x5", "--rounds", "3", "--no-flower", "--processes", "2",
                        "--results", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "secagg.json").read_text())
@@ -61,7 +53,7 @@ def test_smallest_case_writes_sane_results(tmp_path: Path) -> None:
 
 
 def test_flower_neighbourhood_matches_fedfleets() -> None:
-    bench = load_script()
+    bench = load_benchmark("secagg")
     assert [c.k for c in (bench.Case(1, 10), bench.Case(1, 50), bench.Case(1, 100), bench.Case(1, 50, 49))] == [
         9, 18, 20, 49]
     # Flower's num_shares counts the client itself; every pair is num_shares = N

@@ -4,31 +4,24 @@ real ``fedfleet simulate`` and writes a JSON and table with every field they are
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "simulate.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_simulate", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory from /proc")
 def test_the_null_workload_made_small_writes_sane_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = load_script()
+    bench = load_benchmark("simulate")
     monkeypatch.setattr(bench, "NULL", bench.Workload("null", 200, 5, 3, params=1000))
     assert bench.main(["--only", "null", "--no-flower", "--results", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "simulate.json").read_text())
@@ -45,7 +38,7 @@ def test_the_null_workload_made_small_writes_sane_results(tmp_path: Path, monkey
 
 
 def test_steady_seconds_and_the_comparison() -> None:
-    bench = load_script()
+    bench = load_benchmark("simulate")
     assert bench.steady([10.0, 10.5, 11.5, 12.0]) == 0.5  # gaps 0.5, 1.0, 0.5
     assert bench.steady([3.0]) is None
     rows = [{"system": "fedfleet", "workload": "null", "clients": bench.NULL.clients, "round_s": 0.02,
@@ -60,7 +53,7 @@ def test_steady_seconds_and_the_comparison() -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_the_memory_of_a_process_tree_counts_its_children() -> None:
-    bench = load_script()
+    bench = load_benchmark("simulate")
     alone = bench.tree_rss(os.getpid())
     code = "import sys, time; b = bytearray(200 * 2**20); print('ready', flush=True); time.sleep(30)"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -3,28 +3,20 @@ results file is made from; its central reference is ``TabularTask.fit_central`` 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from conftest import load_benchmark
 from fedfleet.tasks.tabular import TabularTask
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tabular_sites.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tabular_sites", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_mode_writes_a_result_of_every_part(tmp_path: Path) -> None:
@@ -54,7 +46,7 @@ def test_quick_mode_writes_a_result_of_every_part(tmp_path: Path) -> None:
 
 
 def test_the_central_reference_is_fit_central_step_for_step(tmp_path: Path) -> None:
-    bench = load_script()
+    bench = load_benchmark("tabular_sites")
     train, val = tmp_path / "train.csv", tmp_path / "val.csv"
     bench.write_houses(train, seed=1, rows=600)
     bench.write_houses(val, seed=2, rows=200)
