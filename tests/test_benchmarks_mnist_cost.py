@@ -15,8 +15,6 @@ from conftest import MNIST_ENV, load_benchmark
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "mnist_cost.py"
 
 
-
-
 @pytest.fixture
 def mnist_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import os

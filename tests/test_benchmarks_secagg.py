@@ -15,8 +15,6 @@ from conftest import load_benchmark
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "secagg.py"
 
 
-
-
 def test_smallest_case_writes_sane_results(tmp_path: Path) -> None:
     bench = load_benchmark("secagg")
     assert bench.main(["--case", "20000x5", "--rounds", "3", "--no-flower", "--processes", "2",

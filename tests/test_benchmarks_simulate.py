@@ -17,8 +17,6 @@ from conftest import load_benchmark
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "simulate.py"
 
 
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory from /proc")
 def test_the_null_workload_made_small_writes_sane_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bench = load_benchmark("simulate")

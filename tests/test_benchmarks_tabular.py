@@ -17,8 +17,6 @@ from fedfleet.tasks.tabular import TabularTask
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tabular_sites.py"
 
 
-
-
 def test_quick_mode_writes_a_result_of_every_part(tmp_path: Path) -> None:
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "3", "--partition", "iid",
