@@ -67,6 +67,7 @@ from fedfleet.protocol.messages import (
 from fedfleet.secagg.server import MaskedSum, SecAggFailure
 from fedfleet.storage.checkpoints import Checkpoints
 from fedfleet.storage.records import (
+    Confusion,
     RoundRecord,
     RoundTiming,
     RoundTimings,
@@ -81,7 +82,7 @@ from fedfleet.strategies.accumulate import Stack, WeightedSum
 from fedfleet.strategies.privacy import poisson_sample, round_rng
 from fedfleet.strategies.server_opt import OptState, state_from_tensors, state_to_tensors
 from fedfleet.tasks import Task, check_ready, score_low, with_plan
-from fedfleet.tasks.base import Plan, has_plan, loads_sites, site_task
+from fedfleet.tasks.base import Plan, class_names, evaluate_with_confusion, has_plan, loads_sites, site_task
 from fedfleet.types import Schema, Weights, all_finite, num_parameters, schema_of
 
 State = Literal["waiting", "running", "finished", "failed", "stopped"]
@@ -925,8 +926,9 @@ class Engine:
         del new
         t_agg = time.monotonic()
         self.phase = "evaluating"
-        metrics = await asyncio.to_thread(self.task.evaluate, self._model, self._test) \
-            if self._test is not None else {}
+        # One pass over the held-out set gives the scores and, for a classifier, its confusion counts.
+        metrics, counts = await asyncio.to_thread(evaluate_with_confusion, self.task, self._model, self._test) \
+            if self._test is not None else ({}, None)
         self.accuracy = finite_or_none(float(metrics["accuracy"])) if metrics else None
         self.loss = finite_or_none(float(metrics["loss"])) if metrics else None
         t_eval = time.monotonic()
@@ -939,7 +941,7 @@ class Engine:
                          RoundTimings(wait_workers=rs.started - t0, open=t_closed - rs.started,
                                       aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
                                       checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0,
-                         score_low=score_low(self.task))
+                         score_low=score_low(self.task), confusion=confusion_of(counts, class_names(self.task)))
         if self._privacy is not None:
             used = clip if clip is not None else self._privacy.mechanism.clip
             # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped, 1 or
@@ -1106,8 +1108,24 @@ def _open_run(store: Store, run_dir: RunDir, config: RunConfig) -> str:
     return row.id
 
 
+def confusion_of(counts: np.ndarray | None, names: list[str] | None) -> Confusion | None:
+    """The record's confusion matrix from a task's counts; classes the task does not name are named by index.
+
+    >>> confusion_of(np.array([[3, 1], [0, 2]]), ["cat", "dog"]).counts
+    [[3, 1], [0, 2]]
+    >>> confusion_of(np.array([[1]]), None).classes, confusion_of(None, ["a"])
+    (['0'], None)
+    """
+    if counts is None:
+        return None
+    k = len(counts)
+    classes = names if names is not None and len(names) == k else [str(i) for i in range(k)]
+    return Confusion(classes=classes, counts=[[int(v) for v in row] for row in counts])
+
+
 def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None, metrics: Mapping[str, Any],
-            version: int, timings: RoundTimings, seconds: float, score_low: float = 0.0) -> RoundRecord:
+            version: int, timings: RoundTimings, seconds: float, score_low: float = 0.0,
+            confusion: Confusion | None = None) -> RoundRecord:
     fed = rs.federated_eval(score_low)
     # The task's other scores, held to what a record may hold (names, finite values) like workers' metrics.
     extra, _ = clean_worker_metrics({k: float(v) for k, v in metrics.items() if k not in ("accuracy", "loss")
@@ -1120,7 +1138,7 @@ def _record(rs: RoundState, rnd: int, accuracy: float | None, loss: float | None
         fed_accuracy_std=fed.accuracy_std if fed else None, fed_accuracy_min=fed.accuracy_min if fed else None,
         fed_accuracy_max=fed.accuracy_max if fed else None, fed_examples=fed.examples if fed else None,
         worker_metrics=rs.worker_metrics(), test_metrics=extra, updates_rejected=rs.rejected,
-        metrics_dropped=rs.metrics_dropped)
+        metrics_dropped=rs.metrics_dropped, confusion=confusion)
 
 
 def _outliers(rs: RoundState) -> set[str]:

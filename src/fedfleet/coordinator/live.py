@@ -10,7 +10,8 @@ from fedfleet.config import RunConfig
 from fedfleet.coordinator.engine import Engine
 from fedfleet.strategies.privacy import default_delta
 from fedfleet.tasks import Task
-from fedfleet.web.sources import Model, PrivacyView
+from fedfleet.tasks.base import class_names
+from fedfleet.web.sources import Model, PrivacyView, history_page, read_updates
 
 
 class LiveRun:
@@ -41,6 +42,17 @@ class LiveRun:
 
     def changed(self) -> asyncio.Event:
         return self.engine.progress_event()
+
+    async def worker_history(self, offset: int, limit: int) -> dict[str, Any]:
+        e = self.engine
+        # The page and the rounds are read on the event loop (the engine's own state); the updates from a
+        # read-only connection in a thread, so that a page of 10,000 workers does not hold up the run.
+        page = [{"worker_id": w.worker_id, "name": w.name, "partition": w.partition}
+                for w in e.workers_view(offset, limit)]
+        rounds = [r.round for r in e.rounds()]
+        total = e.snapshot().workers_registered
+        rows = await asyncio.to_thread(read_updates, e.run_dir, [w["worker_id"] for w in page])
+        return history_page(rows, rounds, page, total, offset, limit, class_names(e.task))
 
 
 def privacy_view(config: RunConfig, epsilon: float | None, rounds: int) -> PrivacyView | None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Names a worker may give its metrics: short snake_case, so that a record stays small and a name can
 # be a Prometheus label value, a JSON key and a column header without escaping.
@@ -22,6 +22,7 @@ WORKER_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 MAX_WORKER_METRICS = 32
 MAX_METRIC_VALUE = 1e15  # larger magnitudes are no loss, accuracy or duration: an overflow waiting to happen
 DROP_REASONS = ("name", "too_many", "range")
+MAX_CONFUSION_CLASSES = 100  # a larger matrix is no view anyone reads, and every round record would carry it
 
 
 class Record(BaseModel):
@@ -61,6 +62,22 @@ class SecAggRecord(Record):
     unmask_s: float = Field(ge=0, description="seconds of the unmask phase, reconstruction included (part of "
                                               "timings.open: the round closes once it is unmasked)")
     control_bytes_in: int = Field(ge=0, description="bytes of keys, shares and revealed shares received")
+
+
+class Confusion(Record):
+    """The new global model's predictions on the held-out set: ``counts[i][j]`` examples of true class
+    ``classes[i]`` predicted as ``classes[j]``. Per-class recall is counts[i][i] / sum(counts[i])."""
+
+    classes: list[str] = Field(min_length=1, max_length=MAX_CONFUSION_CLASSES)
+    counts: list[list[Annotated[int, Field(ge=0)]]]
+
+    @model_validator(mode="after")
+    def _square(self) -> Confusion:
+        k = len(self.classes)
+        if len(self.counts) != k or any(len(row) != k for row in self.counts):
+            raise ValueError(f"confusion counts must be {k} rows of {k} (one per class), not "
+                             f"{len(self.counts)} rows of {sorted({len(r) for r in self.counts})}")
+        return self
 
 
 class RoundRecord(Record):
@@ -104,6 +121,10 @@ class RoundRecord(Record):
         default=None, description="with adaptive clipping: the noised share of this round's updates within the clip "
                                   "norm, which moved it for the next round")
     secagg: SecAggRecord | None = Field(default=None, description="with --secure-aggregation: its phases")
+    confusion: Confusion | None = Field(
+        default=None, description="true × predicted class counts of the new model on the held-out set, counted "
+                                  "in the pass that scored it; None for a task that does not classify, a run "
+                                  "without a held-out set, or more than 100 classes")
 
 
 class RoundTiming(Record):

@@ -226,6 +226,17 @@ class TaskWithDefaults:
                             f"{', '.join(sorted(metrics))}")
         return {**metrics, SCORE: metrics[self._score]}
 
+    def evaluate_confusion(self, weights: Weights, data: Dataset) -> tuple[dict[str, float], Any]:
+        """The task's own ``evaluate_confusion`` with the score named as ``evaluate`` names it; without one,
+        ``evaluate`` and no counts (see ``base.evaluate_with_confusion``)."""
+        own = getattr(self.inner, "evaluate_confusion", None)
+        if not callable(own):
+            return self.evaluate(weights, data), None
+        metrics, counts = own(weights, data)
+        if self._score != SCORE and self._score in metrics:
+            metrics = {**metrics, SCORE: metrics[self._score]}
+        return metrics, counts
+
     def __getattr__(self, attr: str) -> Any:
         # Only reached for what this class lacks: the task's own extras. "inner" itself is guarded, so
         # that a half-built instance (copy, pickle) raises AttributeError instead of recursing.

@@ -23,6 +23,12 @@ A task that agrees a plan may also have ``check_against_plan(description, plan) 
 site that joins after the plan was agreed cannot train under it (e.g. an image class the model has no
 output for); the coordinator refuses it with that message.
 
+A classification task may say its classes: ``class_names()`` (or a ``classes`` attribute, as a
+``Predictor`` has), the names in the order of its outputs and labels (``class_names`` below reads either).
+With them, the dashboard names the classes of a worker's label mix and of the confusion matrix; a task
+may also have ``evaluate_confusion(weights, data) -> (scores, counts)``: ``evaluate``'s scores and the
+confusion counts (true class × predicted class) of the same pass (``evaluate_with_confusion`` below).
+
 A task may also have ``check_ready()``: the coordinator calls it before it creates a run, and a
 TaskError from it (e.g. "needs --task-option label=COLUMN") ends the start with that message.
 
@@ -42,6 +48,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 import numpy as np
 
 from fedfleet.partition import PartitionSpec
+from fedfleet.storage.records import MAX_CONFUSION_CLASSES
 from fedfleet.types import Schema, Weights
 
 
@@ -194,3 +201,54 @@ class NoStats:
     def check_stats(self, stats: Weights, num_examples: int) -> str | None:
         return None
 
+
+
+
+def class_names(task: object) -> list[str] | None:
+    """The class names of a classification task, in the order of its outputs and labels: its
+    ``class_names()``, else its ``classes`` attribute; None for a task that does not say (or does not
+    classify: regression, a task whose classes are agreed in a plan it does not have yet).
+
+    >>> class Eras:
+    ...     classes = ("old", "new")
+    >>> class_names(Eras()), class_names(object())
+    (['old', 'new'], None)
+    """
+    named = getattr(task, "class_names", None)
+    try:
+        names = named() if callable(named) else getattr(task, "classes", None)
+    except Exception:  # a task not set up yet (no plan) cannot say; it is not an error of the caller
+        return None
+    if not isinstance(names, list | tuple) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return list(names)
+
+
+def evaluate_with_confusion(task: Any, weights: Weights, data: Any) -> tuple[dict[str, float], np.ndarray | None]:
+    """``task.evaluate``'s scores of ``weights`` on ``data`` and, from the same pass, the confusion counts
+    (rows: true class, columns: predicted class) when the task offers ``evaluate_confusion``; None when it
+    does not, or for more than ``MAX_CONFUSION_CLASSES`` classes."""
+    detailed = getattr(task, "evaluate_confusion", None)
+    if not callable(detailed):
+        return task.evaluate(weights, data), None
+    scores, counts = detailed(weights, data)
+    if counts is None:
+        return scores, None
+    counts = np.asarray(counts)
+    k = counts.shape[0] if counts.ndim == 2 else 0
+    if counts.shape != (k, k) or not 1 <= k <= MAX_CONFUSION_CLASSES:
+        return scores, None
+    return scores, counts.astype(np.int64)
+
+
+def confusion_counts(true: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """classes × classes counts of (true, predicted) pairs; labels outside [0, classes) are left out.
+
+    >>> confusion_counts(np.array([0, 1, 1, 2]), np.array([0, 1, 0, 2]), 3).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    t = np.asarray(true, dtype=np.int64)
+    p = np.asarray(predicted, dtype=np.int64)
+    ok = (t >= 0) & (t < classes) & (p >= 0) & (p < classes)
+    out: np.ndarray = np.bincount(t[ok] * classes + p[ok], minlength=classes * classes).reshape(classes, classes)
+    return out

@@ -218,6 +218,7 @@ class MnistTask(NoStats):
 
     name = "mnist"
     source: ClassVar[Source] = MNIST
+    classes: ClassVar[tuple[str, ...]] = tuple(str(d) for d in range(NUM_CLASSES))  # label k is digit k
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("data_dir", str, None, "folder holding the four IDX files", optional=True,
                default_text="$FEDFLEET_MNIST_DIR or $FEDFLEET_FASHION_MNIST_DIR, else ~/.cache/fedfleet/TASK"),
@@ -289,9 +290,15 @@ class MnistTask(NoStats):
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
         return torch_common.evaluate(self.model, weights, data)
 
+    def evaluate_confusion(self, weights: Weights, data: Dataset) -> tuple[dict[str, float], np.ndarray | None]:
+        return torch_common.evaluate_confusion(self.model, weights, data)
+
 
 class FashionMnistTask(MnistTask):
     """Zalando's Fashion-MNIST (clothing, 10 classes), same layout and models as MNIST."""
 
     name = "fashion-mnist"
     source = FASHION_MNIST
+    # Label k's name, as Fashion-MNIST's README lists them.
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")

@@ -32,7 +32,7 @@ import numpy as np
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec, split
-from fedfleet.tasks.base import Dataset, FitResult, TrainParams
+from fedfleet.tasks.base import Dataset, FitResult, TrainParams, confusion_counts
 from fedfleet.types import Schema, TensorSpec, Weights
 
 FEATURES = (
@@ -332,9 +332,15 @@ class SongsTask:
         return softmax(self._inputs(weights, x) @ weights["linear.weight"] + weights["linear.bias"])
 
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
+        return self.evaluate_confusion(weights, data)[0]
+
+    def evaluate_confusion(self, weights: Weights, data: Dataset) -> tuple[dict[str, float], np.ndarray | None]:
+        """Loss and accuracy, and the era × predicted era counts of the same predictions."""
         p = self.predict_proba(weights, data.x)
+        predicted = p.argmax(axis=1)
         loss = float(-np.log(p[np.arange(len(data)), data.y] + 1e-12).mean())
-        return {"loss": loss, "accuracy": float((p.argmax(axis=1) == data.y).mean())}
+        return ({"loss": loss, "accuracy": float((predicted == data.y).mean())},
+                confusion_counts(data.y, predicted, len(ERAS)))
 
     # --- prediction (fedfleet.tasks.predict) -----------------------------------------------------------
 

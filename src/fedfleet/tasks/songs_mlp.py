@@ -91,3 +91,6 @@ class SongsMlpTask(SongsTask):
 
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
         return torch_common.evaluate(self.model, weights, data, transform=self._float32)
+
+    def evaluate_confusion(self, weights: Weights, data: Dataset) -> tuple[dict[str, float], np.ndarray | None]:
+        return torch_common.evaluate_confusion(self.model, weights, data, transform=self._float32)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedfleet.errors import TaskError
-from fedfleet.tasks.base import Dataset, FitResult, TrainParams
+from fedfleet.tasks.base import Dataset, FitResult, TrainParams, confusion_counts
 from fedfleet.types import Weights
 
 if TYPE_CHECKING:
@@ -245,14 +245,22 @@ def predict_logits(model: torch.nn.Module, weights: Weights, x: np.ndarray, batc
 def evaluate(model: torch.nn.Module, weights: Weights, data: Dataset,
              transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``weights`` on ``data``."""
+    return evaluate_confusion(model, weights, data, transform)[0]
+
+
+def evaluate_confusion(model: torch.nn.Module, weights: Weights, data: Dataset,
+                       transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                       ) -> tuple[dict[str, float], np.ndarray | None]:
+    """``evaluate``'s scores and the true × predicted class counts of the same predictions (None for no data)."""
     logits = predict_logits(model, weights, data.x, transform=transform).astype(np.float64)
     if len(data) == 0:
-        return {"loss": 0.0, "accuracy": 0.0}
+        return {"loss": 0.0, "accuracy": 0.0}, None
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     y = np.asarray(data.y, dtype=np.int64)
-    return {"loss": float(-logp[np.arange(len(y)), y].mean()),
-            "accuracy": float((logits.argmax(axis=1) == y).mean())}
+    predicted = logits.argmax(axis=1)
+    return ({"loss": float(-logp[np.arange(len(y)), y].mean()), "accuracy": float((predicted == y).mean())},
+            confusion_counts(y, predicted, logits.shape[1]))
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -62,8 +62,16 @@ import numpy as np
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec, split
+from fedfleet.storage.records import MAX_CONFUSION_CLASSES
 from fedfleet.tasks import score_name, torch_common
-from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
+from fedfleet.tasks.base import (
+    Dataset,
+    FitResult,
+    NoStats,
+    TrainParams,
+    class_names,
+    confusion_counts,
+)
 from fedfleet.types import Weights
 
 if TYPE_CHECKING:
@@ -181,6 +189,11 @@ class TorchTask(NoStats):
                                   lambda order: batches(dataset, order, params.batch_size), self.loss, self.metrics)
 
     def evaluate(self, weights: Weights, data: Any) -> dict[str, float]:
+        return self.evaluate_confusion(weights, data)[0]
+
+    def evaluate_confusion(self, weights: Weights, data: Any) -> tuple[dict[str, float], np.ndarray | None]:
+        """``evaluate``'s scores, and for a classifier that names its classes (``class_names``: e.g. the
+        images task's plan) whose outputs are a score per class, the true × predicted class counts."""
         import torch
 
         dataset = self.torch_dataset(data)
@@ -202,7 +215,7 @@ class TorchTask(NoStats):
         if score not in scores:
             raise TaskError(f"task {self.name!r} scores runs by {score!r}, which its metrics() does not return "
                             f"(only {', '.join(sorted(scores))}): return it, or name the score with score_name")
-        return scores
+        return scores, _confusion(torch.cat(outputs), torch.cat(targets), class_names(self))
 
     # --- data -------------------------------------------------------------------------------------------------
     def torch_dataset(self, data: Any) -> Examples:
@@ -307,3 +320,12 @@ def _unwrap(data: Examples) -> tuple[Examples, np.ndarray | None]:
         index = inner if index is None else inner[index]
         data = cast(Examples, data.dataset)
     return data, index
+
+
+def _confusion(outputs: torch.Tensor, targets: torch.Tensor, classes: list[str] | None) -> np.ndarray | None:
+    """True × predicted class counts when the outputs are a score per named class and the targets class
+    indices; None for anything else (a regression, a task that does not name its classes)."""
+    if classes is None or outputs.ndim != 2 or outputs.shape[1] != len(classes) or targets.ndim != 1 \
+            or targets.is_floating_point() or len(classes) > MAX_CONFUSION_CLASSES:
+        return None
+    return confusion_counts(targets.numpy(), outputs.argmax(dim=1).numpy(), len(classes))

@@ -133,6 +133,14 @@ def create_router(run: RunSource) -> APIRouter:
         snap = _paged(run.snapshot(), workers_offset, workers_limit)
         return _json_response({**snap, "rounds_from": 0, "rounds": run.rounds()})
 
+    @router.get(f"{API}/dashboard/workers", tags=["dashboard"],
+                summary="Each worker's own numbers by completed round (its validation score of the model it was "
+                        "sent, local training loss and accuracy, training seconds), its example count and label "
+                        "counts by class index: a page of the registered workers by partition")
+    async def dashboard_workers(offset: int = Query(0, ge=0),
+                                limit: int = Query(WORKERS_PAGE, ge=1, le=MAX_WORKERS_PAGE)) -> Response:
+        return _json_response(await run.worker_history(offset, limit))
+
     @router.get(f"{API}/events", tags=["dashboard"], response_class=StreamingResponse,
                 summary="Server-sent events: the dashboard's state each time the run changes",
                 responses={200: {"content": {"text/event-stream": {}},

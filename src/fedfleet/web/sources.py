@@ -19,10 +19,12 @@ from fedfleet.config import RunConfig
 from fedfleet.errors import ConfigError, FedfleetError, StorageError
 from fedfleet.partition import partition_name
 from fedfleet.protocol.messages import Status
+from fedfleet.storage.history import worker_history
 from fedfleet.storage.records import PrivacySummary
 from fedfleet.storage.run_dir import RunDir
+from fedfleet.storage.sqlite import UpdateRow
 from fedfleet.tasks import Task, check_allowed, load_task, with_plan
-from fedfleet.tasks.base import has_plan
+from fedfleet.tasks.base import class_names, has_plan
 from fedfleet.types import Weights
 
 
@@ -80,6 +82,11 @@ class RunSource(Protocol):
 
     def changed(self) -> asyncio.Event:
         """An event set at the next change; take it before reading the state."""
+        ...
+
+    async def worker_history(self, offset: int, limit: int) -> dict[str, Any]:
+        """``GET /v1/dashboard/workers``: a page of the registered workers (by partition, from ``offset``, at
+        most ``limit``), each with its own numbers by completed round (``history_page``)."""
         ...
 
 
@@ -157,6 +164,47 @@ class FinishedRun:
 
     def changed(self) -> asyncio.Event:
         return self._never
+
+    async def worker_history(self, offset: int, limit: int) -> dict[str, Any]:
+        page = self.workers[offset:offset + limit]
+        rounds = [int(r["round"]) for r in self.history]
+        rows = await asyncio.to_thread(read_updates, RunDir(self.directory), [w["worker_id"] for w in page])
+        return history_page(rows, rounds, page, len(self.workers), offset, limit, self.class_names())
+
+    def class_names(self) -> list[str] | None:
+        """The task's class names; without the task (not loaded here), those of the last confusion matrix."""
+        names = class_names(self.loaded_task) if self.loaded_task is not None else None
+        if names is None and self.history:
+            confusion = self.history[-1].get("confusion")
+            names = list(confusion["classes"]) if isinstance(confusion, dict) else None
+        return names
+
+
+def read_updates(run_dir: RunDir, worker_ids: list[str]) -> list[UpdateRow]:
+    """The updates of ``worker_ids`` that went into completed rounds, from the run's state database opened
+    read-only for this read (a coordinator may be writing it: WAL lets both go on); [] without one. Slow
+    for a large run: call it off the event loop."""
+    if not worker_ids:
+        return []
+    try:
+        store = run_dir.read_store()
+        if store is None:
+            return []
+        with closing(store):
+            return store.updates(worker_ids)
+    except StorageError:
+        return []  # like the workers table: a damaged database leaves the view empty, the rest works
+
+
+def history_page(rows: list[UpdateRow], rounds: list[int], page: list[dict[str, Any]], total: int, offset: int,
+                 limit: int, classes: list[str] | None) -> dict[str, Any]:
+    """The body of ``GET /v1/dashboard/workers``: ``page`` (dicts with worker_id, name and partition) with
+    each worker's series over ``rounds``, examples and label counts from its update ``rows``."""
+    history = worker_history(rows, rounds, [w["worker_id"] for w in page])
+    workers = [{"worker_id": w["worker_id"], "name": w["name"], "partition": w["partition"], **h.to_dict()}
+               for w, h in zip(page, history.workers, strict=True)]
+    return {"rounds": list(rounds), "total": total, "offset": offset, "limit": limit, "classes": classes,
+            "workers": workers}
 
 
 def _load_task(run_dir: RunDir, config: RunConfig, allowed_tasks: Collection[str]) -> tuple[Task | None, str | None]:

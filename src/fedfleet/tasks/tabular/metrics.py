@@ -12,6 +12,9 @@ import math
 
 import numpy as np
 
+from fedfleet.storage.records import MAX_CONFUSION_CLASSES
+from fedfleet.tasks.base import confusion_counts
+
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
@@ -27,6 +30,9 @@ class ClassScores:
         self.correct = 0
         self.per_class = np.zeros(classes, dtype=np.int64)
         self.hits = np.zeros(classes, dtype=np.int64)
+        # True × predicted counts of the rows of a class the plan has (a row of an unknown class has no row
+        # here, so the diagonal's share is the accuracy of the known rows); none past the matrix's cap.
+        self.confusion = np.zeros((classes, classes), dtype=np.int64) if classes <= MAX_CONFUSION_CLASSES else None
 
     def add(self, logits: np.ndarray, y: np.ndarray) -> None:
         known = y >= 0
@@ -39,6 +45,8 @@ class ClassScores:
         self.correct += int(right.sum())
         self.per_class += np.bincount(y[known], minlength=len(self.per_class))
         self.hits += np.bincount(y[right], minlength=len(self.hits))
+        if self.confusion is not None:
+            self.confusion += confusion_counts(y[known], predicted[known], len(self.confusion))
 
     def result(self, prefix: str = "") -> dict[str, float]:
         out = {f"{prefix}loss": self.loss / max(self.known, 1), f"{prefix}accuracy": self.correct / max(self.rows, 1)}

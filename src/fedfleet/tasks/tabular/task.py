@@ -193,12 +193,16 @@ class TabularTask(NoStats):
     def evaluate(self, weights: Weights, data: object) -> dict[str, float]:
         """``loss`` and ``accuracy`` (R² for a regression label, also as ``r2``, with ``rmse``), and for a
         class label ``recall_<k>`` of each class index k with rows in ``data`` (see ``metrics``)."""
+        return self.evaluate_confusion(weights, data)[0]
+
+    def evaluate_confusion(self, weights: Weights, data: object) -> tuple[dict[str, float], np.ndarray | None]:
+        """``evaluate``'s scores and, for a class label, the true × predicted class counts of the same pass."""
         planned = self._ready()
         scores = self._scores()
         for _, table in read_chunks(self._site(data), planned.encoder.columns, self.settings.chunk_rows):
             x, y = planned.encoder.labelled(table)
             scores.add(planned.model.outputs(weights, x), y)
-        return scores.result()
+        return scores.result(), scores.confusion if isinstance(scores, ClassScores) else None
 
     def fit_central(self, paths: Sequence[Path], epochs: int, lr: float, batch_size: int,
                     seed: int = 0) -> tuple[TabularTask, Weights]:
