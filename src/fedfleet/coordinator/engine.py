@@ -180,6 +180,10 @@ class Engine:
         # (coordinator.privacy.initial_model).
         self._public = privacy is not None or self._secure is not None
         self._stats_done = bool(history) or self._public
+        # A worker's label mix goes with its update in the clear: under differential privacy it would be a
+        # release the accountant does not count, and under secure aggregation it would tell what the masks
+        # hide (each worker's own data). The workers are asked for it only without either.
+        self._report_labels = not self._public
         self._current: RoundState | None = None
         self._waiting: Waiting | None = None
         self._dropped = 0
@@ -496,7 +500,8 @@ class Engine:
                 return WaitInstruction()
         seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition]).generate_state(1)[0])
         params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
-                                lr=self.config.lr, seed=seed, prox_mu=self._strategy.prox_mu)
+                                lr=self.config.lr, seed=seed, prox_mu=self._strategy.prox_mu,
+                                report_labels=self._report_labels)
         return TrainInstruction(round=rs.round, attempt=rs.attempt, model_version=self.model_version, params=params,
                                 secagg=context)
 

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from fedfleet.secagg.server import MaskedSum
-from fedfleet.storage.records import MAX_WORKER_METRICS
+from fedfleet.storage.records import MAX_WORKER_METRICS, is_label_count
 from fedfleet.strategies.accumulate import Stack, WeightedSum
 from fedfleet.types import Schema
 
@@ -133,18 +133,20 @@ class RoundState:
 
 def mean_metrics(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """Σ nᵢ mᵢ / Σ nᵢ per metric name, over the reports that hold it (``val_`` names apart). The
-    values are validated already (finite, bounded), so the sums cannot overflow. At most
+    values are validated already (finite, bounded), so the sums cannot overflow. Label counts
+    (``label_count_<k>``) are left out. At most
     ``MAX_WORKER_METRICS`` names are kept, those reported for the most examples: one worker's 32 odd
     names cannot push out the ones every worker reports.
 
-    >>> mean_metrics([(1, {"train_loss": 1.0}), (3, {"train_loss": 2.0, "train_s": 4.0})])
+    >>> mean_metrics([(1, {"train_loss": 1.0}), (3, {"train_loss": 2.0, "train_s": 4.0, "label_count_0": 3.0})])
     {'train_loss': 1.75, 'train_s': 4.0}
     """
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for n, metrics in reports:
         for name, value in metrics.items():
-            if not name.startswith("val_"):
+            # A worker's label counts are its own (the per-worker views read them); their mean is no metric.
+            if not name.startswith("val_") and not is_label_count(name):
                 sums[name] = sums.get(name, 0.0) + n * value
                 counts[name] = counts.get(name, 0.0) + n
     kept = sorted((n for n in sums if counts[n] > 0), key=lambda n: (-counts[n], n))[:MAX_WORKER_METRICS]

@@ -54,6 +54,9 @@ class TrainParamsMsg(Message):
     lr: float
     seed: int
     prox_mu: float = Field(0.0, description="FedProx: weight of the proximal term μ/2·‖w − w_global‖²")
+    report_labels: bool = Field(False, description="send the training examples' count per class index with the "
+                                                   "update (metrics label_count_<k>); false under differential "
+                                                   "privacy or secure aggregation, which the counts would bypass")
 
 
 # Secure aggregation (fedfleet.secagg): keys, key shares and masks travel as base64 in JSON.

@@ -23,6 +23,9 @@ MAX_WORKER_METRICS = 32
 MAX_METRIC_VALUE = 1e15  # larger magnitudes are no loss, accuracy or duration: an overflow waiting to happen
 DROP_REASONS = ("name", "too_many", "range")
 MAX_CONFUSION_CLASSES = 100  # a larger matrix is no view anyone reads, and every round record would carry it
+LABEL_COUNT_PREFIX = "label_count_"
+LABEL_COUNT_NAME = re.compile(r"^label_count_(0|[1-9][0-9]?)$")  # k < MAX_CONFUSION_CLASSES
+MAX_LABEL_COUNT = 10**12  # as UpdateMeta.num_examples: no worker trains on more
 
 
 class Record(BaseModel):
@@ -196,24 +199,44 @@ def clean_worker_metrics(metrics: Mapping[str, float | None]) -> tuple[dict[str,
 
     A name must match ``WORKER_METRIC_NAME``; at most ``MAX_WORKER_METRICS`` names are kept (the first
     valid ones in sorted order, so the choice does not depend on the sender's ordering); a value must be
-    finite and at most ``MAX_METRIC_VALUE`` in magnitude.
+    finite and at most ``MAX_METRIC_VALUE`` in magnitude. A worker's label mix (``label_count_<k>``, see
+    ``is_label_count``) has a budget of its own, so that 20 classes do not crowd out the other names: k
+    below ``MAX_CONFUSION_CLASSES``, a whole count from 0 to ``MAX_LABEL_COUNT``.
 
     >>> clean_worker_metrics({"train_loss": 0.5, "Accuracy!": 1.0, "x": 1e300})
     ({'train_loss': 0.5}, {'name': 1, 'range': 1})
+    >>> clean_worker_metrics({"label_count_0": 7, "label_count_1": -1, "label_count_2": 0.5, "label_count_100": 1})
+    ({'label_count_0': 7.0}, {'range': 2, 'name': 1})
     """
     kept: dict[str, float] = {}
     dropped: dict[str, int] = {}
+    others = 0
     for name in sorted(metrics):
         value = metrics[name]
-        if not isinstance(name, str) or not WORKER_METRIC_NAME.match(name):
+        label = isinstance(name, str) and is_label_count(name)
+        if not isinstance(name, str) or not WORKER_METRIC_NAME.match(name) \
+                or (name.startswith(LABEL_COUNT_PREFIX) and not label):
             reason = "name"
         elif value is None or isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value) or abs(value) > MAX_METRIC_VALUE:
+                or not math.isfinite(value) or abs(value) > MAX_METRIC_VALUE \
+                or (label and not (0 <= value <= MAX_LABEL_COUNT and float(value).is_integer())):
             reason = "range"
-        elif len(kept) >= MAX_WORKER_METRICS:
+        elif not label and others >= MAX_WORKER_METRICS:
             reason = "too_many"
         else:
             kept[name] = float(value)
+            others += not label
             continue
         dropped[reason] = dropped.get(reason, 0) + 1
     return kept, dropped
+
+
+def is_label_count(name: str) -> bool:
+    """Whether ``name`` is ``label_count_<k>``: a worker's count of its training examples of class index k
+    (0 <= k < ``MAX_CONFUSION_CLASSES``, no leading zero). Kept with the update (storage.history reads it),
+    never averaged into a round's ``worker_metrics``, where a mean of counts would be nonsense.
+
+    >>> [is_label_count(n) for n in ("label_count_0", "label_count_42", "label_count_07", "label_count_100")]
+    [True, True, False, False]
+    """
+    return LABEL_COUNT_NAME.match(name) is not None

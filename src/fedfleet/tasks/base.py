@@ -28,6 +28,8 @@ A classification task may say its classes: ``class_names()`` (or a ``classes`` a
 With them, the dashboard names the classes of a worker's label mix and of the confusion matrix; a task
 may also have ``evaluate_confusion(weights, data) -> (scores, counts)``: ``evaluate``'s scores and the
 confusion counts (true class × predicted class) of the same pass (``evaluate_with_confusion`` below).
+A worker reports its label mix (its training examples per class index, counts only) from
+``label_counts(data)`` if the task has it, else from a ``Dataset``'s labels (``label_counts`` below).
 
 A task may also have ``check_ready()``: the coordinator calls it before it creates a run, and a
 TaskError from it (e.g. "needs --task-option label=COLUMN") ends the start with that message.
@@ -252,3 +254,27 @@ def confusion_counts(true: np.ndarray, predicted: np.ndarray, classes: int) -> n
     ok = (t >= 0) & (t < classes) & (p >= 0) & (p < classes)
     out: np.ndarray = np.bincount(t[ok] * classes + p[ok], minlength=classes * classes).reshape(classes, classes)
     return out
+
+
+def label_counts(task: Any, data: Any) -> list[int] | None:
+    """How many of ``data``'s examples each class index of ``task`` has: the task's ``label_counts(data)``
+    if it has one, else the labels of a ``Dataset``; None for a task that does not name its classes or
+    data whose labels cannot be read here.
+
+    >>> class Two:
+    ...     classes = ("a", "b")
+    >>> label_counts(Two(), Dataset(np.zeros((3, 1)), np.array([1, 1, 0])))
+    [1, 2]
+    """
+    names = class_names(task)
+    if names is None:
+        return None
+    own = getattr(task, "label_counts", None)
+    if callable(own):
+        counted = own(data)
+        return None if counted is None else [int(n) for n in counted]
+    if not isinstance(data, Dataset) or not np.issubdtype(np.asarray(data.y).dtype, np.integer):
+        return None
+    y = np.asarray(data.y, dtype=np.int64)
+    y = y[(y >= 0) & (y < len(names))]
+    return [int(n) for n in np.bincount(y, minlength=len(names))]

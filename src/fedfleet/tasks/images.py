@@ -235,6 +235,17 @@ class ImagesTask(TorchTask):
         dataset: Examples = TensorDataset(torch.from_numpy(data.pixels), torch.from_numpy(targets))
         return dataset
 
+    def label_counts(self, data: Any) -> list[int] | None:
+        """``data``'s images per class of the plan, in its order (a site lacking a class has 0 of it)."""
+        if not isinstance(data, Images) or not self.classes:
+            return None
+        index = {name: i for i, name in enumerate(self.classes)}
+        out = [0] * len(self.classes)
+        for name, n in zip(data.classes, np.bincount(data.labels, minlength=len(data.classes)), strict=True):
+            if name in index:
+                out[index[name]] += int(n)
+        return out
+
     # --- the plan ---------------------------------------------------------------------------------------------
     def describe(self, data: Any) -> Description:
         if not isinstance(data, Images) or len(data) == 0:

@@ -515,6 +515,8 @@ class Agent:
                 train_s = time.perf_counter() - t_fit
             weights, n = result.weights, result.num_examples
             raw_metrics = {**result.metrics, **validation, "download_s": t_dl - t0, "train_s": train_s}
+            if msg.params.report_labels and msg.secagg is None:  # never under DP or secure aggregation
+                raw_metrics |= trainer.label_metrics()
             self.proc.metrics.trained(train_s, n * msg.params.local_epochs)
         tensors = nonfinite_tensors(weights)
         metrics, dropped = finite_metrics(raw_metrics)

@@ -23,8 +23,12 @@ from fedfleet.errors import TaskError
 from fedfleet.partition import parse_partition
 from fedfleet.protocol.messages import PartitionInfo, TrainParamsMsg
 from fedfleet.tasks import Dataset, FitResult, Task, TrainParams, with_plan
-from fedfleet.tasks.base import Description, has_plan, loads_sites, site_task
+from fedfleet.tasks.base import Description, has_plan, label_counts, loads_sites, site_task
 from fedfleet.types import Weights, is_finite
+
+# Classes a worker reports its label mix for, at most: more would be a wall of numbers in every update for a
+# view that cannot show them (the coordinator keeps up to records.MAX_CONFUSION_CLASSES of them).
+MAX_REPORTED_CLASSES = 20
 
 
 class Trainer:
@@ -79,6 +83,19 @@ class Trainer:
         m = self.task.evaluate(weights, self.validation)
         return {"val_loss": float(m["loss"]), "val_accuracy": float(m["accuracy"]),
                 "val_examples": float(len(self.validation))}
+
+    def label_metrics(self) -> dict[str, float]:
+        """``label_count_<k>``: this worker's training examples of each class index (counts only, never an
+        example), for the per-worker views; empty for a task that does not name its classes or has more
+        than ``MAX_REPORTED_CLASSES``. Counted once: the data does not change while the worker runs."""
+        counts = self._label_counts
+        if counts is None or len(counts) > MAX_REPORTED_CLASSES:
+            return {}
+        return {f"label_count_{k}": float(n) for k, n in enumerate(counts)}
+
+    @functools.cached_property
+    def _label_counts(self) -> list[int] | None:
+        return label_counts(self.task, self.data)
 
     def fit(self, weights: Weights, params: TrainParamsMsg) -> FitResult:
         return self.task.fit(weights, self.data, TrainParams(params.local_epochs, params.batch_size,

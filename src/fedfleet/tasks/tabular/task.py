@@ -186,6 +186,16 @@ class TabularTask(NoStats):
         return ClassScores(len(plan.classes)) if plan.classes is not None else RegressionScores(
             plan.target.scale if plan.target else 1.0)
 
+    def label_counts(self, data: object) -> list[int] | None:
+        """The site's training rows per class of the plan (one pass over its files); None for a regression."""
+        classes = self._ready().plan.classes
+        if classes is None:
+            return None
+        counts = np.zeros(len(classes), dtype=np.int64)
+        for _, y in self._chunks(self._site(data)):
+            counts += np.bincount(y, minlength=len(classes))
+        return [int(n) for n in counts]
+
     def fit(self, weights: Weights, data: object, params: TrainParams) -> FitResult:
         site = self._site(data)
         return train(self._ready().model, weights, lambda: self._chunks(site), params, self._scores)
