@@ -4,7 +4,9 @@ Three credentials, each optional (a coordinator with none is open, as on a devel
 
 - the **admin token** (``--admin-token-file`` / ``FEDFLEET_ADMIN_TOKEN``) opens the control and
   read endpoints: status, rounds, workers, evaluate, metrics, the dashboard and the predict page.
-  Browsers get it as an HttpOnly cookie from ``/login``;
+  Browsers get it as an HttpOnly cookie from ``/login`` (a browser that opens a page without it is
+  shown the sign-in form, and lands on that page once signed in); ``POST /logout`` clears it and
+  ``GET /v1/session`` says whether a token is needed and whether this browser holds it;
 - the **join token** (``--join-token-file`` / ``FEDFLEET_JOIN_TOKEN``) lets a worker register;
 - a **worker token**, issued at registration when a join token is set, lets one worker id, and only
   that one, poll for tasks, download the model, send heartbeats and upload updates. It is
@@ -29,12 +31,13 @@ import html
 import ipaddress
 import json
 import os
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fedfleet.asgi import ASGIApp, respond
 from fedfleet.coordinator.http_limits import Tally
@@ -133,9 +136,17 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+SESSION_PATH = f"{API}/session"
+STATIC_PREFIX = "/static/"
+
+
 def scope_of(method: str, path: str) -> Scope:
     """Which credential a request needs. Anything not named here is admin: closed by default."""
-    if path in (f"{API}/health", "/login", "/openapi.json"):
+    if path in (f"{API}/health", "/login", "/logout", SESSION_PATH, "/openapi.json"):
+        return "public"
+    if method in ("GET", "HEAD") and _is_static(path):
+        # The pages' stylesheets, scripts and icon are the package's own files, the same for everyone: no
+        # secret in them. Open, so that the sign-in page wears the pages' look (style.css) instead of a copy.
         return "public"
     if path == f"{API}/workers" and method == "POST":
         return "join"
@@ -145,6 +156,12 @@ def scope_of(method: str, path: str) -> Scope:
             or (path.startswith(_WORKER_PATH) and (path.endswith(("/task", "/description")) or method == "DELETE")):
         return "worker"
     return "admin"
+
+
+def _is_static(path: str) -> bool:
+    """One file of static/ (a name, no folder): the router serves nothing else under it."""
+    name = path[len(STATIC_PREFIX):]
+    return path.startswith(STATIC_PREFIX) and bool(name) and "/" not in name and "\\" not in name
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
@@ -251,7 +268,11 @@ def _refuse(access: Access, given: str | None, what: str) -> None:
 
 
 class AuthMiddleware:
-    """Check every HTTP request against ``access`` before it reaches a route (and before its body is read)."""
+    """Check every HTTP request against ``access`` before it reaches a route (and before its body is read).
+
+    It also answers the browser's side of the admin token itself: the sign-in page (``/login``), sign-out
+    (``/logout``) and ``/v1/session``, so that every app it wraps has them.
+    """
 
     def __init__(self, app: ASGIApp, access: Access, secure_cookie: bool = False,
                  on_refused: Callable[[str], None] | None = None) -> None:
@@ -265,55 +286,171 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] == "/login":
+        path, method, headers = scope["path"], scope["method"], scope.get("headers", [])
+        if path == "/login":
             await self._login(scope, receive, send)
+            return
+        if path == "/logout":
+            await self._logout(method, headers, send)
+            return
+        if path == SESSION_PATH and method in ("GET", "HEAD"):
+            await self._session(headers, send)
             return
         state = scope.setdefault("state", {})
         try:
-            check(self.access, scope["method"], scope["path"], scope.get("headers", []), state)
+            check(self.access, method, path, headers, state)
         except AuthError as exc:
-            if self.on_refused is not None:
-                self.on_refused(exc.reason or "unauthorized")
-            wants_html = "text/html" in (header(scope.get("headers", []), b"accept") or "")
-            await _send_error(send, exc, wants_html and scope["method"] == "GET")
+            self._refused(exc.reason or "unauthorized")
+            if method == "GET" and "text/html" in (header(headers, b"accept") or ""):
+                # A person opening a page: the sign-in form, which brings them back here; API clients
+                # (Accept: application/json, fetch, curl) keep the JSON answer below.
+                target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+                _, cookie = bearer(headers)
+                page = sign_in_page(_refusal_text(exc, path, cookie is not None), safe_next(target), error=True)
+                await _send_page(send, exc.status, page, exc.status == 401)
+                return
+            await _send_error(send, exc)
             return
         await self.app(scope, receive, send)
 
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
+    def _signed_in(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the request carries the admin token (False on a coordinator without one: no sign-in)."""
+        if self.access.admin_token is None:
+            return False
+        token, cookie = bearer(headers)
+        return any(t is not None and self.access.is_admin(t) for t in (token, cookie))
+
+    def _cookie(self, value: str, max_age: int | None = None) -> bytes:
+        # Sign-out must send the same flags as sign-in, or a browser may keep the cookie it was given.
+        flags = "; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if self.secure_cookie else "")
+        age = f"; Max-Age={max_age}" if max_age is not None else ""
+        return f"{COOKIE}={value}{age}{flags}".encode()
+
     async def _login(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
                      send: Callable[[Any], Awaitable[None]]) -> None:
-        """GET: a form asking for the admin token; POST: check it, set the cookie, go to the dashboard."""
+        """GET: a form asking for the admin token; POST: check it, set the cookie, go to ``next`` (the dashboard)."""
+        headers = scope.get("headers", [])
         if scope["method"] != "POST":
-            await respond(send, 200, LOGIN_PAGE.format(message="").encode(), b"text/html; charset=utf-8")
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > 4096:
-                await respond(send, 413, b'{"detail":"login form is over 4096 bytes"}', b"application/json")
+            target = safe_next(parse_qs(scope.get("query_string", b"").decode("latin-1")).get("next", [""])[0])
+            if self.access.admin_token is None or self._signed_in(headers):
+                await _redirect(send, target)  # nothing to sign in to, or signed in already
                 return
-            if not message.get("more_body"):
-                break
-        token = parse_qs(body.decode("latin-1")).get("token", [""])[0].strip()
-        if self.access.admin_token is None or not self.access.is_admin(token):
-            if self.on_refused is not None:
-                self.on_refused("unauthorized")
-            page = LOGIN_PAGE.format(message="<p class=err>That is not the admin token of this coordinator.</p>")
-            await respond(send, 401, page.encode(), b"text/html; charset=utf-8")
+            page = sign_in_page("Sign in with the admin token of this coordinator.", target)
+            await _send_page(send, 200, page)
             return
-        flags = "; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if self.secure_cookie else "")
-        await respond(send, 303, b"", b"text/plain",
-                    [(b"location", b"/"), (b"set-cookie", f"{COOKIE}={token}{flags}".encode())])
+        form = await _read_form(receive)
+        if form is None:
+            await respond(send, 413, json.dumps({"detail": f"login form is over {FORM_LIMIT} bytes"}).encode(),
+                          b"application/json")
+            return
+        target = safe_next(form.get("next", [""])[0])
+        token = form.get("token", [""])[0].strip()
+        if self.access.admin_token is None:
+            await _redirect(send, target)
+            return
+        if not self.access.is_admin(token):
+            self._refused("unauthorized")
+            text = ("That is not the admin token of this coordinator: check it (the first line of the file given "
+                    "to --admin-token-file) and try again." if token else "Enter the admin token to sign in.")
+            await _send_page(send, 401, sign_in_page(text, target, error=True))
+            return
+        await _redirect(send, target, [(b"set-cookie", self._cookie(token))])
+
+    async def _logout(self, method: str, headers: list[tuple[bytes, bytes]],
+                      send: Callable[[Any], Awaitable[None]]) -> None:
+        """POST: clear the admin cookie and go to the sign-in page."""
+        if method != "POST":
+            await respond(send, 405, json.dumps({"detail": "sign out with POST /logout (the pages' Sign out "
+                                                           "button)"}).encode(),
+                          b"application/json", [(b"allow", b"POST")])
+            return
+        # A page of another site could post here too: harmless but for the nuisance of being signed out, which
+        # a browser's Origin header lets us refuse.
+        origin, host = header(headers, b"origin"), header(headers, b"host")
+        if origin is not None and host is not None and urlsplit(origin).netloc.lower() != host.lower():
+            await respond(send, 403, json.dumps({"detail": f"sign-out from another site ({origin[:100]}) is "
+                                                           "refused"}).encode(), b"application/json")
+            return
+        await _redirect(send, "/login", [(b"set-cookie", self._cookie("", max_age=0))])
+
+    async def _session(self, headers: list[tuple[bytes, bytes]], send: Callable[[Any], Awaitable[None]]) -> None:
+        body = {"auth": self.access.admin_token is not None, "signed_in": self._signed_in(headers)}
+        await respond(send, 200, json.dumps(body).encode(), b"application/json")
 
 
-async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError, as_html: bool) -> None:
+FORM_LIMIT = 4096  # bytes of a sign-in form: a token, the page to go back to
+
+
+async def _read_form(receive: Callable[[], Awaitable[Any]]) -> dict[str, list[str]] | None:
+    """The urlencoded form of a request's body; None when it is over FORM_LIMIT."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > FORM_LIMIT:
+            return None
+        if not message.get("more_body"):
+            return parse_qs(body.decode("latin-1"))
+
+
+_UNSAFE_NEXT = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def safe_next(target: str) -> str:
+    """Where to go after signing in: a path of this site (``/predict?x=1``), else ``/``: never another site.
+
+    Refused: absolute URLs (``https://evil.example``), scheme-relative ones (``//evil.example``), back
+    slashes and control characters (which browsers read as ``/`` or drop, turning ``/\\evil`` into
+    ``//evil``), and the sign-in and sign-out pages themselves.
+    """
+    if not target.startswith("/") or target.startswith("//") or len(target) > 2000 or _UNSAFE_NEXT.search(target):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or parts.path in ("/login", "/logout"):
+        return "/"
+    return target
+
+
+def _refusal_text(exc: AuthError, path: str, had_cookie: bool) -> str:
+    """What a person opening ``path`` without the admin token is told (the API's wording is for programs)."""
+    what = {"/": "the dashboard", "/predict": "the predict page"}.get(path, "this page")
+    if exc.status == 403:
+        return f"A worker token cannot open {what}: sign in with the admin token of this coordinator."
+    if had_cookie:
+        return (f"Your sign-in is no longer valid (the coordinator's admin token has changed). Sign in again to "
+                f"see {what}.")
+    return f"This coordinator is protected by an admin token. Sign in to see {what}."
+
+
+async def _redirect(send: Callable[[Any], Awaitable[None]], location: str,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    # A path of this site only (safe_next), percent-encoded where a header may not hold it as it is.
+    await respond(send, 303, b"", b"text/plain", [(b"location", quote(location, safe="/?&=%:@!$'()*+,;~-._").encode()),
+                                                  *(extra or [])])
+
+
+async def _send_page(send: Callable[[Any], Awaitable[None]], status: int, page: str, challenge: bool = False) -> None:
+    extra = [(b"www-authenticate", b'Bearer realm="fedfleet"')] if challenge else []
+    await respond(send, status, page.encode(), b"text/html; charset=utf-8", extra)
+
+
+async def _send_error(send: Callable[[Any], Awaitable[None]], exc: AuthError) -> None:
     extra = [(b"www-authenticate", b'Bearer realm="fedfleet"')] if exc.status == 401 else []
-    if as_html:
-        # The message may quote the request (a worker id from the path): never markup.
-        page = LOGIN_PAGE.format(message=f"<p class=err>{html.escape(str(exc))}</p>")
-        await respond(send, exc.status, page.encode(), b"text/html; charset=utf-8", extra)
-        return
     await respond(send, exc.status, json.dumps({"detail": str(exc)}).encode(), b"application/json", extra)
+
+
+def sign_in_page(message: str, next_path: str, error: bool = False) -> str:
+    """The sign-in page: ``message`` above the form, which sends the token and ``next_path`` to POST /login.
+
+    Both are escaped: the message may quote the request (a path), and ``next_path`` is the request's own.
+    """
+    kind = "signin-msg error" if error else "signin-msg"
+    return SIGN_IN_PAGE.format(kind=kind, message=html.escape(message), next=html.escape(next_path, quote=True),
+                               role=' role="alert"' if error else "")
 
 
 LOCAL_NAMES = ("localhost", "*.localhost")
@@ -398,14 +535,37 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
-LOGIN_PAGE = """<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>fedfleet: sign in</title>
-<meta name=viewport content="width=device-width, initial-scale=1">
-<style>body{{font:16px system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}
-input{{font:inherit;width:100%;padding:.4rem;margin:.5rem 0;box-sizing:border-box}}
-button{{font:inherit;padding:.4rem 1rem}}.err{{color:#b00020}}</style></head>
-<body><h1>fedfleet</h1>{message}
-<form method=post action=/login><label for=token>Admin token of this coordinator</label>
-<input id=token name=token type=password autocomplete=current-password required autofocus>
-<button type=submit>Sign in</button></form></body></html>
+# Assets by absolute path: this page answers any path a browser opened (/, /predict, /v1/status), and a
+# relative one would resolve against it.
+SIGN_IN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>fedfleet · sign in</title>
+  <link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+  <link rel="stylesheet" href="/static/style.css">
+  <link rel="stylesheet" href="/static/session.css">
+</head>
+<body>
+  <header class="top">
+    <div class="brand"><img src="/static/favicon.svg" alt="" width="26" height="26"> fedfleet</div>
+  </header>
+  <main class="signin">
+    <section class="panel">
+      <h1>Sign in</h1>
+      <p id="signin-message" class="{kind}"{role}>{message}</p>
+      <form method="post" action="/login">
+        <input type="hidden" name="next" value="{next}">
+        <label for="token">Admin token</label>
+        <input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+        <button type="submit" class="primary">Sign in</button>
+      </form>
+      <p class="hint">The token is the first line of the file the coordinator was started with
+        (<code>--admin-token-file</code>) or its <code>FEDFLEET_ADMIN_TOKEN</code>. This browser keeps it in a
+        cookie that scripts cannot read, until you sign out.</p>
+    </section>
+  </main>
+</body>
+</html>
 """
