@@ -1,10 +1,28 @@
-// The live dashboard: state arrives as server-sent events (v1/events) whenever the run changes.
+// The live dashboard: state arrives as server-sent events (v1/events) whenever the run changes; each
+// worker's own history (v1/dashboard/workers) is fetched only when the number of rounds (or the page of
+// workers) changes, not on every event.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // What the workers reported sits in its own field of a round record, apart from the coordinator's
 // own numbers: read it there, by the series' name, and never merge it into the record.
 const workerMetric = (name) => (row) => (row.worker_metrics || {})[name];
+const timing = (name) => (row) => (row.timings || {})[name];
+
+// Bytes as a person reads them: 2.9 kB, 41.3 MB (powers of 1000, as network traffic is counted). An axis
+// tick (step given) has the decimals that tell it from its neighbours in its own unit: 3.5 kB, 4.0 kB.
+function bytes(n, _decimals = null, step = null) {
+  if (n == null) return "—";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0, x = n;
+  while (Math.abs(x) >= 1000 && i < units.length - 1) { x /= 1000; i++; }
+  const decimals = step ? Math.min(3, decimalsFor(step / Math.pow(1000, i))) : i === 0 ? 0 : 1;
+  return `${x.toFixed(decimals)} ${units[i]}`;
+}
+// An axis tick in seconds: as many decimals as the ticks' step needs.
+const seconds = (v, decimals) => (decimals == null ? fmt.seconds(v) : `${v.toFixed(decimals)} s`);
+const pct2 = (v) => (100 * v).toFixed(2) + "%";
+
 const charts = {
   accuracy: new LineChart($("chart-accuracy"), {
     percent: true,
@@ -16,6 +34,9 @@ const charts = {
       { key: "train_accuracy", label: "train (workers')", color: "#e08a0b", dash: [6, 4],
         value: workerMetric("train_accuracy") },
     ],
+    // How far apart the workers' own validation scores were: a skewed partition shows as a wide band.
+    band: { lo: (row) => row.fed_accuracy_min, hi: (row) => row.fed_accuracy_max,
+            color: "rgba(21, 128, 61, .14)", label: "spread (workers' min–max)" },
   }),
   loss: new LineChart($("chart-loss"), {
     series: [
@@ -25,14 +46,41 @@ const charts = {
         value: workerMetric("train_loss") },
     ],
   }),
+  time: new LineChart($("chart-time"), {
+    format: seconds,
+    floor: 0,
+    series: [
+      { key: "seconds", label: "whole round", color: "#2563eb" },
+      { key: "open", label: "training and transfers", color: "#e08a0b", dash: [6, 4], value: timing("open") },
+      { key: "wait_workers", label: "waiting for workers", color: "#b91c1c", dash: [2, 3],
+        value: timing("wait_workers") },
+    ],
+  }),
+  bytes: new LineChart($("chart-bytes"), {
+    format: bytes,
+    floor: 0,
+    series: [
+      { key: "bytes_out", label: "out (models sent)", color: "#2563eb" },
+      { key: "bytes_in", label: "in (updates received)", color: "#15803d", dash: [6, 4] },
+    ],
+  }),
   // Only shown for a run with --dp central. The budget line is set with the run's privacy settings.
   epsilon: new LineChart($("chart-epsilon"), {
     series: [{ key: "dp_epsilon", label: "ε spent", color: "#7c3aed" }],
   }),
 };
 const EPSILON_SERIES = charts.epsilon.series[0];
+const heat = {
+  score: new HeatMap($("heat-score"), { readout: $("heat-score-readout") }),
+  loss: new HeatMap($("heat-loss"), { readout: $("heat-loss-readout") }),
+};
+// Class colours of the label mix (Tableau 10): distinct next to each other; more classes cycle.
+const CLASS_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+  "#9c755f", "#bab0ac"];
 
+let runId = "run";
 let rounds = [];
+let status = null;
 let workers = [];
 let workersAt = 0; // when the worker table arrived: "last seen" counts on from it in the browser
 // The state carries one page of the workers (by partition); the pager asks the stream for another.
@@ -41,20 +89,44 @@ let workersPage = { offset: 0, limit: 100, total: 0 };
 
 function render(state) {
   const s = state.status;
+  status = s;
+  runId = s.run_id;
   rounds = rounds.slice(0, state.rounds_from).concat(state.rounds);
   $("run-id").textContent = s.run_id;
-  $("run-state").textContent = s.state;
-  $("run-state").className = "badge " + s.state;
+  // A run that is blocked says so on its badge: "running" alone would look healthy.
+  $("run-state").textContent = s.waiting ? "waiting for workers" : s.state;
+  $("run-state").className = "badge " + (s.waiting ? "waiting" : s.state);
   $("message").textContent = s.message || "";
   $("message").className = "message " + s.state;
   $("round").textContent = s.round;
   $("rounds").textContent = s.rounds;
   $("round-bar").style.width = Math.min(100, 100 * s.round / Math.max(s.rounds, 1)) + "%";
   $("phase").textContent = s.phase;
+  $("phase").title = s.phase; // wraps in its card; the tooltip also holds it whole
   const o = state.open_round;
   $("open-round").textContent = !o ? "" : o.kind === "stats"
     ? `statistics: ${o.answered}/${o.sampled} answered`
-    : `round ${o.round}${o.attempt ? ` (attempt ${o.attempt + 1})` : ""}: ${o.answered} of ${o.sampled} answered`;
+    : `round ${o.round}${o.attempt ? ` (attempt ${o.attempt + 1})` : ""}: ${o.answered} of ${o.sampled} answered`
+      + (o.needed != null && o.answered < o.needed ? `, ${o.needed} needed` : "");
+  renderScore(s);
+  $("loss").textContent = fmt.num(s.loss, 4);
+  $("task").textContent = "task " + s.task;
+  $("workers-count").textContent = state.live ? `${s.workers_live} / ${s.workers_registered}` : `— / ${s.workers_registered}`;
+  renderCost(s);
+  renderWaiting();
+  for (const name of ["accuracy", "loss", "time", "bytes"]) charts[name].setData(rounds, s.rounds);
+  renderPrivacy(state.dp, s.rounds);
+  renderConfusion();
+  workers = state.workers;
+  workersAt = performance.now();
+  if (state.workers_page) workersPage = state.workers_page;
+  renderWorkers();
+  renderPager();
+  renderConfig(state.config);
+  wantHistory();
+}
+
+function renderScore(s) {
   $("accuracy").textContent = fmt.pct(s.accuracy);
   const prev = rounds.length > 1 ? rounds[rounds.length - 2].accuracy : null;
   $("accuracy-change").textContent = prev == null || s.accuracy == null ? ""
@@ -65,18 +137,65 @@ function render(state) {
     $("accuracy").textContent = fmt.pct(last.fed_accuracy);
     $("accuracy-change").textContent = "workers' validation: no held-out set";
   }
-  $("loss").textContent = fmt.num(s.loss, 4);
-  $("task").textContent = "task " + s.task;
-  $("workers-count").textContent = state.live ? `${s.workers_live} / ${s.workers_registered}` : `— / ${s.workers_registered}`;
-  charts.accuracy.setData(rounds, s.rounds);
-  charts.loss.setData(rounds, s.rounds);
-  renderPrivacy(state.dp, s.rounds);
-  workers = state.workers;
-  workersAt = performance.now();
-  if (state.workers_page) workersPage = state.workers_page;
-  renderWorkers();
-  renderPager();
-  renderConfig(state.config);
+}
+
+// How long a round takes, the bytes moved and the time left. The estimate is the mean of the last (up to)
+// ten rounds' seconds times the rounds left: recent rounds, since the first ones wait for workers to join.
+const ETA_ROUNDS = 10;
+function renderCost(s) {
+  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  const recent = rounds.slice(-ETA_ROUNDS);
+  const mean = recent.length ? recent.reduce((a, r) => a + r.seconds, 0) / recent.length : null;
+  $("round-time").textContent = last ? fmt.seconds(last.seconds) : "—";
+  $("round-time-detail").textContent = mean == null ? "" : `mean of last ${recent.length}: ${fmt.seconds(mean)}`;
+  let total = 0, totalIn = 0;
+  for (const r of rounds) { total += r.bytes_in + r.bytes_out; totalIn += r.bytes_in; }
+  $("bytes-total").textContent = rounds.length ? bytes(total) : "—";
+  $("bytes-total").dataset.bytes = String(total);
+  $("bytes-detail").textContent = !last ? "" : `${bytes(totalIn)} in · ${bytes(total - totalIn)} out; `
+    + `last round ${bytes(last.bytes_in)} in · ${bytes(last.bytes_out)} out`;
+  $("bytes-detail").title = $("bytes-detail").textContent;
+  const left = Math.max(0, s.rounds - s.round);
+  const eta = $("eta");
+  if (s.state === "finished" || left === 0) {
+    eta.textContent = "none"; eta.dataset.seconds = "0";
+    $("eta-detail").textContent = "all rounds done";
+  } else if (!["running", "waiting"].includes(s.state)) {
+    eta.textContent = "—"; delete eta.dataset.seconds;
+    $("eta-detail").textContent = `run ${s.state}: ${left} rounds not run`;
+  } else if (mean == null) {
+    eta.textContent = "—"; delete eta.dataset.seconds;
+    $("eta-detail").textContent = "known after the first round";
+  } else {
+    const secs = mean * left;
+    eta.textContent = "≈ " + fmt.seconds(secs);
+    eta.dataset.seconds = String(secs);
+    const at = new Date(Date.now() + 1000 * secs);
+    $("eta-detail").textContent = `${left} rounds × ${fmt.seconds(mean)}; done about `
+      + at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+}
+
+// A run blocked before a round (too few live workers): who is missing, how many are needed, and when the
+// wait fails. Called each second too, for the countdown.
+function renderWaiting() {
+  const w = status && status.waiting;
+  $("waiting").hidden = !w;
+  if (!w) return;
+  $("waiting-text").textContent = `${w.live} of the ${w.needed} live workers needed to start the next round `
+    + `${w.live === 1 ? "is" : "are"} here. Missing:`;
+  $("waiting-for").replaceChildren(...w.waiting_for.map((who) => el("li", { text: who })));
+  const left = w.fails_at - Date.now() / 1000;
+  const when = new Date(1000 * w.fails_at).toLocaleTimeString();
+  $("waiting-countdown").textContent = left > 0
+    ? `The run fails in ${clock(left)} (at ${when}) unless they come.`
+    : `The wait ran out at ${when}: the run is failing.`;
+}
+
+// Seconds as a countdown: 4:07, or 1:02:09 past an hour.
+function clock(s) {
+  const t = Math.floor(s), h = Math.floor(t / 3600), m = Math.floor(t / 60) % 60, sec = String(t % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
 }
 
 // The privacy card and chart: only for a run with differential privacy (state.dp is null without it).
@@ -104,6 +223,102 @@ function renderPrivacy(dp, planned) {
   charts.epsilon.setData(rounds, planned);
 }
 
+// The last round's confusion matrix on the held-out set: counts, each row coloured by its share of the
+// true class, and each class's recall. Hidden for a task that does not classify or a run without a test set.
+function renderConfusion() {
+  const last = rounds.length ? rounds[rounds.length - 1] : null;
+  const cm = last && last.confusion;
+  $("confusion-panel").hidden = !cm;
+  if (!cm) return;
+  $("confusion-round").textContent = `round ${last.round}, held-out set: rows true class, columns predicted`;
+  const head = el("tr", {}, el("th", { text: "true \\ predicted" }),
+    ...cm.classes.map((c) => el("th", { class: "num", text: c })), el("th", { class: "num", text: "recall" }));
+  const body = cm.counts.map((row, i) => {
+    const n = row.reduce((a, b) => a + b, 0);
+    return el("tr", { dataset: { cls: String(i) } }, el("th", { scope: "row", text: cm.classes[i] }),
+      ...row.map((k, j) => {
+        const share = n ? k / n : 0;
+        // Strong cells get white text on the dark blue; the share is in the tooltip.
+        return el("td", { class: "num" + (share > 0.55 ? " strong" : "") + (i === j ? " diag" : ""), text: String(k),
+          title: `${cm.classes[i]} predicted as ${cm.classes[j]}: ${k} of ${n} (${(100 * share).toFixed(1)}%)`,
+          style: `background: rgba(37, 99, 235, ${(0.85 * share).toFixed(3)})` });
+      }),
+      el("td", { class: "num recall", text: n ? fmt.pct(row[i] / n) : "—" }));
+  });
+  $("confusion").replaceChildren(el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+// --- each worker's own history -------------------------------------------------------------------------
+// One fetch at a time; a change while one is under way is fetched when it returns.
+let historyWanted = null, historyHave = null, historyBusy = false;
+
+function wantHistory() {
+  if (!rounds.length) return; // no update yet: nothing to draw
+  historyWanted = `${rounds.length}:${workersOffset}:${workersPage.limit}`;
+  if (!historyBusy && historyWanted !== historyHave) fetchHistory();
+}
+
+async function fetchHistory() {
+  historyBusy = true;
+  const key = historyWanted;
+  try {
+    renderHistory(await getJSON(`v1/dashboard/workers?offset=${workersOffset}&limit=${workersPage.limit}`));
+    historyHave = key;
+  } catch (err) {
+    historyHave = key; // not asked again until the rounds change
+    $("per-worker").hidden = false;
+    $("heat-score-readout").textContent = `Each worker's history could not be read: ${err.message}`;
+  } finally {
+    historyBusy = false;
+  }
+  if (historyWanted !== historyHave) fetchHistory();
+}
+
+function renderHistory(h) {
+  const ws = h.workers;
+  $("per-worker").hidden = !ws.length;
+  if (!ws.length) return;
+  const row = (key) => ws.map((w) => ({ label: w.partition, title: `${w.partition} (${w.name || w.worker_id})`,
+    values: w[key] }));
+  // A run whose workers hold out no validation split has no val_accuracy: colour by the training loss.
+  const hasVal = ws.some((w) => w.val_accuracy.some((v) => v != null));
+  if (hasVal) {
+    $("heat-title").textContent = "Each worker's validation accuracy by round";
+    heat.score.setData(h.rounds, row("val_accuracy"), { label: "validation accuracy", format: pct2, higherIsBetter: true });
+  } else {
+    $("heat-title").textContent = "Each worker's local training loss by round (no validation split)";
+    heat.score.setData(h.rounds, row("train_loss"), { label: "train loss", format: (v) => v.toFixed(4), higherIsBetter: false });
+  }
+  // The second map would repeat the first when the first already shows the training loss.
+  $("heat-loss-panel").hidden = !hasVal;
+  heat.loss.setData(h.rounds, row("train_loss"), { label: "train loss", format: (v) => v.toFixed(4), higherIsBetter: false });
+  renderLabelMix(h);
+}
+
+// Each worker's training examples by class, as one stacked bar a worker (counts only: what the worker sent).
+function renderLabelMix(h) {
+  const width = Math.max(h.classes ? h.classes.length : 0, ...h.workers.map((w) => (w.label_counts || []).length));
+  const name = (k) => (h.classes && h.classes[k] != null ? h.classes[k] : `class ${k}`);
+  const colour = (k) => CLASS_COLORS[k % CLASS_COLORS.length];
+  const any = h.workers.some((w) => w.label_counts);
+  $("label-legend").replaceChildren(...(any ? Array.from({ length: width }, (_, k) =>
+    el("span", {}, el("i", { style: `background: ${colour(k)}` }), name(k))) : []));
+  $("label-mix").replaceChildren(...(any ? [] : [el("p", { class: "empty",
+    text: "No worker has reported its label counts (a task that does not classify, or workers of an older version)." })]),
+  ...(!any ? [] : h.workers.map((w) => {
+    const counts = w.label_counts || [];
+    const n = counts.reduce((a, b) => a + b, 0);
+    const segments = counts.map((k, i) => (k ? el("i", { style: `width: ${(100 * k / n).toFixed(3)}%; background: ${colour(i)}`,
+      title: `${name(i)}: ${k} (${(100 * k / n).toFixed(1)}%)` }) : null)).filter((x) => x);
+    return el("div", { class: "mix-row", dataset: { worker: w.worker_id } },
+      el("span", { class: "who mono", text: w.partition, title: w.name || w.worker_id }),
+      el("span", { class: "stack" }, ...segments),
+      el("span", { class: "n", text: w.examples == null ? "—" : w.examples.toLocaleString("en-US"),
+        title: "examples its latest update trained on" }));
+  })));
+}
+
+// --- workers table --------------------------------------------------------------------------------------
 function renderWorkers() {
   const body = $("workers").tBodies[0];
   if (!workers.length) {
@@ -115,12 +330,20 @@ function renderWorkers() {
     el("td", { class: "mono", text: w.worker_id }),
     el("td", { text: w.name || "—" }),
     el("td", { class: "mono", text: w.partition }),
-    el("td", {}, el("span", { class: "badge " + w.status, text: w.status })),
+    el("td", {}, el("span", { class: "badge " + w.status, text: w.status, title: STATUS_HELP[w.status] })),
     el("td", { class: "num", text: w.last_seen_s == null ? "—" : fmt.ago(w.last_seen_s + since) }),
     el("td", { class: "num", text: String(w.rounds_served) }),
     el("td", { class: "num", text: fmt.seconds(w.last_train_s) }),
   )));
 }
+
+const STATUS_HELP = {
+  idle: "not in the open round",
+  training: "sampled in the open round and heard from recently",
+  silent: "sampled in the open round, not heard from for longer than a live worker stays quiet: probably "
+    + "stopped; the round still waits for it until --worker-timeout",
+  dead: "not heard from for longer than --worker-timeout",
+};
 
 function renderPager() {
   const { offset, limit, total } = workersPage;
@@ -142,6 +365,55 @@ function renderConfig(config) {
     el("div", {}, el("span", { class: "k", text: k }), el("span", { class: "v", text: show(v) }))));
 }
 
+// --- export ---------------------------------------------------------------------------------------------
+// The rounds as CSV: one line a round, the record's numbers with nested ones (timings, the workers' metrics,
+// the task's other scores) as "timings.open"-style columns; lists (the confusion matrix) are left out.
+function roundsCSV(rows) {
+  const flat = rows.map((row) => {
+    const out = {};
+    for (const [k, v] of Object.entries(row)) {
+      if (v != null && typeof v === "object") {
+        if (Array.isArray(v)) continue;
+        for (const [k2, v2] of Object.entries(v)) if (v2 == null || typeof v2 !== "object") out[`${k}.${k2}`] = v2;
+      } else {
+        out[k] = v;
+      }
+    }
+    return out;
+  });
+  const columns = [];
+  for (const row of flat) for (const k of Object.keys(row)) if (!columns.includes(k)) columns.push(k);
+  const cell = (v) => {
+    const t = v == null ? "" : String(v);
+    return /[",\n\r]/.test(t) ? `"${t.replace(/"/g, '""')}"` : t;
+  };
+  return [columns.map(cell).join(","), ...flat.map((row) => columns.map((k) => cell(row[k])).join(","))].join("\n") + "\n";
+}
+
+document.querySelectorAll("button.png").forEach((b) => b.addEventListener("click", () => {
+  saveCanvas($(b.dataset.canvas), `fedfleet-${runId}-${b.dataset.canvas.replace(/^chart-/, "")}.png`);
+}));
+$("export-csv").addEventListener("click", () => {
+  downloadBlob(new Blob([roundsCSV(rounds)], { type: "text/csv" }), `fedfleet-${runId}-rounds.csv`);
+});
+
+// --- the accuracy axis: fitted to the values, or 0-100 % (a 63-65.5 % axis makes noise look dramatic) ----
+const SCALE_KEY = "fedfleet.accuracyAxis";
+function setScale(full, remember) {
+  charts.accuracy.setRange(full ? [0, 1] : null);
+  $("scale-full").setAttribute("aria-pressed", String(full));
+  $("scale-auto").setAttribute("aria-pressed", String(!full));
+  if (remember) {
+    try { localStorage.setItem(SCALE_KEY, full ? "full" : "auto"); } catch (_) { /* storage off: not remembered */ }
+  }
+}
+$("scale-auto").addEventListener("click", () => setScale(false, true));
+$("scale-full").addEventListener("click", () => setScale(true, true));
+let savedScale = null;
+try { savedScale = localStorage.getItem(SCALE_KEY); } catch (_) { /* storage off: the default */ }
+setScale(savedScale === "full", false);
+
+// --- the event stream -----------------------------------------------------------------------------------
 function setConn(kind, text) {
   $("conn").className = "conn " + kind;
   $("conn-text").textContent = text;
@@ -164,6 +436,8 @@ function connect() {
       // A stopped run is not over for good: its coordinator, started again on its data dir, resumes it.
       const live = state.status.state === "stopped" ? "run stopped (resumable)" : `run ${state.status.state}`;
       setConn("", state.live ? live : `finished run (from its files)`);
+    } else if (state.status.waiting) {
+      setConn("waiting", "live · waiting for workers");
     } else {
       setConn("live", "live");
     }
@@ -174,6 +448,9 @@ function connect() {
 }
 $("workers-prev").addEventListener("click", () => showWorkers(workersOffset - workersPage.limit));
 $("workers-next").addEventListener("click", () => showWorkers(workersOffset + workersPage.limit));
+// session.js (the sign-in line) may be missing on an older server: the page works without it.
+if (typeof showSession === "function") showSession($("session"));
 connect();
-// Advance the "last seen" column between events; purely local, it asks the server nothing.
-setInterval(renderWorkers, 1000);
+// Advance the "last seen" column and the wait's countdown between events; purely local, it asks the
+// server nothing.
+setInterval(() => { renderWorkers(); renderWaiting(); }, 1000);
