@@ -9,14 +9,30 @@ engine, so a scrape reads a consistent state.
 
 Counters start at zero when the coordinator (re)starts, which Prometheus reads as a counter reset;
 ``fedfleet_current_round`` is the gauge that carries on across a resume.
+
+Which run: one series, ``fedfleet_run_info{run_id, task, partition, strategy} 1``, names the run this
+process serves; no other series carries ``run_id``. That is Prometheus's advice for a label that
+changes rarely ("info metric"; the exporter guide's "target labels, not static scraped labels"): a
+label on every series would make each run's series new ones and every ``sum``/``rate`` in a rule or
+dashboard would have to name it. A query that needs the run joins it in on the target::
+
+    fedfleet_global_accuracy_ratio * on (job, instance) group_left (run_id) fedfleet_run_info
+
+Evaluated at each instant, the join gives a coordinator restarted on the same port with a new run a
+new series from that moment, and ``fedfleet_run_info{run_id="..."}`` on the right picks one run.
+
+No ``_created`` series: prometheus_client would add one per counter and histogram (and per label
+value), a timestamp that nothing here reads and Prometheus stores as a gauge of its own. The switch
+is process-wide and read when a metric is made, so it is thrown here, at import, before any is.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -26,6 +42,8 @@ from fedfleet.storage.records import DROP_REASONS, RoundRecord
 if TYPE_CHECKING:
     from fedfleet.coordinator.engine import Snapshot
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+
 # A fixed set, so that a flood of odd uploads cannot mint new time series; anything else is "other".
 REJECT_REASONS = ("stale", "duplicate", "not_sampled", "unknown_worker", "bad_body", "bad_metadata",
                   "bad_schema", "non_finite", "norm", "bad_stats", "too_large", "forbidden", "other")
@@ -33,6 +51,7 @@ REFUSE_REASONS = ("unauthorized", "forbidden", "rate_limited", "bad_description"
 UPDATE_KINDS = ("stats", "train")
 WORKER_STATES = ("registered", "live", "sampled", "answered", "dropped")
 RUN_STATES = ("waiting", "running", "finished", "failed", "stopped")
+ENDED_STATES = frozenset({"finished", "failed", "stopped"})
 
 # Rounds take from milliseconds (a small model on loopback) to many minutes (deadlines of real fleets).
 ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -111,7 +130,7 @@ class CoordinatorMetrics:
             self.metrics_dropped.labels(reason=reason)
         for kind in UPDATE_KINDS:
             self.rounds_not_applied.labels(kind=kind)
-        r.register(_EngineGauges(snapshot))
+        r.register(_EngineGauges(snapshot, started=time.time()))
         ProcessCollector(registry=r)
 
     # --- events ----------------------------------------------------------------------------------
@@ -162,11 +181,14 @@ class CoordinatorMetrics:
 class _EngineGauges:
     """Gauges read from the engine's snapshot at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], started: float) -> None:
         self.snapshot = snapshot
+        self.started = started  # Unix time this process took the run up (started or resumed it)
+        self.ended: float | None = None  # Unix time a scrape first saw the run over
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
+        yield from self._run(s)
         yield GaugeMetricFamily(
             "fedfleet_current_round", "Training round in progress, or the last completed one between rounds "
             "(0 before the first)", value=s.current_round)
@@ -201,6 +223,13 @@ class _EngineGauges:
         for state in WORKER_STATES:
             workers.add_metric([state], counts[state])
         yield workers
+        needed = GaugeMetricFamily(
+            "fedfleet_workers_needed", "Workers the run needs now: live ones to open the next round while it waits "
+            "for them, answers to reach the quorum while a round is open (absent between the two)")
+        wanted = s.waiting.needed if s.waiting is not None else s.open_round.needed if s.open_round else None
+        if wanted is not None:
+            needed.add_metric([], wanted)
+        yield needed
         run_state = GaugeMetricFamily("fedfleet_run_state", "1 for the state the run is in", labels=["state"])
         for state in RUN_STATES:
             run_state.add_metric([state], 1.0 if s.state == state else 0.0)
@@ -210,7 +239,22 @@ class _EngineGauges:
                 "fedfleet_dp_epsilon", "Differential privacy spent: epsilon of the (epsilon, delta) guarantee of "
                 "the models released by the recorded rounds (--dp central; delta in summary.json)",
                 value=s.dp_epsilon)
-        info = GaugeMetricFamily("fedfleet_run_info", "Always 1; labels name the run",
+
+    def _run(self, s: Snapshot) -> Iterator[Metric]:
+        """Which run this is, and when it started and ended: what dashboards join on and annotate with."""
+        info = GaugeMetricFamily("fedfleet_run_info", "Always 1; labels name the run. Join it in for the run id: "
+                                 "X * on (job, instance) group_left (run_id) fedfleet_run_info",
                                  labels=["run_id", "task", "partition", "strategy"])
         info.add_metric([s.run_id, s.task, s.partition, s.strategy], 1.0)
         yield info
+        yield GaugeMetricFamily("fedfleet_run_start_time_seconds", "Unix time this coordinator process started "
+                                "the run, or resumed it from its data dir", value=self.started)
+        # The engine says that the run is over, not when: the first scrape that sees it over keeps the time,
+        # close enough for an annotation (a scrape interval late at most).
+        if self.ended is None and s.state in ENDED_STATES:
+            self.ended = time.time()
+        end = GaugeMetricFamily("fedfleet_run_end_time_seconds", "Unix time the run was first seen over (finished, "
+                                "failed or stopped) at a scrape; absent while it is not")
+        if self.ended is not None:
+            end.add_metric([], self.ended)
+        yield end

@@ -5,6 +5,9 @@ task can slip series into it). With ``--clients K`` the K logical workers of the
 same metrics: the process is what Prometheus scrapes, and a per-worker label would multiply every
 histogram by K. CPU and memory come from prometheus_client's ProcessCollector
 (``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ...; read from /proc on Linux).
+
+No ``_created`` series (a creation timestamp per counter and histogram that nothing reads): the
+switch is process-wide and read when a metric is made, so it is thrown at import, before any is.
 """
 
 from __future__ import annotations
@@ -12,10 +15,20 @@ from __future__ import annotations
 import logging
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from fedfleet import log
 from fedfleet.errors import ConfigError
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 # A local fit takes from milliseconds (a small model) to many minutes.
 TRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
