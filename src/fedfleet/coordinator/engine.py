@@ -199,6 +199,11 @@ class Engine:
         # not all 1,000 to find nothing for 900 of them.
         self._wake: dict[str, asyncio.Event] = {}
         self.poll_seconds = max(1.0, min(20.0, config.worker_timeout / 2))
+        # A worker busy with a round (downloading, training, uploading) holds no long-poll, and its process
+        # heartbeats for it every max(0.5, poll_seconds / 2) seconds (worker.agent's heartbeat thread). Two
+        # beats missed and a second more is no slow machine but a stopped worker: the views say "silent"
+        # then, well before --worker-timeout makes it dead (30 s by default: silent after 16 s).
+        self.silent_after = 2 * max(0.5, self.poll_seconds / 2) + 1.0
         self._set_model(model, model_version)
         self._strategy_state = strategy_state if strategy_state is not None else strategy.init(self._model)
         # The reference a site's description is checked against before there is a first accepted one: the
@@ -597,8 +602,10 @@ class Engine:
         for w in ordered[offset:None if limit is None else offset + limit]:
             busy = rs is not None and not rs.closed and w.worker_id in rs.in_sample \
                 and w.worker_id not in rs.answered
-            status: Literal["idle", "training", "dead"] = (
-                "dead" if not self._registry.alive(w) else "training" if busy else "idle")
+            status: Literal["idle", "training", "silent", "dead"] = (
+                "dead" if not self._registry.alive(w)
+                else "silent" if busy and w.polling == 0 and now - w.last_seen > self.silent_after
+                else "training" if busy else "idle")
             out.append(WorkerView(worker_id=w.worker_id, name=w.name, partition=self._registry.partition_label(w),
                                   status=status, last_seen_s=round(now - w.last_seen, 3),
                                   rounds_served=w.rounds_served, last_train_s=w.last_train_s))

@@ -328,7 +328,10 @@ class WorkerView(Message):
     worker_id: str
     name: str
     partition: str
-    status: Literal["idle", "training", "dead"]
+    status: Literal["idle", "training", "silent", "dead"] = Field(
+        description="silent: sampled for the open round, not answered, and not heard from for longer than a "
+                    "worker that is alive stays quiet (it heartbeats while it trains): probably stopped; the round "
+                    "still waits for it until --worker-timeout makes it dead")
     last_seen_s: float
     rounds_served: int
     last_train_s: float | None = Field(None, description="seconds its last update took to train locally")
