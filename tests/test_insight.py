@@ -30,9 +30,12 @@ from fedfleet.storage.history import worker_history
 from fedfleet.storage.records import RoundRecord, clean_worker_metrics
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.tasks import load_task
-from fedfleet.tasks.base import class_names, evaluate_with_confusion, label_counts
+from fedfleet.tasks.base import TrainParams, class_names, evaluate_with_confusion, label_counts
 from fedfleet.tasks.songs import ERAS, SongsTask
 from test_engine import open_engine, plus, run, send
+from test_tabular import CLASSES as TABULAR_CLASSES
+from test_tabular import classification_rows, plan_of, write
+from test_tabular import task as tabular_task
 from test_web import start_serve
 
 TIMEOUT = 30.0
@@ -251,6 +254,24 @@ def test_songs_confusion_comes_from_the_scoring_pass() -> None:
     assert label_counts(task, test) == np.bincount(test.y, minlength=3).tolist()
     record = confusion_of(counts, class_names(task))
     assert record is not None and record.classes == list(ERAS)
+
+
+def test_tabular_classification_counts_its_confusion_and_label_mix(tmp_path: Path) -> None:
+    site = write(classification_rows(1500, 1), tmp_path / "site.csv")
+    test_file = write(classification_rows(900, 3), tmp_path / "test.csv")
+    planned = tabular_task().with_plan(plan_of(tabular_task(), site))
+    data, _ = planned.load_site([site], 0.0, 0)
+    test, _ = planned.load_site([test_file], 0.0, 0)
+    weights = planned.fit(planned.init_weights(0), data, TrainParams(2, 64, 0.1, 0)).weights
+    scores, counts = evaluate_with_confusion(planned, weights, test)
+    assert scores == planned.evaluate(weights, test)
+    assert counts is not None and counts.sum() == 900 and class_names(planned) == TABULAR_CLASSES
+    assert np.trace(counts) / counts.sum() == pytest.approx(scores["accuracy"], abs=1e-12)
+    # The recall the task already reported is the matrix's diagonal over its rows.
+    for k in range(3):
+        assert scores[f"recall_{k}"] == pytest.approx(counts[k, k] / counts[k].sum(), abs=1e-12)
+    labels = classification_rows(1500, 1).column("y").to_pylist()
+    assert label_counts(planned, data) == [labels.count(c) for c in TABULAR_CLASSES]
 
 
 def test_a_task_that_does_not_classify_has_no_confusion_or_classes() -> None:
