@@ -274,6 +274,40 @@ def test_tabular_classification_counts_its_confusion_and_label_mix(tmp_path: Pat
     assert label_counts(planned, data) == [labels.count(c) for c in TABULAR_CLASSES]
 
 
+def test_a_torch_task_that_names_its_classes_counts_its_confusion(tmp_path: Path) -> None:
+    """A TorchTask (the images task's base) counts the confusion when it names its classes, and not otherwise."""
+    torch = pytest.importorskip("torch")
+    from fedfleet.tasks.torch_task import TorchTask
+
+    class Named(TorchTask):
+        name = "named"
+        classes = ("north", "east", "west")
+
+        def build_model(self) -> Any:
+            return torch.nn.Sequential(torch.nn.Linear(2, 3))
+
+        def load_data(self, source: Any) -> tuple[np.ndarray, np.ndarray]:
+            rng = np.random.default_rng(0)
+            y = rng.integers(0, 3, 300)
+            return np.array([[0.0, 2.0], [2.0, -1.0], [-2.0, -1.0]])[y] + rng.normal(size=(300, 2)), y
+
+    class Unnamed(Named):
+        classes = ()
+
+    for cls, named in ((Named, True), (Unnamed, False)):
+        task = cls()
+        data, _ = task.load_site([tmp_path], 0.0, 0)
+        weights = task.fit(task.init_weights(0), data, TrainParams(3, 16, 0.1, 0)).weights
+        scores, counts = evaluate_with_confusion(task, weights, data)
+        assert scores == task.evaluate(weights, data)
+        if named:
+            assert counts is not None and counts.sum() == 300
+            assert label_counts(task, data) == counts.sum(axis=1).tolist()
+            assert np.trace(counts) / 300 == pytest.approx(scores["accuracy"], abs=1e-12)
+        else:
+            assert counts is None and label_counts(task, data) is None
+
+
 def test_a_task_that_does_not_classify_has_no_confusion_or_classes() -> None:
     task = load_task("null", {"params": "4"})
     test = task.load_test()

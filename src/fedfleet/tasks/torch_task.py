@@ -217,6 +217,22 @@ class TorchTask(NoStats):
                             f"(only {', '.join(sorted(scores))}): return it, or name the score with score_name")
         return scores, _confusion(torch.cat(outputs), torch.cat(targets), class_names(self))
 
+    def label_counts(self, data: Any) -> list[int] | None:
+        """Examples per class index of ``data`` held in memory as (inputs, targets) tensors, for a task that
+        names its classes (``class_names``); None for a lazy Dataset (reading it to count would be a pass over
+        the files) or targets that are not class indices."""
+        from torch.utils.data import TensorDataset
+
+        classes = class_names(self)
+        dataset = self.torch_dataset(data)
+        if classes is None or not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
+            return None
+        targets = dataset.tensors[1]
+        if targets.ndim != 1 or targets.is_floating_point():
+            return None
+        y = targets.numpy().astype(np.int64)
+        return [int(n) for n in np.bincount(y[(y >= 0) & (y < len(classes))], minlength=len(classes))]
+
     # --- data -------------------------------------------------------------------------------------------------
     def torch_dataset(self, data: Any) -> Examples:
         """``data`` as loaded here (a site's or a test set), or a partition's arrays, as a Dataset of pairs."""
