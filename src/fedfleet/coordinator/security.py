@@ -306,7 +306,9 @@ class AuthMiddleware:
                 # (Accept: application/json, fetch, curl) keep the JSON answer below.
                 target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
                 _, cookie = bearer(headers)
-                page = sign_in_page(_refusal_text(exc, path, cookie is not None), safe_next(target), error=True)
+                # Being asked to sign in is no error; a cookie that no longer signs in, or a worker's token, is.
+                page = sign_in_page(_refusal_text(exc, path, cookie is not None), safe_next(target),
+                                    error=cookie is not None or exc.status == 403)
                 await _send_page(send, exc.status, page, exc.status == 401)
                 return
             await _send_error(send, exc)

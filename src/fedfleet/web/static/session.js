@@ -1,6 +1,9 @@
 // Who is signed in: showSession(container) fills a page header's <div id="session" class="session"> with
-// "signed in · Sign out" when the server asks for an admin token (GET v1/session), and leaves it empty
-// when it does not (an open coordinator, or `fedfleet serve`, which may not answer v1/session at all).
+// "signed in · Sign out" when the server asks for an admin token (GET /v1/session), and leaves it empty
+// when it does not (an open coordinator or `fedfleet serve`).
+//
+// Its URLs are absolute, unlike the pages' own: signing in is the site's (the cookie's Path is /, the
+// sign-in page is /login), not a run's, and `fedfleet serve runs/` serves a run's pages under /runs/NAME/.
 "use strict";
 
 (function loadSessionStyle() {
@@ -8,7 +11,7 @@
   if (document.querySelector('link[href$="static/session.css"]')) return;
   const link = document.createElement("link");
   link.rel = "stylesheet";
-  link.href = "static/session.css";
+  link.href = "/static/session.css";
   document.head.append(link);
 })();
 
@@ -16,19 +19,19 @@ async function showSession(container) {
   if (!container) return;
   let session = null;
   try {
-    const res = await fetch("v1/session", { headers: { Accept: "application/json" } });
+    const res = await fetch("/v1/session", { headers: { Accept: "application/json" } });
     if (res.ok) session = await res.json();
   } catch (_) { /* no answer: say nothing rather than something wrong */ }
   if (!session || !session.auth) { container.replaceChildren(); return; }
   if (!session.signed_in) {
-    const back = "login?next=" + encodeURIComponent(location.pathname + location.search);
+    const back = "/login?next=" + encodeURIComponent(location.pathname + location.search);
     container.replaceChildren(document.createTextNode("not signed in · "), sessionLink(back, "Sign in"));
     return;
   }
   // Sign-out is a POST (a link would let any page that embeds it sign you out), so a one-button form.
   const form = document.createElement("form");
   form.method = "post";
-  form.action = "logout";
+  form.action = "/logout";
   const button = document.createElement("button");
   button.type = "submit";
   button.id = "sign-out";
