@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -37,6 +38,8 @@ from fedfleet.strategies.privacy import epsilon
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SINGLE = ("accuracy_loss.png", "round_time.png", "participation.png")
+# A songs run also has the workers' own numbers and, being a classification task, a confusion matrix.
+SONGS = (*SINGLE, "worker_heatmap.png", "worker_loss.png", "worker_data.png", "confusion.png")
 
 
 
@@ -84,11 +87,18 @@ def check_png(path: Path) -> None:
 
 
 def table_rows(report_md: str) -> dict[str, dict[str, str]]:
-    """report.md's table as {run: {column: cell}}."""
-    lines = [line for line in report_md.splitlines() if line.startswith("|")]
+    """report.md's first table, the runs', as {run: {column: cell}}."""
+    return table(report_md, "run")
+
+
+def table(report_md: str, key: str) -> dict[str, dict[str, str]]:
+    """The first table of report.md whose first column is ``key``, as {first cell: {column: cell}}."""
+    text = report_md.split(f"| {key} |", 1)[1]
+    lines = [f"| {key} |" + text.splitlines()[0]]
+    lines += [line for line in itertools.takewhile(lambda x: x.startswith("|"), text.splitlines()[1:])]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
-    return {row["run"]: row for row in rows}
+    return {row[key]: row for row in rows}
 
 
 def images(report_md: str) -> list[str]:
@@ -101,7 +111,7 @@ def test_report_of_one_run(runs: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     out = run / "report"
     assert "report.md" in r.stdout and str(out) in r.stdout
-    for name in SINGLE:
+    for name in SONGS:
         check_png(out / name)
     text = (out / "report.md").read_text()
     row = table_rows(text)["songs-iid"]
@@ -111,7 +121,7 @@ def test_report_of_one_run(runs: dict[str, Path]) -> None:
     assert row["final loss"] == f"{s.final_loss:.4f}"
     assert row["rounds"] == "3" and row["partition"] == "iid" and row["workers"] == "3"
     assert row["state"] == "finished" and row["seconds"] == f"{s.seconds:.1f}"
-    assert sorted(images(text)) == sorted(SINGLE)
+    assert sorted(images(text)) == sorted(SONGS)
     # No differential privacy, nothing about it: no column, no section, no plot.
     assert "ε" not in text and "privacy" not in text.lower() and not (out / "privacy.png").exists()
 
@@ -122,7 +132,7 @@ def test_report_of_two_runs_side_by_side_defaults_to_report_in_cwd(runs: dict[st
     out = tmp_path / "report"
     check_png(out / "compare.png")
     for name in ("songs-iid", "songs-natural"):
-        for plot in SINGLE:
+        for plot in SONGS:
             check_png(out / name / plot)
     text = (out / "report.md").read_text()
     rows = table_rows(text)
@@ -132,18 +142,20 @@ def test_report_of_two_runs_side_by_side_defaults_to_report_in_cwd(runs: dict[st
         assert rows[run.name]["partition"] == partition
     # Every image report.md shows is there, relative to report.md.
     linked = images(text)
-    assert "compare.png" in linked and len(linked) == 7
+    assert "compare.png" in linked and len(linked) == 1 + 2 * len(SONGS)
     assert all((out / link).is_file() for link in linked)
-    # The comparison chart's legend tells the runs apart by partition and workers.
+    # A run's own charts are titled by its partition and workers; the comparison's legend by what differs.
     assert load_run(runs["iid"]).label == "songs-iid (iid, 3 workers)"
     assert load_run(runs["natural"]).label == "songs-natural (natural, 3 workers)"
+    assert compare_labels([load_run(runs["iid"]), load_run(runs["natural"])]) == [
+        "songs-iid (partition=iid)", "songs-natural (partition=natural)"]
 
 
 def test_report_out_option_and_state_db_left_untouched(runs: dict[str, Path], tmp_path: Path) -> None:
     run = runs["natural"]
     before = hashlib.sha256((run / "state.sqlite").read_bytes()).hexdigest()
     assert main(["report", str(run), "--out", str(tmp_path / "mine")]) == 0
-    assert {p.name for p in (tmp_path / "mine").iterdir()} == {*SINGLE, "report.md"}
+    assert {p.name for p in (tmp_path / "mine").iterdir()} == {*SONGS, "report.md"}
     assert hashlib.sha256((run / "state.sqlite").read_bytes()).hexdigest() == before
 
 
@@ -225,7 +237,7 @@ def test_report_of_a_run_in_progress_and_of_one_without_state_db(runs: dict[str,
     data = load_run(going)
     assert data.state == "in progress" and data.label == "songs (natural, 3 workers)"
     assert data.final_accuracy == metrics(going)[-1].accuracy
-    assert f"| songs | natural | 3 | in progress | 3 | {data.final_accuracy:.4f} |" in text
+    assert f"| songs | natural | in progress | 3 | {data.final_accuracy:.4f} |" in text
     assert load_run(bare).participation is None
     assert f"{bare} has no state.sqlite" in text
 
@@ -311,7 +323,9 @@ def test_report_of_a_run_whose_model_diverged(tmp_path: Path) -> None:
     assert data.final_accuracy is None and data.final_loss is None and data.state == "in progress"
     assert main(["report", str(run)]) == 0
     check_png(run / "report" / "accuracy_loss.png")
-    assert "| diverged | - | - | in progress | 3 | - | - | 0.3 |" in (run / "report" / "report.md").read_text()
+    # Best and mean over the rounds whose score is known, saying how many of the last rounds those were.
+    assert "| diverged | - | - | in progress | 3 | - | 0.5000 (round 1) | 0.5000 (2 known of last 3) | - | 0.3 |" \
+        in (run / "report" / "report.md").read_text()
 
 
 # --- differential privacy -----------------------------------------------------------------------------------
@@ -333,7 +347,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_of_a_dp_run_states_the_mechanism_and_the_epsilon_spent(dp_run: Path) -> None:
     assert main(["report", str(dp_run)]) == 0
     out = dp_run / "report"
-    assert {p.name for p in out.iterdir()} == {*SINGLE, "privacy.png", "report.md"}
+    assert {p.name for p in out.iterdir()} == {*SONGS, "privacy.png", "report.md"}
     check_png(out / "privacy.png")
     text = (out / "report.md").read_text()
     assert "privacy.png" in images(text)
@@ -359,7 +373,12 @@ def test_comparison_labels_runs_by_their_epsilon(dp_run: Path, runs: dict[str, P
     assert dp is not None
     eps = dp.epsilon
     labels = compare_labels([load_run(dp_run), load_run(plain)])
-    assert labels == [f"songs-dp (iid, 3 workers, ε {eps:.3g})", "songs-iid (iid, 3 workers, no DP)"]
+    # Labelled by every option that differs (the DP ones: what the plain run leaves unset reads "-"), and by ε.
+    differing = [k for k, v in summary(dp_run).config.items() if summary(plain).config.get(k) != v]
+    assert {"dp", "dp_clip", "dp_noise_multiplier", "dp_max_epsilon"} <= set(differing)
+    assert labels[0].startswith("songs-dp (dp=central, dp_clip=0.5, ") and labels[0].endswith(f", ε {eps:.3g})")
+    assert labels[1].startswith("songs-iid (dp=none, dp_clip=-, ") and labels[1].endswith(", no DP)")
+    assert all(label.count("=") == len(differing) for label in labels)
     text = (tmp_path / "report.md").read_text()
     for label in labels:
         assert f"\n## {label}\n" in text
@@ -369,9 +388,9 @@ def test_comparison_labels_runs_by_their_epsilon(dp_run: Path, runs: dict[str, P
     assert not (tmp_path / "songs-iid" / "privacy.png").exists()
     # One run with DP: nothing to set its accuracy against ε beside.
     assert not (tmp_path / "compare_privacy.png").exists() and "compare_privacy.png" not in text
-    # Runs whose ε does not differ keep their plain labels.
-    assert compare_labels([load_run(plain), load_run(runs["natural"])]) == [load_run(plain).label,
-                                                                            load_run(runs["natural"]).label]
+    # Runs whose ε does not differ are told apart by their options alone.
+    assert compare_labels([load_run(plain), load_run(runs["natural"])]) == ["songs-iid (partition=iid)",
+                                                                            "songs-natural (partition=natural)"]
 
 
 def test_report_of_a_dp_run_in_progress_says_the_epsilon_so_far(dp_run: Path, tmp_path: Path) -> None:
@@ -396,12 +415,12 @@ def _private(name: str, sigma: float, target: float | None = None) -> RunData:
                    rounds_planned=4, final_accuracy=0.48, final_loss=1.0, seconds=1.0, parameters=10,
                    model_version=5, config={}, round_timings=[], dp=dp)
     return RunData(path=Path(name), name=name, rounds=rounds, summary=s, partition="iid", workers=8,
-                   participation=None)
+                   participation=None, config={"dp": "central", "dp_noise_multiplier": sigma})
 
 
 def test_plots_and_labels_of_several_dp_runs(tmp_path: Path) -> None:
     a, b = _private("a", 1.0), _private("b", 0.5, target=8.0)
-    assert compare_labels([a, b]) == ["a (iid, 8 workers, ε 4)", "b (iid, 8 workers, ε 8)"]
+    assert compare_labels([a, b]) == ["a (dp_noise_multiplier=1.0, ε 4)", "b (dp_noise_multiplier=0.5, ε 8)"]
     check_png(plot_compare_privacy([a, b], compare_labels([a, b]), tmp_path / "compare_privacy.png"))
     check_png(plot_privacy(b, tmp_path / "privacy.png"))
     with pytest.raises(StorageError, match="no round records an epsilon spent"):
