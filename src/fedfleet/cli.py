@@ -194,6 +194,20 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from fedfleet.coordinator.security import parse_allowed_hosts, read_token
+    from fedfleet.web.serve import serve
+
+    if (args.path is None) == (args.run is None):
+        raise ConfigError("fedfleet serve takes one folder: PATH (a run, or a folder of runs) or --run RUN_DIR"
+                          + ("" if args.path is None else f", not both ({args.path} and --run {args.run})"),
+                          option="path")
+    return serve(args.path or args.run, args.host, args.port, tuple(args.allowed_tasks), only_run=args.run is not None,
+                 admin_token=read_token(args.admin_token_file, "FEDFLEET_ADMIN_TOKEN", "admin token"),
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
+                 allowed_hosts=parse_allowed_hosts(args.allowed_hosts))
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -345,9 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None,
                         help="output folder (default RUN_DIR/report for one run, ./report for several)")
 
-    serve = sub.add_parser("serve", help="the dashboard and the predict page of a finished run, from its files")
-    serve.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
-                       help="the run's folder (fedfleet run --out, fedfleet coordinator --data-dir)")
+    serve = sub.add_parser("serve", help="the dashboards and predict pages of finished runs, from their files: one "
+                                         "run, or a list of every run under a folder with a compare view")
+    serve.add_argument("path", nargs="?", type=Path, default=None, metavar="PATH",
+                       help="a run's folder (fedfleet run --out, fedfleet coordinator --data-dir), or a folder whose "
+                            "subfolders (to 3 levels) are runs: a run list at /, each run under /runs/NAME/, "
+                            "compare at /compare")
+    serve.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                       help="a run's folder, as PATH but only a run [default: PATH]")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (0.0.0.0 for all) [default 127.0.0.1]")
     serve.add_argument("--port", type=_port, default=8080, help="port (0 picks a free one) [default 8080]")
@@ -355,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a task of your own to load for the predict page if the run names it (repeatable); "
                             "built-in tasks are always allowed, nothing else is: loading a task runs its code "
                             "[default none]")
+    serve_sec = serve.add_argument_group("security (as fedfleet coordinator's; see docs/reliability.md)")
+    serve_sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                           help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for every page "
+                                "and endpoint but /v1/health; browsers sign in at /login [default none: "
+                                "$FEDFLEET_ADMIN_TOKEN if set, else open]")
+    serve_sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                           help="PEM certificate: serve https (fedfleet certs makes one) [default none: http]")
+    serve_sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                           help="PEM private key of --tls-cert [default none]")
+    serve_sec.add_argument("--insecure", action="store_true",
+                           help="allow a non-loopback --host without an admin token (trusted networks only)")
+    serve_sec.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                           help="comma-separated host names (*.NAME for all under NAME) requests may be addressed "
+                                "to, besides localhost and the --host address; without an admin token on loopback "
+                                "other names get 421 (against DNS rebinding) [default none]")
 
     data = sub.add_parser("data", help="fetch a data set's files from their official locations")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -420,9 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             return _download(args)
         if args.command == "serve":
-            from fedfleet.web.serve import serve_run
-
-            return serve_run(args.run, args.host, args.port, allowed_tasks=tuple(args.allowed_tasks))
+            return _serve(args)
         if args.command in ("run", "simulate") and os.getcwd() not in sys.path:
             # The coordinator and workers it starts are `python -m fedfleet` here, which imports a task's
             # module from this folder: look here too when checking the task.
