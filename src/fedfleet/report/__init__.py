@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from fedfleet.errors import StorageError
 from fedfleet.report.compare import compare_labels, option_diff, options, unique_names
 from fedfleet.report.data import (
+    LAST_N,
     Confusion,
     RunData,
     Scores,
@@ -67,6 +68,7 @@ from fedfleet.report.workers import (
 
 __all__ = [
     "COMPARE_PRIVACY_PLOT",
+    "LAST_N",
     "PRIVACY_PLOT",
     "SINGLE_RUN_PLOTS",
     "WORKER_PLOTS",
