@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import run_fedfleet
-from test_web_browser import browser, page, screenshot  # noqa: F401  (fixtures, used by name)
+from test_web_browser import browser, page, pick_song, screenshot  # noqa: F401  (fixtures, used by name)
 
 TIMEOUT = 30.0
 URL = re.compile(r"https?://127\.0\.0\.1:\d+")
@@ -205,6 +205,9 @@ def test_a_run_dashboard_under_its_prefix_works_in_the_browser(page: Any, served
     assert page.text_content("#run-state") == "finished"
     page.click("nav a[href='predict']")
     page.wait_for_url(served + "/runs/sweep/lr-0.2/predict")
+    # The song search and the prediction go to runs/sweep/lr-0.2/v1/...: this run's task and model.
+    pick_song(page, served + "/runs/sweep/lr-0.2", "yesterday beat", "Yesterday", "The Beatles")
+    assert "after round 4" in page.text_content("#model-info")
 
 
 @pytest.mark.parametrize("path,shot", [("/", "runs-phone.png"), ("/compare?runs=iid,dirichlet,sweep%2Flr-0.2",
