@@ -66,9 +66,9 @@ COORDINATOR_FIELDS = {"round", "accuracy", "loss", "participants", "sampled", "a
                       "bytes_out", "model_version", "timings", "worker_metrics"}
 TIMINGS = {"open", "wait_workers", "aggregate", "evaluate", "checkpoint"}
 # Optional fields the coordinator may add about a round (counts of what it refused or dropped; with --dp
-# central, the epsilon spent and the updates clipped).
+# central, the epsilon spent and the updates clipped; a classifier's confusion counts on the held-out set).
 OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped", "test_metrics", "dp_epsilon", "dp_clipped", "secagg",
-                   "dp_clip", "dp_unclipped_fraction"}
+                   "dp_clip", "dp_unclipped_fraction", "confusion"}
 FED_FIELDS = {"fed_accuracy", "fed_loss", "fed_accuracy_std", "fed_accuracy_min", "fed_accuracy_max",
               "fed_examples"}
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
