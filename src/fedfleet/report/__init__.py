@@ -45,6 +45,7 @@ from fedfleet.report.data import (
 )
 from fedfleet.report.markdown import Section, privacy_lines, render_markdown
 from fedfleet.report.plots import (
+    MAX_BARS,
     block_size,
     figure_accuracy_loss,
     figure_compare,
@@ -69,6 +70,7 @@ from fedfleet.report.workers import (
 __all__ = [
     "COMPARE_PRIVACY_PLOT",
     "LAST_N",
+    "MAX_BARS",
     "PRIVACY_PLOT",
     "SINGLE_RUN_PLOTS",
     "WORKER_PLOTS",
