@@ -30,7 +30,7 @@ from fedfleet.strategies.privacy import epsilon
 from fedfleet.tasks.predict import predictor
 from fedfleet.tasks.songs import ERAS, FEATURES, LIMITS, SongsTask, load_songs
 from fedfleet.web.routes import ASSETS, create_router
-from fedfleet.web.sources import FinishedRun, Model
+from fedfleet.web.sources import FinishedRun, Model, history_page
 
 TIMEOUT = 30.0
 
@@ -447,6 +447,9 @@ class OwnRun:
     def changed(self) -> asyncio.Event:
         return asyncio.Event()
 
+    async def worker_history(self, offset: int, limit: int) -> dict[str, Any]:
+        return history_page([], [], [], 0, offset, limit, list(self.task.classes) or None)
+
 
 SIZE = [{"name": "size", "kind": "number", "min": 0, "max": 10, "mean": 4}]
 
@@ -459,6 +462,11 @@ def own(task: OwnTask, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://own") as http:
             return await http.request(method, path, **kwargs)
     return asyncio.run(send())
+
+
+def test_a_run_source_of_one_s_own_answers_the_workers_history() -> None:
+    body = own(OwnTask(("small", "big"), SIZE, None), "GET", "/v1/dashboard/workers", params={"limit": 5}).json()
+    assert body == {"rounds": [], "total": 0, "offset": 0, "limit": 5, "classes": ["small", "big"], "workers": []}
 
 
 def test_a_task_of_one_s_own_predicts_through_the_protocol() -> None:

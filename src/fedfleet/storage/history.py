@@ -10,15 +10,14 @@ examples in each class, sent as ``label_count_<k>`` metrics (k the class index):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from fedfleet.storage.records import LABEL_COUNT_NAME
 from fedfleet.storage.sqlite import UpdateRow
 
 # The series kept per worker and round; other names a worker sends are left out of the history.
 SERIES = ("val_accuracy", "val_loss", "train_loss", "train_accuracy", "train_s")
-LABEL_COUNT = re.compile(r"^label_count_(\d{1,4})$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,9 @@ def worker_history(rows: Iterable[UpdateRow], rounds: Sequence[int], worker_ids:
 
 def _label_counts(metrics: dict[str, float]) -> list[int] | None:
     """``label_count_<k>`` as a list by class index (missing classes 0); None if the update has none."""
-    found = {int(m.group(1)): max(0, int(v)) for k, v in metrics.items() if (m := LABEL_COUNT.match(k))}
+    # The intake keeps only valid counts (records.clean_worker_metrics); max(0, ...) still guards a database
+    # written before it checked them.
+    found = {int(m.group(1)): max(0, int(v)) for k, v in metrics.items() if (m := LABEL_COUNT_NAME.match(k))}
     if not found:
         return None
     return [found.get(k, 0) for k in range(max(found) + 1)]
