@@ -148,6 +148,22 @@ def test_a_run_made_after_start_is_listed_and_served_on_the_next_request(http: h
     assert http.get("/runs/late/v1/status").status_code == 404
 
 
+def test_a_run_without_a_summary_is_listed_as_running_or_incomplete(http: httpx.Client, runs: Path) -> None:
+    cut = runs / "cut"
+    shutil.copytree(runs / "iid", cut)
+    (cut / "summary.json").unlink()  # as a run killed before it could write one
+    try:
+        row = by_name(http.get("/v1/runs").json())["cut"]
+        assert (row["state"], row["rounds"], row["dashboard"], row["run_id"]) == ("incomplete", 3, False, None)
+        r = http.get("/runs/cut/v1/status")
+        assert r.status_code == 409 and "no summary.json" in r.json()["detail"]
+        # A coordinator serving it writes its address there, and removes it on every way out.
+        (cut / "coordinator.json").write_text('{"url": "http://127.0.0.1:1", "pid": 1}\n')
+        assert by_name(http.get("/v1/runs").json())["cut"]["state"] == "running"
+    finally:
+        shutil.rmtree(cut)
+
+
 def test_a_bad_path_is_a_cli_error_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-runs"
     r = run_fedfleet("serve", str(missing), "--port", "0", timeout=60)
