@@ -22,11 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-import safetensors.numpy
 
 from conftest import Coordinator
-from fedfleet.tasks.songs import ERAS, FEATURES, SongsTask, load_songs
-from test_predict_tabular import planned_task, write_sites
+from test_predict_tabular import write_sites
 from test_web import TIMEOUT, fedfleet, start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -166,65 +164,6 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         proc.wait(timeout=TIMEOUT)
 
 
-def pick_song(page: Any, url: str, query: str, title: str, artist: str) -> None:
-    page.goto(url + "/predict")
-    search = page.locator("#song-search")
-    search.wait_for(state="visible")  # shown once the page knows the run's task offers a song search
-    search.press_sequentially(query, delay=30)  # typed, as a person would
-    match = page.locator("#song-results li", has_text=artist).filter(has_text=title).first
-    match.click()
-    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 3")
-    assert page.is_visible("#search-panel")  # the songs task offers its search
-
-
-def test_predict_page_gives_an_era_for_a_chosen_song(page: Any, served_run: tuple[str, Path],
-                                                     tmp_path: Path) -> None:
-    url, run_dir = served_run
-    pick_song(page, url, "yesterday beat", "Yesterday", "The Beatles")
-
-    era = page.text_content("#predicted")
-    assert era in ERAS
-    # The era shown is the final model's prediction for this song's features.
-    songs = load_songs()
-    i = next(k for k in range(len(songs.uri)) if (songs.track[k], songs.artist[k]) == ("Yesterday", "The Beatles"))
-    proba = SongsTask().predict_proba(safetensors.numpy.load_file(run_dir / "model.safetensors"), songs.x[i:i + 1])[0]
-    assert era == ERAS[int(proba.argmax())]
-    shown = {row.get_attribute("data-class"): float(row.locator(".pct").text_content().rstrip("%"))
-             for row in page.locator("#probabilities .prob").all()}
-    assert list(shown) == list(ERAS)
-    for e, p in zip(ERAS, proba, strict=True):
-        assert abs(shown[e] - 100 * p) <= 0.051  # shown to one decimal
-    assert page.locator("#probabilities .prob.best").get_attribute("data-class") == era
-    # The form holds the song's features, and the page says what the data set says.
-    for name, value in zip(FEATURES, songs.x[i], strict=True):
-        assert float(page.input_value(f"#f-{name}")) == value
-    assert "In the data set: 1960s-70s" in page.text_content("#truth")
-    assert "after round 3" in page.text_content("#model-info")
-
-    shot = screenshot(page, tmp_path, "predict.png")
-    assert shot.stat().st_size > 10_000
-
-
-def test_predict_page_explains_an_invalid_feature(page: Any, served_run: tuple[str, Path]) -> None:
-    url, _ = served_run
-    pick_song(page, url, "billie jean", "Billie Jean", "Michael Jackson")
-    page.fill("#f-tempo", "900")
-    page.click("#predict-button")
-    page.wait_for_selector("#error:not(:empty)")
-    message = page.text_content("#error")
-    # In words for a person: no "invalid request" or row index, which the API says for its clients.
-    assert message == ("These values cannot be predicted from. 'tempo' = 900 is outside its plausible range [0, 300] "
-                       "BPM (estimated tempo in beats per minute).")
-    assert page.get_attribute("#f-tempo", "class") == "invalid"
-    # The answer for the song's own values is gone: it would not be the answer for these.
-    assert page.text_content("#predicted") == "No prediction yet."
-    assert page.locator("#probabilities .prob").count() == 0 and page.text_content("#truth") == ""
-    page.fill("#f-tempo", "")
-    page.click("#predict-button")
-    page.wait_for_function("document.getElementById('error').textContent.includes('missing')")
-    assert "Feature 'tempo' is missing" in page.text_content("#error")
-
-
 @pytest.fixture(scope="module")
 def served_tabular(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A finished tabular run (two sites split from one file, 2 rounds) and the URL of `fedfleet serve` serving it."""
@@ -240,46 +179,6 @@ def served_tabular(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)
-
-
-def test_predict_page_builds_its_form_from_a_tabular_plan(page: Any, served_tabular: tuple[str, Path],
-                                                          tmp_path: Path) -> None:
-    url, run_dir = served_tabular
-    plan = json.loads((run_dir / "plan.json").read_text())
-    page.goto(url + "/predict")
-    page.wait_for_selector("#fields .field")
-    assert page.text_content("h1") == "Predict churned"
-    assert not page.is_visible("#search-panel")  # no song search: the tabular task offers none
-    # A number input per number feature (the plan's mean as placeholder, its range under it), a select per
-    # category feature holding its values.
-    for f in plan["features"]:
-        if f["kind"] == "number":
-            assert page.get_attribute(f"#f-{f['name']}", "placeholder") == page.evaluate("number", f["mean"])
-            assert page.text_content(f"#f-{f['name']} ~ .range").startswith(page.evaluate("number", f["min"]))
-        else:
-            options = page.locator(f"#f-{f['name']} option").all_text_contents()
-            assert options == ["— not given —", *f["values"]]
-
-    page.fill("#f-age", "35")
-    page.select_option("#f-city", "Oslo")
-    page.select_option("#f-plan", "pro")
-    page.click("#predict-button")
-    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 2")
-    weights = safetensors.numpy.load_file(run_dir / "model.safetensors")
-    want = planned_task(run_dir).predict_rows(weights, [{"age": 35, "city": "Oslo", "plan": "pro"}])[0]
-    assert page.text_content("#predicted") == plan["classes"][int(want.argmax())]
-    shown = [float(pct.rstrip("%")) for pct in page.locator("#probabilities .pct").all_text_contents()]
-    assert shown == pytest.approx([100 * p for p in want], abs=0.051)
-    assert "took the training data's mean: income" in page.text_content("#notes")
-    screenshot(page, tmp_path, "predict-tabular.png")
-
-    # A value that is not a number: said in words, the field marked, the answer for other values gone.
-    page.fill("#f-age", "forty")
-    page.click("#predict-button")
-    page.wait_for_selector("#error:not(:empty)")
-    assert page.text_content("#error") == "These values cannot be predicted from. 'age' must be a number, got 'forty'."
-    assert page.get_attribute("#f-age", "class") == "invalid"
-    assert page.text_content("#predicted") == "No prediction yet." and page.locator("#probabilities .prob").count() == 0
 
 
 @pytest.mark.parametrize("width", [360, 390])
