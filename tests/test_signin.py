@@ -6,6 +6,9 @@ out. Programs (Accept: application/json, bearer tokens) keep their JSON 401s. A 
 started with --admin-token-file, on 127.0.0.1.
 """
 
+# The fixtures imported from test_web_browser are taken as parameters by name, which ruff reads as redefinitions.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -37,7 +40,7 @@ def http(secured: Coordinator) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def signin_page(browser: Any) -> Iterator[Any]:  # noqa: F811
+def signin_page(browser: Any) -> Iterator[Any]:
     """test_web_browser's ``page``, but for a coordinator that answers 401: the sign-in page comes with that
     status (it is the API's answer too), which Chromium logs; any other error fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -174,7 +177,7 @@ def test_a_browser_whose_token_is_no_longer_valid_is_told_so(signin_page: Any, s
     assert pg.input_value("input[name=next]") == "/"
 
 
-def test_an_open_server_shows_no_sign_in(page: Any, fleet: Fleet) -> None:  # noqa: F811
+def test_an_open_server_shows_no_sign_in(page: Any, fleet: Fleet) -> None:
     coord = fleet.coordinator("--workers", "2", "--rounds", "2")
     assert httpx.get(coord.url + "/v1/session", timeout=TIMEOUT).json() == {"auth": False, "signed_in": False}
     page.goto(coord.url + "/predict")
