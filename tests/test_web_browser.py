@@ -71,9 +71,16 @@ def page(browser: Any) -> Iterator[Any]:
         context.close()
 
 
-def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
+def screenshot(page: Any, tmp_path: Path, name: str, until: str | None = None) -> Path:
+    """The whole page, or with ``until`` (a selector) the page from its top to that element's bottom: a long
+    page's picture stays small."""
     path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
+    if until is None:
+        page.screenshot(path=str(path), full_page=True)
+    else:
+        bottom = page.locator(until).evaluate("(e) => e.getBoundingClientRect().bottom + window.scrollY")
+        width = page.evaluate("document.documentElement.clientWidth")
+        page.screenshot(path=str(path), full_page=True, clip={"x": 0, "y": 0, "width": width, "height": bottom + 14})
     if os.environ.get("FEDFLEET_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, SCREENSHOTS / name)
@@ -120,10 +127,15 @@ def test_dashboard_shows_rounds_advancing_during_a_live_run(page: Any, coordinat
     assert config["rounds"] == "200" and config["workers"] == "2" and config["local_epochs"] == "3"
     # A run without differential privacy shows nothing about it.
     assert page.is_hidden("#dp-card") and page.is_hidden("#dp-chart")
-    # Pushed, not polled: every change came down the one event stream the page opened.
-    assert api_requests == [f"{coord.url}/v1/events"]
+    # Pushed, not polled: every change came down the one event stream the page opened. Besides it, the page
+    # asks only for each worker's history (when the rounds changed, at most once a second: the heat maps and
+    # label mix) and, once, who is signed in.
+    assert api_requests.count(f"{coord.url}/v1/events") == 1
+    history = f"{coord.url}/v1/dashboard/workers?offset=0&limit=100"
+    assert set(api_requests) <= {f"{coord.url}/v1/events", history, f"{coord.url}/v1/session"}
+    assert 1 <= api_requests.count(history) <= page.evaluate("rounds.length")
 
-    shot = screenshot(page, tmp_path, "dashboard.png")
+    shot = screenshot(page, tmp_path, "dashboard-iid.png")
     assert shot.stat().st_size > 10_000
 
 

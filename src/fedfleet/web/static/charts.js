@@ -385,8 +385,10 @@ class HeatMap {
     x += ramp + 6;
     g.fillStyle = "#334155";
     text(format(best));
-    if (x + 120 < L.w) {
-      text(`${label}${this.options.higherIsBetter ? "" : " (lower is better)"}`);
+    // What the colours are, and the missing-update swatch, where they fit (the caption says it too).
+    const what = `${label}${this.options.higherIsBetter ? "" : " (lower is better)"}`;
+    if (x + g.measureText(what).width < L.w) text(what);
+    if (x + 26 + g.measureText("no update").width < L.w) {
       g.fillStyle = "#eef1f5"; g.fillRect(x + 4, y - 6, 12, 12); x += 20;
       g.fillStyle = "#637083"; text("no update");
     }

@@ -108,6 +108,9 @@ function render(state) {
     ? `statistics: ${o.answered}/${o.sampled} answered`
     : `round ${o.round}${o.attempt ? ` (attempt ${o.attempt + 1})` : ""}: ${o.answered} of ${o.sampled} answered`
       + (o.needed != null && o.answered < o.needed ? `, ${o.needed} needed` : "");
+  // A round held up by workers that have gone quiet says so (of the page of workers shown).
+  const silent = state.workers.filter((w) => w.status === "silent").length;
+  if (o && silent) $("open-round").textContent += `; waiting on ${silent} silent (probably stopped)`;
   renderScore(s);
   $("loss").textContent = fmt.num(s.loss, 4);
   $("task").textContent = "task " + s.task;
@@ -168,12 +171,20 @@ function renderCost(s) {
     $("eta-detail").textContent = "known after the first round";
   } else {
     const secs = mean * left;
-    eta.textContent = "≈ " + fmt.seconds(secs);
+    eta.textContent = "≈ " + roughly(secs);
+    eta.title = fmt.seconds(secs);
     eta.dataset.seconds = String(secs);
     const at = new Date(Date.now() + 1000 * secs);
     $("eta-detail").textContent = `${left} rounds × ${fmt.seconds(mean)}; done about `
       + at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   }
+}
+
+// A time left as precisely as an estimate deserves: 45 s, 19 min, 2 h 5 min.
+function roughly(s) {
+  if (s < 100) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
 // A run blocked before a round (too few live workers): who is missing, how many are needed, and when the
@@ -249,17 +260,21 @@ function renderConfusion() {
 }
 
 // --- each worker's own history -------------------------------------------------------------------------
-// One fetch at a time; a change while one is under way is fetched when it returns.
-let historyWanted = null, historyHave = null, historyBusy = false;
+// One fetch at a time, at most one a second (a run of 0.1 s rounds would otherwise fetch ten a second); a
+// change meanwhile is fetched by the next call, from an event or the page's once-a-second tick.
+const HISTORY_EVERY_MS = 1000;
+let historyWanted = null, historyHave = null, historyBusy = false, historyAt = -Infinity;
+let history = null; // the last history drawn
 
 function wantHistory() {
   if (!rounds.length) return; // no update yet: nothing to draw
   historyWanted = `${rounds.length}:${workersOffset}:${workersPage.limit}`;
-  if (!historyBusy && historyWanted !== historyHave) fetchHistory();
+  if (!historyBusy && historyWanted !== historyHave && performance.now() - historyAt >= HISTORY_EVERY_MS) fetchHistory();
 }
 
 async function fetchHistory() {
   historyBusy = true;
+  historyAt = performance.now();
   const key = historyWanted;
   try {
     renderHistory(await getJSON(`v1/dashboard/workers?offset=${workersOffset}&limit=${workersPage.limit}`));
@@ -271,10 +286,10 @@ async function fetchHistory() {
   } finally {
     historyBusy = false;
   }
-  if (historyWanted !== historyHave) fetchHistory();
 }
 
 function renderHistory(h) {
+  history = h;
   const ws = h.workers;
   $("per-worker").hidden = !ws.length;
   if (!ws.length) return;
@@ -453,4 +468,4 @@ if (typeof showSession === "function") showSession($("session"));
 connect();
 // Advance the "last seen" column and the wait's countdown between events; purely local, it asks the
 // server nothing.
-setInterval(() => { renderWorkers(); renderWaiting(); }, 1000);
+setInterval(() => { renderWorkers(); renderWaiting(); wantHistory(); }, 1000);
