@@ -162,7 +162,7 @@ def figure_round_time(run: RunData) -> Figure:
     rounds = [r.round for r in run.rounds]
     size = block_size(len(rounds))
     xs = blocks(rounds, [0.0] * len(rounds), size)[0]
-    fig = figure(11, 4.8)
+    fig = figure(11, 5.0)
     # The title above the figure, not the axes: a cut bar's label at the top of the axes cannot reach it.
     fig.suptitle(f"{run.label}: time per round by phase", fontsize=13)
     ax = fig.subplots()
@@ -177,9 +177,10 @@ def figure_round_time(run: RunData) -> Figure:
     _cut_long_bars(ax, xs, bottom)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(False, axis="x")
-    # Phases read bottom to top in the bars; list them the same way in the legend.
+    # Phases read bottom to top in the bars; the legend lists them in the order they happen.
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles[::-1], labels[::-1], loc="outside right upper", fontsize=9, frameon=False)
+    # Below the chart: beside it, the legend's top row could run into a long title.
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=9, frameon=False)
     return fig
 
 

@@ -24,6 +24,11 @@ from fedfleet.report.plots import FULL_NAMES, figure, style, worker_ticks
 
 LINES_UP_TO = 12  # workers whose training loss is drawn as a line each; more are drawn as an image
 MISSING = "#e8e8e8"  # a round the worker took no part in (or reported nothing for)
+NOTES = {  # what the heat map's numbers are: the workers', measured on their own data
+    "val_accuracy": "the global model each worker was sent, scored on its own validation split before it trained; "
+                    "grey: it took no part that round",
+    "train_loss": "the worker's mean loss over its local training that round; grey: it took no part that round",
+}
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,7 @@ def worker_series(run: RunData, metric: str) -> WorkerSeries | None:
     rows = [h.series.get(metric, []) for _, h in pairs]
     if not any(v is not None for row in rows for v in row):
         return None
-    titles = {"val_accuracy": "validation accuracy (the model it was sent, on its own split, before training)",
-              "train_loss": "local training loss"}
+    titles = {"val_accuracy": "validation accuracy", "train_loss": "local training loss"}
     return WorkerSeries(metric, titles.get(metric, metric), [p.label for p, _ in pairs],
                         [p.partition for p, _ in pairs], rows)
 
@@ -66,11 +70,13 @@ def figure_worker_heatmap(run: RunData) -> Figure | None:
     higher_better = data.metric == "val_accuracy"
     cmap = colormaps["viridis" if higher_better else "viridis_r"].with_extremes(bad=MISSING)
     fig = figure(11, min(max(3.8, 2.6 + 0.22 * len(data.rows)), 14))
-    fig.suptitle(f"{run.label}: each worker's {data.title}", fontsize=12)
+    fig.suptitle(f"{run.label}: each worker's own {data.title} by round", fontsize=13)
     ax = fig.subplots()
+    ax.set_title(NOTES[data.metric], fontsize=9, loc="left")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, interpolation="nearest" if len(rounds) <= 300 else "antialiased",
                       extent=(min(rounds) - 0.5, max(rounds) + 0.5, len(data.rows) - 0.5, -0.5))
-    style(ax, "", "round (grey: the worker took no part)", "worker (partition)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("worker (partition)")
     ax.grid(False)
     worker_ticks(ax, data.labels, data.partitions)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -85,7 +91,7 @@ def figure_worker_loss(run: RunData) -> Figure | None:
     if data is None:
         return None
     rounds = run.history.rounds if run.history is not None else []
-    fig = figure(11, 4.6)
+    fig = figure(11, 5.0)
     fig.suptitle(f"{run.label}: local training loss per worker", fontsize=13)
     ax = fig.subplots()
     if len(data.rows) <= LINES_UP_TO:
@@ -102,7 +108,8 @@ def figure_worker_loss(run: RunData) -> Figure | None:
                 linestyle="--", linewidth=1.5, label="run's mean (weighted by examples)")
     style(ax, "", "round", "training loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    # Below the chart, not beside it: beside, the legend's top row ran into a long title.
+    fig.legend(loc="outside lower center", ncols=min(len(data.rows) + 1, 5), fontsize=8, frameon=False)
     return fig
 
 
