@@ -11,10 +11,12 @@ Counters start at zero when the coordinator (re)starts, which Prometheus reads a
 ``fedfleet_current_round`` is the gauge that carries on across a resume.
 
 Which run: one series, ``fedfleet_run_info{run_id, task, partition, strategy} 1``, names the run this
-process serves; no other series carries ``run_id``. That is Prometheus's advice for a label that
-changes rarely ("info metric"; the exporter guide's "target labels, not static scraped labels"): a
-label on every series would make each run's series new ones and every ``sum``/``rate`` in a rule or
-dashboard would have to name it. A query that needs the run joins it in on the target::
+process serves. That is Prometheus's advice for a label that changes rarely ("info metric"; the
+exporter guide's "target labels, not static scraped labels"): a label on every series would make
+each run's series new ones and every ``sum``/``rate`` in a rule or dashboard would have to name it.
+Only the series about the run itself carry ``run_id`` too: its start and end times (so that an
+annotation can read them after the process is gone, when there is nothing left to join). A query
+that needs the run joins it in on the target::
 
     fedfleet_global_accuracy_ratio * on (job, instance) group_left (run_id) fedfleet_run_info
 
@@ -247,14 +249,17 @@ class _EngineGauges:
                                  labels=["run_id", "task", "partition", "strategy"])
         info.add_metric([s.run_id, s.task, s.partition, s.strategy], 1.0)
         yield info
-        yield GaugeMetricFamily("fedfleet_run_start_time_seconds", "Unix time this coordinator process started "
-                                "the run, or resumed it from its data dir", value=self.started)
+        start = GaugeMetricFamily("fedfleet_run_start_time_seconds", "Unix time this coordinator process started "
+                                  "the run, or resumed it from its data dir", labels=["run_id"])
+        start.add_metric([s.run_id], self.started)
+        yield start
         # The engine says that the run is over, not when: the first scrape that sees it over keeps the time,
         # close enough for an annotation (a scrape interval late at most).
         if self.ended is None and s.state in ENDED_STATES:
             self.ended = time.time()
-        end = GaugeMetricFamily("fedfleet_run_end_time_seconds", "Unix time the run was first seen over (finished, "
-                                "failed or stopped) at a scrape; absent while it is not")
+        end = GaugeMetricFamily("fedfleet_run_end_time_seconds", "Unix time the run was first seen over at a "
+                                "scrape, and how it ended (state: finished, failed or stopped); absent until then",
+                                labels=["run_id", "state"])
         if self.ended is not None:
-            end.add_metric([], self.ended)
+            end.add_metric([s.run_id, s.state], self.ended)
         yield end
