@@ -23,7 +23,7 @@ import pytest
 
 from conftest import Coordinator, Fleet, Worker
 from fedfleet.tasks.songs import ERAS
-from test_web import TIMEOUT
+from test_web import TIMEOUT, fedfleet, start_serve
 from test_web_browser import WAIT_MS, browser, page, screenshot, served_run  # noqa: F401 (fixtures)
 
 WIDTHS = (360, 390, 768, 1280, 1920)
@@ -46,7 +46,8 @@ def live_run(module_fleet: Fleet) -> Iterator[Coordinator]:
 
 def open_dashboard(page: Any, url: str, rounds: int = 1) -> None:  # noqa: F811 (the fixture's name)
     page.goto(url + "/")
-    page.wait_for_function(f"rounds.length >= {rounds} && history !== null && history.rounds.length >= {rounds}")
+    page.wait_for_function(f"rounds.length >= {rounds} && workerHistory !== null "
+                           f"&& workerHistory.rounds.length >= {rounds}")
 
 
 def test_the_dashboard_fits_every_width(browser: Any, live_run: Coordinator,  # noqa: F811
@@ -166,7 +167,7 @@ def test_round_time_bytes_and_time_left(page: Any, live_run: Coordinator) -> Non
 def test_each_workers_learning_heat_map_and_label_mix(page: Any, live_run: Coordinator) -> None:  # noqa: F811
     open_dashboard(page, live_run.url, 5)
     # Read together: the page fetches a newer history as rounds complete.
-    history, heat = page.evaluate("[history, heat.score.rows.map(r => ({label: r.label, values: r.values}))]")
+    history, heat = page.evaluate("[workerHistory, heat.score.rows.map(r => ({label: r.label, values: r.values}))]")
     api = httpx.get(f"{live_run.url}/v1/dashboard/workers", params={"offset": 0, "limit": 100},
                     timeout=TIMEOUT).json()
     assert history["total"] == api["total"] == 4
@@ -291,3 +292,22 @@ def test_charts_download_as_png_and_rounds_as_csv(page: Any, served_run: tuple[s
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert [width, height] == page.evaluate(f"[document.getElementById('{canvas}').width, "
                                                 f"document.getElementById('{canvas}').height]")
+
+
+def test_without_validation_the_heat_map_colours_by_training_loss(page: Any, tmp_path: Path) -> None:  # noqa: F811
+    run_dir = tmp_path / "run"
+    r = fedfleet("run", "--workers", "2", "--rounds", "2", "--val-fraction", "0", "--out", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc, url = start_serve(run_dir)
+    try:
+        open_dashboard(page, url, 2)
+        api = httpx.get(f"{url}/v1/dashboard/workers", timeout=TIMEOUT).json()
+        assert all(v is None for w in api["workers"] for v in w["val_accuracy"])  # no validation split
+        assert page.text_content("#heat-title") == "Each worker's local training loss by round (no validation split)"
+        assert page.evaluate("heat.score.rows.map(r => r.values)") == [w["train_loss"] for w in api["workers"]]
+        assert page.evaluate("heat.score.options.higherIsBetter") is False
+        # The second map would repeat the first: hidden.
+        assert page.is_hidden("#heat-loss-panel")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)

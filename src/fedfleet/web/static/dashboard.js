@@ -264,7 +264,7 @@ function renderConfusion() {
 // change meanwhile is fetched by the next call, from an event or the page's once-a-second tick.
 const HISTORY_EVERY_MS = 1000;
 let historyWanted = null, historyHave = null, historyBusy = false, historyAt = -Infinity;
-let history = null; // the last history drawn
+let workerHistory = null; // the last history drawn (window.history is the browser's)
 
 function wantHistory() {
   if (!rounds.length) return; // no update yet: nothing to draw
@@ -289,7 +289,7 @@ async function fetchHistory() {
 }
 
 function renderHistory(h) {
-  history = h;
+  workerHistory = h;
   const ws = h.workers;
   $("per-worker").hidden = !ws.length;
   if (!ws.length) return;
@@ -319,7 +319,8 @@ function renderLabelMix(h) {
   $("label-legend").replaceChildren(...(any ? Array.from({ length: width }, (_, k) =>
     el("span", {}, el("i", { style: `background: ${colour(k)}` }), name(k))) : []));
   $("label-mix").replaceChildren(...(any ? [] : [el("p", { class: "empty",
-    text: "No worker has reported its label counts (a task that does not classify, or workers of an older version)." })]),
+    text: "No worker has reported its label counts: the task does not classify, the run uses differential privacy "
+      + "or secure aggregation (which the counts would get around), or the workers are of an older version." })]),
   ...(!any ? [] : h.workers.map((w) => {
     const counts = w.label_counts || [];
     const n = counts.reduce((a, b) => a + b, 0);
