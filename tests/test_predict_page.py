@@ -24,6 +24,7 @@ from test_web import TIMEOUT
 from test_web_browser import (  # noqa: F401  (fixtures, used by name)
     browser,
     page,
+    pick_song,
     screenshot,
     served_run,
     served_tabular,
@@ -41,13 +42,6 @@ def search(page: Any, query: str) -> None:
     """Type ``query`` as a person would and wait for its answer to be listed."""
     page.locator("#song-search").press_sequentially(query, delay=30)
     page.wait_for_function("document.getElementById('song-search').getAttribute('aria-expanded') === 'true'")
-
-
-def pick_song(page: Any, url: str, query: str, title: str, artist: str) -> None:
-    open_page(page, url)
-    search(page, query)
-    page.locator("#song-results li", has_text=artist).filter(has_text=title).first.click()
-    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 3")
 
 
 def field_errors(page: Any) -> dict[str, str]:

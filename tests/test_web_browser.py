@@ -176,6 +176,17 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         proc.wait(timeout=TIMEOUT)
 
 
+def pick_song(page: Any, url: str, query: str, title: str, artist: str) -> None:
+    page.goto(url + "/predict")
+    search = page.locator("#song-search")
+    search.wait_for(state="visible")  # shown once the page knows the run's task offers a song search
+    search.press_sequentially(query, delay=30)  # typed, as a person would
+    match = page.locator("#song-results li", has_text=artist).filter(has_text=title).first
+    match.click()
+    page.wait_for_function("document.querySelectorAll('#probabilities .prob').length === 3")
+    assert page.is_visible("#search-panel")  # the songs task offers its search
+
+
 @pytest.fixture(scope="module")
 def served_tabular(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A finished tabular run (two sites split from one file, 2 rounds) and the URL of `fedfleet serve` serving it."""
