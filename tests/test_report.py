@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
 import hashlib
+import importlib
 import itertools
 import json
 import re
@@ -430,3 +432,10 @@ def test_plots_and_labels_of_several_dp_runs(tmp_path: Path) -> None:
     assert "- Noise multiplier σ: 0.5, solved for --dp-target-epsilon 8" in lines
     assert "- ε spent: **8** at δ 1e-06, by 4 noised rounds" in lines
     assert "--dp-seed was set" in lines  # a seeded run's noise is known to whoever knows the seed: said so
+
+
+@pytest.mark.parametrize("name", ["data", "compare", "plots", "markdown"])
+def test_docstring_examples_of_the_report_modules(name: str) -> None:
+    # tests/test_doctests.py runs the package's own; its modules' examples run here.
+    result = doctest.testmod(importlib.import_module(f"fedfleet.report.{name}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

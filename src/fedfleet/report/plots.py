@@ -95,6 +95,19 @@ def block_size(rounds: int) -> int:
     return max(1, math.ceil(rounds / MAX_BARS))
 
 
+def count_ticks(count: int) -> list[int]:
+    """Ticks of a workers axis: whole numbers, at most about six, the last one the worker count itself.
+
+    >>> count_ticks(3), count_ticks(6), count_ticks(7), count_ticks(50)
+    ([0, 1, 2, 3], [0, 2, 4, 6], [0, 2, 4, 7], [0, 10, 20, 30, 40, 50])
+    """
+    step = max(1, math.ceil(count / 5))
+    ticks = list(range(0, count, step))
+    if len(ticks) > 1 and count - ticks[-1] < step:
+        ticks.pop()  # too close to the count to label both
+    return [*ticks, count]
+
+
 def blocks(xs: Sequence[int], series: Sequence[float], size: int) -> tuple[list[float], list[float]]:
     """The centre round and the mean of each block of ``size`` rounds.
 
@@ -229,7 +242,7 @@ def _served_bars(ax: Axes, run: RunData) -> None:
     style(ax, "Rounds served per worker", xlabel, "rounds")
     ax.grid(False, axis="x")
     if not people:
-        ax.text(0.5, 0.5, "no state.sqlite in the run dir", ha="center", va="center", transform=ax.transAxes)
+        _no_state(ax)
         return
     positions = list(range(len(people)))
     bars = ax.bar(positions, [p.rounds_served for p in people], color=SERVED, width=0.7)
@@ -248,13 +261,20 @@ def _served_bars(ax: Axes, run: RunData) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _no_state(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "no state.sqlite in the run dir", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _served_image(ax: Axes, run: RunData) -> None:
     people = run.participation or []
     rounds = [r.round for r in run.rounds]
     style(ax, "Updates aggregated, worker by round", "", "worker")
     ax.grid(False)
+    ax.tick_params(labelbottom=False)  # the rounds are numbered once, under the chart below it
     if not people:
-        ax.text(0.5, 0.5, "no state.sqlite in the run dir", ha="center", va="center", transform=ax.transAxes)
+        _no_state(ax)
         return
     grid = [[1.0 if r in run.served.get(p.worker_id, ()) else 0.0 for r in rounds] for p in people]
     # Averaging neighbouring rounds when there are more than pixels keeps a part-time worker mid-blue, not
@@ -263,7 +283,6 @@ def _served_image(ax: Axes, run: RunData) -> None:
               vmin=0, vmax=1, interpolation="nearest" if len(rounds) <= 300 else "antialiased",
               extent=(min(rounds) - 0.5, max(rounds) + 0.5, len(people) - 0.5, -0.5))
     worker_ticks(ax, [p.label for p in people], [p.partition for p in people])
-    ax.tick_params(labelbottom=False)
 
 
 def _workers_per_round(ax: Axes, run: RunData) -> None:
@@ -275,7 +294,7 @@ def _workers_per_round(ax: Axes, run: RunData) -> None:
     style(ax, "", "round", "workers")
     # The axis ends at the run's worker count: a full sample touches the top, a half one sits half way.
     ax.set_ylim(0, count * 1.04)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(count, 5) or 1))
+    ax.set_yticks(count_ticks(count))
     ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
