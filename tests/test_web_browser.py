@@ -156,6 +156,11 @@ def test_dashboard_shows_the_epsilon_a_dp_run_spent(page: Any, tmp_path: Path) -
         assert page.text_content("#dp-detail") == "δ 1e-5 · σ 1 · clip 0.5"
         # The chart draws the epsilon each round recorded.
         assert page.evaluate("charts.epsilon.rows.map(r => r.dp_epsilon)") == spent and spent[-1] == dp["epsilon"]
+        # Under differential privacy the workers send no label counts (they would get around the noise): the
+        # label mix says why it is empty.
+        page.wait_for_function("workerHistory !== null")
+        assert "differential privacy" in page.text_content("#label-mix .empty")
+        assert page.locator("#label-mix .mix-row").count() == 0
         screenshot(page, tmp_path, "dashboard-dp.png")
     finally:
         proc.terminate()

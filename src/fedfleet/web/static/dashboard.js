@@ -312,26 +312,30 @@ function renderHistory(h) {
 
 // Each worker's training examples by class, as one stacked bar a worker (counts only: what the worker sent).
 function renderLabelMix(h) {
-  const width = Math.max(h.classes ? h.classes.length : 0, ...h.workers.map((w) => (w.label_counts || []).length));
   const name = (k) => (h.classes && h.classes[k] != null ? h.classes[k] : `class ${k}`);
   const colour = (k) => CLASS_COLORS[k % CLASS_COLORS.length];
-  const any = h.workers.some((w) => w.label_counts);
-  $("label-legend").replaceChildren(...(any ? Array.from({ length: width }, (_, k) =>
-    el("span", {}, el("i", { style: `background: ${colour(k)}` }), name(k))) : []));
-  $("label-mix").replaceChildren(...(any ? [] : [el("p", { class: "empty",
-    text: "No worker has reported its label counts: the task does not classify, the run uses differential privacy "
-      + "or secure aggregation (which the counts would get around), or the workers are of an older version." })]),
-  ...(!any ? [] : h.workers.map((w) => {
+  if (!h.workers.some((w) => w.label_counts)) {
+    $("label-legend").replaceChildren();
+    $("label-mix").replaceChildren(el("p", { class: "empty", text: "No worker has reported its label counts: the "
+      + "task does not classify, the run uses differential privacy or secure aggregation (which the counts would "
+      + "get around), or the workers are of an older version." }));
+    return;
+  }
+  const classes = Math.max(h.classes ? h.classes.length : 0, ...h.workers.map((w) => (w.label_counts || []).length));
+  $("label-legend").replaceChildren(...Array.from({ length: classes }, (_, k) =>
+    el("span", {}, el("i", { style: `background: ${colour(k)}` }), name(k))));
+  $("label-mix").replaceChildren(...h.workers.map((w) => {
     const counts = w.label_counts || [];
     const n = counts.reduce((a, b) => a + b, 0);
-    const segments = counts.map((k, i) => (k ? el("i", { style: `width: ${(100 * k / n).toFixed(3)}%; background: ${colour(i)}`,
-      title: `${name(i)}: ${k} (${(100 * k / n).toFixed(1)}%)` }) : null)).filter((x) => x);
+    const segments = counts.flatMap((k, i) => (k ? [el("i", {
+      style: `width: ${(100 * k / n).toFixed(3)}%; background: ${colour(i)}`,
+      title: `${name(i)}: ${k} (${(100 * k / n).toFixed(1)}%)` })] : []));
     return el("div", { class: "mix-row", dataset: { worker: w.worker_id } },
       el("span", { class: "who mono", text: w.partition, title: w.name || w.worker_id }),
       el("span", { class: "stack" }, ...segments),
       el("span", { class: "n", text: w.examples == null ? "—" : w.examples.toLocaleString("en-US"),
         title: "examples its latest update trained on" }));
-  })));
+  }));
 }
 
 // --- workers table --------------------------------------------------------------------------------------
