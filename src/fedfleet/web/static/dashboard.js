@@ -260,16 +260,18 @@ function renderConfusion() {
 }
 
 // --- each worker's own history -------------------------------------------------------------------------
-// One fetch at a time, at most one a second (a run of 0.1 s rounds would otherwise fetch ten a second); a
-// change meanwhile is fetched by the next call, from an event or the page's once-a-second tick.
+// One fetch at a time, at most one a second (a run of 0.1 s rounds would otherwise fetch ten a second), and
+// further apart when a fetch is slow (a long run's history is large): the page spends at most a fifth of its
+// time on it. A change meanwhile is fetched by the next call, from an event or the page's once-a-second tick.
 const HISTORY_EVERY_MS = 1000;
-let historyWanted = null, historyHave = null, historyBusy = false, historyAt = -Infinity;
+let historyWanted = null, historyHave = null, historyBusy = false, historyAt = -Infinity, historyTook = 0;
 let workerHistory = null; // the last history drawn (window.history is the browser's)
 
 function wantHistory() {
   if (!rounds.length) return; // no update yet: nothing to draw
   historyWanted = `${rounds.length}:${workersOffset}:${workersPage.limit}`;
-  if (!historyBusy && historyWanted !== historyHave && performance.now() - historyAt >= HISTORY_EVERY_MS) fetchHistory();
+  const every = Math.max(HISTORY_EVERY_MS, 5 * historyTook);
+  if (!historyBusy && historyWanted !== historyHave && performance.now() - historyAt >= every) fetchHistory();
 }
 
 async function fetchHistory() {
@@ -285,6 +287,7 @@ async function fetchHistory() {
     $("heat-score-readout").textContent = `Each worker's history could not be read: ${err.message}`;
   } finally {
     historyBusy = false;
+    historyTook = performance.now() - historyAt;
   }
 }
 
