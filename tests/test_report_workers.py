@@ -268,3 +268,44 @@ def test_a_task_without_classes_has_no_confusion_matrix(long_run: Path, tmp_path
     write_report([long_run], tmp_path)
     assert not (tmp_path / "confusion.png").exists()
     assert "Confusion" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_large_fleet_sampling_a_few(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 300 workers, 10 a round for 4 rounds: a histogram of rounds served instead of 300 hairline bars, the image
+    # rows of the workers that took part, and the workers axis up to the most sampled, saying of how many.
+    run = tmp_path / "fleet"
+    run.mkdir()
+    store = Store(run / "state.sqlite")
+    for w in range(300):
+        store.put_worker(f"w{w:03d}", w, f"host-{w}")
+    records = []
+    for rnd in range(1, 5):
+        chosen = [f"w{(rnd * 37 + 13 * i) % 300:03d}" for i in range(10)]
+        for wid in chosen:
+            store.record_update(rnd, 0, wid, 10, {"val_accuracy": 0.5})
+        records.append(record(rnd, participants=10, sampled=10))
+        store.record_round(records[-1], chosen)
+    store.close()
+    RunDir(run).write_rounds(records)
+    # Past MAX_HISTORY workers only those that served get a history (a million would not fit): lowered here.
+    monkeypatch.setattr("fedfleet.report.data.MAX_HISTORY", 100)
+    data = load_run(run)
+    assert data.history is not None
+    took_part = {row.worker_id for row in updates(run)[1]}
+    assert {h.worker_id for h in data.history.workers} == took_part and len(took_part) == 40
+    fig = figure_participation(data)
+    drawn(fig, tmp_path / "participation.png")
+    bars, _image_ax, counts = fig.axes
+    assert bars.get_title(loc="left") == "Workers by rounds served"
+    assert [p.get_height() for p in bars.patches] == [260, 40]  # 260 served no round, 40 served one
+    assert np.asarray(image_of(fig).get_array()).shape == (40, 4)
+    assert counts.get_ylabel() == "workers (of 300)" and counts.get_yticks()[-1] == 10
+    heat = figure_worker_heatmap(data)
+    assert heat is not None
+    assert np.asarray(image_of(heat).get_array()).shape == (40, 4)
+    # With every worker's history, 300 bars of examples and label mix would be hairs: not drawn, and said so.
+    monkeypatch.undo()
+    assert figure_worker_data(load_run(run)) is None
+    write_report([run])
+    assert "Each worker's data (examples, label mix) is drawn for up to 200 workers." in \
+        (run / "report" / "report.md").read_text()

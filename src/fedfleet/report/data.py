@@ -21,6 +21,7 @@ from fedfleet.storage.records import PrivacySummary, RoundRecord, RunSummary
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.storage.sqlite import Store
 
+MAX_HISTORY = 2000  # workers beyond which only those that served a round get a per-worker history
 LAST_N = 10  # the comparison table's "mean of the last rounds": smooths a noisy final round away
 
 
@@ -63,7 +64,7 @@ class RunData:
     workers: int | None
     participation: list[WorkerParticipation] | None  # None when the run dir has no state database
     config: dict[str, Any] | None = None  # the run's options (summary.json, else config.toml); None if unknown
-    history: RunHistory | None = None  # each worker's own numbers, aligned with ``participation``
+    history: RunHistory | None = None  # each worker's own numbers (of every worker, or of those that served)
     served: dict[str, frozenset[int]] = field(default_factory=dict)  # rounds whose aggregate used each worker
 
     @property
@@ -123,7 +124,8 @@ class RunData:
         """Each worker with its own series, in partition order; empty without a state database."""
         if self.participation is None or self.history is None:
             return []
-        return list(zip(self.participation, self.history.workers, strict=True))
+        by_id = {p.worker_id: p for p in self.participation}
+        return [(by_id[h.worker_id], h) for h in self.history.workers if h.worker_id in by_id]
 
 
 # --- reading a run -------------------------------------------------------------------------------
@@ -185,14 +187,17 @@ def read_workers(db_path: Path, workers: int | None, rounds: Sequence[int]) \
     """Participation, each worker's own series over ``rounds`` (``storage.history``, the function the
     dashboard's per-worker view uses) and the rounds each worker's update went into."""
     participation = read_participation(db_path, workers)
-    ids = [p.worker_id for p in participation]
     with closing(Store.read_only(db_path)) as store:
-        updates = store.updates(ids)
+        updates = store.updates()  # every worker's: a list of a million ids would not fit in one query
     served: dict[str, set[int]] = {}
     for row in updates:
         served.setdefault(row.worker_id, set()).add(row.round)
+    ids = [p.worker_id for p in participation]
+    if len(ids) > MAX_HISTORY:
+        # A simulated fleet of millions: a history (a row of the heat map) only for those that took part.
+        ids = [wid for wid in ids if wid in served]
     return (participation, worker_history(updates, rounds, ids),
-            {wid: frozenset(served.get(wid, ())) for wid in ids})
+            {wid: frozenset(done) for wid, done in served.items()})
 
 
 def round_phases(run: RunData) -> dict[str, list[float]]:

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fedfleet.report.compare import compare_labels, option_diff, unique_names
 from fedfleet.report.data import LAST_N, RunData, Scores, last_confusion, scores
 from fedfleet.report.plots import g
-from fedfleet.report.workers import label_mix
+from fedfleet.report.workers import MAX_MIX_WORKERS, label_mix
 
 MAX_WORKER_ROWS = 32  # workers up to which report.md lists them in a table; the charts show any number
 
@@ -149,6 +149,8 @@ def worker_lines(section: Section, heading: str) -> list[str]:
             lines += _image(heading, name, section.prefix)
     if "worker_heatmap.png" not in section.plots:
         lines += ["The workers reported no validation accuracy or training loss of their own.", ""]
+    if "worker_data.png" not in section.plots and len(section.run.worker_rows()) > MAX_MIX_WORKERS:
+        lines += [f"Each worker's data (examples, label mix) is drawn for up to {MAX_MIX_WORKERS} workers.", ""]
     rows = worker_table(section.run)
     if rows:
         lines += [*rows, ""]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedfleet.errors import StorageError
 from fedfleet.report.compare import compare_labels
-from fedfleet.report.data import RunData, accuracies, round_phases
+from fedfleet.report.data import RunData, WorkerParticipation, accuracies, round_phases
 
 DPI = 110
 # One colour per phase of a round, in the order the phases happen; the three parts of the open round
@@ -39,6 +40,7 @@ PHASE_COLOURS = {
 SERVED = "#4c78a8"
 CUT_FACTOR = 4.0  # the round-time axis is cut at this many median rounds when a round is longer
 FULL_NAMES = 12  # workers up to which charts write out partition names
+MAX_WORKER_BARS = 200  # workers up to which rounds served is a bar per worker; beyond, a histogram
 MAX_BARS = 80  # more rounds than this are drawn as one bar per block of rounds: single ones would be stripes
 
 
@@ -76,13 +78,13 @@ def g(value: float) -> str:
     return f"{value:.3g}"
 
 
-def worker_ticks(ax: Axes, labels: Sequence[str], partitions: Sequence[int | None]) -> None:
+def worker_ticks(ax: Axes, labels: Sequence[str], partitions: Sequence[int | None], most: int = 40) -> None:
     """Name the rows of a worker × round image: partition names for a few workers, their numbers for many
-    (every few of them beyond about forty, so that they do not overlap)."""
+    (every few of them beyond ``most``, so that they do not overlap)."""
     many = len(labels) > FULL_NAMES
     shown = [label if not many else f"{p:03d}" if p is not None else "repl." for label, p in
              zip(labels, partitions, strict=True)]
-    step = max(1, math.ceil(len(labels) / 40))
+    step = max(1, math.ceil(len(labels) / most))
     ax.set_yticks(range(0, len(labels), step), shown[::step], fontsize=8 if not many else 7)
 
 
@@ -244,6 +246,9 @@ def _served_bars(ax: Axes, run: RunData) -> None:
     if not people:
         _no_state(ax)
         return
+    if len(people) > MAX_WORKER_BARS:
+        _served_histogram(ax, run, people)
+        return
     positions = list(range(len(people)))
     bars = ax.bar(positions, [p.rounds_served for p in people], color=SERVED, width=0.7)
     if not many:
@@ -258,6 +263,19 @@ def _served_bars(ax: Axes, run: RunData) -> None:
     ax.axhline(len(run.rounds), color="#e45756", linestyle="--", linewidth=1,
                label=f"rounds completed ({len(run.rounds)})")
     ax.set_ylim(0, len(run.rounds) * 1.1)  # room for the bars' labels above a worker that served every round
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _served_histogram(ax: Axes, run: RunData, people: Sequence[WorkerParticipation]) -> None:
+    """Thousands of workers: how many workers served each number of rounds (a bar per worker would be a hair)."""
+    served = Counter(p.rounds_served for p in people)
+    xs = sorted(served)
+    bars = ax.bar(xs, [served[x] for x in xs], color=SERVED, width=0.8)
+    if len(xs) <= 30:
+        ax.bar_label(bars, fontsize=8, padding=2)
+    style(ax, "Workers by rounds served", f"rounds served (of {len(run.rounds)})", "workers")
+    ax.grid(False, axis="x")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -276,13 +294,21 @@ def _served_image(ax: Axes, run: RunData) -> None:
     if not people:
         _no_state(ax)
         return
+    if len(people) > MAX_WORKER_BARS:
+        # Thousands of workers, a few sampled: rows for those that took part, or the image is all grey.
+        people = [p for p in people if run.served.get(p.worker_id)]
+        ax.set_title(f"Updates aggregated, by round: the {len(people):,} workers that took part", fontsize=12,
+                     loc="left")
+        if not people:
+            return
     grid = [[1.0 if r in run.served.get(p.worker_id, ()) else 0.0 for r in rounds] for p in people]
-    # Averaging neighbouring rounds when there are more than pixels keeps a part-time worker mid-blue, not
-    # a moiré of whichever rounds the resampling happened to hit.
-    ax.imshow(grid, aspect="auto", cmap=ListedColormap(["#f0f0f0", SERVED]) if len(rounds) <= 300 else "Blues",
-              vmin=0, vmax=1, interpolation="nearest" if len(rounds) <= 300 else "antialiased",
+    # More rounds or workers than pixels: averaging neighbours keeps a part-time worker mid-blue, not a
+    # moiré of whichever cells the resampling happened to hit.
+    dense = len(rounds) > 300 or len(people) > 300
+    ax.imshow(grid, aspect="auto", cmap="Blues" if dense else ListedColormap(["#f0f0f0", SERVED]),
+              vmin=0, vmax=1, interpolation="antialiased" if dense else "nearest",
               extent=(min(rounds) - 0.5, max(rounds) + 0.5, len(people) - 0.5, -0.5))
-    worker_ticks(ax, [p.label for p in people], [p.partition for p in people])
+    worker_ticks(ax, [p.label for p in people], [p.partition for p in people], most=12)
 
 
 def _workers_per_round(ax: Axes, run: RunData) -> None:
@@ -291,10 +317,14 @@ def _workers_per_round(ax: Axes, run: RunData) -> None:
     ax.step(xs, [r.sampled for r in run.rounds], where="mid", color="#888888", linewidth=1.2, label="sampled")
     ax.fill_between(xs, [r.participants for r in run.rounds], step="mid", color=SERVED, alpha=0.6, linewidth=0,
                     label="answered in time (aggregated)")
-    style(ax, "", "round", "workers")
-    # The axis ends at the run's worker count: a full sample touches the top, a half one sits half way.
-    ax.set_ylim(0, count * 1.04)
-    ax.set_yticks(count_ticks(count))
+    most = max(r.sampled for r in run.rounds)
+    # The axis ends at the run's worker count: a full sample touches the top, a half one sits half way. A
+    # fleet of thousands sampling a few would leave the lines flat on the floor: there it ends at the most
+    # sampled, and says of how many.
+    top = count if most * 4 >= count else most
+    style(ax, "", "round", "workers" if top == count else f"workers (of {count:,})")
+    ax.set_ylim(0, top * 1.04)
+    ax.set_yticks(count_ticks(top))
     ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

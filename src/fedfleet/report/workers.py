@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from fedfleet.report.data import Confusion, RunData, class_names
 from fedfleet.report.plots import FULL_NAMES, figure, style, worker_ticks
 
+MAX_MIX_WORKERS = 200  # workers up to which their label mix is drawn, a bar each; beyond, the bars would be hairs
 LINES_UP_TO = 12  # workers whose training loss is drawn as a line each; more are drawn as an image
 MISSING = "#e8e8e8"  # a round the worker took no part in (or reported nothing for)
 NOTES = {  # what the heat map's numbers are: the workers', measured on their own data
@@ -149,7 +150,7 @@ def figure_worker_data(run: RunData) -> Figure | None:
     """Each worker's label mix as stacked bars of its examples per class (left: counts, so a bar's length
     is its example count; right: shares, so that a small worker's skew shows too)."""
     mix = label_mix(run)
-    if mix is None:
+    if mix is None or len(mix.labels) > MAX_MIX_WORKERS:
         return None
     n = len(mix.labels)
     fig = figure(11, min(max(3.8, 2.4 + 0.3 * n), 16))
