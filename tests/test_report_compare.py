@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,14 @@ def test_a_run_whose_options_are_unknown_is_said_so(pair: tuple[Path, Path], tmp
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Options unknown (no config.toml or summary.json): bare." in text
     assert table_rows(text)["bare"]["fraction"] == "?"
+
+
+def test_strategy_and_task_options_label_runs_too(pair: tuple[Path, Path]) -> None:
+    # The strategy's and the task's own options are options: one run's prox_mu against another's unset one.
+    base = load_run(pair[0])
+    assert base.config is not None
+    prox = replace(base, name="prox", config={**base.config, "strategy": "fedprox",
+                                              "strategy_options": {"prox_mu": "0.01"},
+                                              "task_options": {"data_dir": "songs"}})
+    assert compare_labels([base, prox]) == ["long (strategy=fedavg, task.data_dir=-, strategy.prox_mu=-)",
+                                            "prox (strategy=fedprox, task.data_dir=songs, strategy.prox_mu=0.01)"]
