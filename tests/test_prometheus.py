@@ -248,6 +248,9 @@ def test_dashboards_read_only_what_the_processes_export_as_they_should(exporters
         ends = [a for a in board["annotations"]["list"] if "fedfleet_run_end_time_seconds" in a.get("expr", "")]
         # The gauges hold the times themselves: Grafana is told to put the annotation there.
         assert len(starts) == len(ends) == 1 and starts[0]["useValueForTime"] and ends[0]["useValueForTime"]
+        # The end gauge is there only if a scrape saw the run over; the run's span, as a region, always is.
+        (span,) = [a for a in board["annotations"]["list"] if a.get("expr", "").startswith("fedfleet_run_info{")]
+        assert not span["useValueForTime"], path.name
 
 
 def panel_queries() -> dict[str, list[Query]]:
