@@ -172,6 +172,10 @@ def test_run_id_is_joined_in_from_the_info_metric(live: Live) -> None:
     assert carriers == {"fedfleet_run_info", "fedfleet_run_start_time_seconds"}
     start = live.wait_for(f'fedfleet_run_start_time_seconds{{run_id="{run_id}"}}')
     assert time.time() - 600 < float(start[0]["value"][1]) < time.time()
+    # Picking another run leaves every panel of both dashboards empty, the workers' included.
+    for q in dashboard_queries():
+        if not q.panel.startswith("variable $"):
+            assert live.query(grafana_to_promql(q.expr, RATE_WINDOW, run_id="not-this-run")) == [], q
 
 
 def test_no_created_series(exporters: Exporters) -> None:
