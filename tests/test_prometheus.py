@@ -294,3 +294,37 @@ def test_run_start_annotation_sits_at_the_run_start(live: Live) -> None:
     process_start = float(live.wait_for(f'process_start_time_seconds{{job="{COORDINATOR_JOB}"}}')[0]["value"][1])
     # Grafana reads the value as the time in ms: the coordinator's start, give or take its import time.
     assert process_start <= started_ms / 1000 < process_start + 120
+
+
+# --- the end of a run is there to be scraped --------------------------------------------------------
+def test_a_scraped_coordinator_stays_up_after_its_run_until_a_scrape_saw_the_end(fleet: Fleet) -> None:
+    """--linger 0: the coordinator does not wait for its workers to hear the run is over. Scraped once
+    (while it waits for workers), it still stays up after the run finished, for a scrape to see the end
+    (at most two scrape intervals: 2 min here, Prometheus's default interval, as it saw only one
+    scrape), and exits soon after one did."""
+    coord = fleet.coordinator("--task", "null", "--task-option", "params=1000", "--workers", "1", "--rounds", "2",
+                              "--linger", "0")
+    before = httpx.get(f"{coord.url}/metrics", timeout=TIMEOUT).text
+    assert 'fedfleet_run_state{state="waiting"} 1.0' in before
+    assert "fedfleet_run_end_time_seconds{" not in before
+    worker = fleet.worker(coord.url)
+    assert worker.proc.wait(timeout=120) == 0, worker.log_text()  # it leaves once told the run is over
+    # The run is over and no worker is left: without a scrape to wait for, the process would be gone.
+    status = httpx.get(f"{coord.url}/v1/status", timeout=TIMEOUT).json()
+    assert status["state"] == "finished", status
+    assert coord.proc.poll() is None
+    after = httpx.get(f"{coord.url}/metrics", timeout=TIMEOUT).text
+    assert 'fedfleet_run_state{state="finished"} 1.0' in after
+    assert f'fedfleet_run_end_time_seconds{{run_id="{status["run_id"]}",state="finished"}}' in after
+    assert coord.proc.wait(timeout=TIMEOUT) == 0, coord.log_text()
+    assert "coordinator.linger_for_scrape" in coord.log_text()
+
+
+def test_a_coordinator_nobody_scraped_exits_as_soon_as_its_workers_heard(fleet: Fleet) -> None:
+    coord = fleet.coordinator("--task", "null", "--task-option", "params=1000", "--workers", "1", "--rounds", "2",
+                              "--linger", "60")
+    worker = fleet.worker(coord.url)
+    assert worker.proc.wait(timeout=120) == 0, worker.log_text()
+    # Well under --linger (60 s) and the scrape wait (120 s): it went as its worker heard.
+    assert coord.proc.wait(timeout=TIMEOUT) == 0, coord.log_text()
+    assert "coordinator.linger_for_scrape" not in coord.log_text()

@@ -1047,13 +1047,40 @@ class Engine:
             dp=self._privacy.summary(len(self._history), self._history) if self._privacy is not None else None)
 
     async def _linger(self) -> None:
-        """Keep answering polls until every live worker heard the run is over, or ``linger`` passed."""
-        end = time.monotonic() + self.linger
-        while time.monotonic() < end:
-            if all(w.stopped for w in self._registry.live()):
+        """Keep answering polls and scrapes after the run ended (finished or failed): until every live worker
+        heard the run is over, or ``linger`` passed; and, if /metrics has been scraped, until a scrape saw the
+        end or two scrape intervals passed (see ``scrape_linger``), so that Prometheus records how the run
+        ended (alerts, dashboards) rather than a target that went away. A run stopped by a signal does not
+        come here: the signal asks the process to exit."""
+        now = time.monotonic()
+        workers_end = now + self.linger
+        scrape_end = now + scrape_linger(self.metrics.scrape_interval) if self.metrics.scrapes else now
+        if scrape_end > now:
+            log.event("coordinator.linger_for_scrape", run=self.run_id, seconds=round(scrape_end - now, 1))
+        while True:
+            now = time.monotonic()
+            for_workers = now < workers_end and not all(w.stopped for w in self._registry.live())
+            for_scrape = now < scrape_end and not self.metrics.end_scraped
+            if not (for_workers or for_scrape):
                 break
-            await self._wait_change(min(0.5, end - time.monotonic()))
+            await self._wait_change(min(0.5, max(workers_end, scrape_end) - now))
         self.done.set()
+
+
+# A coordinator that has been scraped waits after its run for a scrape to see the end, at most two scrape
+# intervals: the one measured between its last two scrapes, or Prometheus's default (global
+# scrape_interval: 1m) when it saw only one; never over SCRAPE_LINGER_MAX (a scraper that stopped).
+DEFAULT_SCRAPE_INTERVAL = 60.0
+SCRAPE_LINGER_MAX = 300.0
+
+
+def scrape_linger(interval: float | None) -> float:
+    """Seconds to wait after the run for a scrape, scrapes ``interval`` seconds apart (None: unknown).
+
+    >>> scrape_linger(5.0), scrape_linger(None), scrape_linger(3600.0)
+    (10.0, 120.0, 300.0)
+    """
+    return min(SCRAPE_LINGER_MAX, 2 * (DEFAULT_SCRAPE_INTERVAL if interval is None else interval))
 
 
 def data_source(config: RunConfig, task: object) -> str:

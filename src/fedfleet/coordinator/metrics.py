@@ -132,8 +132,12 @@ class CoordinatorMetrics:
             self.metrics_dropped.labels(reason=reason)
         for kind in UPDATE_KINDS:
             self.rounds_not_applied.labels(kind=kind)
-        r.register(_EngineGauges(snapshot, started=time.time()))
+        self.gauges = _EngineGauges(snapshot, started=time.time())
+        r.register(self.gauges)
         ProcessCollector(registry=r)
+        # Monotonic times of the last two scrapes: the engine lingers after the run for a scrape to see
+        # the end only when something scrapes, for about as long as it scrapes apart.
+        self.scrapes: list[float] = []
 
     # --- events ----------------------------------------------------------------------------------
     def update_accepted(self, kind: str, nbytes: int) -> None:
@@ -177,7 +181,18 @@ class CoordinatorMetrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape body and its content type, in the format the scraper asked for (``Accept``)."""
         encoder, content_type = choose_encoder(accept or "")
+        self.scrapes = [*self.scrapes[-1:], time.monotonic()]
         return encoder(self.registry), content_type
+
+    @property
+    def scrape_interval(self) -> float | None:
+        """Seconds between the last two scrapes; None before the second."""
+        return self.scrapes[1] - self.scrapes[0] if len(self.scrapes) == 2 else None
+
+    @property
+    def end_scraped(self) -> bool:
+        """Whether a scrape has seen the run over (and so exported its end time and state)."""
+        return self.gauges.ended is not None
 
 
 class _EngineGauges:
