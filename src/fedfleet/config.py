@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -352,3 +352,43 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}.", option="config") from exc
     # TOML keys may use dashes like the flags do.
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+UNSET = "-"  # an option one run sets and another leaves unset (e.g. --dp-clip without --dp in the other)
+
+
+def flat_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """A run's config (``RunConfig.to_dict()``, or summary.json's ``config``) as ``name: value`` strings, in
+    the config's order: task and strategy options flattened as ``task.NAME`` and ``strategy.NAME``, unset
+    options (None, empty tables) left out. What a run list or a comparison of runs labels runs by.
+
+    >>> flat_options({"fraction": 0.5, "dp_clip": None, "task_options": {"model": "mlp"}, "strategy_options": {}})
+    {'fraction': '0.5', 'task.model': 'mlp'}
+    """
+    out: dict[str, str] = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            prefix = "task" if name == "task_options" else "strategy" if name == "strategy_options" else name
+            out.update({f"{prefix}.{k}": _option_text(v) for k, v in sorted(value.items())})
+        elif value is not None:
+            out[name] = _option_text(value)
+    return out
+
+
+def differing_options(runs: Sequence[Mapping[str, str]]) -> list[str]:
+    """The names of the ``flat_options`` whose values are not the same in every run (one a run leaves unset
+    counts as ``UNSET``), in the order the runs name them: what tells the runs apart.
+
+    >>> differing_options([{"lr": "0.1", "rounds": "5"}, {"lr": "0.2", "rounds": "5", "task.model": "mlp"}])
+    ['lr', 'task.model']
+    >>> differing_options([{"lr": "0.1"}])
+    []
+    """
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    return [n for n in names if len({run.get(n, UNSET) for run in runs}) > 1]
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -28,7 +28,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fedfleet.errors import StorageError
-from fedfleet.report.compare import compare_labels, option_diff, options, unique_names
+from fedfleet.report.compare import compare_labels, option_diff, unique_names
 from fedfleet.report.data import (
     LAST_N,
     Confusion,
@@ -96,7 +96,6 @@ __all__ = [
     "load_run",
     "main",
     "option_diff",
-    "options",
     "plot_accuracy_loss",
     "plot_compare",
     "plot_compare_privacy",

@@ -9,34 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from fedfleet.config import UNSET, differing_options, flat_options
 from fedfleet.report.data import RunData
-
-UNSET = "-"  # an option one run sets and another leaves unset (e.g. --dp-clip without --dp in the other)
-
-
-def options(config: dict[str, Any]) -> dict[str, str]:
-    """A config as ``name: value`` strings, in the config's order; task and strategy options flattened,
-    unset options (None, empty tables) left out.
-
-    >>> options({"fraction": 0.5, "dp_clip": None, "task_options": {"model": "mlp"}, "strategy_options": {}})
-    {'fraction': '0.5', 'task.model': 'mlp'}
-    """
-    out: dict[str, str] = {}
-    for name, value in config.items():
-        if isinstance(value, dict):
-            prefix = "task" if name == "task_options" else "strategy" if name == "strategy_options" else name
-            out.update({f"{prefix}.{k}": _text(v) for k, v in sorted(value.items())})
-        elif value is not None:
-            out[name] = _text(value)
-    return out
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -54,12 +29,10 @@ class OptionDiff:
 def option_diff(runs: Sequence[RunData]) -> OptionDiff:
     """The options that set ``runs`` apart, and those they share. A run whose config cannot be read
     (a folder with only metrics.jsonl) takes no part: it would make every option look different."""
-    values = [options(run.config) if run.config is not None else None for run in runs]
+    values = [flat_options(run.config) if run.config is not None else None for run in runs]
     known = [v for v in values if v is not None]
-    names: list[str] = []
-    for v in known:  # every name any run sets, in config order (the first run's, then new ones)
-        names += [n for n in v if n not in names]
-    differing = [n for n in names if len({v.get(n, UNSET) for v in known}) > 1]
+    names = list(dict.fromkeys(n for v in known for n in v))  # in config order: the first run's, then new ones
+    differing = differing_options(known)
     common = {n: known[0][n] for n in names if n not in differing and all(n in v for v in known)} if known else {}
     return OptionDiff(differing, common, values)
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedfleet.config import differing_options, flat_options
 from fedfleet.coordinator.server import ADDRESS_FILE
 from fedfleet.errors import FedfleetError
 from fedfleet.storage.records import RoundRecord, RunSummary
@@ -48,7 +49,7 @@ class RunEntry:
     scored_by: str = "test"  # "test": the held-out set; "federated": the workers' validation splits
     ended: float | None = None  # unix seconds the run last wrote: its summary, else its last round
     message: str = ""
-    options: dict[str, Any] = field(default_factory=dict)  # config.toml, task and strategy options flattened
+    options: dict[str, str] = field(default_factory=dict)  # config.flat_options: what the run was set to
     error: str | None = None  # why the folder cannot be read (state "damaged")
     dashboard: bool = False  # it has what its dashboard needs: a summary and a final model
 
@@ -174,34 +175,6 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
-
-
-def flat_options(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config as one level: ``task_options`` and ``strategy_options`` become ``task_options.NAME``.
-
-    >>> flat_options({"lr": 0.1, "task_options": {"label": "y"}, "strategy_options": {}})
-    {'lr': 0.1, 'task_options.label': 'y'}
-    """
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def differing_options(options: Sequence[dict[str, Any]]) -> list[str]:
-    """The option names whose values are not the same in every run, in the order the runs name them: what
-    tells the runs apart. An option a run does not have counts as None.
-
-    >>> differing_options([{"lr": 0.1, "rounds": 5}, {"lr": 0.2, "rounds": 5, "task_options.model": "mlp"}])
-    ['lr', 'task_options.model']
-    >>> differing_options([{"lr": 0.1}])
-    []
-    """
-    names = list(dict.fromkeys(k for o in options for k in o))
-    return [k for k in names if len({repr(o.get(k)) for o in options}) > 1]
 
 
 def _finite(obj: Any) -> Any:
