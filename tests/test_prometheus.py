@@ -169,13 +169,27 @@ def test_run_id_is_joined_in_from_the_info_metric(live: Live) -> None:
     assert [r["metric"]["run_id"] for r in joined] == [run_id]
     assert joined[0]["metric"]["instance"] == live.exporters.coordinator
     carriers = {r["metric"]["__name__"] for r in live.query('{run_id!=""}')}
-    assert carriers == {"fedfleet_run_info", "fedfleet_run_start_time_seconds"}
+    assert carriers == {"fedfleet_run_info", "fedfleet_run_start_time_seconds", "fedfleet_worker_run_info"}
     start = live.wait_for(f'fedfleet_run_start_time_seconds{{run_id="{run_id}"}}')
     assert time.time() - 600 < float(start[0]["value"][1]) < time.time()
     # Picking another run leaves every panel of both dashboards empty, the workers' included.
     for q in dashboard_queries():
         if not q.panel.startswith("variable $"):
             assert live.query(grafana_to_promql(q.expr, RATE_WINDOW, run_id="not-this-run")) == [], q
+
+
+def test_a_worker_process_names_the_run_it_joined(live: Live) -> None:
+    """The worker's own info series carries the run id its workers registered with (the coordinator's):
+    joined in on the target, it puts the run on any worker series, and another run id picks none."""
+    run_id = run_id_of(live)
+    own = [line for line in live.exporters.text(live.exporters.worker).splitlines()
+           if line.startswith("fedfleet_worker_run_info{")]
+    assert own == [f'fedfleet_worker_run_info{{run_id="{run_id}"}} 1.0']
+    join = "fedfleet_worker_clients * on (job, instance) group_left (run_id) fedfleet_worker_run_info"
+    joined = live.wait_for(f'{join}{{run_id="{run_id}"}}')
+    assert [(r["metric"]["run_id"], r["metric"]["instance"]) for r in joined] == [(run_id, live.exporters.worker)]
+    assert float(joined[0]["value"][1]) == 2
+    assert live.query(f'{join}{{run_id="not-this-run"}}') == []
 
 
 def test_no_created_series(exporters: Exporters) -> None:

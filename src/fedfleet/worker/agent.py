@@ -218,11 +218,12 @@ class WorkerProcess:
     def client(self, timeout: float = 60.0) -> CoordinatorClient:
         return CoordinatorClient(self.url, timeout=timeout, verify=self.verify, join_token=self.join_token)
 
-    def joined(self, worker_id: str, poll_seconds: float, token: str | None) -> None:
-        with self._lock:
+    def joined(self, worker_id: str, poll_seconds: float, token: str | None, run_id: str) -> None:
+        with self._lock:  # the logical workers register from threads of their own
             self._ids[worker_id] = token
             self._poll_seconds = poll_seconds
             self.metrics.clients.set(len(self._ids))
+            self.metrics.joined_run(run_id)
 
     # --- threads ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -339,7 +340,7 @@ class Agent:
         # The worker token is a credential: the file is readable by this user only.
         write_text_atomic(self.id_file, json.dumps({"worker_id": reg.worker_id, "coordinator": self.proc.url,
                                                     "token": reg.token}), mode=0o600)
-        self.proc.joined(reg.worker_id, reg.poll_seconds, reg.token)
+        self.proc.joined(reg.worker_id, reg.poll_seconds, reg.token, reg.run_id)
         # The partition's index, spelt as the coordinator's worker.registered line spells it.
         log.event("worker.registered", worker=reg.worker_id, partition=reg.partition.index, name=self.name,
                   run=reg.run_id)

@@ -69,9 +69,24 @@ class WorkerMetrics:
             "an update because they were NaN or infinite", registry=r)
         self.clients = Gauge("fedfleet_worker_clients", "Logical workers of this process registered with the "
                              "coordinator", registry=r)
+        # As the coordinator's fedfleet_run_info: the run on one info series, joined in on the target
+        # (X * on (job, instance) group_left (run_id) fedfleet_worker_run_info), not a label on every series.
+        self.run_info = Gauge("fedfleet_worker_run_info", "Always 1; run_id names the run this process's workers "
+                              "joined (absent until one registered). Join it in for the run id: "
+                              "X * on (job, instance) group_left (run_id) fedfleet_worker_run_info",
+                              ["run_id"], registry=r)
+        self._run_id: str | None = None
         for result in UPLOAD_RESULTS:
             self.uploads.labels(result=result)
         ProcessCollector(registry=r)
+
+    def joined_run(self, run_id: str) -> None:
+        """A worker of this process registered with the run ``run_id``: the info series names it (only it:
+        a coordinator restarted with a new run replaces the old one)."""
+        if run_id != self._run_id:
+            self.run_info.clear()
+            self.run_info.labels(run_id=run_id).set(1)
+            self._run_id = run_id
 
     def trained(self, seconds: float, examples: int) -> None:
         """One local fit of ``examples`` examples (every epoch counted) that took ``seconds``."""
