@@ -1,0 +1,170 @@
+"""Federated histogram gradient-boosted trees (``model=gbdt``): the maths on hand-checked data, the federated
+booster against the central one on the same bins, and runs of the songs and tabular tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedfleet.errors import TaskError
+from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.tasks.trees import booster, run_problem
+from fedfleet.tasks.trees.bins import grid_counts, quantile_edges, uniform_edges
+from fedfleet.tasks.trees.booster import Forest, Params
+from fedfleet.types import TensorSpec
+
+
+def small(**over: object) -> Params:
+    base: dict[str, object] = {"n_trees": 3, "max_depth": 2, "learning_rate": 1.0, "min_child_weight": 0.0,
+                               "l2": 0.0, "bins": 4, "features": 2, "outputs": 1, "regression": True}
+    return Params(**{**base, **over})  # type: ignore[arg-type]
+
+
+# --- one node: leaves and splits, by hand -------------------------------------------------------------
+
+def test_leaf_is_minus_g_over_h_plus_l2_times_the_rate() -> None:
+    assert float(booster.leaf_value(6.0, 2.0, 1.0, 1.0)) == -2.0
+    assert float(booster.leaf_value(6.0, 2.0, 1.0, 0.1)) == pytest.approx(-0.2)
+    assert float(booster.leaf_value(0.0, 0.0, 0.0, 1.0)) == 0.0  # an empty node, no penalty: 0, not NaN
+
+
+def test_best_split_by_hand() -> None:
+    # Feature 0 separates the negative gradients (bins 0, 1) from the positive ones (bins 2, 3); feature 1 is
+    # noise. Gain at threshold 1 with λ=0: (-4)²/2 + 4²/2 − 0 = 16; at threshold 0: 9/1 + 9/3 = 12.
+    g = np.array([[-3.0, -1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    h = np.ones((2, 4))
+    assert booster.best_split(g, h, 0.0, 0.0) == (0, 1, 16.0)
+    # λ = 2: 16/4 + 16/4 − 0 = 8.
+    assert booster.best_split(g, h, 2.0, 0.0) == (0, 1, 8.0)
+    # Children need a hessian of 3 each out of 4: no split qualifies.
+    assert booster.best_split(g, h, 0.0, 3.0)[:2] == (-1, -1)
+    # Nothing to gain (all gradients equal): no split.
+    assert booster.best_split(np.ones((1, 4)), np.ones((1, 4)), 0.0, 0.0)[:2] == (-1, -1)
+
+
+def test_gradients_of_softmax_and_squares() -> None:
+    raw = np.zeros((2, 3))
+    g, h = booster.gradients(raw, np.array([0, 2]), regression=False)
+    assert np.allclose(g, [[-2 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, -2 / 3]])
+    assert np.allclose(h, 2 / 9)
+    g, h = booster.gradients(np.array([[1.0], [0.0]]), np.array([0.5, 2.0]), regression=True)
+    assert g.ravel().tolist() == [0.5, -2.0] and h.ravel().tolist() == [1.0, 1.0]
+
+
+def test_bins_and_edges() -> None:
+    x = np.array([[0.0, 5.0], [0.25, 5.0], [0.5, 6.0], [1.0, 7.0]])
+    edges = np.array([[0.25, 0.5, 0.75], [5.0, 5.5, 6.5]])
+    assert booster.binned(x, edges).tolist() == [[0, 1], [1, 1], [2, 2], [3, 3]]
+    assert uniform_edges(np.array([0.0, 5.0]), np.array([1.0, 7.0]), 4).tolist() == [[0.25, 0.5, 0.75],
+                                                                                    [5.5, 6.0, 6.5]]
+    # A skewed feature: 8 values at 0..0.1 and 2 far out; quantile edges follow the mass, uniform ones do not.
+    skew = np.concatenate([np.linspace(0.0, 0.1, 8), [9.0, 10.0]])[:, None]
+    counts = grid_counts(skew, np.array([0.0]), np.array([10.0]), 1000)
+    assert counts.sum() == 10
+    q = quantile_edges(counts, np.array([0.0]), np.array([10.0]), 2)
+    assert 0.05 <= q[0, 0] <= 0.08  # the median of the 10 values, to a cell of 0.01
+
+
+def test_histograms_sum_by_node_feature_and_bin() -> None:
+    bins = np.array([[0, 1], [1, 1], [1, 0]])
+    pos = np.array([0, 1, -1])  # the third example stopped at a leaf above
+    hist = booster.histograms(bins, pos, np.array([2.0, 3.0, 100.0]), 2, 2)
+    assert hist.tolist() == [[[2.0, 0.0], [0.0, 2.0]], [[0.0, 3.0], [0.0, 3.0]]]
+
+
+# --- a tree grown level by level, by hand ------------------------------------------------------------
+
+def test_one_tree_by_hand() -> None:
+    # x0 in bins 0..3, target is -1 for x0 < 0.5 and +1 otherwise; x1 is noise. Depth 1, one tree, lr 1, λ 0:
+    # the root splits x0 at bin 1 (edge 0.5), leaves -mean(g) = the targets' means: -1 and +1.
+    x = np.array([[0.1, 0.0], [0.3, 1.0], [0.6, 0.0], [0.9, 1.0]])
+    y = np.array([-1.0, -1.0, 1.0, 1.0])
+    p = small(n_trees=1, max_depth=1)
+    edges = np.array([[0.25, 0.5, 0.75], [0.25, 0.5, 0.75]])
+    weights = booster.fit_central(x, y, p, edges)
+    forest = booster.finalised(weights, p)
+    assert forest.feature[0, 0, 0] == 0 and forest.threshold[0, 0, 0] == 1
+    assert forest.value[0, 0, 1:3].tolist() == [-1.0, 1.0]
+    assert booster.predict_raw(weights, x, p)[:, 0].tolist() == y.tolist()
+
+
+def test_rounds_are_levels_and_the_cursor_moves() -> None:
+    p = small()
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 2))
+    y = np.where(x[:, 0] > 0.5, 1.0, 0.0) + np.where(x[:, 1] > 0.5, 0.5, 0.0)
+    weights = booster.init_weights(p, uniform_edges(np.zeros(2), np.ones(2), p.bins), 40)
+    cursors = []
+    for _ in range(p.rounds):
+        weights = booster.grow(weights, x, y, p)[0]
+        cursors.append(weights[booster.CURSOR].tolist())
+    assert cursors == [[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1], [2, 0, 1], [2, 1, 1]]
+    pred = booster.predict_raw(weights, x, p)[:, 0]
+    assert np.mean((pred - y) ** 2) < 0.01 * np.var(y)  # 3 depth-2 trees at lr 1 fit this step function
+
+
+# --- federated = central --------------------------------------------------------------------------------
+
+def federated(parts: list[tuple[np.ndarray, np.ndarray]], p: Params, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """The run as the coordinator does it: each round, every worker grows from the global model and the new
+    global is global + Σ nᵢ(wᵢ − global)/Σ nᵢ, in float64 (strategies.accumulate.WeightedSum, FedAvg)."""
+    total = sum(len(y) for _, y in parts)
+    weights = booster.init_weights(p, edges, total)
+    schema = tuple(TensorSpec(k, "float64", v.shape) for k, v in weights.items())
+    for _ in range(p.rounds):
+        acc = WeightedSum(schema, base=weights)
+        for x, y in parts:
+            acc.add(booster.grow(weights, x, y, p)[0], float(len(y)))
+        mean = acc.mean()
+        weights = {k: weights[k] + mean[k] for k in weights}
+    return weights
+
+
+def test_federated_trees_equal_central_ones() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 3))
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 > 0.3).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
+    p = small(n_trees=4, max_depth=3, learning_rate=0.3, min_child_weight=1.0, l2=1.0, bins=16, features=3,
+              outputs=3, regression=False)
+    edges = quantile_edges(grid_counts(x, np.full(3, -4.0), np.full(3, 4.0), 512), np.full(3, -4.0),
+                           np.full(3, 4.0), p.bins)
+    # Unequal, label-skewed parts: the mean of per-example histograms weighted by examples is still the pooled one.
+    order = np.argsort(y, kind="stable")
+    cuts = [order[:40], order[40:190], order[190:]]
+    fed = federated([(x[c], y[c]) for c in cuts], p, edges)
+    central = booster.fit_central(x, y, p, edges)
+    f, c = booster.finalised(fed, p), booster.finalised(central, p)
+    assert np.array_equal(f.feature, c.feature) and np.array_equal(f.threshold, c.threshold)
+    assert np.allclose(f.value, c.value, rtol=1e-9, atol=1e-12)
+    assert (f.feature >= 0).sum() > 10  # real trees, not stumps
+    raw = booster.predict_raw(fed, x, p)
+    assert np.allclose(raw, booster.predict_raw(central, x, p), atol=1e-9)
+    assert (raw.argmax(axis=1) == y).mean() > 0.8
+
+
+def test_workers_that_disagree_are_refused() -> None:
+    p = small()
+    weights = booster.init_weights(p, uniform_edges(np.zeros(2), np.ones(2), p.bins), 10)
+    weights[booster.FEATURE] = weights[booster.FEATURE] + 0.5  # the mean of a split on 0 and one on 1
+    with pytest.raises(TaskError, match="not whole numbers"):
+        Forest.of(weights, p)
+    with pytest.raises(TaskError, match="shape"):
+        Forest.of({**weights, booster.GRAD: np.zeros(3)}, p)
+
+
+def test_run_problems_name_the_option() -> None:
+    class Config:
+        strategy, dp, secure_aggregation, rounds = "fedavg", "none", "off", 6
+        strategy_options: tuple[tuple[str, str], ...] = ()
+
+    p = small()
+    assert run_problem(Config(), p) is None
+    for attr, value, words in (("strategy", "median", "median, trimmed mean or Krum"),
+                               ("strategy", "krum", "use fedavg"), ("strategy", "fedadam", "server optimiser"),
+                               ("dp", "central", "--dp"), ("secure_aggregation", "on", "--secure-aggregation"),
+                               ("rounds", 7, "needs --rounds 6, got --rounds 7"),
+                               ("strategy_options", (("server_lr", "0.5"),), "server_lr 1")):
+        bad = Config()
+        setattr(bad, attr, value)
+        problem = run_problem(bad, p)
+        assert problem is not None and words in problem, (attr, problem)
