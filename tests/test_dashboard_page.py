@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -209,6 +210,43 @@ def test_each_workers_learning_heat_map_and_label_mix(page: Any, live_run: Coord
     band = page.evaluate("charts.accuracy.rows.filter(r => r.fed_accuracy_min != null)"
                          ".map(r => [r.fed_accuracy_min, r.fed_accuracy_max])")
     assert band and all(lo <= hi for lo, hi in band) and any(hi - lo > 0.05 for lo, hi in band)
+
+
+def test_each_workers_history_is_fetched_by_its_new_rounds_only(page: Any, live_run: Coordinator) -> None:  # noqa: F811
+    """The page asks v1/dashboard/workers for the rounds after those it holds (rounds_from), gets only
+    those, and appends them: the heat map still shows every round, each worker's values in line."""
+    answers: list[Any] = []
+    page.on("response", lambda r: answers.append(r) if "/v1/dashboard/workers?" in r.url else None)
+    open_dashboard(page, live_run.url, 5)
+    held = page.evaluate("workerHistory.rounds.length")
+    # Rounds keep completing in the live run: wait until the page appended some to what it held.
+    page.wait_for_function(f"workerHistory.rounds.length > {held}")
+    history, columns, heat = page.evaluate(
+        "[workerHistory, heat.score.columns, heat.score.rows.map(r => r.values)]")
+    fetched = [(parse_qs(urlsplit(r.url).query), r.json()) for r in list(answers)]
+    assert fetched[0][0]["rounds_from"] == ["0"] and fetched[0][1]["rounds_from"] == 0
+    later = [(q, body) for q, body in fetched[1:] if int(q["rounds_from"][0]) > 0]
+    assert later, [q for q, _ in fetched]
+    api = httpx.get(f"{live_run.url}/v1/dashboard/workers", timeout=TIMEOUT).json()
+    for query, body in later:
+        start = int(query["rounds_from"][0])
+        # Only the new rounds, and every worker's series as long as they are.
+        assert body["rounds_from"] == start and body["rounds"] == api["rounds"][start:start + len(body["rounds"])]
+        for w in body["workers"]:
+            assert len(w["val_accuracy"]) == len(w["train_loss"]) == len(body["rounds"]), w
+    # What the page holds and draws is every round from the first, each worker's values as the server has them.
+    n = len(history["rounds"])
+    assert history["rounds"] == api["rounds"][:n] and columns == api["rounds"][:n]
+    assert heat == [w["val_accuracy"][:n] for w in api["workers"]]
+    # The endpoint on its own: rounds_from slices rounds and series alike; a negative one is refused.
+    tail = httpx.get(f"{live_run.url}/v1/dashboard/workers", params={"rounds_from": 3}, timeout=TIMEOUT).json()
+    assert tail["rounds_from"] == 3 and tail["rounds"][0] == api["rounds"][3]
+    for w, whole in zip(tail["workers"], api["workers"], strict=True):  # (asked later: it may have more)
+        assert len(w["val_accuracy"]) == len(tail["rounds"])
+        assert w["val_accuracy"][:len(whole["val_accuracy"]) - 3] == whole["val_accuracy"][3:]
+        assert w["label_counts"] == whole["label_counts"] and w["examples"] == whole["examples"]
+    bad = httpx.get(f"{live_run.url}/v1/dashboard/workers", params={"rounds_from": -1}, timeout=TIMEOUT)
+    assert bad.status_code == 422 and "rounds_from" in bad.text
 
 
 def test_the_confusion_matrix_of_the_last_round(page: Any, live_run: Coordinator) -> None:  # noqa: F811

@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from fedfleet.errors import TaskError
+from fedfleet.storage.history import SERIES
 from fedfleet.tasks.base import has_plan
 from fedfleet.tasks.predict import Predictor, predictor, song_search
 from fedfleet.web.predict import (
@@ -136,10 +137,13 @@ def create_router(run: RunSource) -> APIRouter:
     @router.get(f"{API}/dashboard/workers", tags=["dashboard"],
                 summary="Each worker's own numbers by completed round (its validation score of the model it was "
                         "sent, local training loss and accuracy, training seconds), its example count and label "
-                        "counts by class index: a page of the registered workers by partition")
+                        "counts by class index: a page of the registered workers by partition. With "
+                        "`rounds_from=N`, `rounds` and every series hold only the rounds from index N on (a page "
+                        "that holds the first N appends them)")
     async def dashboard_workers(offset: int = Query(0, ge=0),
-                                limit: int = Query(WORKERS_PAGE, ge=1, le=MAX_WORKERS_PAGE)) -> Response:
-        return _json_response(await run.worker_history(offset, limit))
+                                limit: int = Query(WORKERS_PAGE, ge=1, le=MAX_WORKERS_PAGE),
+                                rounds_from: int = Query(0, ge=0)) -> Response:
+        return _json_response(_rounds_from(await run.worker_history(offset, limit), rounds_from))
 
     @router.get(f"{API}/events", tags=["dashboard"], response_class=StreamingResponse,
                 summary="Server-sent events: the dashboard's state each time the run changes",
@@ -228,6 +232,14 @@ def _schema(task: Predictor, run_task_name: Callable[[], str]) -> Schema:
     except (ValidationError, ValueError) as exc:
         raise HTTPException(500, f"this run's task {run_task_name()!r} gave a feature schema that cannot be "
                                  f"used: {schema_problem(exc)}") from exc
+
+
+def _rounds_from(history: dict[str, Any], start: int) -> dict[str, Any]:
+    """A worker-history page with only the rounds from index ``start`` on, in ``rounds`` and in every
+    worker's series (so they stay aligned), and ``rounds_from``: ``start``. Examples and label counts are
+    each worker's latest, whatever ``start`` is."""
+    workers = [{k: v[start:] if k in SERIES else v for k, v in w.items()} for w in history["workers"]]
+    return {**history, "rounds_from": start, "rounds": history["rounds"][start:], "workers": workers}
 
 
 def _paged(snap: dict[str, Any], offset: int, limit: int) -> dict[str, Any]:

@@ -279,7 +279,14 @@ async function fetchHistory() {
   historyAt = performance.now();
   const key = historyWanted;
   try {
-    renderHistory(await getJSON(`v1/dashboard/workers?offset=${workersOffset}&limit=${workersPage.limit}`));
+    // Only the rounds after those held, when the page holds this page of workers: a long run's history
+    // is large, and what is held does not change (completed rounds are final).
+    const page = `offset=${workersOffset}&limit=${workersPage.limit}`;
+    const held = workerHistory && workerHistory.page === page && workerHistory.rounds.length <= rounds.length
+      ? workerHistory : null;
+    const from = held ? held.rounds.length : 0;
+    const got = await getJSON(`v1/dashboard/workers?${page}&rounds_from=${from}`);
+    renderHistory({ ...(appendRounds(held, got) || await getJSON(`v1/dashboard/workers?${page}`)), page });
     historyHave = key;
   } catch (err) {
     historyHave = key; // not asked again until the rounds change
@@ -289,6 +296,27 @@ async function fetchHistory() {
     historyBusy = false;
     historyTook = performance.now() - historyAt;
   }
+}
+
+// The series each worker has by round (as the server's storage/history.py SERIES).
+const HISTORY_SERIES = ["val_accuracy", "val_loss", "train_loss", "train_accuracy", "train_s"];
+
+// ``held`` with the rounds of ``got`` (a v1/dashboard/workers answer from held's round count on) appended to
+// every worker's series, and got's latest examples and label counts; null when got cannot extend held (a
+// worker held has none of its earlier rounds: it registered or moved onto this page since) and the whole
+// history must be fetched again. With nothing held, got (from round 0) is the whole history.
+function appendRounds(held, got) {
+  if (!held) return got.rounds_from === 0 ? got : null;
+  if (got.rounds_from !== held.rounds.length) return null;
+  const before = new Map(held.workers.map((w) => [w.worker_id, w]));
+  if (!got.workers.every((w) => before.has(w.worker_id))) return null;
+  const workers = got.workers.map((w) => {
+    const old = before.get(w.worker_id);
+    const merged = { ...w };
+    for (const name of HISTORY_SERIES) merged[name] = [...old[name], ...w[name]];
+    return merged;
+  });
+  return { ...got, rounds_from: 0, rounds: [...held.rounds, ...got.rounds], workers };
 }
 
 function renderHistory(h) {
