@@ -249,6 +249,20 @@ def test_each_workers_history_is_fetched_by_its_new_rounds_only(page: Any, live_
     assert bad.status_code == 422 and "rounds_from" in bad.text
 
 
+def test_no_link_to_a_run_list_on_a_coordinators_or_a_single_runs_pages(page: Any, live_run: Coordinator,  # noqa: F811
+                                                                        served_run: tuple[str, Path]) -> None:  # noqa: F811
+    """Only `fedfleet serve RUNS/` serves runs from a list: a coordinator's own pages and a single run served
+    say there is none (v1/links), and the pages show no "All runs" link."""
+    for url in (live_run.url, served_run[0]):
+        assert httpx.get(f"{url}/v1/links", timeout=TIMEOUT).json() == {"run_list": None}
+        for path in ("/", "/predict"):
+            page.goto(url + path)
+            page.wait_for_function("runListShown !== null")
+            page.evaluate("runListShown")  # the page has heard v1/links and acted on it
+            assert page.locator("nav a").all_text_contents() == ["Dashboard", "Predict"], (url, path)
+            assert page.locator("#run-list-link").count() == 0
+
+
 def test_the_confusion_matrix_of_the_last_round(page: Any, live_run: Coordinator) -> None:  # noqa: F811
     open_dashboard(page, live_run.url, 2)
     page.wait_for_selector("#confusion tbody tr")

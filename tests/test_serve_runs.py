@@ -215,15 +215,29 @@ def test_the_compare_view_names_a_run_it_does_not_know(page: Any, served: str) -
     assert page.locator("#legend td.label").all_text_contents() == ["partition=dirichlet:0.3", "partition=iid"]
 
 
-def test_a_run_dashboard_under_its_prefix_works_in_the_browser(page: Any, served: str) -> None:  # noqa: F811
+def test_a_run_dashboard_under_its_prefix_works_in_the_browser(page: Any, served: str, tmp_path: Path) -> None:  # noqa: F811
     page.goto(served + "/runs/sweep/lr-0.2/")
     page.wait_for_function("document.getElementById('round').textContent === '4'")
     assert page.text_content("#run-state") == "finished"
+    # Served from the list, the run's pages link back to it, first in the nav (the server says where).
+    assert httpx.get(served + "/runs/sweep/lr-0.2/v1/links", timeout=TIMEOUT).json() == {"run_list": "/"}
+    back = page.wait_for_selector("nav #run-list-link")
+    assert (back.text_content(), back.get_attribute("href")) == ("All runs", "/")
+    assert page.locator("nav a").all_text_contents() == ["All runs", "Dashboard", "Predict"]
+    for width, shot in ((1280, "run-dashboard-back.png"), (390, "run-dashboard-back-phone.png")):
+        page.set_viewport_size({"width": width, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        screenshot(page, tmp_path, shot, until=".title-row")
+    page.set_viewport_size({"width": 1280, "height": 800})
     page.click("nav a[href='predict']")
     page.wait_for_url(served + "/runs/sweep/lr-0.2/predict")
     # The song search and the prediction go to runs/sweep/lr-0.2/v1/...: this run's task and model.
     pick_song(page, served + "/runs/sweep/lr-0.2", "yesterday beat", "Yesterday", "The Beatles")
     assert "after round 4" in page.text_content("#model-info")
+    assert page.locator("nav a").all_text_contents() == ["All runs", "Dashboard", "Predict"]
+    page.click("#run-list-link")
+    page.wait_for_url(served + "/")
+    page.wait_for_selector("#runs tbody tr td a")
 
 
 @pytest.mark.parametrize("path,shot", [("/", "runs-phone.png"), ("/compare?runs=iid,dirichlet,sweep%2Flr-0.2",

@@ -76,10 +76,18 @@ class _ExplainedRoute(APIRoute):
         return explained
 
 
-def create_router(run: RunSource) -> APIRouter:
-    """Routes for ``/`` (dashboard), ``/predict`` and their API under ``/v1``, reading ``run``."""
+def create_router(run: RunSource, *, run_list: str | None = None) -> APIRouter:
+    """Routes for ``/`` (dashboard), ``/predict`` and their API under ``/v1``, reading ``run``. ``run_list``:
+    the URL of the list of runs this run's pages are served from (``fedfleet serve RUNS/``), which they link
+    back to; None (a coordinator's own pages, a single run served) for no link."""
     assets = _load_assets()
     router = APIRouter(route_class=_ExplainedRoute)
+
+    @router.get(f"{API}/links", tags=["dashboard"],
+                summary="Where the run's pages link to beyond themselves: `run_list`, the list of runs they are "
+                        "served from (`fedfleet serve RUNS/`), or null")
+    async def links() -> dict[str, str | None]:
+        return {"run_list": run_list}
 
     def run_task_name() -> str:
         return str(run.snapshot()["status"]["task"])

@@ -58,8 +58,9 @@ class Health(BaseModel):
     state: str
 
 
-def create_app(run: FinishedRun, task_problem: str | None = None) -> FastAPI:
-    """The app serving ``run``; with ``task_problem`` (why its task is not loaded) prediction answers 409."""
+def create_app(run: FinishedRun, task_problem: str | None = None, run_list: str | None = None) -> FastAPI:
+    """The app serving ``run``; with ``task_problem`` (why its task is not loaded) prediction answers 409;
+    with ``run_list`` (a run of a folder served) its pages link back to that list."""
     # No Swagger UI or ReDoc: they load their scripts from a CDN, which offline hosts cannot reach.
     app = FastAPI(title="fedfleet run", version="1", docs_url=None, redoc_url=None,
                   description=f"The finished run in {run.directory}: its dashboard and its final model's "
@@ -74,7 +75,7 @@ def create_app(run: FinishedRun, task_problem: str | None = None) -> FastAPI:
     async def status() -> Status:
         return run.status
 
-    router = create_router(run)
+    router = create_router(run, run_list=run_list)
     if task_problem is not None:
         _refuse_prediction(app, router, task_problem)
     app.include_router(router)
@@ -211,7 +212,7 @@ class RunsDispatcher:
                 self.apps.move_to_end(name)
                 return cached[1]
             run = await asyncio.to_thread(FinishedRun.load, folder, self.allowed_tasks)
-            app = create_app(run, run.task_problem)
+            app = create_app(run, run.task_problem, run_list="/")
             self.apps[name] = (stamp, app)
             self.apps.move_to_end(name)
             while len(self.apps) > LOADED_RUNS:

@@ -499,8 +499,18 @@ function connect() {
 }
 $("workers-prev").addEventListener("click", () => showWorkers(workersOffset - workersPage.limit));
 $("workers-next").addEventListener("click", () => showWorkers(workersOffset + workersPage.limit));
+// Served by `fedfleet serve RUNS/` (under /runs/NAME/), the server names the run list these pages come from
+// (v1/links): a link back to it, first in the nav. A coordinator's own pages have none.
+async function showRunListLink() {
+  let links = null;
+  try { links = await getJSON("v1/links"); } catch (_) { return; } // an older server: no link, nothing wrong
+  // Only a path on this site: the link never leads elsewhere, whatever the answer says.
+  if (!links || typeof links.run_list !== "string" || !links.run_list.startsWith("/") || $("run-list-link")) return;
+  $("nav").prepend(el("a", { id: "run-list-link", href: links.run_list, text: "All runs" }));
+}
 // session.js (the sign-in line) may be missing on an older server: the page works without it.
 if (typeof showSession === "function") showSession($("session"));
+const runListShown = showRunListLink(); // settled once the nav is final (the tests await it)
 connect();
 // Advance the "last seen" column and the wait's countdown between events; purely local, it asks the
 // server nothing.

@@ -371,8 +371,21 @@ function startSearch() {
   $("song-search").addEventListener("keydown", onSearchKey);
 }
 
+// Served by `fedfleet serve RUNS/` (under /runs/NAME/), the server names the run list these pages come from
+// (v1/links): a link back to it, first in the nav. A coordinator's own pages have none.
+async function showRunListLink() {
+  let links = null;
+  try { links = await getJSON("v1/links"); } catch (_) { return; } // an older server: no link, nothing wrong
+  // Only a path on this site: the link never leads elsewhere, whatever the answer says.
+  if (!links || typeof links.run_list !== "string" || !links.run_list.startsWith("/") || $("run-list-link")) return;
+  $("nav").prepend(el("a", { id: "run-list-link", href: links.run_list, text: "All runs" }));
+}
+
+let runListShown = null; // settled once the nav is final (the tests await it)
+
 async function start() {
   showSession($("session"));
+  runListShown = showRunListLink();
   try {
     info = await getJSON("v1/predict");
   } catch (err) {
