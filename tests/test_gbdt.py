@@ -3,11 +3,18 @@ booster against the central one on the same bins, and runs of the songs and tabu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import safetensors.numpy
 
+from conftest import run_fedfleet
 from fedfleet.errors import TaskError
 from fedfleet.strategies.accumulate import WeightedSum
+from fedfleet.tasks.base import Dataset
+from fedfleet.tasks.songs import FEATURES, SongsTask
 from fedfleet.tasks.trees import booster, run_problem
 from fedfleet.tasks.trees.bins import grid_counts, quantile_edges, uniform_edges
 from fedfleet.tasks.trees.booster import Forest, Params
@@ -168,3 +175,66 @@ def test_run_problems_name_the_option() -> None:
         setattr(bad, attr, value)
         problem = run_problem(bad, p)
         assert problem is not None and words in problem, (attr, problem)
+
+
+# --- the songs task with model=gbdt ---------------------------------------------------------------------
+
+GBDT = ("--task", "songs", "--task-option", "model=gbdt", "--task-option", "n_trees=8", "--task-option",
+        "max_depth=3", "--task-option", "learning_rate=0.3")
+
+
+def test_songs_statistics_give_quantile_bins_and_the_example_count() -> None:
+    task = SongsTask(model="gbdt", bins=8)
+    pool = task.train_pool()
+    halves = [Dataset(pool.x[i::2], pool.y[i::2]) for i in range(2)]
+    reports = [task.local_stats(h) for h in halves]
+    assert all(task.check_stats(r, len(h)) is None for r, h in zip(reports, halves, strict=True))
+    summed = {k: reports[0][k] + reports[1][k] for k in reports[0]}
+    weights = task.apply_stats(task.init_weights(0), summed)
+    assert weights[booster.EXAMPLES][0] == len(pool)
+    bins = booster.binned(pool.x, weights[booster.EDGES])
+    danceability = np.bincount(bins[:, FEATURES.index("danceability")], minlength=8) / len(pool)
+    assert np.all(np.abs(danceability - 1 / 8) < 0.01)  # quantile bins: an eighth of the songs each
+    bad = {**reports[0], "grid": reports[0]["grid"] * 2}
+    problem = task.check_stats(bad, len(halves[0]))
+    assert problem is not None and "add up to" in problem
+    assert task.check_stats({"count": reports[0]["count"]}, len(halves[0])) is not None
+
+
+def test_songs_gbdt_run_beats_logistic_regression(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_fedfleet("run", *GBDT, "--rounds", "24", "--workers", "4", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "finished" and summary["rounds"] == 24
+    task = SongsTask()
+    test = task.load_test()
+    logreg = task.evaluate(task.fit_central(10, 0.05, 32), test)["accuracy"]
+    assert summary["final_accuracy"] > logreg + 0.01, (summary["final_accuracy"], logreg)
+    # The saved model is the trees: whole-number structure, and it scores what the coordinator recorded.
+    model = safetensors.numpy.load_file(out / "model.safetensors")
+    gbdt = SongsTask(model="gbdt", n_trees=8, max_depth=3, learning_rate=0.3)
+    forest = booster.finalised(model, gbdt.gbdt.p)  # type: ignore[union-attr]
+    assert forest.step == 8 and (forest.feature >= 0).sum() >= 8 * 3
+    assert gbdt.evaluate(model, test)["accuracy"] == pytest.approx(summary["final_accuracy"])
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["round"] for rec in rounds] == list(range(1, 25))
+    assert all(rec["bytes_in"] > 0 for rec in rounds)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--rounds", "20"), "needs --rounds 24, got --rounds 20"),
+    (("--rounds", "24", "--strategy", "median"), "--strategy median"),
+    (("--rounds", "24", "--strategy", "krum"), "Krum"),
+    (("--rounds", "24", "--strategy", "fedadam"), "server optimiser"),
+    (("--rounds", "24", "--secure-aggregation", "on"), "--secure-aggregation"),
+    (("--rounds", "24", "--dp", "central", "--dp-clip", "1", "--dp-noise-multiplier", "1"), "--dp"),
+    (("--rounds", "24", "--task-option", "max_depth=0"), "'max_depth' task option must be an int in the range"),
+    (("--rounds", "24", "--task-option", "bins=1"), "'bins' task option"),
+    (("--rounds", "24", "--task-option", "learning_rate=0"), "'learning_rate' task option"),
+    (("--rounds", "24", "--task-option", "model=forest"), "'model' task option must be one of"),
+])
+def test_songs_gbdt_refuses_what_it_cannot_do(tmp_path: Path, args: tuple[str, ...], words: str) -> None:
+    r = run_fedfleet("run", *GBDT, *args, "--workers", "2", "--out", str(tmp_path / "out"), timeout=60)
+    assert r.returncode != 0 and words in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was started or written

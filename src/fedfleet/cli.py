@@ -25,6 +25,7 @@ from fedfleet.protocol.client import check_url
 from fedfleet.tasks import (
     BUILTIN,
     TRAINING,
+    check_run,
     declared_options,
     find_task,
     load_task,
@@ -79,6 +80,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     # config records the values used, so the same command later resumes the same run.
     defaults = training_defaults(task, config.task)
     config = RunConfig.from_mapping({**defaults, **values}) if defaults else config
+    # A task may refuse the run's settings (model=gbdt: the strategy, --dp, the number of rounds).
+    check_run(load_task(config.task, config.task_options_dict), config)
     if config.dp != "none":
         # Also before anything starts: the accountant library is there, the task can be trained privately,
         # sigma can be solved for --dp-target-epsilon and one round fits in --dp-max-epsilon.

@@ -30,7 +30,7 @@ from fedfleet.coordinator.security import Access, HostCheck, load_secret
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.parent import follow_parent
 from fedfleet.storage.files import write_text_atomic
-from fedfleet.tasks import check_ready, load_task, torch_common
+from fedfleet.tasks import check_ready, check_run, load_task, torch_common
 
 ADDRESS_FILE = "coordinator.json"
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
@@ -116,6 +116,7 @@ def serve(config: RunConfig, data_dir: Path, host: str = "127.0.0.1", port: int 
     sock = listen(host, port)
     task = load_task(config.task, config.task_options_dict)
     check_ready(task)
+    check_run(task, config)
     check_data_source(config, task)
     data_dir.mkdir(parents=True, exist_ok=True)
     access = Access(admin_token, join_token, load_secret(data_dir) if join_token is not None else b"")

@@ -4,6 +4,9 @@
 is a clear error at start rather than an AttributeError in the middle of a run, and fills in the
 optional statistics members a task leaves out (see ``fedfleet.tasks.base``).
 
+A task may also have ``check_run(config) -> str | None``: why a run with these settings (strategy, DP,
+secure aggregation, rounds) cannot train it; ``check_run`` below turns that into a ConfigError.
+
 A task class may declare, as class attributes (the built-in ones all do):
 
 - ``OPTIONS``, a tuple of ``fedfleet.options.Option``: the task options it takes, checked and converted
@@ -173,6 +176,16 @@ def check_ready(task: object) -> None:
         ready()
 
 
+def check_run(task: object, config: Any) -> None:
+    """ConfigError if the task says it cannot be trained by a run with ``config`` (a RunConfig): its
+    ``check_run(config) -> str | None``, e.g. trees that need the workers' plain mean and a round per level.
+    Asked where a run is configured and where a coordinator starts, before anything is written."""
+    own = getattr(task, "check_run", None)
+    problem = own(config) if callable(own) else None
+    if problem:
+        raise ConfigError(str(problem), option="task_options")
+
+
 def with_plan(task: Task, plan: Mapping[str, Any]) -> Task:
     """``task`` set up with the run's ``plan`` (its ``with_plan``), checked and completed like a loaded task."""
     return complete(site_task(task).with_plan(plan), task.name)
@@ -249,5 +262,5 @@ class TaskWithDefaults:
 
 
 __all__ = ["BUILTIN", "Dataset", "FitResult", "NoStats", "Task", "TaskWithDefaults", "TrainParams",
-           "check_allowed", "check_ready", "complete", "declared_options", "find_task", "load_task", "score_low",
-           "score_name", "task_arguments", "training_defaults", "with_plan"]
+           "check_allowed", "check_ready", "check_run", "complete", "declared_options", "find_task", "load_task",
+           "score_low", "score_name", "task_arguments", "training_defaults", "with_plan"]

@@ -6,7 +6,10 @@ eras are dropped, since their label is ambiguous. A fixed, seeded, stratified 20
 coordinator as the test set; the rest is split across workers.
 
 Model: multinomial logistic regression in numpy, behind a standardisation layer whose mean and
-scale are computed federatedly: workers report count, sum and sum of squares, never rows.
+scale are computed federatedly: workers report count, sum and sum of squares, never rows. With
+``model=gbdt``, histogram gradient-boosted trees (``fedfleet.tasks.trees``): the statistics round then
+counts each feature's values on a fine grid over its ``LIMITS`` (sums again, never rows), and the bins
+are the global quantiles read off the summed grid.
 
 Prediction (``fedfleet.tasks.predict``): the task predicts a song's era from its features, and offers
 the predict page a search of the data set's songs by title and artist. The features' limits are what
@@ -32,7 +35,10 @@ import numpy as np
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
 from fedfleet.partition import PartitionSpec, split
+from fedfleet.tasks import trees
 from fedfleet.tasks.base import Dataset, FitResult, TrainParams, confusion_counts
+from fedfleet.tasks.trees import booster
+from fedfleet.tasks.trees.bins import grid_counts, quantile_edges
 from fedfleet.types import Schema, TensorSpec, Weights
 
 FEATURES = (
@@ -48,6 +54,10 @@ TEST_SEED = 20_260_001  # fixed, so every run of every seed is scored on the sam
 # Bounds of one worker's statistics report (check_stats): far beyond any real partition or feature value.
 MAX_STATS_COUNT = 1e9
 MAX_FEATURE_ABS = 1e9
+# model=gbdt: cells of the grid each feature's values are counted on before the first tree. Over the widest
+# limits (duration_ms, 3 h) a cell is 2.6 s; over a 0..1 ratio, 0.00024: finer than any quantile bin needs.
+GRID_CELLS = 4096
+MODELS = ("logreg", "gbdt")
 
 
 @dataclass(frozen=True)
@@ -183,13 +193,39 @@ class SongsTask:
     # Set from statistics, never by training (fit leaves them as they are): a run with central DP keeps them
     # out of the noised aggregate, which would otherwise blur the standardisation for nothing.
     frozen_tensors = ("scaler.mean", "scaler.scale")
-    OPTIONS: ClassVar[tuple[Option, ...]] = (
+    DATA_OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("data_dir", str, None, "folder holding the song CSVs", optional=True,
                default_text="$FEDFLEET_SONGS_DIR, else the copy shipped with fedfleet"),
     )
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        *DATA_OPTIONS,
+        Option("model", str, "logreg", "logreg: logistic regression; gbdt: histogram gradient-boosted trees, one "
+               "tree level per round (--rounds n_trees x max_depth)", choices=MODELS),
+        *trees.OPTIONS,
+    )
 
-    def __init__(self, data_dir: str | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, model: str = "logreg", **gbdt: Any) -> None:
+        """``gbdt``: the options in ``trees.OPTIONS`` (checked by ``fedfleet.tasks.task_arguments``), used
+        with ``model=gbdt`` only."""
         self.data_dir = data_dir
+        self.model_name = model
+        self.gbdt: trees.Gbdt | None = None
+        unknown = sorted(set(gbdt) - set(trees.NAMES))
+        if unknown:
+            raise TaskError(f"the songs task takes no option {unknown[0]!r}")
+        if model == "gbdt":
+            checked = {o.name: o.check(gbdt[o.name], "task option") if o.name in gbdt else o.default
+                       for o in trees.OPTIONS}
+            self.gbdt = trees.Gbdt(trees.params(checked, len(FEATURES), len(ERAS)))
+            # A standardisation from public knowledge (for central DP) is no stand-in for the bins: without
+            # public_stats, privacy.task_problem refuses --dp and --secure-aggregation for this task too.
+            self.public_stats = None  # type: ignore[assignment]
+        elif model not in MODELS:
+            raise TaskError(f"the songs task's model must be one of {', '.join(MODELS)}, not {model!r}")
+
+    def check_run(self, config: Any) -> str | None:
+        """Why the run's settings cannot train this model (``fedfleet.tasks.check_run``), or None."""
+        return None if self.gbdt is None else trees.run_problem(config, self.gbdt.p)
 
     def _songs(self) -> Songs:
         return load_songs(self.data_dir)
@@ -209,6 +245,9 @@ class SongsTask:
         return Dataset(x[part], y[part])
 
     def init_weights(self, seed: int) -> Weights:
+        if self.gbdt is not None:  # edges and examples are set from the statistics round (apply_stats)
+            p = self.gbdt.p
+            return booster.init_weights(p, np.zeros((p.features, p.bins - 1)), 1.0)
         rng = np.random.default_rng([seed, 0xA11])
         d, k = len(FEATURES), len(ERAS)
         return {
@@ -220,10 +259,15 @@ class SongsTask:
 
     def stats_schema(self) -> Schema:
         d = len(FEATURES)
+        if self.gbdt is not None:
+            return (TensorSpec("count", "float64", (1,)), TensorSpec("grid", "float64", (d, GRID_CELLS)))
         return (TensorSpec("count", "float64", (1,)), TensorSpec("sum", "float64", (d,)),
                 TensorSpec("sumsq", "float64", (d,)))
 
     def local_stats(self, data: Dataset) -> Weights:
+        if self.gbdt is not None:
+            return {"count": np.array([len(data)], dtype=np.float64),
+                    "grid": grid_counts(data.x, _LOW, _HIGH, GRID_CELLS)}
         return {"count": np.array([len(data)], dtype=np.float64), "sum": data.x.sum(axis=0),
                 "sumsq": np.square(data.x).sum(axis=0)}
 
@@ -246,6 +290,8 @@ class SongsTask:
         ~1e7) but keep every report, and so every sum of them, far from what float64 and the float32
         model can hold. Cauchy–Schwarz (n·Σx² ≥ (Σx)²) rules out a negative variance.
         """
+        if self.gbdt is not None:
+            return _check_grid(stats, num_examples)
         count, total, squares = (np.asarray(stats.get(k, ()), dtype=np.float64).ravel()
                                  for k in ("count", "sum", "sumsq"))
         d = len(FEATURES)
@@ -273,6 +319,9 @@ class SongsTask:
         n = float(sums["count"][0])
         if not n > 0:
             raise TaskError(f"standardisation statistics cover no examples (count {n:g})")
+        if self.gbdt is not None:
+            edges = quantile_edges(sums["grid"], _LOW, _HIGH, self.gbdt.p.bins)
+            return {**weights, booster.EDGES: edges, booster.EXAMPLES: np.array([n])}
         with np.errstate(over="ignore", invalid="ignore"):
             mean = sums["sum"] / n
             var = np.maximum(sums["sumsq"] / n - mean**2, 0.0)
@@ -291,6 +340,8 @@ class SongsTask:
         return ((x - weights["scaler.mean"]) / weights["scaler.scale"]).astype(np.float32)
 
     def fit(self, weights: Weights, data: Dataset, params: TrainParams) -> FitResult:
+        if self.gbdt is not None:  # one tree level; the SGD settings (lr, epochs, batch) do not apply
+            return self.gbdt.fit(weights, data.x, data.y)
         x = self._inputs(weights, data.x)
         y = data.y
         w0, b0 = weights["linear.weight"], weights["linear.bias"]
@@ -329,6 +380,8 @@ class SongsTask:
         return weights
 
     def predict_proba(self, weights: Weights, x: np.ndarray) -> np.ndarray:
+        if self.gbdt is not None:
+            return softmax(self.gbdt.raw(weights, x))
         return softmax(self._inputs(weights, x) @ weights["linear.weight"] + weights["linear.bias"])
 
     def evaluate(self, weights: Weights, data: Dataset) -> dict[str, float]:
@@ -384,6 +437,28 @@ class SongsTask:
             {"uri": songs.uri[i], "title": songs.track[i], "artist": songs.artist[i], "era": ERAS[songs.era[i]],
              "held_out": bool(held_out[i]), "features": dict(zip(FEATURES, songs.x[i].tolist(), strict=True))}
             for i in best]}
+
+
+_LOW = np.array([LIMITS[f].low for f in FEATURES], dtype=np.float64)
+_HIGH = np.array([LIMITS[f].high for f in FEATURES], dtype=np.float64)
+
+
+def _check_grid(stats: Weights, num_examples: int) -> str | None:
+    """Why one worker's model=gbdt statistics (count, and each feature's counts on the grid) cannot come from
+    ``num_examples`` songs: every count a whole number, each feature's counts adding up to the count."""
+    count = np.asarray(stats.get("count", ()), dtype=np.float64).ravel()
+    grid = np.asarray(stats.get("grid", ()), dtype=np.float64)
+    if count.shape != (1,) or grid.shape != (len(FEATURES), GRID_CELLS):
+        return f"statistics must be count (1,) and grid ({len(FEATURES)}, {GRID_CELLS})"
+    n = float(count[0])
+    if not (n.is_integer() and 1 <= n <= MAX_STATS_COUNT) or n != num_examples:
+        return f"count is {n:g}; it must be the report's num_examples {num_examples}"
+    if not (np.all(grid >= 0) and np.all(grid == np.rint(grid))):
+        return "grid counts must be whole numbers >= 0"
+    off = np.flatnonzero(grid.sum(axis=1) != n)
+    if off.size:
+        return f"feature {FEATURES[int(off[0])]!r}: grid counts add up to {grid[off[0]].sum():g}, not count {n:g}"
+    return None
 
 
 @functools.cache
