@@ -6,6 +6,7 @@ starts on 127.0.0.1), and for the comparison a real ``fedfleet run`` with worker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ from conftest import run_fedfleet
 from fedfleet.partition import PartitionSpec
 from fedfleet.tasks import Dataset, FitResult, TrainParams
 from fedfleet.types import Weights
+from fedfleet.web import FinishedRun
 
 TESTS = Path(__file__).resolve().parent
 SONGS = ("--task", "songs", "--workers", "6", "--fraction", "0.5", "--rounds", "3", "--seed", "11",
@@ -96,6 +98,18 @@ def test_the_same_seed_gives_the_same_model_in_simulate_and_in_run(tmp_path: Pat
     assert "round.closed" in (tmp_path / "sim" / "logs" / "simulate.log").read_text()
     report = run_fedfleet("report", str(tmp_path / "sim"), timeout=120)
     assert report.returncode == 0, report.stdout + report.stderr
+    # The simulated clients send their label counts as the worker processes do: the same counts by partition
+    # in the per-worker history (what the dashboard's label mix and fedfleet report read).
+    ran_labels, sim_labels = label_counts(tmp_path / "run"), label_counts(tmp_path / "sim")
+    assert sim_labels == ran_labels
+    assert len([c for c in sim_labels.values() if c is not None]) >= 3, sim_labels  # half of 6 sampled a round
+    assert all(len(c) == 3 and sum(c) > 0 for c in sim_labels.values() if c is not None), sim_labels
+
+
+def label_counts(out: Path) -> dict[str, list[int] | None]:
+    """Each partition's label counts in the run's per-worker history, as GET /v1/dashboard/workers serves it."""
+    history = asyncio.run(FinishedRun.load(out).worker_history(0, 100))
+    return {w["partition"]: w["label_counts"] for w in history["workers"]}
 
 
 def test_ten_thousand_clients_ten_sampled_a_round(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ instruction (as its long-poll would return it, in the same JSON). ``run_job`` bu
 not grow with the number of clients. Its answer is the update a worker would upload: a safetensors body
 with ``UpdateMeta`` in its header, which the coordinator takes through the same intake as an upload, or
 the reason there is none (the fit diverged). The steps and metrics are those of ``worker.agent``: score
-the global model on the validation split, then train; so the same seed gives the same model as ``run``.
+the global model on the validation split, then train; so the same seed gives the same model as ``run``;
+and, when the coordinator asks for them, the client's label counts (``label_count_<k>``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def run_job(task: Task, job: Job, model: Weights | None) -> Outcome:
         result = trainer.fit(model, msg.params)
         weights, n = result.weights, result.num_examples
         raw = {**result.metrics, **validation, "train_s": time.perf_counter() - t_fit}
+        if msg.params.report_labels and msg.secagg is None:  # as a worker: never under DP or secure aggregation
+            raw |= trainer.label_metrics()
     tensors = nonfinite_tensors(weights)
     metrics, dropped = finite_metrics(raw)
     if tensors:
