@@ -7,14 +7,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pytest
 import safetensors.numpy
 
 from conftest import run_fedfleet
 from fedfleet.errors import TaskError
 from fedfleet.strategies.accumulate import WeightedSum
-from fedfleet.tasks.base import Dataset
+from fedfleet.tasks.base import Dataset, TrainParams
 from fedfleet.tasks.songs import FEATURES, SongsTask
+from fedfleet.tasks.tabular import TabularTask
 from fedfleet.tasks.trees import booster, run_problem
 from fedfleet.tasks.trees.bins import grid_counts, quantile_edges, uniform_edges
 from fedfleet.tasks.trees.booster import Forest, Params
@@ -238,3 +241,75 @@ def test_songs_gbdt_refuses_what_it_cannot_do(tmp_path: Path, args: tuple[str, .
     r = run_fedfleet("run", *GBDT, *args, "--workers", "2", "--out", str(tmp_path / "out"), timeout=60)
     assert r.returncode != 0 and words in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was started or written
+
+
+# --- the tabular task with model=gbdt -------------------------------------------------------------------
+
+def price_rows(n: int, seed: int) -> pa.Table:
+    """A regression a line cannot fit: a step in x1, an interaction of x2 with a category, missing values."""
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.uniform(0, 10, n), rng.uniform(-1, 1, n)
+    kind = rng.choice(["a", "b", "c"], n)
+    price = (1000 + np.where(x1 > 6, 800, 0) + np.where(kind == "a", 600 * x2, -600 * x2) + 200 * np.sin(x1)
+             + rng.normal(0, 50, n))
+    missing = rng.random(n) < 0.1
+    return pa.table({"x1": pa.array(x1, mask=missing), "x2": x2, "kind": kind, "price": price})
+
+
+def gbdt_options(**over: object) -> dict[str, object]:
+    return {"label": "price", "model": "gbdt", "n_trees": 6, "max_depth": 3, "learning_rate": 0.5, "bins": 32,
+            "min_child_weight": 5, "l2": 1.0, **over}
+
+
+def test_tabular_trees_of_sites_read_in_chunks_equal_those_of_the_pooled_rows(tmp_path: Path) -> None:
+    a, b = price_rows(900, 1), price_rows(600, 2)
+    paths = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "union.csv"]
+    for table, path in zip((a, b, pa.concat_tables([a, b])), paths, strict=True):
+        pa_csv.write_csv(table, path)
+    t = TabularTask(**gbdt_options(chunk_rows=128))  # type: ignore[arg-type]
+    sites = [t.load_site([p], 0.0, 0)[0] for p in paths[:2]]
+    planned = t.with_plan(t.make_plan([t.describe(s) for s in sites]))
+    union = planned.load_site([paths[2]], 0.0, 0)[0]
+    p = planned._ready().model.gbdt.p  # type: ignore[attr-defined]
+    fed = central = planned.init_weights(0)
+    params = TrainParams(1, 32, 0.1, seed=0)  # the SGD settings, which trees ignore
+    schema = tuple(TensorSpec(k, "float64", v.shape) for k, v in fed.items())
+    for _ in range(p.rounds):
+        acc = WeightedSum(schema, base=fed)
+        for site in sites:
+            result = planned.fit(fed, site, params)
+            acc.add(result.weights, float(result.num_examples))
+        fed = {k: fed[k] + v for k, v in acc.mean().items()}
+        central = planned.fit(central, union, params).weights
+    f, c = booster.finalised(fed, p), booster.finalised(central, p)
+    assert np.array_equal(f.feature, c.feature) and np.allclose(f.value, c.value, atol=1e-9)
+    test = planned.load_site([_written(price_rows(1000, 3), tmp_path / "test.csv")], 0.0, 0)[0]
+    assert planned.evaluate(fed, test)["r2"] == pytest.approx(planned.evaluate(central, test)["r2"])
+
+
+def _written(table: pa.Table, path: Path) -> Path:
+    pa_csv.write_csv(table, path)
+    return path
+
+
+def test_tabular_gbdt_run_on_sites_files_fits_what_a_line_cannot(tmp_path: Path) -> None:
+    data = _written(price_rows(3000, 4), tmp_path / "prices.csv")
+    test = _written(price_rows(1000, 5), tmp_path / "test.csv")
+    options = [a for k, v in gbdt_options().items() for a in ("--task-option", f"{k}={v}")]
+    out = tmp_path / "run"
+    r = run_fedfleet("run", "--task", "tabular", *options, "--workers", "3", "--rounds", "18", "--data-split",
+                     str(data), "--test-data", str(test), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    trees_r2 = json.loads((out / "summary.json").read_text())["final_accuracy"]
+    line = TabularTask(label="price")
+    planned, weights = line.fit_central([data], epochs=10, lr=0.02, batch_size=32)
+    line_r2 = planned.evaluate(weights, planned.load_site([test], 0.0, 0)[0])["r2"]
+    assert trees_r2 > 0.75 and trees_r2 > line_r2 + 0.3, (trees_r2, line_r2)  # 0.82 against 0.30 here
+
+
+def test_tabular_gbdt_refuses_a_run_it_cannot_grow(tmp_path: Path) -> None:
+    data = _written(price_rows(200, 6), tmp_path / "prices.csv")
+    options = [a for k, v in gbdt_options().items() for a in ("--task-option", f"{k}={v}")]
+    r = run_fedfleet("run", "--task", "tabular", *options, "--workers", "2", "--rounds", "5", "--data-split",
+                     str(data), "--out", str(tmp_path / "out"), timeout=60)
+    assert r.returncode != 0 and "needs --rounds 18, got --rounds 5" in r.stderr, r.stdout + r.stderr

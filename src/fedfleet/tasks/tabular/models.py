@@ -3,6 +3,8 @@
 - ``LogReg``: multinomial logistic regression in numpy (softmax, cross-entropy); for a regression
   label, linear regression (mean squared error). Weights ``linear.weight`` (inputs × outputs) and
   ``linear.bias``.
+- ``Trees``: histogram gradient-boosted trees (``fedfleet.tasks.trees``), one tree level a round; not
+  trained by SGD: ``Trees.fit`` sums the level's histograms over the chunks instead.
 - ``Mlp``: inputs → hidden layers with ReLU → outputs in PyTorch (the ``fedfleet[torch]`` extra,
   imported only when an MLP is built). Weights named as its ``state_dict``: ``hidden1.weight``,
   ``hidden1.bias``, ... ``out.weight``, ``out.bias``.
@@ -23,7 +25,10 @@ import numpy as np
 from fedfleet.errors import TaskError
 from fedfleet.tasks import torch_common
 from fedfleet.tasks.base import FitResult, TrainParams
+from fedfleet.tasks.tabular.describe import NumberFeature, Plan
 from fedfleet.tasks.tabular.metrics import ClassScores, RegressionScores
+from fedfleet.tasks.trees import Gbdt, booster
+from fedfleet.tasks.trees.bins import uniform_edges
 from fedfleet.types import Weights
 
 if TYPE_CHECKING:
@@ -111,6 +116,50 @@ class _LogRegTrainer:
 
     def weights(self) -> Weights:
         return {"linear.weight": self.w, "linear.bias": self.b}
+
+
+def encoded_ranges(plan: Plan, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each encoded input's least and greatest value over all sites, from the plan (see ``encode``): a number's
+    standardised min and max (0 if its values are all the mean), 0..1 for a missing indicator or a one-hot."""
+    low, high = np.zeros(width), np.ones(width)
+    at = 0
+    for f in plan.features:
+        if isinstance(f, NumberFeature):
+            low[at], high[at] = min((f.min - f.mean) / f.scale, 0.0), max((f.max - f.mean) / f.scale, 0.0)
+            at += 1 + f.missing
+        else:
+            at += len(f.values) + 1
+    return low, high
+
+
+class Trees:
+    """Gradient-boosted trees over the encoded inputs. The bins are equal-width between each input's plan min
+    and max (the plan has them already, so no extra round; quantile bins would need a grid count from every
+    site, as the songs task takes in its statistics round); N is the plan's rows, every site's training rows."""
+
+    def __init__(self, gbdt: Gbdt, plan: Plan, width: int) -> None:
+        self.gbdt, self.plan, self.width = gbdt, plan, width
+
+    def init_weights(self, seed: int) -> Weights:
+        p = self.gbdt.p
+        low, high = encoded_ranges(self.plan, self.width)
+        return booster.init_weights(p, uniform_edges(low, high, p.bins), float(self.plan.rows))
+
+    def trainer(self, weights: Weights, params: TrainParams) -> Trainer:
+        raise TaskError("gradient-boosted trees are grown a level a round by Trees.fit, not trained by SGD steps")
+
+    def outputs(self, weights: Weights, x: np.ndarray) -> np.ndarray:
+        return self.gbdt.raw(weights, x)
+
+    def fit(self, weights: Weights, chunks: Chunks, scores: ClassScores | RegressionScores) -> FitResult:
+        """One round: the pending level applied, this site's histograms of the next summed over its chunks."""
+        rounds = booster.grow_chunks(weights, chunks(), self.gbdt.p)
+        while True:
+            try:
+                raw, y = next(rounds)
+            except StopIteration as done:
+                return FitResult(done.value, scores.rows, scores.result("train_"))
+            scores.add(raw, y)
 
 
 class Mlp:

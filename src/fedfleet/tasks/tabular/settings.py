@@ -13,12 +13,13 @@ from typing import Any
 
 from fedfleet.errors import ConfigError
 from fedfleet.options import Option
+from fedfleet.tasks import trees
 
 MAX_NAME = 200  # characters of a column name or a category value
 MAX_LAYERS = 8
 MAX_WIDTH = 4096  # units of one hidden layer
 PROBLEMS = ("classification", "regression")
-MODELS = ("logreg", "mlp")
+MODELS = ("logreg", "mlp", "gbdt")
 
 
 def parse_list(text: str, *, sizes: bool) -> tuple[str, ...] | tuple[int, ...] | None:
@@ -65,8 +66,10 @@ OPTIONS: tuple[Option, ...] = (
            default_text="classification for a text or true/false label, or a whole-number one with at most "
                         "50 distinct values over all sites; regression otherwise"),
     Option("model", str, "logreg", "logreg: logistic (or linear) regression in numpy; mlp: a ReLU MLP in PyTorch "
-           "(pip install 'fedfleet[torch]')", choices=MODELS),
+           "(pip install 'fedfleet[torch]'); gbdt: histogram gradient-boosted trees in numpy, one tree level per "
+           "round (--rounds n_trees x max_depth)", choices=MODELS),
     ListOption("hidden", str, "64,64", "the MLP's hidden layer sizes (model=mlp)", sizes=True),
+    *trees.OPTIONS,
     Option("min_count", int, 5, "a category value counted fewer times over all sites becomes 'other'",
            low=1, high=10**12),
     Option("chunk_rows", int, 65_536, "rows read from the files into memory at a time", low=1, high=10**8),
@@ -86,6 +89,7 @@ class Settings:
     hidden: tuple[int, ...]
     min_count: int
     chunk_rows: int
+    gbdt: tuple[tuple[str, Any], ...] = ()  # the trees' options (trees.OPTIONS), as (name, value) pairs
 
     @classmethod
     def parse(cls, values: dict[str, Any]) -> Settings:
@@ -105,7 +109,8 @@ class Settings:
         settings = cls(label=checked["label"], features=names("features"), ignore=names("ignore") or (),
                        categorical=names("categorical"), problem=checked["problem"], model=checked["model"],
                        hidden=tuple(int(n) for n in parse_list(checked["hidden"], sizes=True) or ()),
-                       min_count=checked["min_count"], chunk_rows=checked["chunk_rows"])
+                       min_count=checked["min_count"], chunk_rows=checked["chunk_rows"],
+                       gbdt=tuple((n, checked.get(n, known[n].default)) for n in trees.NAMES))
         label = settings.label
         if label is not None and not 1 <= len(label) <= MAX_NAME:
             raise ConfigError(f"The 'label' task option must be a column name of 1 to {MAX_NAME} characters. Got "
@@ -123,4 +128,5 @@ class Settings:
 
         return {"label": self.label, "features": joined(self.features), "ignore": joined(self.ignore or None),
                 "categorical": joined(self.categorical), "problem": self.problem, "model": self.model,
-                "hidden": joined(self.hidden), "min_count": self.min_count, "chunk_rows": self.chunk_rows}
+                "hidden": joined(self.hidden), "min_count": self.min_count, "chunk_rows": self.chunk_rows,
+                **dict(self.gbdt)}

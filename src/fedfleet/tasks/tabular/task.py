@@ -24,10 +24,12 @@ from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
 from fedfleet.tasks.tabular import describe as desc
 from fedfleet.tasks.tabular.encode import Encoder
 from fedfleet.tasks.tabular.metrics import ClassScores, RegressionScores, log_softmax
-from fedfleet.tasks.tabular.models import LogReg, Mlp, Model, train
+from fedfleet.tasks.tabular.models import LogReg, Mlp, Model, Trees, train
 from fedfleet.tasks.tabular.read import SiteData, check_types, load, read_chunks
 from fedfleet.tasks.tabular.settings import OPTIONS, Settings
 from fedfleet.tasks.tabular.split import split_file
+from fedfleet.tasks.trees import Gbdt, run_problem
+from fedfleet.tasks.trees import params as gbdt_params
 from fedfleet.types import Weights
 
 SHUFFLE_BYTES = 128 * 2**20  # encoded training rows held at once, and shuffled together, per site
@@ -57,12 +59,12 @@ class TabularTask(NoStats):
     def __init__(self, label: str | None = None, features: str | None = None, ignore: str | None = None,
                  categorical: str | None = None, problem: str | None = None, model: str = "logreg",
                  hidden: str = "64,64", min_count: int = 5, chunk_rows: int = 65_536, *,
-                 plan: Mapping[str, Any] | None = None) -> None:
+                 plan: Mapping[str, Any] | None = None, **gbdt: Any) -> None:
         # The label is required, but checked where it is used (loading and describing data, planning):
         # fedfleet builds every built-in task with its defaults to check it (tests/test_task_loading.py).
         self.settings = Settings.parse({
             "label": label, "features": features, "ignore": ignore, "categorical": categorical, "problem": problem,
-            "model": model, "hidden": hidden, "min_count": min_count, "chunk_rows": chunk_rows})
+            "model": model, "hidden": hidden, "min_count": min_count, "chunk_rows": chunk_rows, **gbdt})
         if self.settings.model == "mlp":
             torch_common.require_torch(self.name)
         self._planned: _Planned | None = None
@@ -75,8 +77,14 @@ class TabularTask(NoStats):
                             f"{self.settings.label!r}")
         encoder = Encoder(plan)
         regression = plan.problem == "regression"
-        model: Model = (Mlp(encoder.width, self.settings.hidden, encoder.outputs, regression)
-                        if self.settings.model == "mlp" else LogReg(encoder.width, encoder.outputs, regression))
+        model: Model
+        if self.settings.model == "gbdt":
+            trees = Gbdt(gbdt_params(dict(self.settings.gbdt), encoder.width, encoder.outputs, regression))
+            model = Trees(trees, plan, encoder.width)
+        elif self.settings.model == "mlp":
+            model = Mlp(encoder.width, self.settings.hidden, encoder.outputs, regression)
+        else:
+            model = LogReg(encoder.width, encoder.outputs, regression)
         self.classes = tuple(plan.classes or ())
         if regression:
             self.score_name = "r2"
@@ -94,6 +102,12 @@ class TabularTask(NoStats):
             raise TaskError("the tabular task's model is shaped by the run's plan, made from every site's "
                             "description: use the task with_plan returns")
         return self._planned
+
+    def check_run(self, config: Any) -> str | None:
+        """Why the run's settings cannot train this model (``fedfleet.tasks.check_run``), or None."""
+        if self.settings.model != "gbdt":
+            return None
+        return run_problem(config, gbdt_params(dict(self.settings.gbdt), 1, 1))
 
     def check_ready(self) -> None:
         """TaskError unless the options can make a run: the coordinator asks before it starts one."""
@@ -198,7 +212,10 @@ class TabularTask(NoStats):
 
     def fit(self, weights: Weights, data: object, params: TrainParams) -> FitResult:
         site = self._site(data)
-        return train(self._ready().model, weights, lambda: self._chunks(site), params, self._scores)
+        model = self._ready().model
+        if isinstance(model, Trees):
+            return model.fit(weights, lambda: self._chunks(site), self._scores())
+        return train(model, weights, lambda: self._chunks(site), params, self._scores)
 
     def evaluate(self, weights: Weights, data: object) -> dict[str, float]:
         """``loss`` and ``accuracy`` (R² for a regression label, also as ``r2``, with ``rmse``), and for a

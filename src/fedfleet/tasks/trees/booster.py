@@ -28,6 +28,7 @@ G_L²/(H_L+λ) + G_R²/(H_R+λ) − G²/(H+λ), each child's H at least ``min_ch
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ UNGROWN = -2  # a node no level has reached yet (or below a leaf)
 EDGES, EXAMPLES, CURSOR = "gbdt.edges", "gbdt.examples", "gbdt.cursor"
 FEATURE, THRESHOLD, VALUE, GRAD, HESS = "gbdt.feature", "gbdt.threshold", "gbdt.value", "gbdt.grad", "gbdt.hess"
 STRUCTURE = (CURSOR, FEATURE, THRESHOLD)  # whole numbers: every worker writes the same ones
+Chunks = Iterable[tuple[np.ndarray, np.ndarray]]  # (features, targets) pieces of one worker's examples
 WHOLE_TOLERANCE = 1e-6  # how far a mean of equal whole numbers may stray in float64 and still be them
 
 
@@ -280,36 +282,57 @@ class Forest:
             out[:, k] = np.where(node >= first, node - first, -1)
         return out
 
-    def sum_level(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """This worker's histograms of the level at the cursor, per example (sums / len(y)); returns the raw
-        scores of the complete steps, on which the gradients were taken."""
+    def level_sums(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The gradient and hessian histograms (sums) of the level at the cursor over these examples, and
+        their raw scores from the complete steps, on which the gradients are taken."""
         p = self.p
         bins = binned(x, self.edges)
         raw = self.raw(bins, self.step)
         g, h = gradients(raw, y, p.regression)
         pos = self.positions(bins)
         nodes = 2**self.level
-        self.grad[...] = 0.0
-        self.hess[...] = 0.0
-        n = max(len(y), 1)
+        grad, hess = np.zeros_like(self.grad), np.zeros_like(self.hess)
         for k in range(p.outputs):
-            self.grad[k, :nodes] = histograms(bins, pos[:, k], g[:, k], nodes, p.bins) / n
-            self.hess[k, :nodes] = histograms(bins, pos[:, k], h[:, k], nodes, p.bins) / n
-        self.pending = True
-        return raw
+            grad[k, :nodes] = histograms(bins, pos[:, k], g[:, k], nodes, p.bins)
+            hess[k, :nodes] = histograms(bins, pos[:, k], h[:, k], nodes, p.bins)
+        return grad, hess, raw
 
 
-def grow(weights: Weights, x: np.ndarray, y: np.ndarray, p: Params) -> tuple[Weights, np.ndarray]:
-    """One round on one worker's examples: the pending level applied, then this worker's histograms of the
-    next. Returns the new weights and the raw scores of the steps complete before it (for train metrics).
-    Past the last tree nothing is pending and the histograms are zero."""
+def grow_chunks(weights: Weights, chunks: Chunks, p: Params) -> Generator[tuple[np.ndarray, np.ndarray], None, Weights]:
+    """One round on one worker's examples, read in chunks (a data set larger than memory grows trees too):
+    the pending level applied, then this worker's histograms of the next, per example (sums / its examples).
+    Yields each chunk's raw scores (from the steps complete before this level) with its targets, for
+    training metrics; the new weights are the generator's return value. Past the last tree nothing is
+    pending and the histograms are zero."""
     forest = Forest.of(weights, p)
     if forest.pending:
         forest.apply_level()
-    if forest.step >= p.n_trees:
-        return forest.weights(), forest.raw(binned(x, forest.edges), p.n_trees)
-    raw = forest.sum_level(x, y)
-    return forest.weights(), raw
+    grad, hess = np.zeros_like(forest.grad), np.zeros_like(forest.hess)
+    n = 0
+    for x, y in chunks:
+        if forest.step >= p.n_trees:
+            yield forest.raw(binned(x, forest.edges), p.n_trees), y
+            continue
+        g, h, raw = forest.level_sums(x, y)
+        grad += g
+        hess += h
+        n += len(y)
+        yield raw, y
+    if forest.step < p.n_trees:
+        forest.grad, forest.hess, forest.pending = grad / max(n, 1), hess / max(n, 1), True
+    return forest.weights()
+
+
+def grow(weights: Weights, x: np.ndarray, y: np.ndarray, p: Params) -> tuple[Weights, np.ndarray]:
+    """``grow_chunks`` on examples held in memory: the new weights, and the raw scores they were grown from."""
+    rounds = grow_chunks(weights, [(x, y)], p)
+    raw = next(rounds)[0]
+    try:
+        next(rounds)
+    except StopIteration as done:
+        new: Weights = done.value
+        return new, raw
+    raise RuntimeError("grow_chunks yielded more than once for one chunk")
 
 
 def finalised(weights: Weights, p: Params) -> Forest:
