@@ -60,7 +60,8 @@ def test_an_unknown_task_is_one_line_naming_the_built_in_ones_and_nothing_is_wri
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--task-option", "bogus=1"], "The task 'songs' takes the options data_dir. Got 'bogus' instead."),
+    (["--task-option", "bogus=1"], "The task 'songs' takes the options data_dir, model, n_trees, max_depth, "
+     "learning_rate, min_child_weight, l2, bins. Got 'bogus' instead."),
     (["--task", "null", "--task-option", "examples=abc"],
      "The 'examples' task option must be an int in the range [1, 10000000]. Got 'abc' instead."),
     (["--task", "mnist", "--task-option", "model=resnet"],
