@@ -28,7 +28,7 @@ G_L²/(H_L+λ) + G_R²/(H_R+λ) − G²/(H+λ), each child's H at least ``min_ch
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,12 +265,18 @@ class Forest:
             node = np.where(split, 2 * node + 1 + right, node)
         return node
 
+    def step_raw(self, bins: np.ndarray, t: int) -> np.ndarray:
+        """n × outputs: the leaves of boosting step ``t``'s trees."""
+        out = np.zeros((len(bins), self.p.outputs))
+        for k in range(self.p.outputs):
+            out[:, k] = self.value[t, k, self._walk(bins, t, k, self.p.max_depth)]
+        return out
+
     def raw(self, bins: np.ndarray, steps: int) -> np.ndarray:
         """Raw scores (n × outputs): the leaves of the trees of the first ``steps`` boosting steps."""
         out = np.zeros((len(bins), self.p.outputs))
         for t in range(min(steps, self.p.n_trees)):
-            for k in range(self.p.outputs):
-                out[:, k] += self.value[t, k, self._walk(bins, t, k, self.p.max_depth)]
+            out += self.step_raw(bins, t)
         return out
 
     def positions(self, bins: np.ndarray) -> np.ndarray:
@@ -282,12 +288,15 @@ class Forest:
             out[:, k] = np.where(node >= first, node - first, -1)
         return out
 
-    def level_sums(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def level_sums(self, x: np.ndarray, y: np.ndarray, known: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The gradient and hessian histograms (sums) of the level at the cursor over these examples, and
-        their raw scores from the complete steps, on which the gradients are taken."""
+        their raw scores from the complete steps, on which the gradients are taken (``known``: the bins and
+        those raw scores, when the caller keeps them from round to round)."""
         p = self.p
-        bins = binned(x, self.edges)
-        raw = self.raw(bins, self.step)
+        bins, raw = known if known is not None else (binned(x, self.edges), None)
+        if raw is None:
+            raw = self.raw(bins, self.step)
         g, h = gradients(raw, y, p.regression)
         pos = self.positions(bins)
         nodes = 2**self.level
@@ -351,8 +360,33 @@ def predict_raw(weights: Weights, x: np.ndarray, p: Params) -> np.ndarray:
 
 
 def fit_central(x: np.ndarray, y: np.ndarray, p: Params, edges: np.ndarray) -> Weights:
-    """The same booster on pooled data in one place: ``p.rounds`` rounds of one worker holding every example."""
+    """The same booster on pooled data in one place: ``p.rounds`` rounds of one worker holding every example
+    (the bins and the complete steps' raw scores kept from round to round rather than recomputed, as
+    ``grow`` does: the same numbers, in less time)."""
     weights = init_weights(p, edges, float(len(y)))
+    bins = binned(x, edges)
+    raw = np.zeros((len(y), p.outputs))
+    done = 0
     for _ in range(p.rounds):
-        weights = grow(weights, x, y, p)[0]
+        forest = Forest.of(weights, p)
+        if forest.pending:
+            forest.apply_level()
+        for t in range(done, min(forest.step, p.n_trees)):
+            raw += forest.step_raw(bins, t)
+        done = forest.step
+        if forest.step >= p.n_trees:
+            return forest.weights()
+        grad, hess, _ = forest.level_sums(x, y, (bins, raw))
+        forest.grad, forest.hess, forest.pending = grad / len(y), hess / len(y), True
+        weights = forest.weights()
     return weights
+
+
+def staged_raw(weights: Weights, x: np.ndarray, p: Params) -> Iterator[np.ndarray]:
+    """Raw scores after each complete boosting step, in turn (to choose the number of trees on validation data)."""
+    forest = finalised(weights, p)
+    bins = binned(x, forest.edges)
+    raw = np.zeros((len(x), p.outputs))
+    for t in range(min(forest.step, p.n_trees)):
+        raw = raw + forest.step_raw(bins, t)
+        yield raw
