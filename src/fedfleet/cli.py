@@ -80,8 +80,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     # config records the values used, so the same command later resumes the same run.
     defaults = training_defaults(task, config.task)
     config = RunConfig.from_mapping({**defaults, **values}) if defaults else config
-    # A task may refuse the run's settings (model=gbdt: the strategy, --dp, the number of rounds).
-    check_run(load_task(config.task, config.task_options_dict), config)
+    # A task may refuse the run's settings (model=gbdt: the strategy, --dp, the number of rounds). Only a task
+    # class with check_run is built here: building others may need what only a worker has (torch, data).
+    if callable(getattr(task, "check_run", None)):
+        check_run(load_task(config.task, config.task_options_dict), config)
     if config.dp != "none":
         # Also before anything starts: the accountant library is there, the task can be trained privately,
         # sigma can be solved for --dp-target-epsilon and one round fits in --dp-max-epsilon.
