@@ -128,12 +128,15 @@ def test_dashboard_shows_rounds_advancing_during_a_live_run(page: Any, coordinat
     # A run without differential privacy shows nothing about it.
     assert page.is_hidden("#dp-card") and page.is_hidden("#dp-chart")
     # Pushed, not polled: every change came down the one event stream the page opened. Besides it, the page
-    # asks only for each worker's history (when the rounds changed, at most once a second: the heat maps and
-    # label mix) and, once, who is signed in.
+    # asks only for each worker's history (when the rounds changed, at most once a second, only the rounds it
+    # does not hold yet: the heat maps and label mix) and, once each, who is signed in and where it links to.
     assert api_requests.count(f"{coord.url}/v1/events") == 1
-    history = f"{coord.url}/v1/dashboard/workers?offset=0&limit=100"
-    assert set(api_requests) <= {f"{coord.url}/v1/events", history, f"{coord.url}/v1/session"}
-    assert 1 <= api_requests.count(history) <= page.evaluate("rounds.length")
+    history = f"{coord.url}/v1/dashboard/workers?offset=0&limit=100&rounds_from="
+    histories = [u for u in api_requests if u.startswith(history)]
+    once = {f"{coord.url}/v1/events", f"{coord.url}/v1/session", f"{coord.url}/v1/links"}
+    assert set(api_requests) - set(histories) <= once
+    assert all(api_requests.count(u) == 1 for u in once)
+    assert 1 <= len(histories) <= page.evaluate("rounds.length")
 
     shot = screenshot(page, tmp_path, "dashboard-iid.png")
     assert shot.stat().st_size > 10_000
