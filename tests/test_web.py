@@ -466,7 +466,8 @@ def own(task: OwnTask, method: str, path: str, **kwargs: Any) -> httpx.Response:
 
 def test_a_run_source_of_one_s_own_answers_the_workers_history() -> None:
     body = own(OwnTask(("small", "big"), SIZE, None), "GET", "/v1/dashboard/workers", params={"limit": 5}).json()
-    assert body == {"rounds": [], "total": 0, "offset": 0, "limit": 5, "classes": ["small", "big"], "workers": []}
+    assert body == {"rounds": [], "rounds_from": 0, "total": 0, "offset": 0, "limit": 5, "classes": ["small", "big"],
+                    "workers": []}
 
 
 def test_a_task_of_one_s_own_predicts_through_the_protocol() -> None:
