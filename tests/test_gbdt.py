@@ -52,6 +52,13 @@ def test_best_split_by_hand() -> None:
     assert booster.best_split(np.ones((1, 4)), np.ones((1, 4)), 0.0, 0.0)[:2] == (-1, -1)
 
 
+def test_splits_equal_but_for_rounding_are_a_tie_the_first_wins() -> None:
+    # Feature 1 splits the examples as feature 0 does; its sums came out a rounding error larger (another
+    # summation order: other workers, other chunks). Exact argmax would pick feature 1, here and not elsewhere.
+    g = np.array([[-3.0, -1.0, 2.0, 2.0], [-3.0, -1.0, 2.0, 2.0 * (1 + 1e-15)]])
+    assert booster.best_split(g, np.ones((2, 4)), 0.0, 0.0)[:2] == (0, 1)
+
+
 def test_gradients_of_softmax_and_squares() -> None:
     raw = np.zeros((2, 3))
     g, h = booster.gradients(raw, np.array([0, 2]), regression=False)

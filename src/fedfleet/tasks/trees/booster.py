@@ -43,6 +43,7 @@ FEATURE, THRESHOLD, VALUE, GRAD, HESS = "gbdt.feature", "gbdt.threshold", "gbdt.
 STRUCTURE = (CURSOR, FEATURE, THRESHOLD)  # whole numbers: every worker writes the same ones
 Chunks = Iterable[tuple[np.ndarray, np.ndarray]]  # (features, targets) pieces of one worker's examples
 WHOLE_TOLERANCE = 1e-6  # how far a mean of equal whole numbers may stray in float64 and still be them
+TIE = 1e-9  # relative difference of two splits' gains that is rounding, not a better split
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,13 @@ def best_split(grad: np.ndarray, hess: np.ndarray, l2: float, min_child_weight: 
         gain = np.where(ok, gl**2 / (hl + l2) + gr**2 / (hr + l2) - parent, -np.inf)
     if gain.size == 0:
         return -1, -1, 0.0
-    at = int(np.argmax(gain))
-    best = float(gain.flat[at])
+    best = float(gain.max())
     if not best > 0:
         return -1, -1, 0.0
-    return at // gain.shape[1], at % gain.shape[1], best
+    # Gains within rounding of the best are ties: the histograms are sums in whatever order the examples (or
+    # the workers' updates) came, so an exact argmax could pick another of two equally good splits.
+    at = int(np.argmax(gain >= best * (1 - TIE)))
+    return at // gain.shape[1], at % gain.shape[1], float(gain.flat[at])
 
 
 def gradients(raw: np.ndarray, y: np.ndarray, regression: bool) -> tuple[np.ndarray, np.ndarray]:
