@@ -48,6 +48,7 @@ SCRAPE_INTERVAL = "1s"
 RATE_WINDOW = "30s"  # what $__rate_interval stands for here: many 1 s scrapes
 TIMEOUT = 30.0
 OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
+SCRAPE_APART = 10.0  # seconds between the two scrapes of the linger test: it then waits up to 20 s for a third
 
 
 def test_promtool_checks_the_deploy_config() -> None:
@@ -312,12 +313,13 @@ def test_run_start_annotation_sits_at_the_run_start(live: Live) -> None:
 
 # --- the end of a run is there to be scraped --------------------------------------------------------
 def test_a_scraped_coordinator_stays_up_after_its_run_until_a_scrape_saw_the_end(fleet: Fleet) -> None:
-    """--linger 0: the coordinator does not wait for its workers to hear the run is over. Scraped once
-    (while it waits for workers), it still stays up after the run finished, for a scrape to see the end
-    (at most two scrape intervals: 2 min here, Prometheus's default interval, as it saw only one
-    scrape), and exits soon after one did."""
+    """--linger 0: the coordinator does not wait for its workers to hear the run is over. Scraped twice,
+    SCRAPE_APART seconds apart (while it waits for workers), it still stays up after the run finished, for
+    a scrape to see the end (at most two scrape intervals), and exits soon after one did."""
     coord = fleet.coordinator("--task", "null", "--task-option", "params=1000", "--workers", "1", "--rounds", "2",
                               "--linger", "0")
+    httpx.get(f"{coord.url}/metrics", timeout=TIMEOUT).raise_for_status()
+    time.sleep(SCRAPE_APART)  # not an assertion: scrapes as far apart as a scraper's interval
     before = httpx.get(f"{coord.url}/metrics", timeout=TIMEOUT).text
     assert 'fedfleet_run_state{state="waiting"} 1.0' in before
     assert "fedfleet_run_end_time_seconds{" not in before
@@ -334,9 +336,11 @@ def test_a_scraped_coordinator_stays_up_after_its_run_until_a_scrape_saw_the_end
     assert "coordinator.linger_for_scrape" in coord.log_text()
 
 
-def test_a_coordinator_nobody_scraped_exits_as_soon_as_its_workers_heard(fleet: Fleet) -> None:
+def test_a_coordinator_scraped_once_exits_as_soon_as_its_workers_heard(fleet: Fleet) -> None:
+    """One scrape is no sign of a scraper that comes back (a person's curl): no wait for another."""
     coord = fleet.coordinator("--task", "null", "--task-option", "params=1000", "--workers", "1", "--rounds", "2",
                               "--linger", "60")
+    assert httpx.get(f"{coord.url}/metrics", timeout=TIMEOUT).status_code == 200
     worker = fleet.worker(coord.url)
     assert worker.proc.wait(timeout=120) == 0, worker.log_text()
     # Well under --linger (60 s) and the scrape wait (120 s): it went as its worker heard.

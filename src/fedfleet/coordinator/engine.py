@@ -1048,14 +1048,14 @@ class Engine:
 
     async def _linger(self) -> None:
         """Keep answering polls and scrapes after the run ended (finished or failed): until every live worker
-        heard the run is over, or ``linger`` passed; and, if /metrics has been scraped, until a scrape saw the
-        end or two scrape intervals passed (see ``scrape_linger``), so that Prometheus records how the run
-        ended (alerts, dashboards) rather than a target that went away. A run stopped by a signal does not
-        come here: the signal asks the process to exit."""
+        heard the run is over, or ``linger`` passed; and, if something scrapes /metrics (twice or more so
+        far), until a scrape saw the end or two of its intervals passed (``scrape_linger``), so that
+        Prometheus records how the run ended (alerts, dashboards) rather than a target that went away. A run
+        stopped by a signal does not come here: the signal asks the process to exit."""
         now = time.monotonic()
         workers_end = now + self.linger
-        scrape_end = now + scrape_linger(self.metrics.scrape_interval) if self.metrics.scrapes else now
-        if scrape_end > now:
+        scrape_end = now + scrape_linger(self.metrics.scrape_interval)
+        if scrape_end > now and not self.metrics.end_scraped:
             log.event("coordinator.linger_for_scrape", run=self.run_id, seconds=round(scrape_end - now, 1))
         while True:
             now = time.monotonic()
@@ -1067,20 +1067,20 @@ class Engine:
         self.done.set()
 
 
-# A coordinator that has been scraped waits after its run for a scrape to see the end, at most two scrape
-# intervals: the one measured between its last two scrapes, or Prometheus's default (global
-# scrape_interval: 1m) when it saw only one; never over SCRAPE_LINGER_MAX (a scraper that stopped).
-DEFAULT_SCRAPE_INTERVAL = 60.0
+# A coordinator that is scraped waits after its run for a scrape to see the end, at most two scrape
+# intervals (as measured between its last two scrapes), never over SCRAPE_LINGER_MAX (a scraper that
+# stopped). Scraped once only, it does not wait: one request is no sign of a scraper that comes back
+# (a person's curl, a test), and waiting for one would hold every such process for minutes.
 SCRAPE_LINGER_MAX = 300.0
 
 
 def scrape_linger(interval: float | None) -> float:
-    """Seconds to wait after the run for a scrape, scrapes ``interval`` seconds apart (None: unknown).
+    """Seconds to wait after the run for a scrape, scrapes ``interval`` seconds apart (None: fewer than two).
 
     >>> scrape_linger(5.0), scrape_linger(None), scrape_linger(3600.0)
-    (10.0, 120.0, 300.0)
+    (10.0, 0.0, 300.0)
     """
-    return min(SCRAPE_LINGER_MAX, 2 * (DEFAULT_SCRAPE_INTERVAL if interval is None else interval))
+    return 0.0 if interval is None else min(SCRAPE_LINGER_MAX, 2 * interval)
 
 
 def data_source(config: RunConfig, task: object) -> str:
