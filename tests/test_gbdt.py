@@ -227,6 +227,11 @@ def test_songs_gbdt_run_beats_logistic_regression(tmp_path: Path) -> None:
     forest = booster.finalised(model, gbdt.gbdt.p)  # type: ignore[union-attr]
     assert forest.step == 8 and (forest.feature >= 0).sum() >= 8 * 3
     assert gbdt.evaluate(model, test)["accuracy"] == pytest.approx(summary["final_accuracy"])
+    # The predict page's path: rows of feature values → each era's probability, from the trees.
+    song = dict(zip(FEATURES, test.x[0].tolist(), strict=True))
+    proba = gbdt.predict_rows(model, [song, song])
+    assert proba.shape == (2, 3) and np.allclose(proba.sum(axis=1), 1) and np.array_equal(proba[0], proba[1])
+    assert np.allclose(proba[0], gbdt.predict_proba(model, test.x[:1])[0])
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["round"] for rec in rounds] == list(range(1, 25))
     assert all(rec["bytes_in"] > 0 for rec in rounds)
