@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="state, checkpoints and outputs; restart with the same one to resume "
                             "[default runs/coordinator]")
     coord.add_argument("--linger", type=_seconds, default=10.0,
-                       help="seconds to keep serving after the run so workers hear it is over [default 10]")
+                       help="seconds to keep serving after the run so workers hear it is over; a coordinator scraped "
+                            "twice or more also waits (at most two scrape intervals) for a scrape to see the end "
+                            "[default 10]")
     sec = coord.add_argument_group("security and limits (see docs/reliability.md)")
     sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
                      help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for status, "
