@@ -159,14 +159,30 @@ def test_federated_trees_equal_central_ones() -> None:
     assert (raw.argmax(axis=1) == y).mean() > 0.8
 
 
-def test_workers_that_disagree_are_refused() -> None:
+def test_a_model_bent_by_a_hostile_worker_is_still_read_and_predicts() -> None:
+    """Structure that is not whole numbers or out of range (a worker that wrote other splits bent the mean) is
+    rounded and clamped, so evaluation and the next round go on; only another run's shapes are refused."""
     p = small()
-    weights = booster.init_weights(p, uniform_edges(np.zeros(2), np.ones(2), p.bins), 10)
-    weights[booster.FEATURE] = weights[booster.FEATURE] + 0.5  # the mean of a split on 0 and one on 1
-    with pytest.raises(TaskError, match="not whole numbers"):
-        Forest.of(weights, p)
+    x = np.random.default_rng(1).uniform(size=(200, p.features))
+    y = (x[:, 0] > 0.5).astype(np.float64) + x[:, 1]
+    edges = uniform_edges(np.zeros(p.features), np.ones(p.features), p.bins)
+    grown = federated([(x, y)], p, edges)
+    bent = dict(grown)
+    bent[booster.FEATURE] = grown[booster.FEATURE] + 0.4  # rounds back to the honest splits
+    assert np.array_equal(Forest.of(bent, p).feature, Forest.of(grown, p).feature)
+    hostile = dict(grown)
+    hostile[booster.FEATURE] = grown[booster.FEATURE] * 1e9 - 7.3
+    hostile[booster.THRESHOLD] = grown[booster.THRESHOLD] - 1e6
+    hostile[booster.CURSOR] = np.array([-5.0, 1e9, 0.7])
+    hostile[booster.EXAMPLES] = np.array([-3.0])
+    forest = Forest.of(hostile, p)
+    assert forest.feature.min() >= booster.UNGROWN and forest.feature.max() < p.features
+    assert forest.threshold.min() >= 0 and forest.threshold.max() < p.bins
+    assert (forest.step, forest.level, forest.pending, forest.examples) == (0, p.max_depth - 1, True, 1.0)
+    raw = booster.predict_raw(hostile, x, p)
+    assert raw.shape == (len(x), p.outputs) and np.isfinite(raw).all()
     with pytest.raises(TaskError, match="shape"):
-        Forest.of({**weights, booster.GRAD: np.zeros(3)}, p)
+        Forest.of({**grown, booster.GRAD: np.zeros(3)}, p)
 
 
 def test_run_problems_name_the_option() -> None:

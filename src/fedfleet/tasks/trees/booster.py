@@ -42,7 +42,6 @@ EDGES, EXAMPLES, CURSOR = "gbdt.edges", "gbdt.examples", "gbdt.cursor"
 FEATURE, THRESHOLD, VALUE, GRAD, HESS = "gbdt.feature", "gbdt.threshold", "gbdt.value", "gbdt.grad", "gbdt.hess"
 STRUCTURE = (CURSOR, FEATURE, THRESHOLD)  # whole numbers: every worker writes the same ones
 Chunks = Iterable[tuple[np.ndarray, np.ndarray]]  # (features, targets) pieces of one worker's examples
-WHOLE_TOLERANCE = 1e-6  # how far a mean of equal whole numbers may stray in float64 and still be them
 TIE = 1e-9  # relative difference of two splits' gains that is rounding, not a better split
 
 
@@ -188,30 +187,28 @@ class Forest:
 
     @classmethod
     def of(cls, weights: Weights, p: Params) -> Forest:
-        """TaskError when the arrays do not fit ``p`` or the structure is not whole numbers (workers that
-        computed different splits from the same histograms: their mean is no tree)."""
+        """The forest in ``weights``; TaskError only when the arrays do not fit ``p`` (another run's model).
+
+        Honest workers all write the same structure, so its mean is whole numbers. A worker is untrusted
+        input, though: one that writes other numbers bends the mean, and a model that cannot be read would
+        stop the coordinator's evaluation and every worker's next round. So the structure is rounded to the
+        nearest whole number and clamped into range (every worker reads the same model, so every worker
+        rounds it alike and they keep agreeing): such a worker can bend the trees, as any FedAvg update can
+        bend a model, never stop the run."""
         expected = init_weights(p, np.zeros((p.features, p.bins - 1)), 1.0)
         for name, want in expected.items():
             got = weights.get(name)
             if got is None or np.shape(got) != want.shape:
                 raise TaskError(f"gbdt model tensor {name!r} has shape {None if got is None else np.shape(got)}; "
                                 f"the options give {want.shape}")
-        whole = {}
-        for name in STRUCTURE:
-            a = np.asarray(weights[name], dtype=np.float64)
-            r = np.rint(a)
-            if not np.all(np.abs(a - r) <= WHOLE_TOLERANCE):
-                raise TaskError(f"gbdt model tensor {name!r} is not whole numbers: the workers did not compute the "
-                                "same splits from the same histograms")
-            whole[name] = r.astype(np.int64)
-        step, level, pending = (int(v) for v in whole[CURSOR])
-        examples = float(weights[EXAMPLES][0])
-        if not (0 <= step <= p.n_trees and 0 <= level < p.max_depth and pending in (0, 1) and examples > 0):
-            raise TaskError(f"gbdt cursor (step {step}, level {level}, pending {pending}) or examples "
-                            f"({examples:g}) out of range for n_trees {p.n_trees}, max_depth {p.max_depth}")
-        if np.any((whole[FEATURE] < UNGROWN) | (whole[FEATURE] >= p.features)) or np.any(
-                (whole[THRESHOLD] < 0) | (whole[THRESHOLD] >= p.bins)):
-            raise TaskError("gbdt split features or thresholds out of range")
+        whole = {name: _whole(weights[name]) for name in STRUCTURE}
+        cursor = whole[CURSOR]
+        step = int(np.clip(cursor[0], 0, p.n_trees))
+        level = int(np.clip(cursor[1], 0, p.max_depth - 1))
+        pending = int(np.clip(cursor[2], 0, 1))
+        examples = max(float(weights[EXAMPLES][0]), 1.0)  # N of the run; at least one example
+        whole[FEATURE] = np.clip(whole[FEATURE], UNGROWN, p.features - 1)
+        whole[THRESHOLD] = np.clip(whole[THRESHOLD], 0, p.bins - 1)
         return cls(p, np.asarray(weights[EDGES], dtype=np.float64), examples, step, level, bool(pending),
                    whole[FEATURE], whole[THRESHOLD], np.array(weights[VALUE], dtype=np.float64),
                    np.array(weights[GRAD], dtype=np.float64), np.array(weights[HESS], dtype=np.float64))
@@ -393,3 +390,10 @@ def staged_raw(weights: Weights, x: np.ndarray, p: Params) -> Iterator[np.ndarra
     for t in range(min(forest.step, p.n_trees)):
         raw = raw + forest.step_raw(bins, t)
         yield raw
+
+
+def _whole(a: Weights | np.ndarray) -> np.ndarray:
+    """Float64 model values as whole numbers: rounded, and non-finite ones (the intake refuses them; a model
+    read from a file is not checked by it) as 0."""
+    values = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.rint(np.clip(values, -2**62, 2**62)).astype(np.int64)
