@@ -43,7 +43,7 @@ import pyarrow.csv as pa_csv  # type: ignore[import-untyped]
 import safetensors.numpy
 
 from fedfleet.tasks.base import TrainParams
-from fedfleet.tasks.songs import _HIGH, _LOW, ERAS, FEATURES, GRID_CELLS, SongsTask
+from fedfleet.tasks.songs import _HIGH, _LOW, ERAS, FEATURES, GRID_CELLS, SongsTask, stratified_mask
 from fedfleet.tasks.tabular import TabularTask
 from fedfleet.tasks.trees import booster
 from fedfleet.tasks.trees.bins import grid_counts, quantile_edges
@@ -80,13 +80,9 @@ def edges_of(x: np.ndarray, bins: int) -> np.ndarray:
 
 
 def validation_split(y: np.ndarray) -> np.ndarray:
-    """Boolean mask of a seeded, stratified ``VAL_FRACTION`` of the training pool."""
-    rng = np.random.default_rng(VAL_SEED)
-    mask = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        mask[idx[: round(VAL_FRACTION * len(idx))]] = True
-    return mask
+    """Boolean mask of a seeded, stratified ``VAL_FRACTION`` of the training pool (as the task's test split is
+    drawn from the whole set)."""
+    return stratified_mask(y, VAL_FRACTION, VAL_SEED)
 
 
 def choose(grid: dict[str, tuple[Any, ...]], max_trees: int) -> dict[str, Any]:

@@ -156,11 +156,16 @@ def load_songs(directory: str | None = None) -> Songs:
 
 def test_mask(labels: np.ndarray) -> np.ndarray:
     """Boolean mask of the fixed, stratified held-out test set."""
-    rng = np.random.default_rng(TEST_SEED)
+    return stratified_mask(labels, TEST_FRACTION, TEST_SEED)
+
+
+def stratified_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a seeded ``fraction`` of each class's rows (rounded per class)."""
+    rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
-        mask[idx[: round(TEST_FRACTION * len(idx))]] = True
+        mask[idx[: round(fraction * len(idx))]] = True
     return mask
 
 
