@@ -36,7 +36,7 @@ from test_engine import open_engine, plus, run, send
 from test_tabular import CLASSES as TABULAR_CLASSES
 from test_tabular import classification_rows, plan_of, write
 from test_tabular import task as tabular_task
-from test_web import start_serve
+from test_web import serve_client
 
 TIMEOUT = 30.0
 WORKERS = 3
@@ -87,13 +87,8 @@ def skewed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
 
 @pytest.fixture(scope="module")
 def served(skewed: tuple[Path, dict[str, Any]]) -> Iterator[httpx.Client]:
-    proc, url = start_serve(skewed[0])
-    try:
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
-            yield http
-    finally:
-        proc.terminate()
-        proc.wait(timeout=TIMEOUT)
+    with serve_client(skewed[0]) as http:
+        yield http
 
 
 def test_the_live_coordinator_answers_each_worker_s_history(skewed: tuple[Path, dict[str, Any]]) -> None:

@@ -8,6 +8,7 @@ The browser drives the pages in test_web_browser.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -61,9 +62,9 @@ def start_serve(run_dir: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, match.group(0)
 
 
-@pytest.fixture(scope="module")
-def client(run_dir: Path) -> Iterator[httpx.Client]:
-    """An HTTP client of a real `fedfleet serve` process serving the finished run."""
+@contextlib.contextmanager
+def serve_client(run_dir: Path) -> Iterator[httpx.Client]:
+    """An HTTP client of a real `fedfleet serve` process serving ``run_dir``, stopped on leaving."""
     proc, url = start_serve(run_dir)
     try:
         with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
@@ -71,6 +72,13 @@ def client(run_dir: Path) -> Iterator[httpx.Client]:
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def client(run_dir: Path) -> Iterator[httpx.Client]:
+    """An HTTP client of a real `fedfleet serve` process serving the finished run."""
+    with serve_client(run_dir) as http:
+        yield http
 
 
 def song_rows(indices: list[int]) -> tuple[np.ndarray, list[dict[str, float]]]:
