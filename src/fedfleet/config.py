@@ -17,13 +17,13 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import ConfigError
 from fedfleet.options import Option
-from fedfleet.partition import parse_partition
+from fedfleet.partition import PartitionSpec, parse_partition
 from fedfleet.strategies import STRATEGIES, make_strategy
 from fedfleet.strategies.privacy import ADAPTIVE_INITIAL_CLIP
 
@@ -54,6 +54,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("lr", float, 0.05, "learning rate of local SGD", low=0, high=100, low_open=True),
     Option("val_fraction", float, 0.1, "share of each worker's data kept to evaluate the global model locally",
            low=0, high=0.5),
+    Option("server_val", int, 0, "examples of the training pool the coordinator keeps apart (a seeded draw, "
+           "stratified by label) and scores each round's model on besides the test set: no worker trains on "
+           "them, so choices (learning rate, rounds) can be made on them and never on the test set",
+           low=0, high=100_000_000, default_text="0: none kept"),
     Option("strategy", str, "fedavg", "how updates are aggregated and applied (see fedfleet.strategies)",
            choices=tuple(STRATEGIES)),
     Option("round_timeout", float, 60.0, "seconds a round waits for its sampled workers (its deadline)",
@@ -135,6 +139,7 @@ class RunConfig:
     batch_size: int = 32
     lr: float = 0.05
     val_fraction: float = 0.1
+    server_val: int = 0
     strategy: str = "fedavg"
     round_timeout: float = 60.0
     worker_timeout: float = 30.0
@@ -174,9 +179,16 @@ class RunConfig:
         for opt in OPTIONS:
             checked[opt.name] = opt.check(values[opt.name]) if opt.name in values else opt.default
         try:
-            parse_partition(checked["partition"])
+            spec = parse_partition(checked["partition"])
         except ValueError as exc:
             raise ConfigError(f"The 'partition' option {exc}", option="partition") from exc
+        if spec.holdout:
+            raise ConfigError("The 'partition' option takes no validation count: give it with --server-val.",
+                              option="partition")
+        if checked["server_val"] and checked["data_source"] == "sites":
+            raise ConfigError("The 'server_val' option needs a shared training pool to take examples from; with "
+                              "--data-source sites each site's data stays at the site (give --test-data, or "
+                              "select on the federated evaluation).", option="server_val")
         if checked["min_workers"] is not None and checked["min_workers"] > checked["workers"]:
             raise ConfigError(
                 f"The 'min_workers' option must be at most 'workers' ({checked['workers']}). "
@@ -206,6 +218,11 @@ class RunConfig:
         if rounds_done == 0:
             return self.workers
         return max(1, math.ceil(self.quorum * math.ceil(self.fraction * self.workers - 1e-9) - 1e-9))
+
+    @property
+    def partition_spec(self) -> PartitionSpec:
+        """The partition every worker splits the pool by, ``--server-val`` included (the text workers get)."""
+        return replace(parse_partition(self.partition), holdout=self.server_val)
 
     @property
     def task_options_dict(self) -> dict[str, str]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 SCHEMES = ("iid", "dirichlet:ALPHA", "natural", "natural:COLUMN")
+HOLDOUT_MARK = "+val:"  # what a spec's text carries --server-val as (``iid+val:2000``)
 
 
 @dataclass(frozen=True)
@@ -22,19 +23,29 @@ class PartitionSpec:
     scheme: str  # "iid", "dirichlet" or "natural"
     alpha: float | None = None
     column: str | None = None  # natural:COLUMN: the groups are a column's values (fedfleet run --data-split)
+    # --server-val N: N examples of the pool kept on the coordinator and out of every part. It travels in the
+    # spec's text (``iid+val:N``) so that each worker derives the same examples from the seed: never sent.
+    holdout: int = 0
 
     def __str__(self) -> str:
-        if self.scheme == "dirichlet":
-            return f"dirichlet:{self.alpha:g}"
-        return f"natural:{self.column}" if self.column else self.scheme
+        text = f"dirichlet:{self.alpha:g}" if self.scheme == "dirichlet" else \
+            f"natural:{self.column}" if self.column else self.scheme
+        return f"{text}{HOLDOUT_MARK}{self.holdout}" if self.holdout else text
 
 
 def parse_partition(text: str) -> PartitionSpec:
     """Parse ``iid``, ``dirichlet:ALPHA``, ``natural`` or ``natural:COLUMN``; ValueError says what is allowed.
 
     >>> parse_partition("natural:region")
-    PartitionSpec(scheme='natural', alpha=None, column='region')
+    PartitionSpec(scheme='natural', alpha=None, column='region', holdout=0)
+    >>> parse_partition("dirichlet:0.5+val:100")
+    PartitionSpec(scheme='dirichlet', alpha=0.5, column=None, holdout=100)
     """
+    base, mark, count = text.rpartition(HOLDOUT_MARK)
+    if mark:
+        if not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"holds a validation count {count!r} that is not a whole number > 0")
+        return replace(parse_partition(base), holdout=int(count))
     allowed = f"must be one of {', '.join(SCHEMES)} (ALPHA a number > 0). Got {text!r} instead."
     scheme, sep, arg = text.partition(":")
     if scheme in ("iid", "natural") and not sep:
@@ -68,7 +79,7 @@ def split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, co
     key = (_digest(labels), None if groups is None else _digest(groups), spec, count, seed)
     parts = _splits.get(key)
     if parts is None:
-        parts = _split(labels, groups, spec, count, seed)
+        parts = _split_rest(labels, groups, spec, count, seed)
         for p in parts:
             p.flags.writeable = False  # shared by every caller of this split
         if len(_splits) >= SPLITS_KEPT:
@@ -104,6 +115,37 @@ def _compute_digest(a: np.ndarray) -> bytes:
     data = "\x1f".join(map(str, c.tolist())).encode() if c.dtype.kind == "O" else c.tobytes()
     return hashlib.blake2b(data, digest_size=16, person=str(c.dtype).encode()[:16]).digest() \
         + len(c).to_bytes(8, "little")
+
+
+def holdout_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The sorted indices of the ``n`` examples ``--server-val n`` keeps out of the pool ``labels``: a seeded draw
+    stratified by label (each class's share of ``n`` rounded by largest remainder, so exactly ``n``).
+
+    >>> holdout_indices(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 4, seed=1).size
+    4
+    >>> np.bincount(np.array([0, 0, 0, 0, 1, 1, 1, 1])[holdout_indices(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 4, 1)])
+    array([2, 2])
+    """
+    total = len(labels)
+    if not 0 < n < total:
+        raise ValueError(f"--server-val {n} must be at least 1 and below the {total} examples of the training pool")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / total
+    take = np.floor(exact).astype(np.int64)
+    take[np.argsort(-(exact - take), kind="stable")[: n - int(take.sum())]] += 1
+    rng = np.random.default_rng([seed, 0x5E7A1])
+    chosen = [rng.permutation(np.flatnonzero(labels == cls))[:k] for cls, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _split_rest(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, count: int,
+                seed: int) -> list[np.ndarray]:
+    """``_split`` of the examples ``holdout_indices`` leaves, as indices into the whole pool."""
+    if not spec.holdout:
+        return _split(labels, groups, spec, count, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), holdout_indices(labels, spec.holdout, seed))
+    parts = _split(labels[rest], None if groups is None else groups[rest], spec, count, seed)
+    return [rest[p] for p in parts]
 
 
 def _split(labels: np.ndarray, groups: np.ndarray | None, spec: PartitionSpec, count: int,

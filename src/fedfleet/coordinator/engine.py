@@ -44,7 +44,7 @@ from fedfleet.coordinator.registry import Registry, WorkerState
 from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
 from fedfleet.coordinator.secure import SecureAggregation, settings_of
 from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
-from fedfleet.partition import parse_partition, partition_name
+from fedfleet.partition import partition_name
 from fedfleet.protocol import codec
 from fedfleet.protocol.messages import (
     DescribeInstruction,
@@ -210,6 +210,9 @@ class Engine:
         # coordinator's own test data, described the same way (it never goes into the plan).
         self._test_description = test_description
         self._test = test
+        # --server-val: examples of the pool no worker trains on, scored each round beside the test set; derived
+        # from the seed (as the workers derive what they leave out), so a resumed run has the same ones.
+        self._val = load_server_val(config, task)
         self.metrics = CoordinatorMetrics(self.snapshot)
         self.intake = UpdateIntake(task=task, store=store, registry=registry, metrics=self.metrics,
                                    model_schema=lambda: self.schema, notify=self._notify, run_id=run_id,
@@ -384,7 +387,7 @@ class Engine:
     def partition_info(self, partition: int) -> PartitionInfo:
         """What a worker on ``partition`` is told of it at registration."""
         return PartitionInfo(name=partition_name(partition, self.config.workers), index=partition,
-                             count=self.config.workers, scheme=str(parse_partition(self.config.partition)),
+                             count=self.config.workers, scheme=str(self.config.partition_spec),
                              seed=self.config.seed, val_fraction=self.config.val_fraction)
 
     # --- commands: workers ---------------------------------------------------------------------
@@ -397,7 +400,7 @@ class Engine:
             raise ProtocolError(_mixed_message(self.data_source, self.config.task), status=409,
                                 reason="data_source")
         w = self._registry.register(worker_id, name)
-        spec = parse_partition(self.config.partition)
+        spec = self.config.partition_spec
         log.event("worker.registered", run=self.run_id, worker=w.worker_id, partition=w.partition, name=name)
         self._notify()
         return RegisterResponse(
@@ -943,6 +946,7 @@ class Engine:
             if self._test is not None else ({}, None)
         self.accuracy = finite_or_none(float(metrics["accuracy"])) if metrics else None
         self.loss = finite_or_none(float(metrics["loss"])) if metrics else None
+        val = await asyncio.to_thread(self.task.evaluate, self._model, self._val) if self._val is not None else {}
         t_eval = time.monotonic()
         self.phase = "checkpointing"
         saved_state = state_to_tensors(self._strategy_state)
@@ -954,6 +958,9 @@ class Engine:
                                       aggregate=t_agg - t_closed, evaluate=t_eval - t_agg,
                                       checkpoint=t_ckpt - t_eval), seconds=t_ckpt - t0,
                          score_low=score_low(self.task), confusion=confusion_of(counts, class_names(self.task)))
+        if val:
+            record = record.model_copy(update={"val_accuracy": finite_or_none(float(val["accuracy"])),
+                                               "val_loss": finite_or_none(float(val["loss"]))})
         if self._privacy is not None:
             used = clip if clip is not None else self._privacy.mechanism.clip
             # Under --dp distributed the workers clip, and each says whether it did (worker metric dp_clipped, 1 or
@@ -1040,6 +1047,7 @@ class Engine:
             final_loss=self.loss, evaluation="test" if self._test is not None or not self._history else "federated",
             data_source="sites" if self.data_source == "sites" else "partitions",
             final_fed_accuracy=self._history[-1].fed_accuracy if self._history else None,
+            final_val_accuracy=self._history[-1].val_accuracy if self._history else None,
             seconds=time.monotonic() - self._started, parameters=num_parameters(self._model),
             model_version=self.model_version, config=self.config.to_dict(),
             round_timings=[RoundTiming(round=r.round, seconds=r.seconds, **r.timings.model_dump())
@@ -1102,6 +1110,31 @@ def check_data_source(config: RunConfig, task: object) -> None:
         raise ConfigError(f"task {config.task!r} cannot read files of its own (it has no load_site), so "
                           "--test-data cannot be used with it; it is scored on its own test set",
                           option="test_data")
+    if config.server_val:
+        check_server_val(config, task, source)
+
+
+def check_server_val(config: RunConfig, task: object, source: str) -> None:
+    """ConfigError if ``--server-val`` cannot be taken out of this run's training pool."""
+    if source == "sites":
+        raise ConfigError(f"The 'server_val' option needs a shared training pool to take examples from, and task "
+                          f"{config.task!r} trains on each site's own data (--data), which stays at the site: give "
+                          "--test-data, or select on the federated evaluation", option="server_val")
+    if not callable(getattr(task, "load_server_val", None)):
+        raise ConfigError(f"The 'server_val' option cannot be used with task {config.task!r}: it has no "
+                          "load_server_val(spec, seed) to say which examples of its pool the workers leave out",
+                          option="server_val")
+    try:
+        load_server_val(config, task)
+    except ValueError as exc:
+        raise ConfigError(f"The 'server_val' option: {exc}.", option="server_val") from exc
+
+
+def load_server_val(config: RunConfig, task: Any) -> Any | None:
+    """The ``--server-val`` examples of the pool (None when it is off): ValueError if the pool is too small."""
+    if not config.server_val:
+        return None
+    return task.load_server_val(config.partition_spec, config.seed)
 
 
 def load_test(config: RunConfig, task: Task) -> Any | None:

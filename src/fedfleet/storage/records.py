@@ -104,6 +104,11 @@ class RoundRecord(Record):
     fed_accuracy_min: float | None = None
     fed_accuracy_max: float | None = None
     fed_examples: int | None = None
+    # With --server-val: the new model on the examples of the training pool the coordinator kept from the workers
+    # (what choices are made on; ``accuracy`` stays the test set's). None without it, and in older records.
+    val_accuracy: float | None = Field(default=None, description="with --server-val: the new model's accuracy on the "
+                                                         "coordinator's validation examples")
+    val_loss: float | None = Field(default=None, description="with --server-val: its loss on them")
     worker_metrics: dict[str, float] = Field(
         default_factory=dict, description="example-weighted means of what the workers reported (train_loss, "
                                           "train_s, ...), only names and values that passed validation")
@@ -180,6 +185,9 @@ class RunSummary(Record):
     data_source: Literal["partitions", "sites"] = "partitions"
     final_fed_accuracy: float | None = Field(None, description="the last round's federated evaluation: the "
                                                                "global model on the workers' validation splits")
+    final_val_accuracy: float | None = Field(
+        default=None, description="with --server-val: the last round's accuracy on the coordinator's validation "
+                                  "examples")
     seconds: float
     parameters: int
     model_version: int

@@ -31,7 +31,7 @@ import numpy as np
 
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
-from fedfleet.partition import PartitionSpec, split
+from fedfleet.partition import PartitionSpec, holdout_indices, split
 from fedfleet.tasks import torch_common
 from fedfleet.tasks.base import Dataset, FitResult, NoStats, TrainParams
 from fedfleet.types import Weights
@@ -267,6 +267,12 @@ class MnistTask(NoStats):
     def load_test(self) -> Dataset:
         img = self._images()
         return Dataset(pixels(img.test_x), img.test_y)
+
+    def load_server_val(self, spec: PartitionSpec, seed: int) -> Dataset:
+        """The coordinator's validation set (``--server-val``): the pool's examples ``load_partition`` leaves out."""
+        x, y = self._pool()
+        keep = holdout_indices(y, spec.holdout, seed)
+        return Dataset(x[keep], y[keep])
 
     def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
         x, y = self._pool()

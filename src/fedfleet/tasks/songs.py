@@ -34,7 +34,7 @@ import numpy as np
 
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
-from fedfleet.partition import PartitionSpec, split
+from fedfleet.partition import PartitionSpec, holdout_indices, split
 from fedfleet.tasks import trees
 from fedfleet.tasks.base import Dataset, FitResult, TrainParams, confusion_counts
 from fedfleet.tasks.trees import booster
@@ -248,6 +248,12 @@ class SongsTask:
         x, y, groups = training_rows(self.data_dir)
         part = split(y, groups, spec, count, seed)[index]
         return Dataset(x[part], y[part])
+
+    def load_server_val(self, spec: PartitionSpec, seed: int) -> Dataset:
+        """The coordinator's validation set (``--server-val``): the pool's examples ``load_partition`` leaves out."""
+        x, y, _ = training_rows(self.data_dir)
+        keep = holdout_indices(y, spec.holdout, seed)
+        return Dataset(x[keep], y[keep])
 
     def init_weights(self, seed: int) -> Weights:
         if self.gbdt is not None:  # edges and examples are set from the statistics round (apply_stats)

@@ -61,7 +61,7 @@ import numpy as np
 
 from fedfleet.errors import TaskError
 from fedfleet.options import Option
-from fedfleet.partition import PartitionSpec, split
+from fedfleet.partition import PartitionSpec, holdout_indices, split
 from fedfleet.storage.records import MAX_CONFUSION_CLASSES
 from fedfleet.tasks import score_name, torch_common
 from fedfleet.tasks.base import (
@@ -168,6 +168,12 @@ class TorchTask(NoStats):
             return data, None
         whole = cast("TorchDataset[Any]", data)
         return Subset(whole, train.tolist()), Subset(whole, val.tolist())
+
+    def load_server_val(self, spec: PartitionSpec, seed: int) -> Dataset:
+        """The coordinator's validation set (``--server-val``): the pool's examples ``load_partition`` leaves out."""
+        pool = self._pool
+        keep = holdout_indices(pool.y, spec.holdout, seed)
+        return Dataset(pool.x[keep], pool.y[keep])
 
     def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
         pool = self._pool
