@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_fedfleet
+from conftest import MNIST_ENV, image_data_dir, run_fedfleet
 from fedfleet.config import RunConfig
 from fedfleet.coordinator.engine import check_data_source, load_server_val
 from fedfleet.errors import ConfigError
@@ -74,6 +74,20 @@ def test_the_val_set_is_in_no_partition_and_with_them_makes_the_pool(scheme: str
     # Without --server-val the split is the old one, so earlier runs' partitions do not move.
     old = split(y, decade, parse_partition(scheme), 8, seed=7)
     assert sum(len(p) for p in old) == len(y)
+
+
+def test_mnist_label_shards_leave_the_val_set_out() -> None:
+    pytest.importorskip("torch")
+    data = image_data_dir(MNIST_ENV)
+    task = load_task("mnist", {"data_dir": str(data), "examples": "3000"})
+    spec = parse_partition("natural+val:500")
+    val = task.load_server_val(spec, 3)
+    parts = [task.load_partition(spec, i, 10, 3) for i in range(10)]
+    assert len(val) == 500 and sum(len(p) for p in parts) == 2500
+    assert val.x.shape[1:] == parts[0].x.shape[1:] == task.load_test().x.shape[1:]  # scored like the test set
+    # No image of the val set is in a partition (images compared by their bytes).
+    held = {row.tobytes() for row in val.x}
+    assert not any(row.tobytes() in held for p in parts for row in p.x if np.any(row))
 
 
 def test_another_seed_keeps_other_examples() -> None:

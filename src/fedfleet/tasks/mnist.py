@@ -272,7 +272,7 @@ class MnistTask(NoStats):
         """The coordinator's validation set (``--server-val``): the pool's examples ``load_partition`` leaves out."""
         x, y = self._pool()
         keep = holdout_indices(y, spec.holdout, seed)
-        return Dataset(x[keep], y[keep])
+        return Dataset(pixels(x[keep]), y[keep])
 
     def load_partition(self, spec: PartitionSpec, index: int, count: int, seed: int) -> Dataset:
         x, y = self._pool()
