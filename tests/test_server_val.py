@@ -102,6 +102,13 @@ def test_more_than_the_pool_is_refused_naming_the_option(tmp_path: Path) -> None
     assert "server_val" in done.stderr and "99999" in done.stderr, done.stderr
 
 
+def test_a_pool_left_too_small_for_the_workers_is_refused(tmp_path: Path) -> None:
+    pool = len(training_rows()[1])
+    done = run_fedfleet("run", *SONGS, "--rounds", "1", "--server-val", str(pool - 2), "--out", str(tmp_path / "run"))
+    assert done.returncode != 0
+    assert "server_val" in done.stderr and "3" in done.stderr, done.stderr
+
+
 def test_a_sites_run_is_refused_naming_the_option(tmp_path: Path) -> None:
     done = run_fedfleet("run", "--task", "songs", "--data-source", "sites", "--server-val", "10",
                         "--out", str(tmp_path / "run"))

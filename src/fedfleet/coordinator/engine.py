@@ -1114,7 +1114,7 @@ def check_data_source(config: RunConfig, task: object) -> None:
         check_server_val(config, task, source)
 
 
-def check_server_val(config: RunConfig, task: object, source: str) -> None:
+def check_server_val(config: RunConfig, task: Any, source: str) -> None:
     """ConfigError if ``--server-val`` cannot be taken out of this run's training pool."""
     if source == "sites":
         raise ConfigError(f"The 'server_val' option needs a shared training pool to take examples from, and task "
@@ -1126,6 +1126,8 @@ def check_server_val(config: RunConfig, task: object, source: str) -> None:
                           option="server_val")
     try:
         load_server_val(config, task)
+        # What is left must still give every worker a part: a worker would otherwise fail at its first round.
+        task.load_partition(config.partition_spec, 0, config.workers, config.seed)
     except ValueError as exc:
         raise ConfigError(f"The 'server_val' option: {exc}.", option="server_val") from exc
 
