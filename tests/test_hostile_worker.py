@@ -66,9 +66,10 @@ COORDINATOR_FIELDS = {"round", "accuracy", "loss", "participants", "sampled", "a
                       "bytes_out", "model_version", "timings", "worker_metrics"}
 TIMINGS = {"open", "wait_workers", "aggregate", "evaluate", "checkpoint"}
 # Optional fields the coordinator may add about a round (counts of what it refused or dropped; with --dp
-# central, the epsilon spent and the updates clipped; a classifier's confusion counts on the held-out set).
+# central, the epsilon spent and the updates clipped; a classifier's confusion counts on the held-out set; with
+# --server-val, the score on the examples the coordinator kept, null without it).
 OPTIONAL_FIELDS = {"updates_rejected", "metrics_dropped", "test_metrics", "dp_epsilon", "dp_clipped", "secagg",
-                   "dp_clip", "dp_unclipped_fraction", "confusion"}
+                   "dp_clip", "dp_unclipped_fraction", "confusion", "val_accuracy", "val_loss"}
 FED_FIELDS = {"fed_accuracy", "fed_loss", "fed_accuracy_std", "fed_accuracy_min", "fed_accuracy_max",
               "fed_examples"}
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -178,6 +179,9 @@ def check_record(rec: dict[str, Any], rnd: int) -> None:
     assert not missing, f"record {rnd} lacks {sorted(missing)}"
     foreign = set(rec) - COORDINATOR_FIELDS - OPTIONAL_FIELDS - FED_FIELDS
     assert not foreign, f"record {rnd} has names a worker sent at its top level: {sorted(foreign)[:5]}"
+    # These runs keep no --server-val set, so a worker's own val_accuracy/val_loss must not surface as the run's.
+    assert rec.get("val_accuracy") is None and rec.get("val_loss") is None, \
+        f"record {rnd}: val_accuracy {rec.get('val_accuracy')!r}, val_loss {rec.get('val_loss')!r} without --server-val"
     for name in ("participants", "sampled", "attempts", "bytes_in", "bytes_out", "model_version"):
         assert type(rec[name]) is int and rec[name] >= 0, f"record {rnd}: {name} = {rec[name]!r}"
     assert 1 <= rec["participants"] <= rec["sampled"], rec
