@@ -50,7 +50,7 @@ from fedfleet.tasks.trees.bins import grid_counts, quantile_edges
 from fedfleet.tasks.trees.booster import Params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from machine import commit, cpu_model, memory_gib, versions
+from machine import commit, cpu_model, memory_gib, versions, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRIPT = "benchmarks/gbdt.py"
@@ -323,9 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "machine": f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib()} GiB",
                       "versions": ", ".join(f"{k} {v}" for k, v in versions("numpy", "fedfleet").items()),
                       "quick": a.quick}
-    a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "gbdt.json").write_text(json.dumps(result, indent=1) + "\n")
-    (a.results / "gbdt.md").write_text(markdown(result))
+    write_results(a.results, "gbdt", result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -1,13 +1,15 @@
 """What every benchmark's results file says about how it was produced: the commit, the machine, versions,
-and the peak memory of a process (Linux's /proc). Shared by the scripts in benchmarks/."""
+and the peak memory of a process (Linux's /proc); where the results go. Shared by the scripts in benchmarks/."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import json
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def commit() -> str | None:
@@ -54,3 +56,11 @@ def vm_hwm(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def write_results(folder: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """``folder/NAME.json`` (strict JSON: a NaN is a bug to see, not a value to write) and ``NAME.md``, the
+    table the script also prints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    (folder / f"{name}.md").write_text(table)

@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when imported by path
 from flower_env import FLOWER_VENV, ensure_flower, shown, venv_python
-from machine import commit, cpu_model, memory_gib, versions
+from machine import commit, cpu_model, memory_gib, versions, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {
@@ -433,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
               "versions": {**versions("fedfleet", "numpy", "torch"), **flower.get("versions", {})},
               "flower_venv": shown(args.flower_venv) if not args.no_flower else None, "goals": GOALS,
               "rows": rows, "comparison": compare(rows), "notes": notes}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "simulate.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "simulate.md").write_text(markdown(result))
+    write_results(args.results, "simulate", result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -222,6 +222,23 @@ def _version() -> str:
         return "(not installed)"
 
 
+
+def _add_served_security(group: argparse._ArgumentGroup, *, admin: str, unguarded: str) -> None:
+    """The options every fedfleet server shares: admin token, TLS, who may bind beyond loopback, host names.
+    ``admin``: what the admin token guards and its default; ``unguarded``: the token a non-loopback host needs."""
+    group.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                       help=f"file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for {admin}")
+    group.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                       help="PEM certificate: serve https (fedfleet certs makes one) [default none: http]")
+    group.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                       help="PEM private key of --tls-cert [default none]")
+    group.add_argument("--insecure", action="store_true",
+                       help=f"allow a non-loopback --host without {unguarded} (trusted networks only)")
+    group.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                       help="comma-separated host names (*.NAME for all under NAME) requests may be addressed to, "
+                            "besides localhost and the --host address; without an admin token on loopback other "
+                            "names get 421 (against DNS rebinding) [default none]")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedfleet", description="Federated learning: a coordinator and workers "
                                      "that train one model without moving their data.")
@@ -284,20 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "twice or more also waits (at most two scrape intervals) for a scrape to see the end "
                             "[default 10]")
     sec = coord.add_argument_group("security and limits (see docs/reliability.md)")
-    sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
-                     help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for status, "
-                          "metrics, dashboard and control endpoints [default none: $FEDFLEET_ADMIN_TOKEN if set, else "
-                          "these are open]")
+    _add_served_security(sec, admin="status, metrics, dashboard and control endpoints [default none: "
+                                    "$FEDFLEET_ADMIN_TOKEN if set, else these are open]", unguarded="a join token")
     sec.add_argument("--join-token-file", type=Path, default=None, metavar="FILE",
                      help="file holding the join token (or env FEDFLEET_JOIN_TOKEN): needed to register; each "
                           "worker then gets its own token [default none: $FEDFLEET_JOIN_TOKEN if set, else anyone "
                           "may join]")
-    sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
-                     help="PEM certificate: serve https [default none: http]")
-    sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
-                     help="PEM private key of --tls-cert [default none]")
-    sec.add_argument("--insecure", action="store_true",
-                     help="allow a non-loopback --host without a join token (trusted networks only)")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=JSON_BODY_LIMIT, metavar="N",
                      help=f"largest JSON request body (updates are bounded by the model's size) "
                           f"[default {JSON_BODY_LIMIT}]")
@@ -317,10 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--idle-timeout", type=_positive_float, default=IDLE_TIMEOUT, metavar="SECONDS",
                      help="a kept-alive connection with no new request this long is closed "
                           f"[default {IDLE_TIMEOUT:g}]")
-    sec.add_argument("--allowed-hosts", default="", metavar="NAMES",
-                     help="comma-separated host names (*.NAME for all under NAME) requests may be addressed to, "
-                          "besides localhost and the --host address; without an admin token on loopback other "
-                          "names get 421 (against DNS rebinding) [default none]")
 
     worker = sub.add_parser("worker", help="join a coordinator and train on a local partition")
     worker.add_argument("--coordinator", type=_url, required=True, help="coordinator URL, http://HOST:PORT")
@@ -382,20 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "built-in tasks are always allowed, nothing else is: loading a task runs its code "
                             "[default none]")
     serve_sec = serve.add_argument_group("security (as fedfleet coordinator's; see docs/reliability.md)")
-    serve_sec.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
-                           help="file holding the admin token (or env FEDFLEET_ADMIN_TOKEN): needed for every page "
-                                "and endpoint but /v1/health; browsers sign in at /login [default none: "
-                                "$FEDFLEET_ADMIN_TOKEN if set, else open]")
-    serve_sec.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
-                           help="PEM certificate: serve https (fedfleet certs makes one) [default none: http]")
-    serve_sec.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
-                           help="PEM private key of --tls-cert [default none]")
-    serve_sec.add_argument("--insecure", action="store_true",
-                           help="allow a non-loopback --host without an admin token (trusted networks only)")
-    serve_sec.add_argument("--allowed-hosts", default="", metavar="NAMES",
-                           help="comma-separated host names (*.NAME for all under NAME) requests may be addressed "
-                                "to, besides localhost and the --host address; without an admin token on loopback "
-                                "other names get 421 (against DNS rebinding) [default none]")
+    _add_served_security(serve_sec, admin="every page and endpoint but /v1/health; browsers sign in at /login "
+                                          "[default none: $FEDFLEET_ADMIN_TOKEN if set, else open]",
+                         unguarded="an admin token")
 
     data = sub.add_parser("data", help="fetch a data set's files from their official locations")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -80,7 +80,6 @@ def create_router(run: RunSource, *, run_list: str | None = None) -> APIRouter:
     """Routes for ``/`` (dashboard), ``/predict`` and their API under ``/v1``, reading ``run``. ``run_list``:
     the URL of the list of runs this run's pages are served from (``fedfleet serve RUNS/``), which they link
     back to; None (a coordinator's own pages, a single run served) for no link."""
-    assets = _load_assets()
     router = APIRouter(route_class=_ExplainedRoute)
 
     @router.get(f"{API}/links", tags=["dashboard"],
@@ -120,19 +119,7 @@ def create_router(run: RunSource, *, run_list: str | None = None) -> APIRouter:
             parsed[:] = [_schema(offered, run_task_name)]
         return parsed[0], model
 
-    def page(name: str) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        async def serve(request: Request) -> Response:
-            return _asset(assets, name, request)
-        return serve
-
-    router.add_api_route("/", page("dashboard.html"), methods=["GET", "HEAD"], include_in_schema=False)
-    router.add_api_route("/predict", page("predict.html"), methods=["GET", "HEAD"], include_in_schema=False)
-
-    @router.get("/static/{name}", include_in_schema=False)
-    async def static(name: str, request: Request) -> Response:
-        if name not in assets:
-            return JSONResponse({"detail": f"no asset {name!r}"}, status_code=404)
-        return _asset(assets, name, request)
+    add_pages(router, {"/": "dashboard.html", "/predict": "predict.html"})
 
     @router.get(f"{API}/dashboard", tags=["dashboard"],
                 summary="Everything the dashboard shows: status, open round, a page of the workers (by partition; "
@@ -293,6 +280,26 @@ def _dumps(obj: Any) -> str:
 
 def _json_response(obj: Any) -> Response:
     return Response(_dumps(obj), media_type="application/json")
+
+
+def add_pages(router: APIRouter | FastAPI, pages: dict[str, str]) -> None:
+    """Serve each page of ``pages`` (URL path: file in static/) and every static file at ``/static/NAME``, read
+    once from the package, with ETags."""
+    assets = _load_assets()
+
+    def page(name: str) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        async def serve(request: Request) -> Response:
+            return _asset(assets, name, request)
+        return serve
+
+    for path, name in pages.items():
+        router.add_api_route(path, page(name), methods=["GET", "HEAD"], include_in_schema=False)
+
+    @router.get("/static/{name}", include_in_schema=False)
+    async def static(name: str, request: Request) -> Response:
+        if name not in assets:
+            return JSONResponse({"detail": f"no asset {name!r}"}, status_code=404)
+        return _asset(assets, name, request)
 
 
 def _load_assets() -> dict[str, tuple[bytes, str, str]]:

@@ -29,8 +29,8 @@ from typing import Any
 from urllib.parse import quote
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
@@ -42,7 +42,7 @@ from fedfleet.coordinator.security import Access, AuthMiddleware, HostCheck
 from fedfleet.coordinator.server import check_tls, is_loopback
 from fedfleet.errors import ConfigError, FedfleetError
 from fedfleet.protocol.messages import API, Status
-from fedfleet.web.routes import _asset, _load_assets, create_router
+from fedfleet.web.routes import add_pages, create_router
 from fedfleet.web.runs import Catalog, is_run, run_stamp
 from fedfleet.web.sources import FinishedRun
 
@@ -104,21 +104,7 @@ def _listing_app(catalog: Catalog) -> FastAPI:
                               f"under {RUNS_PREFIX}NAME/.")
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
     # The same files as every run's pages: one stylesheet and chart code for the list and the runs.
-    assets = _load_assets()
-
-    def page(name: str) -> Callable[[Request], Awaitable[Response]]:
-        async def serve(request: Request) -> Response:
-            return _asset(assets, name, request)
-        return serve
-
-    app.add_api_route("/", page("runs.html"), methods=["GET", "HEAD"], include_in_schema=False)
-    app.add_api_route("/compare", page("compare.html"), methods=["GET", "HEAD"], include_in_schema=False)
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def static(name: str, request: Request) -> Response:
-        if name not in assets:
-            return JSONResponse({"detail": f"no asset {name!r}"}, status_code=404)
-        return _asset(assets, name, request)
+    add_pages(app, {"/": "runs.html", "/compare": "compare.html"})
 
     @app.get(f"{API}/health", response_model=Health, tags=["runs"])
     async def health() -> Health:
