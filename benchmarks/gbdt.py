@@ -26,10 +26,8 @@ Writes benchmarks/results/gbdt.{json,md} (or --results DIR).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ from fedfleet.tasks.trees.bins import grid_counts, quantile_edges
 from fedfleet.tasks.trees.booster import Params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from fleet import run_fedfleet
 from machine import commit, cpu_model, memory_gib, versions, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,18 +135,6 @@ def central(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fedfleet(args: list[str], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedfleet", *args, "--out", str(out), "--quiet"],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"fedfleet {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return summary, rounds, seconds
-
-
 def transfer(rounds: list[dict[str, Any]]) -> dict[str, int]:
     return {"bytes_in": sum(int(r.get("bytes_in", 0)) for r in rounds),
             "bytes_out": sum(int(r.get("bytes_out", 0)) for r in rounds)}
@@ -159,7 +146,7 @@ def song_run(options: dict[str, Any], partition: str, reference: dict[str, np.nd
     args = ["run", "--task", "songs", *task_options, "--workers", str(WORKERS), "--rounds", str(p.rounds),
             "--partition", partition, "--val-fraction", "0", "--seed", "0"]
     out = work / f"songs-{partition.replace(':', '-')}"
-    summary, rounds, seconds = fedfleet(args, out)
+    summary, rounds, seconds = run_fedfleet(args, out)
     model = safetensors.numpy.load_file(out / "model.safetensors")
     fed, ref = booster.finalised(model, p), booster.finalised(reference, p)
     same = bool(np.array_equal(fed.feature, ref.feature) and np.array_equal(fed.threshold, ref.threshold))
@@ -191,7 +178,7 @@ def regression(rows: int, options: dict[str, Any], work: Path) -> dict[str, Any]
     p_rounds = int(options["n_trees"]) * int(options["max_depth"])
     args = ["run", "--task", "tabular", *task_options, "--workers", str(WORKERS), "--rounds", str(p_rounds),
             "--data-split", str(train), "--test-data", str(test), "--val-fraction", "0", "--seed", "0"]
-    summary, rounds, seconds = fedfleet(args, work / "prices-run")
+    summary, rounds, seconds = run_fedfleet(args, work / "prices-run")
     # Central: the same plan, one site holding every row, the same number of rounds.
     trees = TabularTask(label="price", model="gbdt", **options)
     data = trees.load_site([train], 0.0, 0)[0]

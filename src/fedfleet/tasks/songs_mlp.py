@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 HIDDEN = 64
 
 
-def build_model() -> torch.nn.Module:
-    """scaler (buffers) → Linear 15→64 → ReLU → Linear 64→64 → ReLU → Linear 64→3 (logits)."""
+def build_model(hidden: int = HIDDEN, layers: int = 2) -> torch.nn.Module:
+    """scaler (buffers) → Linear 15→64 → ReLU → Linear 64→64 → ReLU → Linear 64→3 (logits); ``hidden`` and
+    ``layers`` make the wider and deeper variants benchmarks/songs_models.py compares (the task's is 64 × 2)."""
     torch_common.require_torch("songs-mlp")
     import torch
     from torch import nn
@@ -45,12 +46,10 @@ def build_model() -> torch.nn.Module:
             return (x - self.mean) / self.scale
 
     d, k = len(FEATURES), len(ERAS)
-    return nn.Sequential(OrderedDict([
-        ("scaler", Standardise(d)),
-        ("hidden1", nn.Linear(d, HIDDEN)), ("relu1", nn.ReLU()),
-        ("hidden2", nn.Linear(HIDDEN, HIDDEN)), ("relu2", nn.ReLU()),
-        ("out", nn.Linear(HIDDEN, k)),
-    ]))
+    stack: list[tuple[str, nn.Module]] = [("scaler", Standardise(d))]
+    for i in range(1, layers + 1):
+        stack += [(f"hidden{i}", nn.Linear(d if i == 1 else hidden, hidden)), (f"relu{i}", nn.ReLU())]
+    return nn.Sequential(OrderedDict([*stack, ("out", nn.Linear(hidden, k))]))
 
 
 class SongsMlpTask(SongsTask):
