@@ -363,3 +363,28 @@ def test_without_validation_the_heat_map_colours_by_training_loss(page: Any, tmp
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)
+
+
+def test_the_coordinators_validation_scores_are_drawn_only_in_a_run_that_has_them(
+        page: Any, served_run: tuple[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    label = "validation (coordinator's)"
+    url, _ = served_run  # no --server-val: the series is neither in the legend nor in the read-out
+    open_dashboard(page, url, 3)
+    assert label not in page.evaluate("charts.accuracy.shownSeries().map(s => s.label)")
+    assert label in page.evaluate("charts.accuracy.series.map(s => s.label)")
+
+    val_dir = tmp_path / "val"
+    r = fedfleet("run", "--workers", "2", "--rounds", "3", "--server-val", "2000", "--out", str(val_dir), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = [json.loads(line) for line in (val_dir / "metrics.jsonl").read_text().splitlines()]
+    proc, val_url = start_serve(val_dir)
+    try:
+        open_dashboard(page, val_url, 3)
+        for chart, key in (("accuracy", "val_accuracy"), ("loss", "val_loss")):
+            assert label in page.evaluate(f"charts.{chart}.shownSeries().map(s => s.label)")
+            drawn = page.evaluate(f"charts.{chart}.rows.map(row => charts.{chart}.series"
+                                  f".find(s => s.key === '{key}').value(row))")
+            assert drawn == [rec[key] for rec in records] and all(v > 0 for v in drawn)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)

@@ -309,3 +309,19 @@ def test_a_large_fleet_sampling_a_few(tmp_path: Path, monkeypatch: pytest.Monkey
     write_report([run])
     assert "Each worker's data (examples, label mix) is drawn for up to 200 workers." in \
         (run / "report" / "report.md").read_text()
+
+
+def test_accuracy_chart_draws_the_coordinators_validation_scores_with_server_val(skewed: Path,
+                                                                                  tmp_path: Path) -> None:
+    label = "global model, the coordinator's validation examples (--server-val)"
+    assert label not in [t.get_text() for t in figure_accuracy_loss(load_run(skewed)).legends[0].texts]
+    path = tmp_path / "val"
+    r = fedfleet("run", "--workers", "2", "--rounds", "3", "--server-val", "2000", "--out", str(path), "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    fig = figure_accuracy_loss(load_run(path))
+    drawn(fig, tmp_path / "val.png")
+    assert label in [t.get_text() for t in fig.legends[0].texts]
+    records = RunDir(path).read_rounds()
+    for ax, key in zip(fig.axes, ("val_accuracy", "val_loss"), strict=True):
+        (line,) = [ln for ln in ax.lines if ln.get_label() == label]
+        assert list(line.get_ydata()) == pytest.approx([getattr(rec, key) for rec in records])

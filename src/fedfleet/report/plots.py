@@ -126,8 +126,9 @@ def blocks(xs: Sequence[int], series: Sequence[float], size: int) -> tuple[list[
 
 # --- one run -------------------------------------------------------------------------------------
 def figure_accuracy_loss(run: RunData) -> Figure:
-    """Test accuracy and loss of the global model by round, next to the workers' local training ones, with
-    the spread of the workers' own validation accuracy as a band."""
+    """Test accuracy and loss of the global model by round (and on the coordinator's validation examples with
+    --server-val), next to the workers' local training ones, with the spread of the workers' own validation
+    accuracy as a band."""
     fig = figure(11, 4.8)
     fig.suptitle(f"{run.label}: accuracy and loss by round", fontsize=13)
     xs = [r.round for r in run.rounds]
@@ -136,6 +137,10 @@ def figure_accuracy_loss(run: RunData) -> Figure:
         test = [r.accuracy if key == "accuracy" else r.loss for r in run.rounds]
         if any(v is not None for v in test) or not run.rounds:
             ax.plot(xs, values(test), marker="o", markersize=4, label="global model, held-out test set")
+        val = [r.val_accuracy if key == "accuracy" else r.val_loss for r in run.rounds]
+        if any(v is not None for v in val):  # --server-val: what the run's choices are made on
+            ax.plot(xs, values(val), marker="^", markersize=4, linestyle="-.",
+                    label="global model, the coordinator's validation examples (--server-val)")
         fed = [r.fed_accuracy if key == "accuracy" else r.fed_loss for r in run.rounds]
         if all(v is None for v in test) and any(v is not None for v in fed):
             # No held-out set (a sites run without --test-data): the workers' scores are the run's. Each is of

@@ -39,7 +39,8 @@ class LineChart {
   // charts: format(v, decimals, step) writes a y value (bytes, seconds; decimals and step are the ticks', null for
   // the read-out); band {lo(row), hi(row), color, label} shades a range behind the lines (the spread of the
   // workers' scores); range [lo, hi] fixes the y axis (null: scaled to the data); floor: the lowest the scaled
-  // axis goes (0 for seconds and bytes, which cannot be negative).
+  // axis goes (0 for seconds and bytes, which cannot be negative). A series with optional: true is in the legend
+  // and read-out only once a round has its value (the coordinator's --server-val scores, which most runs lack).
   constructor(canvas, { series, percent = false, emptyText = "waiting for the first round", format = null,
                         band = null, range = null, floor = null }) {
     this.canvas = canvas;
@@ -122,7 +123,8 @@ class LineChart {
     g.setTransform(dpr, 0, 0, dpr, 0, 0);
     g.clearRect(0, 0, w, h);
     g.font = "12px system-ui, sans-serif";
-    const legend = legendLines(g, this.series.map((s) => s.label).concat(this.band ? [this.band.label] : []),
+    const shown = this.shownSeries();
+    const legend = legendLines(g, shown.map((s) => s.label).concat(this.band ? [this.band.label] : []),
       w - 16 - 56);
     const L = this.layout(14 + 18 * legend.length);
 
@@ -181,6 +183,11 @@ class LineChart {
     if (this.hover != null) this.drawHover(g, L, X);
   }
 
+  // The series the legend and read-out name: every one but an optional series no round has a value of.
+  shownSeries() {
+    return this.series.filter((s) => !s.optional || this.rows.some((row) => s.value(row) != null));
+  }
+
   drawLegend(g, lines, left) {
     const bandLabel = this.band ? this.band.label : null;
     g.textAlign = "left"; g.textBaseline = "middle";
@@ -226,7 +233,7 @@ class LineChart {
     const x = X(row.round);
     g.strokeStyle = "#94a3b8"; g.lineWidth = 1; g.setLineDash([3, 3]);
     g.beginPath(); g.moveTo(x, L.top); g.lineTo(x, L.bottom); g.stroke(); g.setLineDash([]);
-    const lines = [`round ${row.round}`, ...this.series.map((s) => {
+    const lines = [`round ${row.round}`, ...this.shownSeries().map((s) => {
       const v = s.value(row);
       return `${s.label}: ${v == null ? "—" : this.format(v)}`;
     })];

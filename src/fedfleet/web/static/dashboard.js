@@ -31,6 +31,8 @@ const charts = {
       // The model each worker was sent, on its own validation split: the run's only score when it has no
       // held-out set (each site's own data without --test-data).
       { key: "fed_accuracy", label: "validation (workers')", color: "#15803d", dash: [2, 3] },
+      // With --server-val: the new model on the training examples the coordinator kept from every worker.
+      { key: "val_accuracy", label: "validation (coordinator's)", color: "#7c3aed", dash: [8, 3], optional: true },
       { key: "train_accuracy", label: "train (workers')", color: "#e08a0b", dash: [6, 4],
         value: workerMetric("train_accuracy") },
     ],
@@ -42,6 +44,7 @@ const charts = {
     series: [
       { key: "loss", label: "test (held-out)", color: "#2563eb" },
       { key: "fed_loss", label: "validation (workers')", color: "#15803d", dash: [2, 3] },
+      { key: "val_loss", label: "validation (coordinator's)", color: "#7c3aed", dash: [8, 3], optional: true },
       { key: "train_loss", label: "train (workers')", color: "#e08a0b", dash: [6, 4],
         value: workerMetric("train_loss") },
     ],
