@@ -1,21 +1,35 @@
 """MNIST / Fashion-MNIST: rounds needed to reach a test accuracy, FedAvg against FedSGD, IID against
-pathological non-IID (2 label shards per worker), after McMahan et al. (2017).
+pathological non-IID (2 label shards per worker), after McMahan et al. (2017), over seeds.
 
     python benchmarks/mnist_convergence.py                                  # 2NN (MLP), target 0.97
     python benchmarks/mnist_convergence.py --model cnn --target 0.99 --max-rounds 300   # the paper's CNN
     python benchmarks/mnist_convergence.py --task fashion-mnist --data-dir ../shared/data/fashion-mnist \\
         --model cnn --target 0.90
+    python benchmarks/mnist_convergence.py --model cnn --target 0.99 --seeds 0,1,2     # 3 seeds, mean ± std
+    python benchmarks/mnist_convergence.py --model cnn --target 0.99 --seeds 0,1,2 --resume   # only the missing
+    python benchmarks/mnist_convergence.py --task fashion-mnist --data-dir ../shared/data/fashion-mnist \\
+        --model cnn --target 0.90 --algorithm FedAvg --partition natural --strategy fedavgm \\
+        --strategy-option server_lr=1 --strategy-option momentum=0.9 --local-epochs 2 --name fedavgm-noniid
 
 100 workers sharing the 60k training images less the --val examples the coordinator keeps apart
 (``fedfleet run --server-val``: 550 each with the default 5,000), fraction 0.1 (10 workers a round), many
-logical workers per worker process (--processes). FedAvg: E=5 local epochs, batch B=10. FedSGD: E=1 and
-B=all of a worker's data: one gradient step per round. Each algorithm's learning rate is the best of a
-small sweep (--lrs, --sgd-lrs) by VALIDATION accuracy (the --val examples, which no worker trains on)
-after --sweep-rounds IID rounds: the test set chooses nothing, it only scores the reported runs. Every
-cell is one real `fedfleet run` with --target-accuracy, so a run stops at the first round whose global
-model reaches the target on the test set (the paper's "rounds to target"), or at --max-rounds; next to
-it the table gives the first round whose validation accuracy reached the target (within the rounds run).
-Writes benchmarks/results/convergence-TASK-MODEL.{json,md} (--results for another folder).
+logical workers per worker process (--processes). FedAvg: E=--local-epochs (5) local epochs, batch B=10.
+FedSGD: E=1 and B=all of a worker's data: one gradient step per round. --strategy and --strategy-option
+(those of ``fedfleet run``: server momentum, FedProx, adaptive server optimisers) apply to every run.
+
+Each algorithm's learning rate is the best of a small sweep (--lrs, --sgd-lrs) by VALIDATION accuracy (the
+--val examples, which no worker trains on) after --sweep-rounds IID rounds, run once on the first seed; every
+seed's runs then use it: the test set chooses nothing, it only scores the reported runs. A seed (``fedfleet
+run --seed``) changes the validation draw, the partition, the model's initialisation and the sampling. Every
+cell is one real `fedfleet run` with --target-accuracy, so a run stops at the first round whose global model
+reaches the target on the test set (the paper's "rounds to target"), or at --max-rounds; next to it the table
+gives the first round whose validation accuracy reached the target (within the rounds run). Tables aggregate
+over seeds: accuracies as mean ± sample std, rounds to target as median [min-max] with the seeds that did not
+reach it counted.
+
+Writes benchmarks/results/convergence-TASK-MODEL[-NAME].{json,md} (--results for another folder) after every
+cell. --resume reads that file back, checks it was made with the same options (all but --seeds), keeps its
+sweeps and cells and runs only the (data, algorithm, seed) cells it lacks; without --resume it is overwritten.
 """
 
 from __future__ import annotations
@@ -23,32 +37,44 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from fedfleet.errors import ConfigError
 from fedfleet.storage.run_dir import RunDir
+from fedfleet.strategies import STRATEGIES, make_strategy
+from machine import commit, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 60_000
-# (local epochs E, batch size B); None: all of a worker's data in one batch (B=∞ in the paper)
-ALGORITHMS: dict[str, tuple[int, int | None]] = {"FedAvg": (5, 10), "FedSGD": (1, None)}
+# Batch size B per algorithm; None: all of a worker's data in one batch (B=∞ in the paper). FedAvg's local
+# epochs E come from --local-epochs; FedSGD's are 1 by definition.
+BATCH: dict[str, int | None] = {"FedAvg": 10, "FedSGD": None}
 PARTITIONS = {"IID": "iid", "non-IID (2 shards)": "natural"}
+# Options that may differ between the sittings of one resumed study: they say which cells to run, not how.
+# "seed" is the one-seed option of results files written before --seeds.
+SITTING_OPTIONS = frozenset({"seeds", "seed", "resume"})
 
 
 def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
-        target: float | None, out: Path) -> dict[str, Any]:
+        target: float | None, seed: int, out: Path) -> dict[str, Any]:
     batch = batch or -(-(TRAIN_IMAGES - args.val) // args.workers)  # B=all: the largest IID share in one batch
     cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={args.data_dir}",
            "--task-option", f"model={args.model}", "--workers", str(args.workers), "--fraction", str(args.fraction),
            "--processes", str(args.processes), "--partition", partition, "--local-epochs", str(epochs),
            "--batch-size", str(batch), "--lr", str(lr), "--rounds", str(rounds), "--val-fraction", "0",
-           "--seed", str(args.seed), "--round-timeout", "3600", "--worker-timeout", "600", "--out", str(out),
-           "--overwrite", "--quiet"]
+           "--seed", str(seed), "--strategy", args.strategy, "--round-timeout", "3600", "--worker-timeout", "600",
+           "--out", str(out), "--overwrite", "--quiet"]
+    for key, value in strategy_options(args.strategy_option).items():
+        cmd += ["--strategy-option", f"{key}={value}"]
     if target is not None:
         cmd += ["--target-accuracy", str(target)]
     if args.val:
@@ -96,63 +122,223 @@ def select_lr(tried: list[dict[str, Any]]) -> float:
     return float(max(tried, key=lambda t: float(t["val_accuracy"]))["lr"])
 
 
-def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], tmp: Path,
+def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], seed: int, tmp: Path,
           name: str) -> tuple[float, list[dict[str, Any]]]:
     tried = []
     for lr in lrs:
-        r = run(args, "iid", epochs, batch, lr, args.sweep_rounds, None, tmp / f"sweep-{name}-{lr}")
+        r = run(args, "iid", epochs, batch, lr, args.sweep_rounds, None, seed, tmp / f"sweep-{name}-{lr}")
         # The test accuracy is kept for the record only: select_lr never reads it.
         tried.append({"lr": lr, "val_accuracy": r["final_val_accuracy"], "test_accuracy": r["final_accuracy"]})
-        print(f"  sweep {name} lr {lr:g}: validation accuracy after {args.sweep_rounds} rounds "
+        print(f"  sweep {name} lr {lr:g} (seed {seed}): validation accuracy after {args.sweep_rounds} rounds "
               f"{r['final_val_accuracy']:.4f}", flush=True)
     return select_lr(tried), tried
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a comma list of distinct seeds, in the order they are run (the first one sweeps).
+
+    >>> parse_seeds("0,1,2"), parse_seeds("7")
+    ([0, 1, 2], [7])
+    >>> parse_seeds("0,0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: seeds must be distinct whole numbers >= 0, e.g. 0,1,2; got '0,0'
+    """
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct whole numbers >= 0, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def strategy_options(entries: Sequence[str] | None) -> dict[str, str]:
+    """``--strategy-option KEY=VALUE`` entries as a dict sorted by key (a later KEY wins, as in ``fedfleet run``).
+
+    >>> strategy_options(["momentum=0.9", "server_lr=1", "momentum=0.5"])
+    {'momentum': '0.5', 'server_lr': '1'}
+    """
+    options: dict[str, str] = {}
+    for entry in entries or ():
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--strategy-option must look like KEY=VALUE. Got {entry!r} instead.")
+        options[key] = value
+    return dict(sorted(options.items()))
+
+
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a results file records: everything but where the data and results are (paths of one
+    machine) and --resume (how this sitting started, not what the study is)."""
+    recorded = {k: v for k, v in vars(args).items() if k not in ("data_dir", "results", "resume")}
+    recorded["strategy_option"] = strategy_options(args.strategy_option)
+    return recorded
+
+
+def differing(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The options (as flags) on which a saved study's args and this command's differ, the seeds aside.
+
+    >>> differing({"seeds": [0], "max_rounds": 100, "lr": None}, {"seeds": [0, 1, 2], "max_rounds": 100, "lr": None})
+    []
+    >>> differing({"seed": 0, "max_rounds": 100}, {"seeds": [1], "max_rounds": 150, "strategy": "fedavgm"})
+    ['--max-rounds', '--strategy']
+    """
+    keys = (saved.keys() | given.keys()) - SITTING_OPTIONS
+    return ["--" + k.replace("_", "-") for k in sorted(keys) if saved.get(k) != given.get(k)]
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """``mean ± sample std`` (n-1) to ``digits`` places; one value alone.
+
+    >>> mean_std([0.9812, 0.9850, 0.9831]), mean_std([0.5]), mean_std([1.5, 2.5], digits=2)
+    ('0.9831 ± 0.0019', '0.5000', '2.00 ± 0.71')
+    """
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def rounds_summary(reached: Sequence[int | None], rounds_run: Sequence[int]) -> str:
+    """Rounds to target over seeds: ``median [min-max]`` of the seeds that reached it, and how many did not.
+
+    ``reached[i]`` is seed i's first round at the target (None: not within its ``rounds_run[i]`` rounds). The
+    median counts a seed that did not reach the target as beyond its rounds run; where that decides the
+    median, only a bound is known and it is given as ``>N``.
+
+    >>> rounds_summary([18], [18]), rounds_summary([None], [150]), rounds_summary([18, 16, 20], [18, 16, 20])
+    ('18', 'not in 150', '18 [16-20]')
+    >>> rounds_summary([18, None, 20], [18, 30, 20])
+    '20 [18-20], 1 of 3 not in 30'
+    >>> rounds_summary([None, 18, None], [30, 18, 30]), rounds_summary([None, None, None], [150, 150, 150])
+    ('>30 [18], 2 of 3 not in 30', '3 of 3 not in 150')
+    >>> rounds_summary([20, None], [20, 30])
+    '>25 [20], 1 of 2 not in 30'
+    """
+    n = len(reached)
+    missed = sorted({run for r, run in zip(reached, rounds_run, strict=True) if r is None})
+    not_in = f"not in {'/'.join(map(str, missed))}"
+    hits = sorted(r for r in reached if r is not None)
+    if not hits:
+        return not_in if n == 1 else f"{n} of {n} {not_in}"
+    # A seed that missed sorts after every hit (it would have needed more rounds than it ran); its value in the
+    # median is its rounds run, a lower bound, so a median that takes one in is a lower bound too.
+    ordered = sorted(((r, False) if r is not None else (run, True) for r, run in zip(reached, rounds_run,
+                                                                                     strict=True)),
+                     key=lambda pair: (pair[1], pair[0]))
+    middle = ordered[(n - 1) // 2: n // 2 + 1]
+    median = statistics.fmean(v for v, _ in middle)
+    text = (">" if any(censored for _, censored in middle) else "") + f"{median:g}"
+    if n == 1:
+        return text
+    span = f"{hits[0]}" if len(hits) == 1 else f"{hits[0]}-{hits[-1]}"
+    return f"{text} [{span}]" + (f", {n - len(hits)} of {n} {not_in}" if missed else "")
+
+
+def rows(cells: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The cells grouped by (data, algorithm), groups in the order they first appear, seeds in seed order.
+
+    >>> {k: [c.get("seed") for c in v] for k, v in rows([{"data": "IID", "algorithm": "FedAvg", "seed": 1},
+    ...     {"data": "IID", "algorithm": "FedAvg", "seed": 0}, {"data": "IID", "algorithm": "FedSGD"}]).items()}
+    {('IID', 'FedAvg'): [0, 1], ('IID', 'FedSGD'): [None]}
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        groups.setdefault((cell["data"], cell["algorithm"]), []).append(cell)
+    # Cells of files from before --seeds have no seed: one each, nothing to order.
+    return {k: sorted(v, key=lambda c: c.get("seed") or 0) for k, v in groups.items()}
+
+
+def strategy_text(a: dict[str, Any]) -> str:
+    """The strategy of a study's args, with its options; fedavg for files that predate --strategy.
+
+    >>> strategy_text({"strategy": "fedavgm", "strategy_option": {"momentum": "0.5"}}), strategy_text({})
+    ('fedavgm (momentum=0.5)', 'fedavg')
+    """
+    options = a.get("strategy_option") or {}
+    name = str(a.get("strategy", "fedavg"))
+    return name + (" (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
     a = result["args"]
+    # .get with the old defaults throughout: files written before --seeds, --val and --strategy still render.
+    val = a.get("val", 0)
+    seeds = (sorted({c["seed"] for c in result["cells"] if c.get("seed") is not None}) or a.get("seeds")
+             or [a.get("seed", 0)])
+    strategy = strategy_text(a)
+    swept = "" if result.get("sweep_seed") is None else f" (on seed {result['sweep_seed']})"
+    lrs = (f"learning rate {a['lr']:g} given" if a.get("lr") is not None
+           else f"learning rates from a {a['sweep_rounds']}-round IID sweep{swept}")
     lines = [f"# Rounds to {a['target']:.0%} test accuracy: {a['task']}, {a['model']} ({result['date']}, "
              f"{result['machine']})", "",
-             f"`{result['command']}`: {a['workers']} workers sharing {TRAIN_IMAGES - a['val']} examples "
-             f"({a['val']} kept by the coordinator for validation), fraction {a['fraction']}, seed {a['seed']}, "
-             f"FedAvg E=5 B=10, FedSGD E=1 B=all; learning rates from a {a['sweep_rounds']}-round IID sweep; "
-             f"runs capped at {a['max_rounds']} rounds (FedSGD {a['sgd_max_rounds']}).", "",
-             f"Chosen on what: {result['selection']}", "",
-             "| data | algorithm | lr | rounds to target (test) | rounds to target (validation) | best accuracy | "
-             "final accuracy | rounds run | s / round |",
+             f"`{result['command']}`: {a['workers']} workers sharing {TRAIN_IMAGES - val} examples "
+             f"({val} kept by the coordinator for validation), fraction {a['fraction']}, "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, strategy {strategy}, "
+             f"FedAvg E={a.get('local_epochs', 5)} B=10, FedSGD E=1 B=all; {lrs}; runs capped at "
+             f"{a['max_rounds']} rounds (FedSGD {a['sgd_max_rounds']}).", "",
+             f"Chosen on what: {result.get('selection', 'not recorded (this file predates the record).')}", "",
+             "Accuracies are on the test set, mean ± sample std over the seeds; rounds to target are the median "
+             "[min-max] over the seeds that reached it, with those that did not counted.", "",
+             "| data | algorithm | lr | rounds to target (test) | rounds to target (validation) | "
+             "final test accuracy | best test accuracy over rounds | s / round | seeds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cell in result["cells"]:
-        lines.append(f"| {cell['data']} | {cell['algorithm']} | {cell['lr']:g} | "
-                     f"{_rounds(cell['rounds_to_target'], cell['rounds_run'])} | "
-                     f"{_rounds(cell.get('val_rounds_to_target'), cell['rounds_run'])} | {cell['best_accuracy']:.4f} | "
-                     f"{cell['final_accuracy']:.4f} | {cell['rounds_run']} | {cell['seconds_per_round']:.2f} |")
+    label = "" if strategy == "fedavg" else f", {strategy}"
+    for (data, algorithm), cells in rows(result["cells"]).items():
+        runs = [c["rounds_run"] for c in cells]
+        lrs = "/".join(f"{lr:g}" for lr in sorted({c["lr"] for c in cells}))
+        lines.append(f"| {data} | {algorithm}{label} | {lrs} | "
+                     f"{rounds_summary([c['rounds_to_target'] for c in cells], runs)} | "
+                     f"{_val_rounds(cells)} | "
+                     f"{mean_std([c['final_accuracy'] for c in cells])} | "
+                     f"{mean_std([c['best_accuracy'] for c in cells])} | "
+                     f"{statistics.fmean(c['seconds_per_round'] for c in cells):.2f} | {len(cells)} |")
     if a.get("lr") is not None:
         lines += ["", f"Learning rate {a['lr']:g} given (--lr), not swept."]
+    elif any(t.get("val_accuracy") is None for tried in result["sweeps"].values() for t in tried):
+        lines += ["", "Learning-rate sweeps (IID, after the sweep rounds; this file predates --server-val: they have "
+                      "test accuracies only, and the rate was chosen on them):", ""]
     elif result["sweeps"]:
         lines += ["", "Learning-rate sweeps (IID, after the sweep rounds; chosen by validation accuracy, the test "
                       "accuracy shown for the record only):", ""]
     for name, tried in result["sweeps"].items():
-        lines.append(f"- {name}: " + ", ".join(f"lr {t['lr']:g} → validation {t['val_accuracy']:.4f} "
-                                               f"(test {t['test_accuracy']:.4f})" for t in tried))
+        lines.append(f"- {name}: " + ", ".join(_tried(t) for t in tried))
+    sittings = result.get("sittings") or []
+    if len(sittings) > 1:
+        lines += ["", f"Run in {len(sittings)} sittings (--resume): " + "; ".join(
+            f"{s['date']} at {s.get('commit') or 'an unknown commit'}: {s['cells_run']} cell(s)" for s in sittings)
+            + "."]
     return "\n".join(lines) + "\n"
 
 
-def _rounds(reached: int | None, run: int) -> str:
-    return str(reached) if reached else f"not in {run}"
+def _val_rounds(cells: list[dict[str, Any]]) -> str:
+    # Without validation scores (a file from before --server-val, or --val 0) "not in N" would claim a miss.
+    if not any(v is not None for c in cells for v in c.get("val_accuracy_by_round") or ()):
+        return "—"
+    return rounds_summary([c.get("val_rounds_to_target") for c in cells], [c["rounds_run"] for c in cells])
 
 
-def selection(args: argparse.Namespace) -> str:
+def _tried(t: dict[str, Any]) -> str:
+    if t.get("val_accuracy") is None:  # a sweep from before --server-val: on test accuracy, shown as what it is
+        return f"lr {t['lr']:g} → test {t.get('test_accuracy', t.get('accuracy')):.4f}"
+    return f"lr {t['lr']:g} → validation {t['val_accuracy']:.4f} (test {t['test_accuracy']:.4f})"
+
+
+def selection(args: argparse.Namespace, sweep_seed: int | None) -> str:
     """What each choice of the study was made on, for its results file."""
+    best = ("\"Best test accuracy over rounds\" is a maximum over the test scores, reported for the record: it "
+            "chooses nothing.")
     if args.lr is not None:
         return (f"the learning rate {args.lr:g} was given (--lr), not chosen by this study; the test set scores the "
-                "runs and chooses nothing.")
+                f"runs and chooses nothing. {best}")
     return (f"each algorithm's learning rate is the one with the best validation accuracy after {args.sweep_rounds} "
-            f"IID rounds, on {args.val} examples of the training pool the coordinator kept from every worker "
-            "(fedfleet run --server-val); the test set scores the reported runs and chooses nothing. \"Rounds to "
-            "target (test)\" is the first round whose test accuracy reached the target (the run stops there); "
-            "\"(validation)\" the first whose validation accuracy did, within the rounds run.")
+            f"IID rounds of seed {sweep_seed}, on {args.val} examples of the training pool the coordinator kept "
+            "from every worker (fedfleet run --server-val); every seed's runs use it, and the test set scores them "
+            "and chooses nothing. \"Rounds to target (test)\" is the first round whose test accuracy reached the "
+            "target (the run stops there); \"(validation)\" the first whose validation accuracy did, within the "
+            f"rounds run. {best}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="mnist", choices=["mnist", "fashion-mnist"])
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
@@ -166,8 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--algorithm", action="append", choices=list(ALGORITHMS), help="default: both")
+    ap.add_argument("--seeds", "--seed", dest="seeds", type=parse_seeds, default=[0],
+                    help="comma list of seeds (fedfleet run --seed), each cell runs once per seed; the first one "
+                         "runs the learning-rate sweep (default 0; --seed is the same option)")
+    ap.add_argument("--local-epochs", type=int, default=5, help="FedAvg's local epochs E (FedSGD's are 1)")
+    ap.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES),
+                    help="how the coordinator aggregates and applies updates, for every run (fedfleet run --strategy)")
+    ap.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
+                    help="option of the strategy, e.g. momentum=0.9 (repeatable; fedfleet run --strategy-option)")
+    ap.add_argument("--algorithm", action="append", choices=list(BATCH), help="default: both")
     ap.add_argument("--partition", action="append", choices=list(PARTITIONS.values()),
                     help="iid or natural (2 label shards per worker); default: both")
     ap.add_argument("--lr", type=float, help="skip the sweep and use this learning rate")
@@ -176,43 +369,92 @@ def main(argv: list[str] | None = None) -> int:
                     help="examples of the training pool the coordinator keeps for validation (--server-val): what "
                          "the learning rate is chosen on; 0 only with --lr")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder the results files are written to")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the sweeps and cells of this study's results file (same options but --seeds) and run "
+                         "only the missing (data, algorithm, seed) cells")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.val <= 0 and args.lr is None:
         ap.error("--val must be > 0 unless --lr is given: the learning rate is chosen on validation accuracy")
-    algorithms = args.algorithm or list(ALGORITHMS)
+    if args.local_epochs < 1:
+        ap.error(f"--local-epochs must be at least 1. Got {args.local_epochs} instead.")
+    # Checked now, not by the first fedfleet run: a bad option is one line before a study, not a failed hour.
+    try:
+        make_strategy(args.strategy, strategy_options(args.strategy_option))
+    except (ConfigError, ValueError) as exc:
+        ap.error(str(exc))
+    algorithms = args.algorithm or list(BATCH)
     partitions = {data: p for data, p in PARTITIONS.items() if p in (args.partition or PARTITIONS.values())}
-    command = "python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k not in ("data_dir", "results")},
-        "selection": selection(args), "sweeps": {}, "cells": []}
-    stem = args.results / f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
+    command = ("python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    name = f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
+    saved_file = args.results / f"{name}.json"
+    given = recorded_args(args)
+    result: dict[str, Any] = {"sweeps": {}, "cells": [], "sittings": []}
+    if args.resume and saved_file.exists():
+        result = json.loads(saved_file.read_text())
+        changed = differing(result.get("args", {}), given)
+        if changed:
+            ap.error(f"--resume: {saved_file.name} was made with other values of {', '.join(changed)}; give the "
+                     "same options as that study (only --seeds may differ), or another --name for a new study")
+        print(f"resuming {saved_file.name}: {len(result['cells'])} cell(s) done", flush=True)
+    elif args.resume:
+        print(f"--resume: no {saved_file.name} yet, starting the study", flush=True)
+    done = {(c["data"], c["algorithm"], c.get("seed")) for c in result["cells"]}
+    # The study's seeds: those already in the file, then the new ones, so the file says what it holds.
+    earlier = [c["seed"] for c in result["cells"] if c.get("seed") is not None]
+    seeds = list(dict.fromkeys([*earlier, *args.seeds]))
+    if args.lr is None:
+        result.setdefault("sweep_seed", args.seeds[0])
+    machine = f"{platform.machine()}, Python {platform.python_version()}"
+    sitting: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "commit": commit(),
+                               "command": command, "cells_run": 0}
+    result.update({"date": sitting["date"], "machine": machine, "command": command, "args": {**given, "seeds": seeds},
+                   "selection": selection(args, result.get("sweep_seed"))})
+    result.setdefault("sittings", []).append(sitting)
+
+    def save() -> None:
+        # After every sweep and cell: a study of hours keeps what it has if it is cut off, and --resume goes on.
+        write_results(args.results, name, result, markdown(result))
+
     with tempfile.TemporaryDirectory(prefix="fedfleet-conv-") as tmpdir:
         tmp = Path(tmpdir)
+        lrs_chosen: dict[str, float] = {}
         for algo in algorithms:
-            epochs, batch = ALGORITHMS[algo]
-            if args.lr is None:
-                lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
-                lr, result["sweeps"][algo] = sweep(args, epochs, batch, lrs, tmp, algo)
+            epochs = args.local_epochs if algo == "FedAvg" else 1
+            if args.lr is not None:
+                lrs_chosen[algo] = args.lr
+            elif algo in result["sweeps"]:
+                lrs_chosen[algo] = select_lr(result["sweeps"][algo])
             else:
-                lr = args.lr
-            cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
-            for data, partition in partitions.items():
-                r = run(args, partition, epochs, batch, lr, cap, args.target, tmp / f"{algo}-{partition}")
-                result["cells"].append({"data": data, "algorithm": algo, **r})
-                print(f"{data:>20} {algo:>7} lr {lr:g}: rounds to {args.target:g}: {r['rounds_to_target']} "
-                      f"(best {r['best_accuracy']:.4f}, {r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
-                write(stem, result)  # after every cell: a study of hours keeps what it has if it is cut off
-    write(stem, result)
+                lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
+                lrs_chosen[algo], result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"],
+                                                                 tmp, algo)
+                save()
+        # Seed by seed, so a study cut off part-way has every cell at its first seeds rather than some at all.
+        for seed in args.seeds:
+            for algo in algorithms:
+                epochs = args.local_epochs if algo == "FedAvg" else 1
+                cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
+                for data, partition in partitions.items():
+                    if (data, algo, seed) in done:
+                        continue
+                    lr = lrs_chosen[algo]
+                    r = run(args, partition, epochs, BATCH[algo], lr, cap, args.target, seed,
+                            tmp / f"{algo}-{partition}-{seed}")
+                    result["cells"].append({"data": data, "algorithm": algo, "seed": seed,
+                                            "date": sitting["date"], **r})
+                    sitting["cells_run"] += 1
+                    print(f"{data:>20} {algo:>7} seed {seed} lr {lr:g}: rounds to {args.target:g}: "
+                          f"{r['rounds_to_target']} (best {r['best_accuracy']:.4f}, {r['rounds_run']} rounds, "
+                          f"{r['seconds']:.0f} s)", flush=True)
+                    save()
+    save()
     print(markdown(result))
     return 0
-
-
-def write(stem: Path, result: dict[str, Any]) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    # Not with_suffix: a --name such as "lr0.05" has a dot that it would take for a suffix.
-    stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_name(stem.name + ".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
