@@ -341,3 +341,22 @@ def test_tabular_gbdt_refuses_a_run_it_cannot_grow(tmp_path: Path) -> None:
     r = run_fedfleet("run", "--task", "tabular", *options, "--workers", "2", "--rounds", "5", "--data-split",
                      str(data), "--out", str(tmp_path / "out"), timeout=60)
     assert r.returncode != 0 and "needs --rounds 18, got --rounds 5" in r.stderr, r.stdout + r.stderr
+
+
+def test_songs_gbdt_with_a_fraction_of_workers_a_round_is_stochastic_boosting(tmp_path: Path) -> None:
+    # Each level's histograms are the sampled workers' mean per example; × N they estimate the whole pool's sums,
+    # as subsampled boosting does. Every sampled worker grows the same splits, so the trees stay whole.
+    out = tmp_path / "run"
+    r = run_fedfleet("run", *GBDT, "--rounds", "24", "--workers", "4", "--fraction", "0.5", "--out", str(out),
+                     "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["state"] == "finished" and [rec["sampled"] for rec in rounds] == [2] * 24
+    task = SongsTask()
+    logreg = task.evaluate(task.fit_central(10, 0.05, 32), task.load_test())["accuracy"]
+    assert summary["final_accuracy"] > logreg + 0.01, (summary["final_accuracy"], logreg)
+    model = safetensors.numpy.load_file(out / "model.safetensors")
+    gbdt = SongsTask(model="gbdt", n_trees=8, max_depth=3, learning_rate=0.3)
+    forest = booster.finalised(model, gbdt.gbdt.p)  # type: ignore[union-attr]
+    assert forest.step == 8 and np.array_equal(forest.feature, np.round(forest.feature))
