@@ -1,5 +1,6 @@
 """MNIST / Fashion-MNIST: rounds needed to reach a test accuracy, FedAvg against FedSGD, IID against
-pathological non-IID (2 label shards per worker), after McMahan et al. (2017), over seeds.
+pathological non-IID (2 label shards per worker), after McMahan et al. (2017), over seeds; Dirichlet(0.5)
+label skew on request (--partition dirichlet:0.5).
 
     python benchmarks/mnist_convergence.py                                  # 2NN (MLP), target 0.97
     python benchmarks/mnist_convergence.py --model cnn --target 0.99 --max-rounds 300   # the paper's CNN
@@ -58,10 +59,16 @@ TRAIN_IMAGES = 60_000
 # Batch size B per algorithm; None: all of a worker's data in one batch (B=∞ in the paper). FedAvg's local
 # epochs E come from --local-epochs; FedSGD's are 1 by definition.
 BATCH: dict[str, int | None] = {"FedAvg": 10, "FedSGD": None}
-PARTITIONS = {"IID": "iid", "non-IID (2 shards)": "natural"}
+PARTITIONS = {"IID": "iid", "non-IID (2 shards)": "natural", "Dirichlet(0.5)": "dirichlet:0.5"}
+# What a study runs without --partition: the paper's two. Dirichlet(0.5) is the label skew of Flower's baselines
+# (milder than 2 shards: a worker holds most classes, in skewed proportions), run when asked for.
+DEFAULT_PARTITIONS = ("iid", "natural")
 # Options that may differ between the sittings of one resumed study: they say which cells to run, not how.
 # "seed" is the one-seed option of results files written before --seeds.
 SITTING_OPTIONS = frozenset({"seeds", "seed", "resume"})
+# Options added after some results files were written, with the value those files were made with: such a file
+# resumes under a command that gives that value (or the option's default).
+LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid"}
 
 
 def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
@@ -126,7 +133,8 @@ def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[fl
           name: str) -> tuple[float, list[dict[str, Any]]]:
     tried = []
     for lr in lrs:
-        r = run(args, "iid", epochs, batch, lr, args.sweep_rounds, None, seed, tmp / f"sweep-{name}-{lr}")
+        r = run(args, args.sweep_partition, epochs, batch, lr, args.sweep_rounds, None, seed,
+                tmp / f"sweep-{name}-{lr}")
         # The test accuracy is kept for the record only: select_lr never reads it.
         tried.append({"lr": lr, "val_accuracy": r["final_val_accuracy"], "test_accuracy": r["final_accuracy"]})
         print(f"  sweep {name} lr {lr:g} (seed {seed}): validation accuracy after {args.sweep_rounds} rounds "
@@ -182,9 +190,12 @@ def differing(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     []
     >>> differing({"seed": 0, "max_rounds": 100}, {"seeds": [1], "max_rounds": 150, "strategy": "fedavgm"})
     ['--max-rounds', '--strategy']
+    >>> differing({"lr": None}, {"lr": None, "sweep_partition": "iid"})   # a file from before --sweep-partition
+    []
     """
     keys = (saved.keys() | given.keys()) - SITTING_OPTIONS
-    return ["--" + k.replace("_", "-") for k in sorted(keys) if saved.get(k) != given.get(k)]
+    return ["--" + k.replace("_", "-") for k in sorted(keys)
+            if saved.get(k, LATER_OPTIONS.get(k)) != given.get(k, LATER_OPTIONS.get(k))]
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
@@ -268,7 +279,7 @@ def markdown(result: dict[str, Any]) -> str:
     strategy = strategy_text(a)
     swept = "" if result.get("sweep_seed") is None else f" (on seed {result['sweep_seed']})"
     lrs = (f"learning rate {a['lr']:g} given" if a.get("lr") is not None
-           else f"learning rates from a {a['sweep_rounds']}-round IID sweep{swept}")
+           else f"learning rates from a {a['sweep_rounds']}-round {sweep_label(a)} sweep{swept}")
     lines = [f"# Rounds to {a['target']:.0%} test accuracy: {a['task']}, {a['model']} ({result['date']}, "
              f"{result['machine']})", "",
              f"`{result['command']}`: {a['workers']} workers sharing {TRAIN_IMAGES - val} examples "
@@ -295,11 +306,11 @@ def markdown(result: dict[str, Any]) -> str:
     if a.get("lr") is not None:
         lines += ["", f"Learning rate {a['lr']:g} given (--lr), not swept."]
     elif any(t.get("val_accuracy") is None for tried in result["sweeps"].values() for t in tried):
-        lines += ["", "Learning-rate sweeps (IID, after the sweep rounds; this file predates --server-val: they have "
-                      "test accuracies only, and the rate was chosen on them):", ""]
+        lines += ["", f"Learning-rate sweeps ({sweep_label(a)}, after the sweep rounds; this file predates "
+                      "--server-val: they have test accuracies only, and the rate was chosen on them):", ""]
     elif result["sweeps"]:
-        lines += ["", "Learning-rate sweeps (IID, after the sweep rounds; chosen by validation accuracy, the test "
-                      "accuracy shown for the record only):", ""]
+        lines += ["", f"Learning-rate sweeps ({sweep_label(a)}, after the sweep rounds; chosen by validation "
+                      "accuracy, the test accuracy shown for the record only):", ""]
     for name, tried in result["sweeps"].items():
         lines.append(f"- {name}: " + ", ".join(_tried(t) for t in tried))
     sittings = result.get("sittings") or []
@@ -323,6 +334,17 @@ def _tried(t: dict[str, Any]) -> str:
     return f"lr {t['lr']:g} → validation {t['val_accuracy']:.4f} (test {t['test_accuracy']:.4f})"
 
 
+def sweep_label(a: dict[str, Any]) -> str:
+    """The data a study's learning-rate sweep ran on, as its tables name it; IID for files from before
+    --sweep-partition.
+
+    >>> sweep_label({}), sweep_label({"sweep_partition": "natural"})
+    ('IID', 'non-IID (2 shards)')
+    """
+    partition = a.get("sweep_partition", LATER_OPTIONS["sweep_partition"])
+    return next(label for label, p in PARTITIONS.items() if p == partition)
+
+
 def selection(args: argparse.Namespace, sweep_seed: int | None) -> str:
     """What each choice of the study was made on, for its results file."""
     best = ("\"Best test accuracy over rounds\" is a maximum over the test scores, reported for the record: it "
@@ -331,11 +353,11 @@ def selection(args: argparse.Namespace, sweep_seed: int | None) -> str:
         return (f"the learning rate {args.lr:g} was given (--lr), not chosen by this study; the test set scores the "
                 f"runs and chooses nothing. {best}")
     return (f"each algorithm's learning rate is the one with the best validation accuracy after {args.sweep_rounds} "
-            f"IID rounds of seed {sweep_seed}, on {args.val} examples of the training pool the coordinator kept "
-            "from every worker (fedfleet run --server-val); every seed's runs use it, and the test set scores them "
-            "and chooses nothing. \"Rounds to target (test)\" is the first round whose test accuracy reached the "
-            "target (the run stops there); \"(validation)\" the first whose validation accuracy did, within the "
-            f"rounds run. {best}")
+            f"{sweep_label(vars(args))} rounds of seed {sweep_seed}, on {args.val} examples of the training pool the "
+            "coordinator kept from every worker (fedfleet run --server-val); every seed's runs use it, and the test "
+            "set scores them and chooses nothing. \"Rounds to target (test)\" is the first round whose test "
+            "accuracy reached the target (the run stops there); \"(validation)\" the first whose validation accuracy "
+            f"did, within the rounds run. {best}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -349,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lrs", default="0.02,0.05,0.1", help="FedAvg learning rates to sweep")
     ap.add_argument("--sgd-lrs", default="0.1,0.3,1.0", help="FedSGD learning rates to sweep")
     ap.add_argument("--sweep-rounds", type=int, default=5)
+    ap.add_argument("--sweep-partition", default="iid", choices=list(PARTITIONS.values()),
+                    help="the data the learning-rate sweep runs on (default iid, the paper's protocol); a study of "
+                         "one non-IID setting may tune on that setting itself, still by validation accuracy")
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--processes", type=int, default=2)
@@ -362,7 +387,8 @@ def parser() -> argparse.ArgumentParser:
                     help="option of the strategy, e.g. momentum=0.9 (repeatable; fedfleet run --strategy-option)")
     ap.add_argument("--algorithm", action="append", choices=list(BATCH), help="default: both")
     ap.add_argument("--partition", action="append", choices=list(PARTITIONS.values()),
-                    help="iid or natural (2 label shards per worker); default: both")
+                    help="iid, natural (2 label shards per worker) or dirichlet:0.5 (label proportions drawn from "
+                         "Dirichlet(0.5), as in Flower's baselines); repeatable; default: iid and natural")
     ap.add_argument("--lr", type=float, help="skip the sweep and use this learning rate")
     ap.add_argument("--name", default="", help="suffix of the results file, to keep several studies")
     ap.add_argument("--val", type=int, default=5000,
@@ -388,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         ap.error(str(exc))
     algorithms = args.algorithm or list(BATCH)
-    partitions = {data: p for data, p in PARTITIONS.items() if p in (args.partition or PARTITIONS.values())}
+    partitions = {data: p for data, p in PARTITIONS.items() if p in (args.partition or DEFAULT_PARTITIONS)}
     command = ("python benchmarks/mnist_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     name = f"convergence-{args.task}-{args.model}{'-' + args.name if args.name else ''}"
     saved_file = args.results / f"{name}.json"

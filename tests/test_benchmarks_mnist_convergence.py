@@ -164,3 +164,41 @@ def test_smallest_configuration_over_seeds_resumes_cell_by_cell(bench: ModuleTyp
     assert "Chosen on what:" in table and "rounds to target (validation)" in table
     (row,) = [line for line in table.splitlines() if line.startswith("| IID |")]
     assert row.startswith(f"| IID | FedAvg, fedavgm (momentum=0.5) | {chosen:g} |") and row.endswith("| 3 |")
+
+
+def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself(
+        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    data = image_data_dir(MNIST_ENV)
+    runs: list[tuple[str, int, int]] = []
+    real_run = bench.run
+
+    def counted(args: Any, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
+                target: float | None, seed: int, out: Path) -> dict[str, Any]:
+        runs.append((partition, rounds, seed))
+        return real_run(args, partition, epochs, batch, lr, rounds, target, seed, out)
+
+    monkeypatch.setattr(bench, "run", counted)
+    argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
+            "--algorithm", "FedAvg", "--partition", "dirichlet:0.5", "--sweep-partition", "natural",
+            "--lrs", "0.02,0.1", "--sweep-rounds", "1", "--max-rounds", "2", "--target", "0.99", "--val", "2000",
+            "--local-epochs", "1", "--results", str(tmp_path), "--name", "dir"]
+    assert bench.main(argv) == 0
+    # The sweep ran on the 2-shard partition it was told to tune on, the cell on Dirichlet(0.5): no IID run.
+    assert runs == [("natural", 1, 0), ("natural", 1, 0), ("dirichlet:0.5", 2, 0)]
+    result = json.loads((tmp_path / "convergence-mnist-mlp-dir.json").read_text())
+    assert [c["data"] for c in result["cells"]] == ["Dirichlet(0.5)"]
+    assert "1 non-IID (2 shards) rounds of seed 0" in result["selection"]
+    table = (tmp_path / "convergence-mnist-mlp-dir.md").read_text()
+    assert "1-round non-IID (2 shards) sweep" in table and "| Dirichlet(0.5) | FedAvg |" in table
+
+
+def test_a_study_from_before_sweep_partition_resumes_under_the_default(bench: ModuleType) -> None:
+    old = bench.recorded_args(bench.parser().parse_args(["--seeds", "0"]))
+    del old["sweep_partition"]  # the shape of files written before the option: their sweeps were IID
+    given = bench.recorded_args(bench.parser().parse_args(["--seeds", "0,1"]))
+    assert bench.differing(old, given) == []
+    natural = bench.recorded_args(bench.parser().parse_args(["--sweep-partition", "natural"]))
+    assert bench.differing(old, natural) == ["--sweep-partition"]
+    assert "IID sweep" in bench.markdown({"date": "d", "machine": "m", "command": "c", "args": old,
+                                          "sweeps": {}, "cells": []})
