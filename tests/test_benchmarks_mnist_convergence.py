@@ -116,11 +116,9 @@ def test_a_strategy_option_the_strategy_does_not_take_is_refused_at_start(bench:
     assert "momentum" in capsys.readouterr().err  # the message names the options fedavgm does take
 
 
-def test_smallest_configuration_over_seeds_resumes_cell_by_cell(bench: ModuleType, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("torch")
-    data = image_data_dir(MNIST_ENV)
-    runs: list[tuple[str, int, int]] = []  # (partition, rounds, seed) of every real fedfleet run
+def _count_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """The (partition, rounds, seed) of every real fedfleet run the study makes from now on, in order."""
+    runs: list[tuple[str, int, int]] = []
     real_run = bench.run
 
     def counted(args: Any, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
@@ -129,6 +127,14 @@ def test_smallest_configuration_over_seeds_resumes_cell_by_cell(bench: ModuleTyp
         return real_run(args, partition, epochs, batch, lr, rounds, target, seed, out)
 
     monkeypatch.setattr(bench, "run", counted)
+    return runs
+
+
+def test_smallest_configuration_over_seeds_resumes_cell_by_cell(bench: ModuleType, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    data = image_data_dir(MNIST_ENV)
+    runs = _count_runs(bench, monkeypatch)
     # 100 workers, 2 a round, one FedAvg IID cell with server momentum: a 2-rate 1-round sweep on seed 0, then
     # a run of at most 2 rounds for each seed.
     argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
@@ -170,15 +176,7 @@ def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself(
         bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
     data = image_data_dir(MNIST_ENV)
-    runs: list[tuple[str, int, int]] = []
-    real_run = bench.run
-
-    def counted(args: Any, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
-                target: float | None, seed: int, out: Path) -> dict[str, Any]:
-        runs.append((partition, rounds, seed))
-        return real_run(args, partition, epochs, batch, lr, rounds, target, seed, out)
-
-    monkeypatch.setattr(bench, "run", counted)
+    runs = _count_runs(bench, monkeypatch)
     argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
             "--algorithm", "FedAvg", "--partition", "dirichlet:0.5", "--sweep-partition", "natural",
             "--lrs", "0.02,0.1", "--sweep-rounds", "1", "--max-rounds", "2", "--target", "0.99", "--val", "2000",
