@@ -52,6 +52,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_epochs", int, 1, "passes over its data each worker makes per round", low=1, high=10_000),
     Option("batch_size", int, 32, "mini-batch size of local SGD", low=1, high=10_000_000),
     Option("lr", float, 0.05, "learning rate of local SGD", low=0, high=100, low_open=True),
+    Option("lr_decay", float, 1.0, "factor the local learning rate is multiplied by each round: round t trains "
+           "with lr x lr_decay^(t-1), the decaying step FedAvg needs to settle on non-IID data",
+           low=0, high=1, low_open=True, default_text="1: the same lr every round"),
     Option("val_fraction", float, 0.1, "share of each worker's data kept to evaluate the global model locally",
            low=0, high=0.5),
     Option("server_val", int, 0, "examples of the training pool the coordinator keeps apart (a seeded draw, "
@@ -138,6 +141,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
+    lr_decay: float = 1.0
     val_fraction: float = 0.1
     server_val: int = 0
     strategy: str = "fedavg"

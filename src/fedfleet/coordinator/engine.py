@@ -41,7 +41,7 @@ from fedfleet.coordinator.intake import UpdateIntake
 from fedfleet.coordinator.metrics import CoordinatorMetrics
 from fedfleet.coordinator.privacy import PrivacyPlan, initial_model, plan_privacy, task_problem
 from fedfleet.coordinator.registry import Registry, WorkerState
-from fedfleet.coordinator.rounds import Kind, RoundState, new_round, sample
+from fedfleet.coordinator.rounds import Kind, RoundState, new_round, round_lr, sample
 from fedfleet.coordinator.secure import SecureAggregation, settings_of
 from fedfleet.errors import ConfigError, FedfleetError, ProtocolError, RequestRejected, RoundError, TaskError
 from fedfleet.partition import partition_name
@@ -508,7 +508,8 @@ class Engine:
                 return WaitInstruction()
         seed = int(np.random.SeedSequence([self.config.seed, rs.round, rs.attempt, w.partition]).generate_state(1)[0])
         params = TrainParamsMsg(local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
-                                lr=self.config.lr, seed=seed, prox_mu=self._strategy.prox_mu,
+                                lr=round_lr(self.config.lr, self.config.lr_decay, rs.round), seed=seed,
+                                prox_mu=self._strategy.prox_mu,
                                 report_labels=self._report_labels)
         return TrainInstruction(round=rs.round, attempt=rs.attempt, model_version=self.model_version, params=params,
                                 secagg=context)

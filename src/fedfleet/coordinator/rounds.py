@@ -34,6 +34,17 @@ def sample(candidates: Sequence[str], fraction: float, at_least: int, seed: int,
     return [candidates[i] for i in chosen]
 
 
+def round_lr(lr: float, decay: float, round: int) -> float:
+    """The local learning rate of training round ``round`` (from 1): ``lr × decay^(round − 1)``.
+
+    A retried attempt keeps its round's rate, and so does a resumed run: the rate is a function of the round.
+
+    >>> round_lr(0.1, 1.0, 50), round_lr(0.2, 0.5, 1), round_lr(0.2, 0.5, 3)
+    (0.1, 0.2, 0.05)
+    """
+    return lr * decay ** max(round - 1, 0)
+
+
 def quorum_count(quorum: float, sampled: int) -> int:
     """Answers a round needs by its deadline: ceil(quorum × sampled), at least one."""
     return max(1, math.ceil(quorum * sampled - 1e-9))
