@@ -68,7 +68,7 @@ DEFAULT_PARTITIONS = ("iid", "natural")
 SITTING_OPTIONS = frozenset({"seeds", "seed", "resume"})
 # Options added after some results files were written, with the value those files were made with: such a file
 # resumes under a command that gives that value (or the option's default).
-LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid"}
+LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid", "lr_decay": 1.0}
 
 
 def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None
            "--out", str(out), "--overwrite", "--quiet"]
     for key, value in strategy_options(args.strategy_option).items():
         cmd += ["--strategy-option", f"{key}={value}"]
+    if args.lr_decay != 1.0:
+        cmd += ["--lr-decay", str(args.lr_decay)]
     if target is not None:
         cmd += ["--target-accuracy", str(target)]
     if args.val:
@@ -285,7 +287,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"`{result['command']}`: {a['workers']} workers sharing {TRAIN_IMAGES - val} examples "
              f"({val} kept by the coordinator for validation), fraction {a['fraction']}, "
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, strategy {strategy}, "
-             f"FedAvg E={a.get('local_epochs', 5)} B=10, FedSGD E=1 B=all; {lrs}; runs capped at "
+             f"FedAvg E={a.get('local_epochs', 5)} B=10, FedSGD E=1 B=all{decay_text(a)}; {lrs}; runs capped at "
              f"{a['max_rounds']} rounds (FedSGD {a['sgd_max_rounds']}).", "",
              f"Chosen on what: {result.get('selection', 'not recorded (this file predates the record).')}", "",
              "Accuracies are on the test set, mean ± sample std over the seeds; rounds to target are the median "
@@ -332,6 +334,16 @@ def _tried(t: dict[str, Any]) -> str:
     if t.get("val_accuracy") is None:  # a sweep from before --server-val: on test accuracy, shown as what it is
         return f"lr {t['lr']:g} → test {t.get('test_accuracy', t.get('accuracy')):.4f}"
     return f"lr {t['lr']:g} → validation {t['val_accuracy']:.4f} (test {t['test_accuracy']:.4f})"
+
+
+def decay_text(a: dict[str, Any]) -> str:
+    """How a study's learning rate decays, for its table's header; nothing for a constant rate.
+
+    >>> decay_text({"lr_decay": 0.99}), decay_text({})
+    (', lr × 0.99^(round − 1)', '')
+    """
+    decay = a.get("lr_decay", LATER_OPTIONS["lr_decay"])
+    return "" if decay == 1.0 else f", lr × {decay:g}^(round − 1)"
 
 
 def sweep_label(a: dict[str, Any]) -> str:
@@ -381,6 +393,9 @@ def parser() -> argparse.ArgumentParser:
                     help="comma list of seeds (fedfleet run --seed), each cell runs once per seed; the first one "
                          "runs the learning-rate sweep (default 0; --seed is the same option)")
     ap.add_argument("--local-epochs", type=int, default=5, help="FedAvg's local epochs E (FedSGD's are 1)")
+    ap.add_argument("--lr-decay", type=float, default=1.0,
+                    help="round t trains with lr x decay^(t-1), in every run, sweeps included (fedfleet run "
+                         "--lr-decay; default 1: constant)")
     ap.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES),
                     help="how the coordinator aggregates and applies updates, for every run (fedfleet run --strategy)")
     ap.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
@@ -406,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.val <= 0 and args.lr is None:
         ap.error("--val must be > 0 unless --lr is given: the learning rate is chosen on validation accuracy")
+    if not 0 < args.lr_decay <= 1:
+        ap.error(f"--lr-decay must be in (0, 1]. Got {args.lr_decay} instead.")
     if args.local_epochs < 1:
         ap.error(f"--local-epochs must be at least 1. Got {args.local_epochs} instead.")
     # Checked now, not by the first fedfleet run: a bad option is one line before a study, not a failed hour.

@@ -172,7 +172,7 @@ def test_smallest_configuration_over_seeds_resumes_cell_by_cell(bench: ModuleTyp
     assert row.startswith(f"| IID | FedAvg, fedavgm (momentum=0.5) | {chosen:g} |") and row.endswith("| 3 |")
 
 
-def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself(
+def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself_with_a_decaying_rate(
         bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
     data = image_data_dir(MNIST_ENV)
@@ -180,7 +180,7 @@ def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself(
     argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
             "--algorithm", "FedAvg", "--partition", "dirichlet:0.5", "--sweep-partition", "natural",
             "--lrs", "0.02,0.1", "--sweep-rounds", "1", "--max-rounds", "2", "--target", "0.99", "--val", "2000",
-            "--local-epochs", "1", "--results", str(tmp_path), "--name", "dir"]
+            "--local-epochs", "1", "--lr-decay", "0.5", "--results", str(tmp_path), "--name", "dir"]
     assert bench.main(argv) == 0
     # The sweep ran on the 2-shard partition it was told to tune on, the cell on Dirichlet(0.5): no IID run.
     assert runs == [("natural", 1, 0), ("natural", 1, 0), ("dirichlet:0.5", 2, 0)]
@@ -189,6 +189,7 @@ def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself(
     assert "1 non-IID (2 shards) rounds of seed 0" in result["selection"]
     table = (tmp_path / "convergence-mnist-mlp-dir.md").read_text()
     assert "1-round non-IID (2 shards) sweep" in table and "| Dirichlet(0.5) | FedAvg |" in table
+    assert "lr × 0.5^(round − 1)" in table and result["args"]["lr_decay"] == 0.5
 
 
 def test_a_study_from_before_sweep_partition_resumes_under_the_default(bench: ModuleType) -> None:
