@@ -187,8 +187,9 @@ def build_model(kind: str) -> torch.nn.Module:
             nn.Linear(64 * 7 * 7, 512), nn.ReLU(),
             nn.Linear(512, NUM_CLASSES),  # logits: the softmax is in the cross-entropy loss
         )
-        # oneDNN's convolutions and pooling are 1.15x (training, batch 10) and 1.7x (evaluation) faster on
-        # these CPUs with NHWC tensors; the weights are the same values (and go out C-ordered, weights_of).
+        # oneDNN's convolutions and pooling are 1.07x (training, batch 10) and 1.5x (evaluation) faster on
+        # these CPUs with NHWC tensors (benchmarks/cnn_layout.py); the weights are the same values (and go
+        # out C-ordered, weights_of).
         # (Module.to(memory_format=...) works but is missing from torch's type stubs.)
         nhwc: nn.Module = cnn.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return nhwc
