@@ -26,7 +26,6 @@ Writes benchmarks/results/gbdt.{json,md} (or --results DIR).
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from fedfleet.tasks.trees.booster import Params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
 from fleet import run_fedfleet
-from machine import commit, cpu_model, memory_gib, versions, write_results
+from machine import provenance, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRIPT = "benchmarks/gbdt.py"
@@ -305,10 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reg = {**REGRESSION, "n_trees": 4, "max_depth": 2} if a.quick else REGRESSION
         print("federated regression", flush=True)
         result["regression"] = regression(2000 if a.quick else 16_000, reg, Path(tmp))
-    result["meta"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit(), "seconds": time.perf_counter() - started,
-                      "command": "python " + shlex.join([SCRIPT, *(argv if argv is not None else sys.argv[1:])]),
-                      "machine": f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib()} GiB",
-                      "versions": ", ".join(f"{k} {v}" for k, v in versions("numpy", "fedfleet").items()),
+    result["meta"] = {**provenance(SCRIPT, argv, "numpy", "fedfleet"), "seconds": time.perf_counter() - started,
                       "quick": a.quick}
     write_results(a.results, "gbdt", result, markdown(result))
     print(markdown(result))

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as md
 import json
+import os
 import platform
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,15 @@ def vm_hwm(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def provenance(script: str, argv: list[str] | None, *packages: str) -> dict[str, str | None]:
+    """How a results file was produced: the date, the commit, the command (``script`` with ``argv``, or this
+    process's arguments), the machine, and the versions of Python and ``packages``."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"date": time.strftime("%Y-%m-%d"), "commit": commit(), "command": "python " + shlex.join([script, *args]),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib()} GiB",
+            "versions": ", ".join(f"{k} {v}" for k, v in versions(*packages).items())}
 
 
 def write_results(folder: Path, name: str, result: dict[str, Any], table: str) -> None:

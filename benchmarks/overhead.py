@@ -14,8 +14,6 @@ Writes benchmarks/results/overhead.json and overhead.md.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -23,10 +21,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedfleet.storage.run_dir import RunDir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from machine import provenance, write_results
+
+SCRIPT = "benchmarks/overhead.py"
 
 CASES = [(100_000, 10), (100_000, 100), (1_000_000, 10), (1_000_000, 100), (10_000_000, 10)]
 QUICK = [(100_000, 10), (1_000_000, 10)]
@@ -68,12 +72,28 @@ def run_case(p: int, n: int, rounds: int, workdir: Path) -> dict[str, float]:
             "bytes_per_round": steady[-1].bytes_in + steady[-1].bytes_out, "wall_s": wall}
 
 
-def main() -> int:
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    header = ("| params | workers | round s | transfer+train s | aggregate s | checkpoint s | floor s | round/floor |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [header] + [
+        f"| {r['params']:,} | {r['workers']} | {r['round_s']:.4f} | {r['transfer_s']:.4f} | {r['aggregate_s']:.4f} "
+        f"| {r['checkpoint_s']:.4f} | {r['floor_s']:.4f} | {r['ratio']:.1f} |" for r in result["rows"]]
+    return "\n".join([
+        f"# Overhead per round ({m['date']}, {m['cpus']} CPUs)", "",
+        f"`{m['command']}` at commit {m['commit']}, on {m['machine']} ({m['versions']}); {m['rounds']} rounds a "
+        "case, each a real `fedfleet run --task null` with one worker process per worker on loopback.", "",
+        "Steady round = median of rounds 2..R, measured by the coordinator; floor = memcpy of 2·N·P·4 bytes "
+        "plus the weighted average in numpy.", "", *lines, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only " + ", ".join(f"{p}x{n}" for p, n in QUICK))
     ap.add_argument("--case", action="append", metavar="PxN", help="run only this case, e.g. 1000000x100")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per case (the first is not counted)")
-    args = ap.parse_args()
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
     cases = QUICK if args.quick else CASES
     if args.case:
         cases = [(int(c.split("x")[0]), int(c.split("x")[1])) for c in args.case]
@@ -90,21 +110,10 @@ def main() -> int:
                   f"x{r['ratio']:.1f}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    header = ("| params | workers | round s | transfer+train s | aggregate s | checkpoint s | floor s | round/floor |\n"
-              "|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [header] + [
-        f"| {r['params']:,} | {r['workers']} | {r['round_s']:.4f} | {r['transfer_s']:.4f} | {r['aggregate_s']:.4f} "
-        f"| {r['checkpoint_s']:.4f} | {r['floor_s']:.4f} | {r['ratio']:.1f} |" for r in rows]
-    table = "\n".join(lines)
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"machine": platform.platform(), "python": platform.python_version(), "cpus": _cpus(),
-            "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}
-    (RESULTS / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "overhead.md").write_text(
-        f"# Overhead per round ({meta['date']}, {meta['cpus']} CPUs, Python {meta['python']})\n\n"
-        "Steady round = median of rounds 2..R, measured by the coordinator; floor = memcpy of 2·N·P·4 bytes "
-        "plus the weighted average in numpy.\n\n" + table + "\n")
+    meta = {**provenance(SCRIPT, argv, "numpy", "fedfleet"), "cpus": _cpus(), "rounds": args.rounds}
+    result = {"meta": meta, "rows": rows}
+    write_results(args.results, "overhead", result, markdown(result))
+    print("\n" + markdown(result))
     return 0
 
 

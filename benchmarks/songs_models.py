@@ -25,7 +25,6 @@ benchmarks/results/songs_models.{json,md} (or --results DIR) after every model.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 from fedfleet.tasks.base import Dataset, TrainParams
 from fedfleet.tasks.songs import SongsTask, stratified_mask, training_rows
 from fleet import run_fedfleet
-from machine import commit, cpu_model, memory_gib, versions, write_results
+from machine import provenance, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRIPT = "benchmarks/songs_models.py"
@@ -260,11 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_songs = int(stratified_mask(training_rows()[1], VAL_FRACTION, 1000).sum())
     result: dict[str, Any] = {
         "selection": SELECTION, "config": {k: v for k, v in cfg.items()}, "central": {}, "federated": {},
-        "meta": {"date": time.strftime("%Y-%m-%d"), "commit": commit(), "quick": a.quick,
-                 "command": "python " + shlex.join([SCRIPT, *(argv if argv is not None else sys.argv[1:])]),
-                 "machine": f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib()} GiB",
-                 "versions": ", ".join(f"{k} {v}" for k, v in versions("numpy", "torch", "scikit-learn",
-                                                                      "fedfleet").items()),
+        "meta": {**provenance(SCRIPT, argv, "numpy", "torch", "scikit-learn", "fedfleet"), "quick": a.quick,
                  "workers": cfg["workers"], "rounds": cfg["rounds"], "val_songs": val_songs}}
 
     def save() -> None:
