@@ -11,6 +11,8 @@ label skew on request (--partition dirichlet:0.5).
     python benchmarks/mnist_convergence.py --task fashion-mnist --data-dir ../shared/data/fashion-mnist \\
         --model cnn --target 0.90 --algorithm FedAvg --partition natural --strategy fedavgm \\
         --strategy-option server_lr=1 --strategy-option momentum=0.9 --local-epochs 2 --name fedavgm-noniid
+    python benchmarks/mnist_convergence.py ... --strategy fedadam --sweep-option server_lr=0.01,0.03,0.1 \
+        --select-last 5     # the server's rate swept with the local one; chosen on the last 5 rounds' mean
 
 100 workers sharing the 60k training images less the --val examples the coordinator keeps apart
 (``fedfleet run --server-val``: 550 each with the default 5,000), fraction 0.1 (10 workers a round), many
@@ -18,15 +20,16 @@ logical workers per worker process (--processes). FedAvg: E=--local-epochs (5) l
 FedSGD: E=1 and B=all of a worker's data: one gradient step per round. --strategy and --strategy-option
 (those of ``fedfleet run``: server momentum, FedProx, adaptive server optimisers) apply to every run.
 
-Each algorithm's learning rate is the best of a small sweep (--lrs, --sgd-lrs) by VALIDATION accuracy (the
---val examples, which no worker trains on) after --sweep-rounds IID rounds, run once on the first seed; every
-seed's runs then use it: the test set chooses nothing, it only scores the reported runs. A seed (``fedfleet
-run --seed``) changes the validation draw, the partition, the model's initialisation and the sampling. Every
-cell is one real `fedfleet run` with --target-accuracy, so a run stops at the first round whose global model
-reaches the target on the test set (the paper's "rounds to target"), or at --max-rounds; next to it the table
-gives the first round whose validation accuracy reached the target (within the rounds run). Tables aggregate
-over seeds: accuracies as mean ± sample std, rounds to target as median [min-max] with the seeds that did not
-reach it counted.
+Each algorithm's learning rate is the best of a small sweep (--lrs, --sgd-lrs) by VALIDATION accuracy (the --val
+examples, which no worker trains on) after --sweep-rounds IID rounds (--sweep-partition for another split;
+--select-last K: the mean of the last K rounds), run once on the first seed; --sweep-option sweeps a strategy
+option with it (every learning rate × every value). Every seed's runs then use what was chosen: the test set
+chooses nothing, it only scores the reported runs. A seed (``fedfleet run --seed``) changes the validation draw,
+the partition, the model's initialisation and the sampling. Every cell is one real `fedfleet run` with
+--target-accuracy, so a run stops at the first round whose global model reaches the target on the test set (the
+paper's "rounds to target"), or at --max-rounds; next to it the table gives the first round whose validation
+accuracy reached the target (within the rounds run). Tables aggregate over seeds: accuracies as mean ± sample
+std, rounds to target as median [min-max] with the seeds that did not reach it counted.
 
 Writes benchmarks/results/convergence-TASK-MODEL[-NAME].{json,md} (--results for another folder) after every
 cell. --resume reads that file back, checks it was made with the same options (all but --seeds), keeps its
@@ -68,11 +71,12 @@ DEFAULT_PARTITIONS = ("iid", "natural")
 SITTING_OPTIONS = frozenset({"seeds", "seed", "resume"})
 # Options added after some results files were written, with the value those files were made with: such a file
 # resumes under a command that gives that value (or the option's default).
-LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid", "lr_decay": 1.0}
+LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid", "lr_decay": 1.0, "sweep_option": {}, "select_last": 1}
 
 
 def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
-        target: float | None, seed: int, out: Path) -> dict[str, Any]:
+        target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> dict[str, Any]:
+    """One ``fedfleet run``; ``swept``: strategy options a sweep chose, over --strategy-option's."""
     batch = batch or -(-(TRAIN_IMAGES - args.val) // args.workers)  # B=all: the largest IID share in one batch
     cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={args.data_dir}",
            "--task-option", f"model={args.model}", "--workers", str(args.workers), "--fraction", str(args.fraction),
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None
            "--batch-size", str(batch), "--lr", str(lr), "--rounds", str(rounds), "--val-fraction", "0",
            "--seed", str(seed), "--strategy", args.strategy, "--round-timeout", "3600", "--worker-timeout", "600",
            "--out", str(out), "--overwrite", "--quiet"]
-    for key, value in strategy_options(args.strategy_option).items():
+    for key, value in {**strategy_options(args.strategy_option), **(swept or {})}.items():
         cmd += ["--strategy-option", f"{key}={value}"]
     if args.lr_decay != 1.0:
         cmd += ["--lr-decay", str(args.lr_decay)]
@@ -117,31 +121,104 @@ def first_reaching(scores: list[float | None], target: float | None) -> int | No
     return next((i + 1 for i, a in enumerate(scores) if target is not None and a is not None and a >= target), None)
 
 
-def select_lr(tried: list[dict[str, Any]]) -> float:
-    """The learning rate of the sweep run with the best last-round VALIDATION accuracy (the first of equals):
-    never the test accuracy, which the reported runs are scored on. ValueError if a run has no validation score.
+def sweep_score(t: dict[str, Any], last: int) -> float | None:
+    """What a sweep run is chosen on: its validation accuracy in the last round, or the mean over its last
+    ``last`` rounds; None without validation scores.
 
-    >>> select_lr([{"lr": 0.1, "val_accuracy": 0.90, "test_accuracy": 0.95},
-    ...            {"lr": 0.2, "val_accuracy": 0.93, "test_accuracy": 0.91}])
+    >>> sweep_score({"val_accuracy": 0.7, "val_by_round": [0.5, 0.9, 0.6, 0.7]}, 1)
+    0.7
+    >>> round(sweep_score({"val_accuracy": 0.7, "val_by_round": [0.5, 0.9, 0.6, 0.7]}, 3), 4)
+    0.7333
+    """
+    if last == 1:
+        return t.get("val_accuracy")
+    scores = (t.get("val_by_round") or [])[-last:]
+    if len(scores) < last or any(v is None for v in scores):
+        return None
+    return statistics.fmean(scores)
+
+
+def select(tried: list[dict[str, Any]], last: int = 1) -> dict[str, Any]:
+    """The sweep run (learning rate, and ``options`` when a strategy option was swept) with the best
+    VALIDATION score (``sweep_score``; the first of equals): never the test accuracy, which the reported runs
+    are scored on. ValueError if a run has no validation score.
+
+    >>> select([{"lr": 0.1, "val_accuracy": 0.90, "test_accuracy": 0.95},
+    ...         {"lr": 0.2, "val_accuracy": 0.93, "test_accuracy": 0.91}])["lr"]
+    0.2
+    >>> select([{"lr": 0.1, "val_accuracy": 0.93, "val_by_round": [0.90, 0.80, 0.93]},
+    ...         {"lr": 0.2, "val_accuracy": 0.91, "val_by_round": [0.88, 0.90, 0.91]}], last=2)["lr"]
     0.2
     """
-    missing = [t["lr"] for t in tried if t.get("val_accuracy") is None]
+    missing = [t["lr"] for t in tried if sweep_score(t, last) is None]
     if not tried or missing:
         raise ValueError(f"the sweep selects on validation accuracy; runs without one (lr {missing}): give --val > 0")
-    return float(max(tried, key=lambda t: float(t["val_accuracy"]))["lr"])
+    return max(tried, key=lambda t: float(sweep_score(t, last) or 0.0))
+
+
+def sweep_grid(entries: Sequence[str] | None) -> list[dict[str, str]]:
+    """``--sweep-option KEY=V1,V2,...`` entries as the strategy options of each sweep run: every combination of
+    the values ([{}]: nothing swept).
+
+    >>> sweep_grid(None), sweep_grid(["server_lr=0.01,0.1"])
+    ([{}], [{'server_lr': '0.01'}, {'server_lr': '0.1'}])
+    >>> len(sweep_grid(["server_lr=0.01,0.1", "tau=0.001,0.01,0.1"]))
+    6
+    >>> sweep_grid(["server_lr"])
+    Traceback (most recent call last):
+    ValueError: --sweep-option must look like KEY=VALUE,VALUE,... Got 'server_lr' instead.
+    """
+    grid: list[dict[str, str]] = [{}]
+    for key, values in parse_sweep_options(entries).items():
+        grid = [{**g, key: v} for g in grid for v in values]
+    return grid
+
+
+def parse_sweep_options(entries: Sequence[str] | None) -> dict[str, list[str]]:
+    """``--sweep-option`` entries as {key: values}, keys sorted (how a results file records them)."""
+    options: dict[str, list[str]] = {}
+    for entry in entries or ():
+        key, sep, values = entry.partition("=")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"--sweep-option must look like KEY=VALUE,VALUE,... Got {entry!r} instead.")
+        if key in options:
+            raise ValueError(f"--sweep-option {key} is given twice; give all its values in one, e.g. {key}=1,2")
+        options[key] = parts
+    return dict(sorted(options.items()))
 
 
 def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], seed: int, tmp: Path,
-          name: str) -> tuple[float, list[dict[str, Any]]]:
+          name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     tried = []
     for lr in lrs:
-        r = run(args, args.sweep_partition, epochs, batch, lr, args.sweep_rounds, None, seed,
-                tmp / f"sweep-{name}-{lr}")
-        # The test accuracy is kept for the record only: select_lr never reads it.
-        tried.append({"lr": lr, "val_accuracy": r["final_val_accuracy"], "test_accuracy": r["final_accuracy"]})
-        print(f"  sweep {name} lr {lr:g} (seed {seed}): validation accuracy after {args.sweep_rounds} rounds "
-              f"{r['final_val_accuracy']:.4f}", flush=True)
-    return select_lr(tried), tried
+        for swept in sweep_grid(args.sweep_option):
+            suffix = "".join(f"-{k}{v}" for k, v in swept.items())
+            r = run(args, args.sweep_partition, epochs, batch, lr, args.sweep_rounds, None, seed,
+                    tmp / f"sweep-{name}-{lr}{suffix}", swept)
+            # The test accuracy is kept for the record only: select never reads it.
+            t = {"lr": lr, "val_accuracy": r["final_val_accuracy"], "test_accuracy": r["final_accuracy"],
+                 "val_by_round": r["val_accuracy_by_round"]}
+            if swept:
+                t["options"] = swept
+            tried.append(t)
+            print(f"  sweep {name} lr {lr:g}{_options_text(swept)} (seed {seed}): validation accuracy "
+                  f"{_score_text(args.select_last, args.sweep_rounds)} {sweep_score(t, args.select_last):.4f}",
+                  flush=True)
+    return select(tried, args.select_last), tried
+
+
+def _options_text(options: dict[str, str] | None) -> str:
+    return "".join(f", {k}={v}" for k, v in (options or {}).items())
+
+
+def _score_text(last: int, rounds: int) -> str:
+    """What a sweep is chosen on, in words.
+
+    >>> _score_text(1, 20), _score_text(5, 20)
+    ('after 20 rounds', 'over rounds 16-20 (mean)')
+    """
+    return f"after {rounds} rounds" if last == 1 else f"over rounds {rounds - last + 1}-{rounds} (mean)"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -182,6 +259,7 @@ def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
     machine) and --resume (how this sitting started, not what the study is)."""
     recorded = {k: v for k, v in vars(args).items() if k not in ("data_dir", "results", "resume")}
     recorded["strategy_option"] = strategy_options(args.strategy_option)
+    recorded["sweep_option"] = parse_sweep_options(args.sweep_option)
     return recorded
 
 
@@ -281,7 +359,7 @@ def markdown(result: dict[str, Any]) -> str:
     strategy = strategy_text(a)
     swept = "" if result.get("sweep_seed") is None else f" (on seed {result['sweep_seed']})"
     lrs = (f"learning rate {a['lr']:g} given" if a.get("lr") is not None
-           else f"learning rates from a {a['sweep_rounds']}-round {sweep_label(a)} sweep{swept}")
+           else f"{swept_what(a)} from a {a['sweep_rounds']}-round {sweep_label(a)} sweep{swept}")
     lines = [f"# Rounds to {a['target']:.0%} test accuracy: {a['task']}, {a['model']} ({result['date']}, "
              f"{result['machine']})", "",
              f"`{result['command']}`: {a['workers']} workers sharing {TRAIN_IMAGES - val} examples "
@@ -298,7 +376,7 @@ def markdown(result: dict[str, Any]) -> str:
     label = "" if strategy == "fedavg" else f", {strategy}"
     for (data, algorithm), cells in rows(result["cells"]).items():
         runs = [c["rounds_run"] for c in cells]
-        lrs = "/".join(f"{lr:g}" for lr in sorted({c["lr"] for c in cells}))
+        lrs = "/".join(sorted({f"{c['lr']:g}{_options_text(c.get('options'))}" for c in cells}))
         lines.append(f"| {data} | {algorithm}{label} | {lrs} | "
                      f"{rounds_summary([c['rounds_to_target'] for c in cells], runs)} | "
                      f"{_val_rounds(cells)} | "
@@ -311,10 +389,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Learning-rate sweeps ({sweep_label(a)}, after the sweep rounds; this file predates "
                       "--server-val: they have test accuracies only, and the rate was chosen on them):", ""]
     elif result["sweeps"]:
-        lines += ["", f"Learning-rate sweeps ({sweep_label(a)}, after the sweep rounds; chosen by validation "
-                      "accuracy, the test accuracy shown for the record only):", ""]
+        last = a.get("select_last", LATER_OPTIONS["select_last"])
+        lines += ["", f"Sweeps ({sweep_label(a)}; chosen by validation accuracy "
+                      f"{_score_text(last, a['sweep_rounds'])}, the last round's test accuracy shown for the record "
+                      "only):", ""]
     for name, tried in result["sweeps"].items():
-        lines.append(f"- {name}: " + ", ".join(_tried(t) for t in tried))
+        lines.append(f"- {name}: " + ", ".join(_tried(t, a.get("select_last", 1)) for t in tried))
     sittings = result.get("sittings") or []
     if len(sittings) > 1:
         lines += ["", f"Run in {len(sittings)} sittings (--resume): " + "; ".join(
@@ -330,10 +410,21 @@ def _val_rounds(cells: list[dict[str, Any]]) -> str:
     return rounds_summary([c.get("val_rounds_to_target") for c in cells], [c["rounds_run"] for c in cells])
 
 
-def _tried(t: dict[str, Any]) -> str:
+def _tried(t: dict[str, Any], last: int = 1) -> str:
+    run = f"lr {t['lr']:g}{_options_text(t.get('options'))}"
     if t.get("val_accuracy") is None:  # a sweep from before --server-val: on test accuracy, shown as what it is
-        return f"lr {t['lr']:g} → test {t.get('test_accuracy', t.get('accuracy')):.4f}"
-    return f"lr {t['lr']:g} → validation {t['val_accuracy']:.4f} (test {t['test_accuracy']:.4f})"
+        return f"{run} → test {t.get('test_accuracy', t.get('accuracy')):.4f}"
+    score = sweep_score(t, last)
+    return f"{run} → validation {'—' if score is None else f'{score:.4f}'} (test {t['test_accuracy']:.4f})"
+
+
+def swept_what(a: dict[str, Any]) -> str:
+    """What a study's sweep chose, for its header.
+
+    >>> swept_what({}), swept_what({"sweep_option": {"server_lr": ["0.01", "0.1"]}})
+    ('learning rates', 'learning rates and server_lr')
+    """
+    return " and ".join(["learning rates", *(a.get("sweep_option") or {})])
 
 
 def decay_text(a: dict[str, Any]) -> str:
@@ -364,12 +455,16 @@ def selection(args: argparse.Namespace, sweep_seed: int | None) -> str:
     if args.lr is not None:
         return (f"the learning rate {args.lr:g} was given (--lr), not chosen by this study; the test set scores the "
                 f"runs and chooses nothing. {best}")
-    return (f"each algorithm's learning rate is the one with the best validation accuracy after {args.sweep_rounds} "
-            f"{sweep_label(vars(args))} rounds of seed {sweep_seed}, on {args.val} examples of the training pool the "
-            "coordinator kept from every worker (fedfleet run --server-val); every seed's runs use it, and the test "
-            "set scores them and chooses nothing. \"Rounds to target (test)\" is the first round whose test "
-            "accuracy reached the target (the run stops there); \"(validation)\" the first whose validation accuracy "
-            f"did, within the rounds run. {best}")
+    chosen = ("learning rate" if not args.sweep_option else
+              "learning rate and " + ", ".join(parse_sweep_options(args.sweep_option)))
+    on = (f"after {args.sweep_rounds} {sweep_label(vars(args))} rounds of seed {sweep_seed}" if args.select_last == 1
+          else f"{_score_text(args.select_last, args.sweep_rounds)} of {sweep_label(vars(args))} runs of seed "
+          f"{sweep_seed}")
+    return (f"each algorithm's {chosen} is the one with the best validation accuracy {on}, on {args.val} examples "
+            "of the training pool the coordinator kept from every worker (fedfleet run --server-val); every seed's "
+            "runs use it, and the test set scores them and chooses nothing. \"Rounds to target (test)\" is the first "
+            "round whose test accuracy reached the target (the run stops there); \"(validation)\" the first whose "
+            f"validation accuracy did, within the rounds run. {best}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -400,6 +495,12 @@ def parser() -> argparse.ArgumentParser:
                     help="how the coordinator aggregates and applies updates, for every run (fedfleet run --strategy)")
     ap.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
                     help="option of the strategy, e.g. momentum=0.9 (repeatable; fedfleet run --strategy-option)")
+    ap.add_argument("--sweep-option", action="append", metavar="KEY=V1,V2",
+                    help="a strategy option swept with the learning rate: every rate x every value, the best by "
+                         "validation accuracy, e.g. server_lr=0.01,0.03,0.1 (repeatable: a grid of several)")
+    ap.add_argument("--select-last", type=int, default=1, metavar="K",
+                    help="choose on the mean validation accuracy of the sweep runs' last K rounds (default 1: the "
+                         "last round; on non-IID data rounds swing by points and a mean of several is steadier)")
     ap.add_argument("--algorithm", action="append", choices=list(BATCH), help="default: both")
     ap.add_argument("--partition", action="append", choices=list(PARTITIONS.values()),
                     help="iid, natural (2 label shards per worker) or dirichlet:0.5 (label proportions drawn from "
@@ -425,9 +526,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lr-decay must be in (0, 1]. Got {args.lr_decay} instead.")
     if args.local_epochs < 1:
         ap.error(f"--local-epochs must be at least 1. Got {args.local_epochs} instead.")
+    if not 1 <= args.select_last <= args.sweep_rounds:
+        ap.error(f"--select-last must be between 1 and --sweep-rounds ({args.sweep_rounds}). "
+                 f"Got {args.select_last} instead.")
     # Checked now, not by the first fedfleet run: a bad option is one line before a study, not a failed hour.
     try:
-        make_strategy(args.strategy, strategy_options(args.strategy_option))
+        fixed = strategy_options(args.strategy_option)
+        grid = sweep_grid(args.sweep_option)
+        twice = sorted(fixed.keys() & grid[0].keys())
+        if twice:
+            raise ValueError(f"{', '.join(twice)}: given both by --strategy-option and --sweep-option; give one")
+        if args.lr is not None and args.sweep_option:
+            raise ValueError("--sweep-option sweeps with the learning rate; --lr skips the sweep: give one")
+        for swept in grid:
+            make_strategy(args.strategy, {**fixed, **swept})
     except (ConfigError, ValueError) as exc:
         ap.error(str(exc))
     algorithms = args.algorithm or list(BATCH)
@@ -465,18 +577,19 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fedfleet-conv-") as tmpdir:
         tmp = Path(tmpdir)
-        lrs_chosen: dict[str, float] = {}
+        # Per algorithm: the learning rate, and the strategy options --sweep-option chose ({} when none).
+        chosen: dict[str, tuple[float, dict[str, str]]] = {}
         for algo in algorithms:
             epochs = args.local_epochs if algo == "FedAvg" else 1
             if args.lr is not None:
-                lrs_chosen[algo] = args.lr
-            elif algo in result["sweeps"]:
-                lrs_chosen[algo] = select_lr(result["sweeps"][algo])
-            else:
+                chosen[algo] = args.lr, {}
+                continue
+            if algo not in result["sweeps"]:
                 lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
-                lrs_chosen[algo], result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"],
-                                                                 tmp, algo)
+                _, result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"], tmp, algo)
                 save()
+            best = select(result["sweeps"][algo], args.select_last)
+            chosen[algo] = float(best["lr"]), dict(best.get("options") or {})
         # Seed by seed, so a study cut off part-way has every cell at its first seeds rather than some at all.
         for seed in args.seeds:
             for algo in algorithms:
@@ -485,15 +598,15 @@ def main(argv: list[str] | None = None) -> int:
                 for data, partition in partitions.items():
                     if (data, algo, seed) in done:
                         continue
-                    lr = lrs_chosen[algo]
+                    lr, swept = chosen[algo]
                     r = run(args, partition, epochs, BATCH[algo], lr, cap, args.target, seed,
-                            tmp / f"{algo}-{partition}-{seed}")
+                            tmp / f"{algo}-{partition}-{seed}", swept)
                     result["cells"].append({"data": data, "algorithm": algo, "seed": seed,
-                                            "date": sitting["date"], **r})
+                                            "date": sitting["date"], **r, **({"options": swept} if swept else {})})
                     sitting["cells_run"] += 1
-                    print(f"{data:>20} {algo:>7} seed {seed} lr {lr:g}: rounds to {args.target:g}: "
-                          f"{r['rounds_to_target']} (best {r['best_accuracy']:.4f}, {r['rounds_run']} rounds, "
-                          f"{r['seconds']:.0f} s)", flush=True)
+                    print(f"{data:>20} {algo:>7} seed {seed} lr {lr:g}{_options_text(swept)}: rounds to "
+                          f"{args.target:g}: {r['rounds_to_target']} (best {r['best_accuracy']:.4f}, "
+                          f"{r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
                     save()
     save()
     print(markdown(result))

@@ -30,9 +30,19 @@ def test_the_learning_rate_is_chosen_by_validation_accuracy_not_test(bench: Modu
     tried = [{"lr": 0.02, "val_accuracy": 0.91, "test_accuracy": 0.99},  # best on test: must not be chosen
              {"lr": 0.05, "val_accuracy": 0.95, "test_accuracy": 0.90},
              {"lr": 0.1, "val_accuracy": 0.93, "test_accuracy": 0.95}]
-    assert bench.select_lr(tried) == 0.05
+    assert bench.select(tried)["lr"] == 0.05
     with pytest.raises(ValueError, match="validation"):
-        bench.select_lr([{"lr": 0.1, "val_accuracy": None, "test_accuracy": 0.9}])
+        bench.select([{"lr": 0.1, "val_accuracy": None, "test_accuracy": 0.9}])
+
+
+def test_select_last_chooses_on_the_mean_of_the_last_rounds_not_one_lucky_round(bench: ModuleType) -> None:
+    # lr 0.2 ends on a spike; lr 0.1 is higher over the last three rounds, as non-IID rounds swing.
+    tried = [{"lr": 0.1, "val_accuracy": 0.80, "test_accuracy": 0.5, "val_by_round": [0.5, 0.82, 0.81, 0.80]},
+             {"lr": 0.2, "val_accuracy": 0.84, "test_accuracy": 0.9, "val_by_round": [0.6, 0.70, 0.65, 0.84]}]
+    assert bench.select(tried)["lr"] == 0.2
+    assert bench.select(tried, last=3)["lr"] == 0.1
+    with pytest.raises(ValueError, match="validation"):  # a sweep from before the per-round record
+        bench.select([{"lr": 0.1, "val_accuracy": 0.8, "test_accuracy": 0.8}], last=2)
 
 
 def test_rounds_to_target_counts_from_one_and_skips_rounds_without_a_score(bench: ModuleType) -> None:
@@ -116,15 +126,19 @@ def test_a_strategy_option_the_strategy_does_not_take_is_refused_at_start(bench:
     assert "momentum" in capsys.readouterr().err  # the message names the options fedavgm does take
 
 
-def _count_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """The (partition, rounds, seed) of every real fedfleet run the study makes from now on, in order."""
+def _count_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                options: list[dict[str, str] | None] | None = None) -> list[tuple[str, int, int]]:
+    """The (partition, rounds, seed) of every real fedfleet run the study makes from now on, in order (and the
+    strategy options a sweep gave each, into ``options``)."""
     runs: list[tuple[str, int, int]] = []
     real_run = bench.run
 
     def counted(args: Any, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
-                target: float | None, seed: int, out: Path) -> dict[str, Any]:
+                target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> dict[str, Any]:
         runs.append((partition, rounds, seed))
-        return real_run(args, partition, epochs, batch, lr, rounds, target, seed, out)
+        if options is not None:
+            options.append(swept)
+        return real_run(args, partition, epochs, batch, lr, rounds, target, seed, out, swept)
 
     monkeypatch.setattr(bench, "run", counted)
     return runs
@@ -192,9 +206,55 @@ def test_a_study_of_dirichlet_label_skew_can_tune_on_the_non_iid_data_itself_wit
     assert "lr × 0.5^(round − 1)" in table and result["args"]["lr_decay"] == 0.5
 
 
+def test_a_server_option_is_swept_with_the_learning_rate_and_chosen_on_the_last_rounds(
+        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    data = image_data_dir(MNIST_ENV)
+    options: list[dict[str, str] | None] = []
+    runs = _count_runs(bench, monkeypatch, options)
+    argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
+            "--algorithm", "FedAvg", "--partition", "iid", "--lrs", "0.1", "--sweep-rounds", "2", "--select-last",
+            "2", "--max-rounds", "1", "--target", "0.99", "--val", "2000", "--local-epochs", "1",
+            "--strategy", "fedadam", "--strategy-option", "tau=0.01", "--sweep-option", "server_lr=0.003,0.1",
+            "--results", str(tmp_path), "--name", "adam"]
+    assert bench.main(argv) == 0
+    assert runs == [("iid", 2, 0), ("iid", 2, 0), ("iid", 1, 0)]
+    result = json.loads((tmp_path / "convergence-mnist-mlp-adam.json").read_text())
+    tried = result["sweeps"]["FedAvg"]
+    assert [t["options"] for t in tried] == [{"server_lr": "0.003"}, {"server_lr": "0.1"}]
+    # The option reached the coordinator: the two sweep runs learnt differently.
+    assert tried[0]["val_by_round"] != tried[1]["val_by_round"]
+    best = max(tried, key=lambda t: statistics.fmean(t["val_by_round"][-2:]))
+    (cell,) = result["cells"]
+    assert options == [{"server_lr": "0.003"}, {"server_lr": "0.1"}, best["options"]]
+    assert cell["options"] == best["options"] and cell["lr"] == 0.1
+    assert result["args"]["sweep_option"] == {"server_lr": ["0.003", "0.1"]} and result["args"]["select_last"] == 2
+    assert "learning rate and server_lr" in result["selection"] and "over rounds 1-2 (mean)" in result["selection"]
+    table = (tmp_path / "convergence-mnist-mlp-adam.md").read_text()
+    assert f"| 0.1, server_lr={best['options']['server_lr']} |" in table
+    assert "learning rates and server_lr from a 2-round IID sweep" in table
+    assert "lr 0.1, server_lr=0.003 → validation" in table
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--sweep-option", "server_lr=0.01", "--lr", "0.1"], "--lr skips the sweep"),
+    (["--sweep-option", "server_lr=0.01", "--strategy-option", "server_lr=0.1"], "server_lr: given both"),
+    (["--sweep-option", "server_lr"], "KEY=VALUE,VALUE"),
+    (["--sweep-option", "momentum=0.9"], "momentum"),
+    (["--select-last", "6"], "--select-last must be between 1 and --sweep-rounds (5)"),
+])
+def test_a_sweep_that_cannot_run_is_refused_at_start(bench: ModuleType, capsys: pytest.CaptureFixture[str],
+                                                    extra: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--strategy", "fedadam", *extra])
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_a_study_from_before_sweep_partition_resumes_under_the_default(bench: ModuleType) -> None:
     old = bench.recorded_args(bench.parser().parse_args(["--seeds", "0"]))
-    del old["sweep_partition"]  # the shape of files written before the option: their sweeps were IID
+    for later in ("sweep_partition", "sweep_option", "select_last"):
+        del old[later]  # the shape of files written before the options: IID sweeps of the lr alone, last round
     given = bench.recorded_args(bench.parser().parse_args(["--seeds", "0,1"]))
     assert bench.differing(old, given) == []
     natural = bench.recorded_args(bench.parser().parse_args(["--sweep-partition", "natural"]))
