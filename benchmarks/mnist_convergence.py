@@ -34,6 +34,8 @@ std, rounds to target as median [min-max] with the seeds that did not reach it c
 Writes benchmarks/results/convergence-TASK-MODEL[-NAME].{json,md} (--results for another folder) after every
 cell. --resume reads that file back, checks it was made with the same options (all but --seeds), keeps its
 sweeps and cells and runs only the (data, algorithm, seed) cells it lacks; without --resume it is overwritten.
+The runs live in --work (default RESULTS/.runs/NAME) until the results file holds them, so the run a sitting
+was cut off in is carried on from its last round (``fedfleet run --resume``), not started again.
 """
 
 from __future__ import annotations
@@ -41,17 +43,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from fedfleet.errors import ConfigError
+from fedfleet.errors import ConfigError, StorageError
+from fedfleet.runner import check_out
 from fedfleet.storage.run_dir import RunDir
 from fedfleet.strategies import STRATEGIES, make_strategy
 from machine import commit, write_results
@@ -74,16 +77,16 @@ SITTING_OPTIONS = frozenset({"seeds", "seed", "resume"})
 LATER_OPTIONS: dict[str, Any] = {"sweep_partition": "iid", "lr_decay": 1.0, "sweep_option": {}, "select_last": 1}
 
 
-def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
-        target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> dict[str, Any]:
-    """One ``fedfleet run``; ``swept``: strategy options a sweep chose, over --strategy-option's."""
+def command(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
+            target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> list[str]:
+    """The ``fedfleet run`` of one sweep run or cell, without --overwrite or --resume (``run`` adds one)."""
     batch = batch or -(-(TRAIN_IMAGES - args.val) // args.workers)  # B=all: the largest IID share in one batch
     cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={args.data_dir}",
            "--task-option", f"model={args.model}", "--workers", str(args.workers), "--fraction", str(args.fraction),
            "--processes", str(args.processes), "--partition", partition, "--local-epochs", str(epochs),
            "--batch-size", str(batch), "--lr", str(lr), "--rounds", str(rounds), "--val-fraction", "0",
            "--seed", str(seed), "--strategy", args.strategy, "--round-timeout", "3600", "--worker-timeout", "600",
-           "--out", str(out), "--overwrite", "--quiet"]
+           "--out", str(out), "--quiet"]
     for key, value in {**strategy_options(args.strategy_option), **(swept or {})}.items():
         cmd += ["--strategy-option", f"{key}={value}"]
     if args.lr_decay != 1.0:
@@ -92,8 +95,21 @@ def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None
         cmd += ["--target-accuracy", str(target)]
     if args.val:
         cmd += ["--server-val", str(args.val)]
+    return cmd
+
+
+def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None, lr: float, rounds: int,
+        target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> dict[str, Any]:
+    """One ``fedfleet run`` in ``out``; ``swept``: strategy options a sweep chose, over --strategy-option's.
+
+    A run a cut-off sitting left in ``out`` is not started again: a finished one is read as it is, an
+    unfinished one (stopped or killed) carried on with ``fedfleet run --resume`` from its last round; either is
+    marked ``resumed``, its time per round taken from the coordinator's round records, not the wall clock."""
+    cmd = command(args, partition, epochs, batch, lr, rounds, target, seed, out, swept)
+    prior = _left_over(out)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    if prior != "finished":
+        subprocess.run([*cmd, "--resume" if prior == "unfinished" else "--overwrite"], check=True)
     wall = time.time() - t0
     run_dir = RunDir(out)
     s = run_dir.read_summary()
@@ -104,12 +120,28 @@ def run(args: argparse.Namespace, partition: str, epochs: int, batch: int | None
     if s.final_accuracy is None or len(accs) != len(records):
         raise RuntimeError(f"the run in {out} has rounds without a test accuracy: the study needs one each round")
     vals = [r.val_accuracy for r in records]
+    if prior is not None:
+        wall = sum(r.seconds for r in records)
     return {"lr": lr, "rounds_run": s.rounds, "rounds_to_target": first_reaching(accs, target),
             "val_rounds_to_target": first_reaching(vals, target), "final_accuracy": s.final_accuracy,
             "final_val_accuracy": s.final_val_accuracy, "best_accuracy": max(accs), "seconds": round(wall, 1),
             "seconds_per_round": round(wall / max(1, len(accs)), 2),
             "accuracy_by_round": [round(a, 4) for a in accs],
-            "val_accuracy_by_round": [None if v is None else round(v, 4) for v in vals]}
+            "val_accuracy_by_round": [None if v is None else round(v, 4) for v in vals],
+            **({"resumed": True} if prior is not None else {})}
+
+
+def _left_over(out: Path) -> str | None:
+    """What a cut-off sitting left in ``out``: "finished", "unfinished" (fedfleet run --resume carries it on) or
+    None (nothing to keep: no run, or one that failed)."""
+    try:
+        summary = RunDir(out).read_summary()
+        if summary is not None and summary.state == "finished":
+            return "finished"
+        check_out(out, overwrite=False, resume=True)  # ConfigError: no run there, or it has ended
+    except (ConfigError, StorageError):
+        return None
+    return "unfinished"
 
 
 def first_reaching(scores: list[float | None], target: float | None) -> int | None:
@@ -188,14 +220,14 @@ def parse_sweep_options(entries: Sequence[str] | None) -> dict[str, list[str]]:
     return dict(sorted(options.items()))
 
 
-def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], seed: int, tmp: Path,
+def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], seed: int, work: Path,
           name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     tried = []
     for lr in lrs:
         for swept in sweep_grid(args.sweep_option):
             suffix = "".join(f"-{k}{v}" for k, v in swept.items())
             r = run(args, args.sweep_partition, epochs, batch, lr, args.sweep_rounds, None, seed,
-                    tmp / f"sweep-{name}-{lr}{suffix}", swept)
+                    work / f"sweep-{name}-{lr}{suffix}", swept)
             # The test accuracy is kept for the record only: select never reads it.
             t = {"lr": lr, "val_accuracy": r["final_val_accuracy"], "test_accuracy": r["final_accuracy"],
                  "val_by_round": r["val_accuracy_by_round"]}
@@ -255,9 +287,9 @@ def strategy_options(entries: Sequence[str] | None) -> dict[str, str]:
 
 
 def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The options a results file records: everything but where the data and results are (paths of one
+    """The options a results file records: everything but where the data, runs and results are (paths of one
     machine) and --resume (how this sitting started, not what the study is)."""
-    recorded = {k: v for k, v in vars(args).items() if k not in ("data_dir", "results", "resume")}
+    recorded = {k: v for k, v in vars(args).items() if k not in ("data_dir", "results", "resume", "work")}
     recorded["strategy_option"] = strategy_options(args.strategy_option)
     recorded["sweep_option"] = parse_sweep_options(args.sweep_option)
     return recorded
@@ -511,6 +543,9 @@ def parser() -> argparse.ArgumentParser:
                     help="examples of the training pool the coordinator keeps for validation (--server-val): what "
                          "the learning rate is chosen on; 0 only with --lr")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder the results files are written to")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="folder the study's runs live in while it runs (default: RESULTS/.runs/NAME); each is "
+                         "deleted once the results file holds it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the sweeps and cells of this study's results file (same options but --seeds) and run "
                          "only the missing (data, algorithm, seed) cells")
@@ -575,40 +610,48 @@ def main(argv: list[str] | None = None) -> int:
         # After every sweep and cell: a study of hours keeps what it has if it is cut off, and --resume goes on.
         write_results(args.results, name, result, markdown(result))
 
-    with tempfile.TemporaryDirectory(prefix="fedfleet-conv-") as tmpdir:
-        tmp = Path(tmpdir)
-        # Per algorithm: the learning rate, and the strategy options --sweep-option chose ({} when none).
-        chosen: dict[str, tuple[float, dict[str, str]]] = {}
+    # The runs live in ``work`` while the study runs, so that a sitting cut off mid-run leaves them for --resume;
+    # a new study (no --resume) starts with none, and each is deleted once the results file holds it.
+    work = args.work or args.results / ".runs" / name
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    # Per algorithm: the learning rate, and the strategy options --sweep-option chose ({} when none).
+    chosen: dict[str, tuple[float, dict[str, str]]] = {}
+    for algo in algorithms:
+        epochs = args.local_epochs if algo == "FedAvg" else 1
+        if args.lr is not None:
+            chosen[algo] = args.lr, {}
+            continue
+        if algo not in result["sweeps"]:
+            lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
+            _, result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"], work, algo)
+            save()
+            for old in work.glob(f"sweep-{algo}-*"):
+                shutil.rmtree(old)
+        best = select(result["sweeps"][algo], args.select_last)
+        chosen[algo] = float(best["lr"]), dict(best.get("options") or {})
+    # Seed by seed, so a study cut off part-way has every cell at its first seeds rather than some at all.
+    for seed in args.seeds:
         for algo in algorithms:
             epochs = args.local_epochs if algo == "FedAvg" else 1
-            if args.lr is not None:
-                chosen[algo] = args.lr, {}
-                continue
-            if algo not in result["sweeps"]:
-                lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
-                _, result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"], tmp, algo)
+            cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
+            for data, partition in partitions.items():
+                if (data, algo, seed) in done:
+                    continue
+                lr, swept = chosen[algo]
+                out = work / f"{algo}-{partition.replace(':', '')}-{seed}-lr{lr:g}{_options_text(swept)}"
+                r = run(args, partition, epochs, BATCH[algo], lr, cap, args.target, seed, out, swept)
+                result["cells"].append({"data": data, "algorithm": algo, "seed": seed,
+                                        "date": sitting["date"], **r, **({"options": swept} if swept else {})})
+                sitting["cells_run"] += 1
+                print(f"{data:>20} {algo:>7} seed {seed} lr {lr:g}{_options_text(swept)}: rounds to "
+                      f"{args.target:g}: {r['rounds_to_target']} (best {r['best_accuracy']:.4f}, "
+                      f"{r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
                 save()
-            best = select(result["sweeps"][algo], args.select_last)
-            chosen[algo] = float(best["lr"]), dict(best.get("options") or {})
-        # Seed by seed, so a study cut off part-way has every cell at its first seeds rather than some at all.
-        for seed in args.seeds:
-            for algo in algorithms:
-                epochs = args.local_epochs if algo == "FedAvg" else 1
-                cap = args.max_rounds if algo == "FedAvg" else args.sgd_max_rounds
-                for data, partition in partitions.items():
-                    if (data, algo, seed) in done:
-                        continue
-                    lr, swept = chosen[algo]
-                    r = run(args, partition, epochs, BATCH[algo], lr, cap, args.target, seed,
-                            tmp / f"{algo}-{partition}-{seed}", swept)
-                    result["cells"].append({"data": data, "algorithm": algo, "seed": seed,
-                                            "date": sitting["date"], **r, **({"options": swept} if swept else {})})
-                    sitting["cells_run"] += 1
-                    print(f"{data:>20} {algo:>7} seed {seed} lr {lr:g}{_options_text(swept)}: rounds to "
-                          f"{args.target:g}: {r['rounds_to_target']} (best {r['best_accuracy']:.4f}, "
-                          f"{r['rounds_run']} rounds, {r['seconds']:.0f} s)", flush=True)
-                    save()
+                shutil.rmtree(out)
     save()
+    shutil.rmtree(work, ignore_errors=True)
     print(markdown(result))
     return 0
 

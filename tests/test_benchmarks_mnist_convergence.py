@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import doctest
 import json
+import os
+import signal
 import statistics
+import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -261,3 +265,52 @@ def test_a_study_from_before_sweep_partition_resumes_under_the_default(bench: Mo
     assert bench.differing(old, natural) == ["--sweep-partition"]
     assert "IID sweep" in bench.markdown({"date": "d", "machine": "m", "command": "c", "args": old,
                                           "sweeps": {}, "cells": []})
+
+
+def test_a_run_cut_off_mid_cell_is_carried_on_by_resume_not_started_again(
+        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    data = image_data_dir(MNIST_ENV)
+    argv = ["--data-dir", str(data), "--model", "mlp", "--workers", "100", "--fraction", "0.02", "--processes", "1",
+            "--algorithm", "FedAvg", "--partition", "iid", "--lr", "0.05", "--max-rounds", "6", "--target", "0.999",
+            "--val", "2000", "--local-epochs", "1", "--results", str(tmp_path), "--name", "cut"]
+    # The cell's run as the study would start it, stopped (SIGTERM, as when a sitting ends) after its first round.
+    out = tmp_path / ".runs" / "convergence-mnist-mlp-cut" / "FedAvg-iid-0-lr0.05"
+    args = bench.parser().parse_args(argv)
+    cmd = bench.command(args, "iid", 1, 10, 0.05, 6, 0.999, 0, out)
+    proc = subprocess.Popen([*cmd, "--overwrite"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before round 1"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    cut_at = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= cut_at < 6 and bench._left_over(out) == "unfinished"
+
+    calls: list[list[str]] = []
+    real = bench.subprocess.run
+
+    def recorded(cmd: list[str], **kwargs: Any) -> Any:
+        calls.append(cmd)
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", recorded)
+    assert bench.main([*argv, "--resume"]) == 0
+    runs = [cmd for cmd in calls if "fedfleet" in cmd]  # (git, for the commit, runs too)
+    assert len(runs) == 1 and runs[0][-1] == "--resume"  # carried on, not started again
+    (cell,) = json.loads((tmp_path / "convergence-mnist-mlp-cut.json").read_text())["cells"]
+    assert cell["resumed"] is True and cell["rounds_run"] == 6
+    assert len(cell["accuracy_by_round"]) == len(cell["val_accuracy_by_round"]) == 6  # every round once
+    assert cell["seconds_per_round"] > 0
+    assert not (tmp_path / ".runs" / "convergence-mnist-mlp-cut").exists()  # deleted once the file holds it
+
+
+def test_nothing_or_a_failed_run_is_not_left_over_to_resume(bench: ModuleType, tmp_path: Path) -> None:
+    assert bench._left_over(tmp_path / "none") is None
+    assert bench._left_over(tmp_path) is None  # a folder with no run in it
