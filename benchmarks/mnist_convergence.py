@@ -221,7 +221,8 @@ def parse_sweep_options(entries: Sequence[str] | None) -> dict[str, list[str]]:
 
 
 def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[float], seed: int, work: Path,
-          name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+          name: str) -> list[dict[str, Any]]:
+    """Every sweep run's learning rate (and swept options) with its scores; ``select`` chooses among them."""
     tried = []
     for lr in lrs:
         for swept in sweep_grid(args.sweep_option):
@@ -237,7 +238,7 @@ def sweep(args: argparse.Namespace, epochs: int, batch: int | None, lrs: list[fl
             print(f"  sweep {name} lr {lr:g}{_options_text(swept)} (seed {seed}): validation accuracy "
                   f"{_score_text(args.select_last, args.sweep_rounds)} {sweep_score(t, args.select_last):.4f}",
                   flush=True)
-    return select(tried, args.select_last), tried
+    return tried
 
 
 def _options_text(options: dict[str, str] | None) -> str:
@@ -625,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if algo not in result["sweeps"]:
             lrs = [float(x) for x in (args.lrs if algo == "FedAvg" else args.sgd_lrs).split(",")]
-            _, result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"], work, algo)
+            result["sweeps"][algo] = sweep(args, epochs, BATCH[algo], lrs, result["sweep_seed"], work, algo)
             save()
             for old in work.glob(f"sweep-{algo}-*"):
                 shutil.rmtree(old)
