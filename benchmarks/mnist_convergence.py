@@ -81,7 +81,10 @@ def command(args: argparse.Namespace, partition: str, epochs: int, batch: int | 
             target: float | None, seed: int, out: Path, swept: dict[str, str] | None = None) -> list[str]:
     """The ``fedfleet run`` of one sweep run or cell, without --overwrite or --resume (``run`` adds one)."""
     batch = batch or -(-(TRAIN_IMAGES - args.val) // args.workers)  # B=all: the largest IID share in one batch
-    cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={args.data_dir}",
+    # Resolved, so a cell cut off under `--data-dir ../x` resumes under the default's absolute spelling of the
+    # same folder (fedfleet run --resume refuses a task option that reads differently from the run's own).
+    data_dir = Path(args.data_dir).resolve()
+    cmd = [sys.executable, "-m", "fedfleet", "run", "--task", args.task, "--task-option", f"data_dir={data_dir}",
            "--task-option", f"model={args.model}", "--workers", str(args.workers), "--fraction", str(args.fraction),
            "--processes", str(args.processes), "--partition", partition, "--local-epochs", str(epochs),
            "--batch-size", str(batch), "--lr", str(lr), "--rounds", str(rounds), "--val-fraction", "0",

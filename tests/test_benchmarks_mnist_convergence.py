@@ -276,7 +276,8 @@ def test_a_run_cut_off_mid_cell_is_carried_on_by_resume_not_started_again(
             "--val", "2000", "--local-epochs", "1", "--results", str(tmp_path), "--name", "cut"]
     # The cell's run as the study would start it, stopped (SIGTERM, as when a sitting ends) after its first round.
     out = tmp_path / ".runs" / "convergence-mnist-mlp-cut" / "FedAvg-iid-0-lr0.05"
-    args = bench.parser().parse_args(argv)
+    # Started with another spelling of the same data folder than the resume's: the folder, not the text, counts.
+    args = bench.parser().parse_args([*argv, "--data-dir", os.path.relpath(data)])
     cmd = bench.command(args, "iid", 1, 10, 0.05, 6, 0.999, 0, out)
     proc = subprocess.Popen([*cmd, "--overwrite"], start_new_session=True)
     try:
