@@ -296,6 +296,38 @@ def test_fedprox_term_pulls_toward_the_global_weights(mlp_task: MnistTask) -> No
     assert strong < 0.5 * plain, (plain, mild, strong)
 
 
+def test_the_fedprox_gradient_is_the_terms() -> None:
+    """``add_prox_gradient`` is the update autograd gives μ/2·‖w − w_global‖² added to the loss."""
+    import torch.nn.functional as F
+
+    model = SongsMlpTask().model
+    start = torch_common.weights_of(model)
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((64, len(start["scaler.mean"]))).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, 64))
+    anchors = [torch.from_numpy(start[n]) for n, p in model.named_parameters() if p.requires_grad]
+    mu = 0.5
+
+    def batches(order: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.from_numpy(order)
+        return [(x[idx[i:i + 8]], y[idx[i:i + 8]]) for i in range(0, 64, 8)]
+
+    def with_term(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        prox = sum((p - a).square().sum() for p, a in zip(
+            (p for p in model.parameters() if p.requires_grad), anchors, strict=True))
+        return F.cross_entropy(out, target) + 0.5 * mu * prox
+
+    def fit(prox_mu: float, loss: torch_common.LossFn) -> dict[str, np.ndarray]:
+        params = TrainParams(3, 8, 0.2, seed=4, prox_mu=prox_mu)
+        return torch_common.train(model, start, params, 64, batches, loss, torch_common.accuracy).weights
+
+    given, autograd, plain = fit(mu, F.cross_entropy), fit(0.0, with_term), fit(0.0, F.cross_entropy)
+    for name in start:
+        np.testing.assert_allclose(given[name], autograd[name], atol=1e-6, err_msg=name)
+    assert max(float(np.abs(plain[k] - given[k]).max()) for k in start) > 1e-3  # the term does move them
+    assert np.array_equal(given["scaler.mean"], start["scaler.mean"])  # buffers: no term, no step
+
+
 def test_partitions_of_the_training_pool(mlp_task: MnistTask) -> None:
     pool = mlp_task.train_pool()
     for spec in (PartitionSpec("iid"), PartitionSpec("natural"), PartitionSpec("dirichlet", 0.3)):

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -189,9 +189,9 @@ def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_exa
     targets) mini-batches.
 
     With ``params.prox_mu`` > 0 the loss gets FedProx's μ/2·‖w − w_global‖² over the trainable
-    parameters. Buffers (none in the built-in models) are returned as the model leaves them. The
-    result's metrics are ``train_loss`` and ``train_`` + each of ``metrics``, means over the examples of
-    the last epoch (each batch's value weighted by its size).
+    parameters (its gradient added directly: ``add_prox_gradient``). Buffers (none in the built-in models)
+    are returned as the model leaves them. The result's metrics are ``train_loss`` and ``train_`` + each of
+    ``metrics``, means over the examples of the last epoch (each batch's value weighted by its size).
     """
     import torch
 
@@ -211,11 +211,9 @@ def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_exa
             opt.zero_grad(set_to_none=True)
             outputs = model(xb)
             batch_loss = loss(outputs, yb)
-            total = batch_loss
+            torch.autograd.backward(batch_loss)
             if mu > 0:
-                prox = sum((p - a).square().sum() for (_, p), a in zip(trainable, anchors, strict=True))
-                total = batch_loss + 0.5 * mu * prox
-            torch.autograd.backward(total)
+                add_prox_gradient([p for _, p in trainable], anchors, mu)
             opt.step()
             n = len(yb)
             sums["loss"] += float(batch_loss.detach()) * n
@@ -223,6 +221,22 @@ def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_exa
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             seen += n
     return FitResult(weights_of(model), num_examples, {f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
+
+
+def add_prox_gradient(params: Sequence[torch.nn.Parameter], anchors: Sequence[torch.Tensor], mu: float) -> None:
+    """Add the gradient of FedProx's μ/2·‖w − w_global‖², μ·(w − w_global), to each parameter's gradient.
+
+    Written out rather than left to autograd, which would build, run and differentiate the term over every
+    weight each batch; this is one in-place add a weight (benchmarks/prox_cost.py times the two).
+    """
+    import torch
+
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            if p.grad is None:  # a parameter the batch's loss does not reach: the term alone moves it
+                p.grad = mu * (p - a)
+            else:
+                p.grad.add_(p - a, alpha=mu)
 
 
 def predict_logits(model: torch.nn.Module, weights: Weights, x: np.ndarray, batch_size: int = 100,

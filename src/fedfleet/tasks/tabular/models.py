@@ -217,10 +217,9 @@ class _TorchTrainer:
         out = self.model(torch.from_numpy(np.ascontiguousarray(x)))
         target = torch.from_numpy(np.ascontiguousarray(y))
         loss = F.mse_loss(out[:, 0], target) if self.regression else F.cross_entropy(out, target)
-        if self.mu > 0:
-            prox = sum((p - a).square().sum() for p, a in zip(self.params, self.anchors, strict=True))
-            loss = loss + 0.5 * self.mu * prox  # its gradient is μ·(w − w_global)
         torch.autograd.backward(loss)
+        if self.mu > 0:
+            torch_common.add_prox_gradient(self.params, self.anchors, self.mu)
         self.opt.step()
         result: np.ndarray = out.detach().numpy()
         return result
