@@ -97,6 +97,13 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarise(seconds: dict[str, list[float]], base: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+    """Each case's median, min, max and times, and its median over that of the case ``base`` names for it."""
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    return {name: {"median": medians[name], "min": min(s), "max": max(s), "seconds": s,
+                   "ratio": medians[name] / medians[base(name)]} for name, s in seconds.items()}
+
+
 def baseline(name: str, eval_threads: int) -> str:
     """The variant the task uses for the same work as ``name``."""
     if name.startswith("train"):
@@ -114,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.eval_threads < 1:
         ap.error("--repeats and --eval-threads must be at least 1")
     seconds = measure(args.repeats, args.eval_threads)
-    medians = {name: statistics.median(s) for name, s in seconds.items()}
-    cases = {name: {"median": medians[name], "min": min(s), "max": max(s), "seconds": s,
-                    "ratio": medians[name] / medians[baseline(name, args.eval_threads)]}
-             for name, s in seconds.items()}
+    cases = summarise(seconds, lambda name: baseline(name, args.eval_threads))
     command = "python benchmarks/cnn_layout.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"date": time.strftime("%Y-%m-%d"), "command": command.strip(), "commit": commit(),
               "machine": f"{platform.machine()}, {torch_common.usable_cpus()} CPUs", "cpu": cpu_model(),
