@@ -197,10 +197,10 @@ def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_exa
 
     torch.manual_seed(params.seed)
     load_weights(model, weights)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for _, p in trainable]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in trainable]
     mu = float(params.prox_mu)
-    opt = torch.optim.SGD([p for _, p in trainable], lr=params.lr)
+    opt = torch.optim.SGD(trainable, lr=params.lr)
     rng = np.random.default_rng(params.seed)
     model.train()
     sums: dict[str, float] = {"loss": 0.0}
@@ -213,7 +213,7 @@ def train(model: torch.nn.Module, weights: Weights, params: TrainParams, num_exa
             batch_loss = loss(outputs, yb)
             torch.autograd.backward(batch_loss)
             if mu > 0:
-                add_prox_gradient([p for _, p in trainable], anchors, mu)
+                add_prox_gradient(trainable, anchors, mu)
             opt.step()
             n = len(yb)
             sums["loss"] += float(batch_loss.detach()) * n
