@@ -153,8 +153,12 @@ def _tensors(data: Dataset, transform: Callable[[np.ndarray], np.ndarray] | None
     import torch
 
     x = data.x if transform is None else transform(data.x)
-    return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(data.y, dtype=np.int64)))
+    # A data set's arrays may be read-only (shared, or views of a file); the tensors made from them are
+    # only indexed for batches, never written, so torch's warning about that does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(data.y, dtype=np.int64)))
 
 
 def fit(model: torch.nn.Module, weights: Weights, data: Dataset, params: TrainParams,
