@@ -5,14 +5,16 @@ images in batches of 10, without the term, with it as the task adds it, and with
     python benchmarks/prox_cost.py --repeats 11 --mu 0.1
 
 Why it exists: ``torch_common.add_prox_gradient`` adds the term's gradient, μ·(w − w_global), to each weight's
-gradient after the backward pass, where the first version added μ/2·‖w − w_global‖² to the loss and let autograd
-differentiate it. The two are the same update; this script times both (the autograd one passes the term inside
-the loss function to the same ``torch_common.train`` with ``prox_mu`` 0) against plain FedAvg's fit, and checks
-that they agree (the largest weight difference after 10 steps, float rounding only, next to how far the term
-moves the weights in them). The pixels are random and the labels a fixed linear map of them (the time does not depend on
-either): learnable, with a small learning rate (0.01), because fitting noise is chaotic and float rounding alone
-(which differs between processes in PyTorch's CPU kernels) then ends two fits far apart. Each repeat times every
-case once, in turn, so a machine that gets busier part-way slows them all alike.
+gradient after the backward pass (in place, as μ·w − μ·w_global, so that no weight-sized temporary is allocated a
+batch: that allocation, fresh pages past glibc's mmap threshold, once cost more than the arithmetic), where the
+first version added μ/2·‖w − w_global‖² to the loss and let autograd differentiate it. The two are the same update;
+this script times both (the autograd one passes the term inside the loss function to the same
+``torch_common.train`` with ``prox_mu`` 0) against plain FedAvg's fit, and checks that they agree (the largest
+weight difference after 10 steps, float rounding only, next to how far the term moves the weights in them). The
+pixels are random and the labels a fixed linear map of them (the time does not depend on either): learnable, with a
+small learning rate (0.01), because fitting noise is chaotic and float rounding alone (which differs between
+processes in PyTorch's CPU kernels) then ends two fits far apart. Each repeat times every case once, in turn, so a
+machine that gets busier part-way slows them all alike.
 
 Writes benchmarks/results/prox_cost.{json,md}.
 """
